@@ -1,0 +1,13 @@
+"""The TAO round as software-defined assets, one module per stage."""
+
+from tao_pipeline.assets.evaluation import champion, checkpoint_evaluation
+from tao_pipeline.assets.generation import candidate_responses
+from tao_pipeline.assets.pairs import preference_pairs
+from tao_pipeline.assets.prompts import raw_prompts
+from tao_pipeline.assets.scoring import response_scores
+from tao_pipeline.assets.training import tuned_checkpoint
+
+ROUND_ASSETS = [
+    raw_prompts, candidate_responses, response_scores, preference_pairs,
+    tuned_checkpoint, checkpoint_evaluation, champion,
+]

@@ -1,0 +1,73 @@
+"""Stage 6 and the promotion: challenger vs champion on held-out prompts; promote only winners."""
+
+import dagster as dg
+
+from tao_pipeline.assets.generation import HEAVY_POOL
+from tao_pipeline.assets.metadata import md_table
+from tao_pipeline.assets.partitions import rounds_partitions
+from tao_pipeline.evaluation import Contender, decide, evaluate, summarize
+from tao_pipeline.prompts import load_labels
+from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
+from tao_pipeline.scoring import build_scorer
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["tuned_checkpoint"],
+          kinds={"pytorch", "parquet"}, pool=HEAVY_POOL)
+def checkpoint_evaluation(
+    context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Label-free win rate on held-out prompts, plus labeled accuracy where a labels file is configured."""
+    config = settings.get()
+    store, round_id = lake.get(), context.partition_key
+    prompts = store.read("raw_prompts", round_id)
+    checkpoint = store.read("tuned_checkpoint", round_id).iloc[0]
+    models = model_store.get()
+    parent = models.get(checkpoint["parent_version"])
+    rows = evaluate(
+        prompts[prompts["split"] == "heldout"],
+        Contender(parent.version_id, parent.path), Contender(checkpoint["version_id"], checkpoint["path"]),
+        build_scorer(config.scoring), load_labels(config.data.labels), config,
+    )
+    path = store.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
+    table = summarize(rows)
+    verdict = decide(rows, config.evaluation.min_win_rate, config.evaluation.max_accuracy_drop)
+    models.add_metrics(checkpoint["version_id"], {
+        "heldout_win_rate": verdict.win_rate, "heldout_accuracy": verdict.challenger_accuracy,
+        "parent_heldout_accuracy": verdict.champion_accuracy,
+    })
+    return dg.MaterializeResult(metadata={
+        "heldout_prompts": len(rows),
+        "win_rate": round(verdict.win_rate, 3),
+        "champion_accuracy": verdict.champion_accuracy,
+        "challenger_accuracy": verdict.challenger_accuracy,
+        "verdict": ("promote: " if verdict.promote else "keep champion: ") + verdict.reason,
+        "before_after": md_table(table, rows=50),
+        "examples": md_table(rows[["task", "prompt", "champion_response", "challenger_response", "outcome"]]),
+        "path": dg.MetadataValue.path(str(path)),
+    })
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["checkpoint_evaluation"],
+          kinds={"duckdb"})
+def champion(
+    context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Promote the round's challenger in the registry if it beat the champion; otherwise keep the champion."""
+    config = settings.get()
+    store, round_id = lake.get(), context.partition_key
+    rows = store.read("checkpoint_evaluation", round_id)
+    challenger = store.read("tuned_checkpoint", round_id)["version_id"].iloc[0]
+    verdict = decide(rows, config.evaluation.min_win_rate, config.evaluation.max_accuracy_drop)
+    models = model_store.get()
+    if verdict.promote:
+        models.record_promotion(challenger, "promote", f"{round_id}: {verdict.reason}")
+    current = models.champion(config.model)
+    context.log.info(f"champion after {round_id}: {current.version_id} ({verdict.reason})")
+    return dg.MaterializeResult(metadata={
+        "champion": current.version_id,
+        "promoted": verdict.promote,
+        "reason": verdict.reason,
+        "champion_path": dg.MetadataValue.path(str(current.path)),
+    })

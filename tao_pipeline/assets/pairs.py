@@ -1,0 +1,31 @@
+"""Stage 4: preference pairs (best vs worst candidate) where the score margin is clear."""
+
+import dagster as dg
+
+from tao_pipeline.assets.metadata import histogram, md_table
+from tao_pipeline.assets.partitions import rounds_partitions
+from tao_pipeline.pairs import build_pairs
+from tao_pipeline.resources import LakeResource, TaoSettingsResource
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["response_scores"],
+          kinds={"python", "parquet"})
+def preference_pairs(context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource) -> dg.MaterializeResult:
+    """chosen = best, rejected = worst per prompt, kept only when the margin clears pairs.min_margin."""
+    config = settings.get()
+    store = lake.get()
+    round_id = context.partition_key
+    pairs, stats = build_pairs(
+        store.read("raw_prompts", round_id), store.read("candidate_responses", round_id),
+        store.read("response_scores", round_id), config.pairs.min_margin,
+    )
+    path = store.write("preference_pairs", round_id, pairs.assign(round=round_id))
+    return dg.MaterializeResult(metadata={
+        "prompts": stats.prompts,
+        "pairs": stats.pairs,
+        **{f"dropped_{reason}": count for reason, count in stats.dropped.items()},
+        "margin_histogram": histogram(pairs["margin"]),
+        "per_task": md_table(pairs.groupby("task").size().rename("pairs").reset_index()),
+        "preview": md_table(pairs[["task", "prompt", "chosen", "rejected", "margin"]]),
+        "path": dg.MetadataValue.path(str(path)),
+    })

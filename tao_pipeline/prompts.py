@@ -1,0 +1,185 @@
+"""Usage logs -> validated, deduplicated prompts with a deterministic train/held-out split.
+
+A bad row never stops the others: it goes to the quarantine table with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+
+from tao_pipeline.settings import DataSettings
+
+DEFAULT_TASK = "general"
+_RAW_PREVIEW_CHARS = 500
+
+PROMPT_COLUMNS = ["prompt_id", "prompt", "system", "task", "split", "log_ids", "source_files"]
+QUARANTINE_COLUMNS = ["source_file", "line_number", "reason", "raw"]
+
+
+def content_hash(*parts: str | None) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update((part or "").encode("utf-8"))
+        digest.update(b"\x1f")
+    return digest.hexdigest()[:16]
+
+
+def prompt_id_for(prompt: str, system: str | None = None) -> str:
+    return content_hash(system or "", prompt.strip())
+
+
+@dataclass(frozen=True)
+class LogRow:
+    log_id: str
+    prompt: str
+    system: str | None
+    task: str
+    source_file: str
+    line_number: int
+
+
+class RowRejected(ValueError):
+    """The reason a log row was quarantined."""
+
+
+def _optional_text(record: dict[str, Any], field: str) -> str | None:
+    value = record.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RowRejected(f"field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_record(record: Any, source: str, line_number: int, limits: DataSettings) -> LogRow:
+    """Validate one decoded JSON value as a usage-log row."""
+    if not isinstance(record, dict):
+        raise RowRejected(f"row must be a JSON object, got {type(record).__name__}")
+    if "prompt" not in record:
+        raise RowRejected("missing required field 'prompt'")
+    prompt = _optional_text(record, "prompt") or ""
+    if len(prompt.strip()) < limits.min_prompt_chars:
+        raise RowRejected("prompt is empty")
+    if len(prompt) > limits.max_prompt_chars:
+        raise RowRejected(f"prompt too long: {len(prompt)} chars > data.max_prompt_chars={limits.max_prompt_chars}")
+    system = _optional_text(record, "system")
+    task = (_optional_text(record, "task") or DEFAULT_TASK).strip() or DEFAULT_TASK
+    raw_id = record.get("id")
+    if raw_id is not None and not isinstance(raw_id, (str, int)):
+        raise RowRejected(f"field 'id' must be a string or integer, got {type(raw_id).__name__}")
+    log_id = str(raw_id) if raw_id is not None else content_hash(source, str(line_number))
+    return LogRow(log_id, prompt, system, task, source, line_number)
+
+
+def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    """Yield a LogRow per good line and a quarantine record per bad one."""
+    source = str(path)
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+                yield parse_record(json.loads(text), source, line_number, limits)
+            except UnicodeDecodeError:
+                yield _quarantine(source, line_number, "line is not valid UTF-8", raw)
+            except json.JSONDecodeError as error:
+                yield _quarantine(source, line_number, f"not valid JSON: {error.msg}", raw)
+            except RecursionError:
+                yield _quarantine(source, line_number, "JSON nested too deeply", raw)
+            except RowRejected as error:
+                yield _quarantine(source, line_number, str(error), raw)
+
+
+def _quarantine(source: str, line_number: int, reason: str, raw: bytes) -> dict[str, Any]:
+    preview = raw[:_RAW_PREVIEW_CHARS].decode("utf-8", errors="replace").rstrip("\n")
+    return {"source_file": source, "line_number": line_number, "reason": reason, "raw": preview}
+
+
+def deduplicate(rows: Iterable[LogRow]) -> list[dict[str, Any]]:
+    """One prompt per content hash, keeping every log id and source file that asked it."""
+    by_id: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        pid = prompt_id_for(row.prompt, row.system)
+        entry = by_id.get(pid)
+        if entry is None:
+            by_id[pid] = {
+                "prompt_id": pid,
+                "prompt": row.prompt.strip(),
+                "system": row.system,
+                "task": row.task,
+                "log_ids": [row.log_id],
+                "source_files": [row.source_file],
+            }
+        else:
+            entry["log_ids"].append(row.log_id)
+            if row.source_file not in entry["source_files"]:
+                entry["source_files"].append(row.source_file)
+    return list(by_id.values())
+
+
+def split_for(prompt_id: str, heldout_fraction: float, salt: str) -> str:
+    bucket = int(content_hash(salt, prompt_id), 16) % 10_000
+    return "heldout" if bucket < heldout_fraction * 10_000 else "train"
+
+
+@dataclass
+class PromptBatch:
+    prompts: pd.DataFrame
+    quarantine: pd.DataFrame
+    log_rows: int
+
+
+def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
+    """Read usage-log files into deduplicated, split prompts plus quarantined rows."""
+    good: list[LogRow] = []
+    bad: list[dict[str, Any]] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"usage-log file {str(path)!r} (setting data.logs) does not exist")
+        for item in read_jsonl(path, limits):
+            (good if isinstance(item, LogRow) else bad).append(item)
+    prompts = pd.DataFrame(deduplicate(good), columns=[c for c in PROMPT_COLUMNS if c != "split"])
+    prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
+    prompts = _cap_splits(prompts[PROMPT_COLUMNS], limits)
+    return PromptBatch(prompts.reset_index(drop=True), pd.DataFrame(bad, columns=QUARANTINE_COLUMNS), len(good) + len(bad))
+
+
+def _cap_splits(prompts: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
+    """Apply data.max_prompts / data.max_heldout, keeping a deterministic hash-ordered subset."""
+    ordered = prompts.sort_values("prompt_id")
+    train = ordered[ordered["split"] == "train"]
+    heldout = ordered[ordered["split"] == "heldout"]
+    if limits.max_prompts is not None:
+        train = train.head(limits.max_prompts)
+    if limits.max_heldout is not None:
+        heldout = heldout.head(limits.max_heldout)
+    return pd.concat([train, heldout])
+
+
+def load_labels(path: Path | None) -> dict[str, list[str]]:
+    """Labels file (JSONL: prompt, answer, aliases) -> prompt text -> accepted answers. Evaluation only."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file {str(path)!r} (setting data.labels) does not exist")
+    labels: dict[str, list[str]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                answers = [str(record["answer"]), *map(str, record.get("aliases") or [])]
+                labels[str(record["prompt"]).strip()] = answers
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"labels file {path}:{line_number} is malformed: {error}") from error
+    return labels

@@ -1,0 +1,99 @@
+"""Answer extractors: response text -> a normalised answer that votes can be counted over.
+
+An extractor returns None when the response holds no answer; such a response never agrees
+with anything.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+Extractor = Callable[[str, str], "str | None"]  # (response, prompt) -> answer
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_COPULA = re.compile(r"\s(?:is|are|was|were|equals)\s|=|:", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9\)\]\*\"'])[.!?](?:\s|$)|\n", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_STOPWORDS = frozenset(
+    "a an the of in on at to for by with and or it its this that these those be is are was were "
+    "called known as answer word words one few just only final number reply simply".split()
+)
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,000' / '1000.0' / '1000' -> '1000'; keeps real decimals ('2.5')."""
+    cleaned = text.replace(",", "")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
+def last_number(response: str, prompt: str = "") -> str | None:
+    """The last number anywhere in the response (the usual rule for worked solutions)."""
+    numbers = _NUMBER.findall(response)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def first_line_number(response: str, prompt: str = "") -> str | None:
+    """The last number of the first non-empty line: the answer of a direct reply like '7 + 5 = 12'."""
+    return last_number(_first_line(response))
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def short_phrase(response: str, prompt: str = "", max_words: int = 3) -> str | None:
+    """A short answer phrase with case, punctuation, articles and words echoed from the prompt folded away.
+
+    'The chemical symbol for sodium is **Na**.' asked as 'What is the chemical symbol for
+    sodium?' -> 'na'. Takes the first sentence, the part after its last 'is'/'='/':' and
+    keeps the last ``max_words`` content words.
+    """
+    sentence = _first_sentence(response)
+    parts = _COPULA.split(sentence)
+    tail = parts[-1] if parts[-1].strip() else sentence
+    echoed = set(words(prompt))
+    kept = [w for w in words(tail) if w not in _STOPWORDS and w not in echoed]
+    return " ".join(kept[-max_words:]) or None
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _first_sentence(text: str) -> str:
+    line = _first_line(text)
+    return _SENTENCE_END.split(line, maxsplit=1)[0]
+
+
+EXTRACTORS: dict[str, Extractor] = {
+    "last_number": last_number,
+    "first_line_number": first_line_number,
+    "short_phrase": short_phrase,
+}
+
+
+def get_extractor(name: str) -> Extractor:
+    try:
+        return EXTRACTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown answer extractor {name!r}; known: {sorted(EXTRACTORS)}") from None
+
+
+def answer_matches(extracted: str | None, accepted: list[str], extractor: Extractor, prompt: str = "") -> bool:
+    """Does an extracted answer agree with any accepted label? Labels are normalised the same way."""
+    if extracted is None:
+        return False
+    for label in accepted:
+        reference = extractor(label, prompt) or normalize_number(label) or " ".join(words(label))
+        if reference and (_phrase_in(reference, extracted) or _phrase_in(extracted, reference)):
+            return True
+    return False
+
+
+def _phrase_in(needle: str, haystack: str) -> bool:
+    return f" {needle} " in f" {haystack} "

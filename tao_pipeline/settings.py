@@ -1,0 +1,209 @@
+"""One typed settings object for the whole pipeline.
+
+Settings come from, in order of precedence:
+1. dotted overrides (``generation.num_samples=4``) from the CLI or the Dagster launchpad,
+2. a TOML file (``--config``, the ``TAO_CONFIG`` variable, or ``./tao.toml`` if present),
+3. the defaults below.
+
+``TAO_HOME`` sets the home folder when the file does not. Every error names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
+
+EMBEDDED_MODEL = "embedded"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    logs: list[Path] = Field(default_factory=lambda: [DEMO_LOGS], description="JSONL usage-log files.")
+    labels: Path | None = Field(DEMO_LABELS, description="Optional labels file, read only by evaluation.")
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many train prompts per round.")
+    max_heldout: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
+    min_prompt_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(8000, ge=1)
+    split_salt: str = "tao"
+
+
+class ModelSettings(_Section):
+    base: str = Field(EMBEDDED_MODEL, description="'embedded', a local model directory or a hub id.")
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class GenerationSettings(_Section):
+    backend: Literal["transformers"] = "transformers"
+    num_samples: int = Field(8, ge=1, le=64)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    temperature: float = Field(0.8, gt=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call; each yields num_samples rows.")
+    max_prompt_tokens: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class ScoringSettings(_Section):
+    scorers: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "short_answer": {"self_consistency": 1.0, "concise_format": 0.25},
+            "arithmetic": {"self_consistency": 1.0, "number_format": 0.25},
+            "default": {"self_consistency": 1.0},
+        },
+        description="Per task: scorer name -> weight. 'default' is used for tasks not listed.",
+    )
+    extractors: dict[str, str] = Field(
+        default_factory=lambda: {"arithmetic": "last_number", "short_answer": "short_phrase", "default": "short_phrase"},
+        description="Per task: the answer extractor self-consistency votes over.",
+    )
+    concise_max_words: int = Field(8, ge=1)
+    min_agreement: float = Field(0.25, ge=0.0, le=1.0, description="Below this top vote share a prompt gives no pair.")
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ScoringSettings:
+        from tao_pipeline.scoring.registry import check_scoring_names
+
+        check_scoring_names(self.scorers, self.extractors)
+        return self
+
+
+class PairSettings(_Section):
+    min_margin: float = Field(0.25, ge=0.0, description="Minimum chosen-minus-rejected score.")
+
+
+class TrainingSettings(_Section):
+    method: Literal["dpo"] = "dpo"
+    use_lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    learning_rate: float = Field(5e-5, gt=0.0)
+    beta: float = Field(0.1, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(2.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    max_length: int = Field(256, ge=16)
+    bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
+    seed: int = 0
+
+
+class EvaluationSettings(_Section):
+    pool_samples: int = Field(4, ge=1, le=32, description="Samples per model pooled as the consensus reference.")
+    max_new_tokens: int = Field(32, ge=1)
+    min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
+    max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
+
+
+class TaoSettings(_Section):
+    home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")))
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    pairs: PairSettings = Field(default_factory=PairSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.home / "lake"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'training.max_steps=3' -> (['training', 'max_steps'], 3); values are parsed as TOML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SettingsError(f"override {item!r} must look like section.name=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare strings need no quotes
+    return key.strip().split("."), value
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise SettingsError(f"setting {'.'.join(path)!r}: {part!r} is not a section")
+    tree[path[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"]) or "settings"
+        lines.append(f"setting {name!r}: {problem['msg']} (got {problem.get('input')!r:.80})")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def default_config_file() -> Path | None:
+    explicit = os.environ.get("TAO_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = Path("tao.toml")
+    return local if local.exists() else None
+
+
+def load_settings(config_file: str | Path | None = None, overrides: list[str] | None = None) -> TaoSettings:
+    """Build settings from a TOML file and dotted overrides; raise SettingsError naming the bad setting."""
+    path = Path(config_file) if config_file else default_config_file()
+    tree: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise SettingsError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise SettingsError(f"config file {str(path)!r} is not valid TOML: {error}") from error
+        base = path.parent
+        _resolve_relative_paths(tree, base)
+    for item in overrides or []:
+        _apply(tree, *parse_override(item))
+    try:
+        return TaoSettings.model_validate(tree)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
+    """Paths in a config file are relative to that file, not to the working directory."""
+    data = tree.get("data", {})
+    if isinstance(data.get("logs"), list):
+        data["logs"] = [str(base / p) for p in data["logs"]]
+    if isinstance(data.get("labels"), str):
+        data["labels"] = str(base / data["labels"])
+    if isinstance(tree.get("home"), str):
+        tree["home"] = str(base / Path(tree["home"]).expanduser())
+    model = tree.get("model", {})
+    if isinstance(model.get("base"), str) and model["base"].startswith("."):
+        model["base"] = str(base / model["base"])

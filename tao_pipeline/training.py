@@ -1,0 +1,165 @@
+"""Preference tuning with TRL: DPO, LoRA (PEFT) by default, full fine-tuning optional.
+
+The result is always a merged, standalone model directory (safetensors) so every version
+loads the same way, rounds can chain, and transformers or vLLM can serve it directly.
+With LoRA the adapter is saved beside it in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from tao_pipeline.model_store import ModelStore, ModelVersion, atomic_directory
+from tao_pipeline.modeling import bf16_supported, build_chat, load_model, load_tokenizer
+from tao_pipeline.prompts import content_hash
+from tao_pipeline.settings import TrainingSettings
+
+ADAPTER_DIR = "adapter"
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    seconds: float
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else 0.0
+
+    def series(self, key: str) -> list[float]:
+        return [entry[key] for entry in self.log_history if key in entry]
+
+    def metrics(self) -> dict[str, float]:
+        summary: dict[str, float] = {"steps": self.steps, "seconds": round(self.seconds, 1),
+                                     "seconds_per_step": round(self.seconds_per_step, 2)}
+        for key in ("loss", "rewards/margins", "rewards/accuracies"):
+            values = self.series(key)
+            if values:
+                summary[f"first_{key}"] = round(values[0], 4)
+                summary[f"last_{key}"] = round(values[-1], 4)
+        return summary
+
+
+def preference_dataset(pairs: pd.DataFrame):
+    """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {
+            "prompt": build_chat(row.prompt, row.system),
+            "chosen": [{"role": "assistant", "content": row.chosen}],
+            "rejected": [{"role": "assistant", "content": row.rejected}],
+        }
+        for row in pairs.itertuples()
+    ])
+
+
+def dpo_config(settings: TrainingSettings, output_dir: str):
+    from trl import DPOConfig
+
+    use_bf16 = bf16_supported() if settings.bf16 is None else settings.bf16
+    # TRL's defaults (bf16 on, gradient checkpointing on, lr 1e-6) are set explicitly here.
+    return DPOConfig(
+        output_dir=output_dir,
+        beta=settings.beta,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        max_length=settings.max_length,
+        bf16=use_bf16,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=0,
+    )
+
+
+def train_dpo(
+    parent_path: Path | str, pairs: pd.DataFrame, settings: TrainingSettings, output_dir: Path,
+    *, trust_remote_code: bool = False, progress: bool = True,
+) -> TrainingResult:
+    """Tune the parent model on the pairs and save merged weights (+ adapter) into output_dir."""
+    from peft import LoraConfig
+    from trl import DPOTrainer
+
+    if pairs.empty:
+        raise ValueError("no preference pairs to train on: lower pairs.min_margin or add prompts")
+    tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
+    model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
+    peft_config = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules="all-linear", task_type="CAUSAL_LM",
+    ) if settings.use_lora else None
+    with tempfile.TemporaryDirectory() as scratch:
+        config = dpo_config(settings, scratch)
+        config.disable_tqdm = not progress
+        trainer = DPOTrainer(model=model, args=config, train_dataset=preference_dataset(pairs),
+                             processing_class=tokenizer, peft_config=peft_config)
+        _quiet_trainer_logs()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    result = TrainingResult(trainer.state.global_step, seconds, _step_logs(trainer.state.log_history))
+    _save(trainer.model, tokenizer, output_dir, settings.use_lora)
+    (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_history, indent=1))
+    return result
+
+
+def _step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in history if "loss" in entry]
+
+
+def _quiet_trainer_logs() -> None:
+    logging.getLogger("transformers.trainer").setLevel(logging.WARNING)
+
+
+def _save(model, tokenizer, output_dir: Path, use_lora: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if use_lora:
+        model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+def checkpoint_version_id(round_id: str, parent_version: str, pair_ids: list[str], settings: TrainingSettings) -> str:
+    """Deterministic: the same parent, pairs and hyperparameters give the same version id."""
+    digest = content_hash(parent_version, ",".join(sorted(pair_ids)), settings.model_dump_json())
+    return f"{round_id}-{settings.method}-{digest[:8]}"
+
+
+def tune_checkpoint(
+    store: ModelStore, parent: ModelVersion, pairs: pd.DataFrame, settings: TrainingSettings, round_id: str,
+    *, trust_remote_code: bool = False, progress: bool = True,
+) -> tuple[ModelVersion, TrainingResult]:
+    """Train on the round's pairs, write the checkpoint atomically into the store and register it."""
+    version_id = checkpoint_version_id(round_id, parent.version_id, pairs["pair_id"].tolist(), settings)
+    results: list[TrainingResult] = []
+    path = atomic_directory(store.checkpoint_dir(version_id), lambda staging: results.append(
+        train_dpo(parent.path, pairs, settings, staging, trust_remote_code=trust_remote_code, progress=progress)
+    ))
+    result = results[0]
+    version = store.register(
+        version_id, path, parent_version=parent.version_id, round_id=round_id,
+        method=f"{settings.method}+lora" if settings.use_lora else settings.method,
+        hyperparameters=settings.model_dump(), metrics={**result.metrics(), "pairs": len(pairs)},
+    )
+    return version, result
