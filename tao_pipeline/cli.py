@@ -132,12 +132,13 @@ def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@_settings_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True),
+              help="TOML settings file (default: ./tao.toml or $TAO_CONFIG).")
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; localhost by default.")
-def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str) -> None:
-    """Start `dagster dev` (webserver + daemon) on this home's instance."""
-    settings = _load(config_file, overrides)
+def ui(config_file: str | None, port: int, host: str) -> None:
+    """Start `dagster dev` (webserver + daemon) on this home's instance, where `tao round` runs are recorded."""
+    settings = _load(config_file, ())
     prepare_dagster_home(settings)
     if config_file:
         os.environ["TAO_CONFIG"] = str(Path(config_file).resolve())

@@ -53,6 +53,9 @@ def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False, padding
 
 def load_model(path: Path | str, *, dtype: str = "auto", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per weight load is noise next to the stage bars
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -8,15 +8,17 @@ With LoRA the adapter is saved beside it in ``adapter/``.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
 
 from tao_pipeline.model_store import ModelStore, ModelVersion, atomic_directory
 from tao_pipeline.modeling import bf16_supported, build_chat, load_model, load_tokenizer
@@ -53,8 +55,9 @@ class TrainingResult:
 
 def preference_dataset(pairs: pd.DataFrame):
     """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template."""
-    from datasets import Dataset
+    from datasets import Dataset, disable_progress_bars
 
+    disable_progress_bars()
     return Dataset.from_list([
         {
             "prompt": build_chat(row.prompt, row.system),
@@ -69,6 +72,8 @@ def dpo_config(settings: TrainingSettings, output_dir: str):
     from trl import DPOConfig
 
     use_bf16 = bf16_supported() if settings.bf16 is None else settings.bf16
+    # TRL still passes the deprecated name; the warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     # TRL's defaults (bf16 on, gradient checkpointing on, lr 1e-6) are set explicitly here.
     return DPOConfig(
         output_dir=output_dir,
@@ -110,10 +115,11 @@ def train_dpo(
     ) if settings.use_lora else None
     with tempfile.TemporaryDirectory() as scratch:
         config = dpo_config(settings, scratch)
-        config.disable_tqdm = not progress
         trainer = DPOTrainer(model=model, args=config, train_dataset=preference_dataset(pairs),
                              processing_class=tokenizer, peft_config=peft_config)
-        _quiet_trainer_logs()
+        trainer.remove_callback(ProgressCallback)
+        if progress:
+            trainer.add_callback(LossProgressBar())
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
@@ -123,12 +129,30 @@ def train_dpo(
     return result
 
 
+class LossProgressBar(TrainerCallback):
+    """A progress bar with the live DPO loss and reward margin, instead of a printed dict per step."""
+
+    def __init__(self):
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="dpo", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", margin=f"{logs.get('rewards/margins', 0.0):.3f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for entry in history if "loss" in entry]
-
-
-def _quiet_trainer_logs() -> None:
-    logging.getLogger("transformers.trainer").setLevel(logging.WARNING)
 
 
 def _save(model, tokenizer, output_dir: Path, use_lora: bool) -> None:

@@ -61,7 +61,8 @@ def champion(
     challenger = store.read("tuned_checkpoint", round_id)["version_id"].iloc[0]
     verdict = decide(rows, config.evaluation.min_win_rate, config.evaluation.max_accuracy_drop)
     models = model_store.get()
-    if verdict.promote:
+    already_champion = models.champion(config.model).version_id == challenger  # re-materialized round
+    if verdict.promote and not already_champion:
         models.record_promotion(challenger, "promote", f"{round_id}: {verdict.reason}")
     current = models.champion(config.model)
     context.log.info(f"champion after {round_id}: {current.version_id} ({verdict.reason})")

@@ -1,0 +1,104 @@
+"""Test helpers: a tiny random llama (no download), usage-log files, small-round settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "What is 2 + 3? Reply with just the number. 5", "The capital of France is Paris.",
+    "What is the chemical symbol for gold? Au", "Answer with one word. Blue. Red. Green. 0 1 2 3 4 5 6 7 8 9",
+    "You are a concise assistant.", "system user assistant",
+]
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer llama with a 300-token byte-level BPE tokenizer and a chat template, saved as safetensors."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_logs(path: Path, rows: list[dict | str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sample_logs(count: int = 24) -> list[dict]:
+    rows = []
+    for i in range(count):
+        if i % 2:
+            rows.append({"id": f"log-{i}", "prompt": f"What is {i} + {i + 1}? Reply with just the number.",
+                         "task": "arithmetic"})
+        else:
+            rows.append({"id": f"log-{i}", "prompt": f"Name colour number {i}. Answer with one word.",
+                         "task": "short_answer"})
+    return rows
+
+
+def write_tiny_config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    logs = write_logs(tmp_path / "logs.jsonl", sample_logs() + ["{not json", {"prompt": ""}])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(
+        json.dumps({"prompt": r["prompt"], "answer": "7"}) + "\n" for r in sample_logs()
+    ))
+    config = tmp_path / "tao.toml"
+    config.write_text(f"""
+home = "{tmp_path / 'home'}"
+
+[data]
+logs = ["{logs}"]
+labels = "{labels}"
+heldout_fraction = 0.25
+
+[model]
+base = "{tiny_model_dir}"
+dtype = "float32"
+
+[generation]
+num_samples = 4
+max_new_tokens = 8
+batch_size = 8
+
+[pairs]
+min_margin = 0.0
+
+[training]
+max_steps = 2
+batch_size = 2
+bf16 = false
+
+[evaluation]
+pool_samples = 2
+max_new_tokens = 8
+""")
+    return config
