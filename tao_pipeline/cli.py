@@ -52,8 +52,8 @@ def run_round(config_file: str | None = None, overrides: list[str] | None = None
 
     settings = load_settings(config_file, overrides)
     prepare_dagster_home(settings)
-    started = time.perf_counter()
     champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
+    started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         round_id = next_round_key(instance.get_dynamic_partitions(ROUNDS))
         instance.add_dynamic_partitions(ROUNDS, [round_id])

@@ -19,6 +19,9 @@ from tao_pipeline.scoring.extractors import answer_matches
 from tao_pipeline.settings import TaoSettings
 
 SIDES = ("champion", "challenger")
+_PER_SIDE = ("version", "response", "answer", "score", "chars", "correct")
+EVALUATION_COLUMNS = ["prompt_id", "task", "prompt", "outcome",
+                      *(f"{side}_{field}" for side in SIDES for field in _PER_SIDE)]
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def evaluate(
                 answer_matches(extracted[i], accepted, extractor, prompt.prompt) if accepted else None
             )
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
 
 
 def _outcome(challenger_score: float, champion_score: float) -> str:

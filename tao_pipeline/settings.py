@@ -111,7 +111,7 @@ class EvaluationSettings(_Section):
 
 
 class TaoSettings(_Section):
-    home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")))
+    home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")), validate_default=True)
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import sample_logs, write_logs
+from tests.helpers import sample_logs, write_logs
 from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
 from tao_pipeline.prompts import (
     DEFAULT_TASK,

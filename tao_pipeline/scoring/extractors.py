@@ -7,6 +7,7 @@ with anything.
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 Extractor = Callable[[str, str], "str | None"]  # (response, prompt) -> answer
@@ -23,12 +24,13 @@ _STOPWORDS = frozenset(
 
 def normalize_number(text: str) -> str | None:
     """'1,000' / '1000.0' / '1000' -> '1000'; keeps real decimals ('2.5')."""
-    cleaned = text.replace(",", "")
     try:
-        value = float(cleaned)
-    except ValueError:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
         return None
-    return str(int(value)) if value.is_integer() else f"{value:g}"
+    if not value.is_finite():
+        return None
+    return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
 
 
 def last_number(response: str, prompt: str = "") -> str | None:
