@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from tao_pipeline.generation import SamplingParams, build_generator
-from tao_pipeline.scoring import PromptContext
+from tao_pipeline.scoring import PromptContext, prompt_constraints
 from tao_pipeline.scoring.extractors import answer_matches
 from tao_pipeline.settings import TaoSettings
 
@@ -53,7 +53,7 @@ def evaluate(
     challenger_greedy, challenger_pool = _responses(challenger, heldout, settings, progress)
     rows = []
     for prompt in heldout.itertuples():
-        context = PromptContext(prompt.prompt, prompt.task, prompt.system)
+        context = PromptContext(prompt.prompt, prompt.task, prompt.system, prompt_constraints(prompt._asdict()))
         answers = [champion_greedy[prompt.prompt_id], challenger_greedy[prompt.prompt_id]]
         group = answers + champion_pool[prompt.prompt_id] + challenger_pool[prompt.prompt_id]
         scores = scorer.score(context, group).scores

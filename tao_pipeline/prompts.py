@@ -18,7 +18,7 @@ from tao_pipeline.settings import DataSettings
 DEFAULT_TASK = "general"
 _RAW_PREVIEW_CHARS = 500
 
-PROMPT_COLUMNS = ["prompt_id", "prompt", "system", "task", "split", "log_ids", "source_files"]
+PROMPT_COLUMNS = ["prompt_id", "prompt", "system", "task", "constraints", "split", "log_ids", "source_files"]
 QUARANTINE_COLUMNS = ["source_file", "line_number", "reason", "raw"]
 
 
@@ -30,8 +30,8 @@ def content_hash(*parts: str | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def prompt_id_for(prompt: str, system: str | None = None) -> str:
-    return content_hash(system or "", prompt.strip())
+def prompt_id_for(prompt: str, system: str | None = None, constraints: str | None = None) -> str:
+    return content_hash(system or "", prompt.strip(), constraints or "")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class LogRow:
     task: str
     source_file: str
     line_number: int
+    constraints: str | None = None  # canonical JSON of the row's per-prompt checks
 
 
 class RowRejected(ValueError):
@@ -74,7 +75,11 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
     if raw_id is not None and not isinstance(raw_id, (str, int)):
         raise RowRejected(f"field 'id' must be a string or integer, got {type(raw_id).__name__}")
     log_id = str(raw_id) if raw_id is not None else content_hash(source, str(line_number))
-    return LogRow(log_id, prompt, system, task, source, line_number)
+    constraints = record.get("constraints")
+    if constraints is not None and not isinstance(constraints, dict):
+        raise RowRejected(f"field 'constraints' must be a JSON object, got {type(constraints).__name__}")
+    canonical = json.dumps(constraints, sort_keys=True) if constraints else None
+    return LogRow(log_id, prompt, system, task, source, line_number, canonical)
 
 
 def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
@@ -106,7 +111,7 @@ def deduplicate(rows: Iterable[LogRow]) -> list[dict[str, Any]]:
     """One prompt per content hash, keeping every log id and source file that asked it."""
     by_id: dict[str, dict[str, Any]] = {}
     for row in rows:
-        pid = prompt_id_for(row.prompt, row.system)
+        pid = prompt_id_for(row.prompt, row.system, row.constraints)
         entry = by_id.get(pid)
         if entry is None:
             by_id[pid] = {
@@ -114,6 +119,7 @@ def deduplicate(rows: Iterable[LogRow]) -> list[dict[str, Any]]:
                 "prompt": row.prompt.strip(),
                 "system": row.system,
                 "task": row.task,
+                "constraints": row.constraints,
                 "log_ids": [row.log_id],
                 "source_files": [row.source_file],
             }
@@ -134,6 +140,7 @@ class PromptBatch:
     prompts: pd.DataFrame
     quarantine: pd.DataFrame
     log_rows: int
+    duplicates: int
 
 
 def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
@@ -147,9 +154,11 @@ def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
         for item in read_jsonl(path, limits):
             (good if isinstance(item, LogRow) else bad).append(item)
     prompts = pd.DataFrame(deduplicate(good), columns=[c for c in PROMPT_COLUMNS if c != "split"])
+    duplicates = len(good) - len(prompts)
     prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
     prompts = _cap_splits(prompts[PROMPT_COLUMNS], limits)
-    return PromptBatch(prompts.reset_index(drop=True), pd.DataFrame(bad, columns=QUARANTINE_COLUMNS), len(good) + len(bad))
+    quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
+    return PromptBatch(prompts.reset_index(drop=True), quarantine, len(good) + len(bad), duplicates)
 
 
 def _cap_splits(prompts: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:

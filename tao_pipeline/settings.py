@@ -71,6 +71,14 @@ class ScoringSettings(_Section):
         default_factory=lambda: {"arithmetic": "last_number", "short_answer": "short_phrase", "default": "short_phrase"},
         description="Per task: the answer extractor self-consistency votes over.",
     )
+    gates: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per task: scorers a response must pass before the weighted ones rank it.",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per scorer: its options, e.g. options.sql_execution.database.",
+    )
+    gate_threshold: float = Field(1.0, ge=0.0, le=1.0)
+    length_penalty: float = Field(0.0, ge=0.0, description="> 0 discounts responses longer than their group's median.")
     concise_max_words: int = Field(8, ge=1)
     min_agreement: float = Field(0.25, ge=0.0, le=1.0, description="Below this top vote share a prompt gives no pair.")
 
@@ -78,7 +86,7 @@ class ScoringSettings(_Section):
     def _known_names(self) -> ScoringSettings:
         from tao_pipeline.scoring.registry import check_scoring_names
 
-        check_scoring_names(self.scorers, self.extractors)
+        check_scoring_names(self.scorers, self.extractors, self.gates, self.options)
         return self
 
 
@@ -132,6 +140,10 @@ class TaoSettings(_Section):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
 
     @property
     def dagster_home(self) -> Path:

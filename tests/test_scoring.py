@@ -17,6 +17,8 @@ from tao_pipeline.scoring.extractors import (
     normalize_number,
     short_phrase,
 )
+from tao_pipeline.scoring.base import Failed
+from tao_pipeline.scoring.composite import TaskRecipe
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
 from tao_pipeline.scoring.verifiers import ConciseFormatVerifier, NumberFormatVerifier
 from tao_pipeline.settings import ScoringSettings
@@ -173,6 +175,10 @@ class FixedScorer:
         return list(self.values)
 
 
+def recipes(**weights_by_task) -> dict[str, TaskRecipe]:
+    return {task: TaskRecipe(weights) for task, weights in weights_by_task.items()}
+
+
 class BrokenScorer:
     name = "broken"
 
@@ -182,7 +188,7 @@ class BrokenScorer:
 
 def test_composite_weighted_mean():
     scorers = {"a": FixedScorer("a", [1.0, 0.0, 0.5]), "b": FixedScorer("b", [0.0, 1.0, 0.5])}
-    composite = CompositeScorer(scorers, {"math": {"a": 3.0, "b": 1.0}, "default": {"b": 1.0}})
+    composite = CompositeScorer(scorers, recipes(math={"a": 3.0, "b": 1.0}, default={"b": 1.0}))
     result = composite.score(PromptContext("q", "math"), ["x", "y", "z"])
     assert result.scores == pytest.approx([0.75, 0.25, 0.5])
     assert result.parts == [{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 1.0}, {"a": 0.5, "b": 0.5}]
@@ -193,7 +199,7 @@ def test_composite_weighted_mean():
 
 def test_composite_routes_by_task_with_default_fallback():
     scorers = {"a": FixedScorer("a", [1.0, 0.0]), "b": FixedScorer("b", [0.0, 1.0])}
-    composite = CompositeScorer(scorers, {"math": {"a": 1.0}, "default": {"b": 1.0}})
+    composite = CompositeScorer(scorers, recipes(math={"a": 1.0}, default={"b": 1.0}))
     assert composite.score(PromptContext("q", "math"), ["x", "y"]).scores == [1.0, 0.0]
     other = composite.score(PromptContext("q", "poetry"), ["x", "y"])
     assert other.scores == [0.0, 1.0]
@@ -202,7 +208,7 @@ def test_composite_routes_by_task_with_default_fallback():
 
 def test_a_failing_scorer_is_recorded_not_fatal():
     scorers = {"good": FixedScorer("good", [1.0, 0.5]), "broken": BrokenScorer()}
-    composite = CompositeScorer(scorers, {"default": {"good": 1.0, "broken": 1.0}})
+    composite = CompositeScorer(scorers, recipes(default={"good": 1.0, "broken": 1.0}))
     result = composite.score(PromptContext("q", "any"), ["x", "y"])
     assert result.scores == pytest.approx([0.5, 0.25])  # the broken part counts 0 but keeps its weight
     assert result.parts == [{"good": 1.0, "broken": None}, {"good": 0.5, "broken": None}]
@@ -211,10 +217,33 @@ def test_a_failing_scorer_is_recorded_not_fatal():
 
 
 def test_composite_none_values_count_zero():
-    composite = CompositeScorer({"a": FixedScorer("a", [None, 1.0])}, {"default": {"a": 2.0}})
+    composite = CompositeScorer({"a": FixedScorer("a", [None, 1.0])}, recipes(default={"a": 2.0}))
     result = composite.score(PromptContext("q", "t"), ["x", "y"])
     assert result.scores == [0.0, 1.0]
     assert result.failures == [{}, {}]
+
+
+def test_gate_zeroes_responses_that_fail_it():
+    scorers = {"valid": FixedScorer("valid", [1.0, 0.0, 1.0]), "rank": FixedScorer("rank", [0.2, 1.0, 0.8])}
+    composite = CompositeScorer(scorers, {"default": TaskRecipe({"rank": 1.0}, gates=("valid",))})
+    result = composite.score(PromptContext("q", "any"), ["x", "y", "z"])
+    assert result.scores == pytest.approx([0.2, 0.0, 0.8])
+    assert result.parts[1] == {"valid": 0.0, "rank": 1.0}
+
+
+def test_per_response_failure_is_recorded_with_its_reason():
+    scorers = {"a": FixedScorer("a", [Failed("a: timeout after 2s"), 1.0])}
+    result = CompositeScorer(scorers, recipes(default={"a": 1.0})).score(PromptContext("q", "t"), ["x", "y"])
+    assert result.scores == [0.0, 1.0]
+    assert result.failures == [{"a": "a: timeout after 2s"}, {}]
+    assert result.parts[0] == {"a": None}
+
+
+def test_length_penalty_discounts_long_responses_only():
+    scorers = {"a": FixedScorer("a", [1.0, 1.0, 1.0])}
+    composite = CompositeScorer(scorers, recipes(default={"a": 1.0}), length_penalty=1.0)
+    result = composite.score(PromptContext("q", "t"), ["abcd", "abcd", "abcd" * 3])
+    assert result.scores == pytest.approx([1.0, 1.0, 1.0 / 3.0])
 
 
 def test_build_scorer_uses_the_settings():

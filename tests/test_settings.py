@@ -227,13 +227,13 @@ def test_unknown_scorer_is_named(tmp_path):
 [scoring.scorers.default]
 self_consistency = 1.0
 [scoring.scorers.arithmetic]
-llm_judge = 1.0
+telepathy = 1.0
 """)
     with pytest.raises(SettingsError) as info:
         load_settings(config)
     message = str(info.value)
     assert "scoring.scorers.arithmetic" in message
-    assert "llm_judge" in message
+    assert "telepathy" in message
 
 
 def test_unknown_extractor_is_named():

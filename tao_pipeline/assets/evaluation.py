@@ -27,7 +27,7 @@ def checkpoint_evaluation(
     rows = evaluate(
         prompts[prompts["split"] == "heldout"],
         Contender(parent.version_id, parent.path), Contender(checkpoint["version_id"], checkpoint["path"]),
-        build_scorer(config.scoring), load_labels(config.data.labels), config,
+        build_scorer(config.scoring, config.cache_dir), load_labels(config.data.labels), config,
     )
     path = store.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
     table = summarize(rows)

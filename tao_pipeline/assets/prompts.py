@@ -24,7 +24,7 @@ def raw_prompts(context: dg.AssetExecutionContext, settings: TaoSettingsResource
     return dg.MaterializeResult(metadata={
         "log_rows": batch.log_rows,
         "prompts": len(batch.prompts),
-        "duplicates_merged": int(batch.log_rows - len(batch.quarantine) - len(batch.prompts)),
+        "duplicates_merged": batch.duplicates,
         "train": int(splits.get("train", 0)),
         "heldout": int(splits.get("heldout", 0)),
         "quarantined": len(batch.quarantine),

@@ -16,7 +16,7 @@ def response_scores(context: dg.AssetExecutionContext, settings: TaoSettingsReso
     store = lake.get()
     prompts = store.read("raw_prompts", context.partition_key)
     candidates = store.read("candidate_responses", context.partition_key)
-    scores = score_responses(candidates, prompts, build_scorer(config.scoring))
+    scores = score_responses(candidates, prompts, build_scorer(config.scoring, config.cache_dir))
     path = store.write("response_scores", context.partition_key, scores.assign(round=context.partition_key))
     per_task = scores.groupby("task")["score"].describe()[["count", "mean", "std", "min", "max"]].round(3)
     lengths = candidates.set_index("response_id")["response"].str.len()

@@ -1,6 +1,7 @@
 """Stage 5: DPO on the round's pairs, starting from the model that wrote the candidates."""
 
 import dagster as dg
+import pandas as pd
 
 from tao_pipeline.assets.generation import HEAVY_POOL
 from tao_pipeline.assets.metadata import md_table, sparkline
@@ -26,7 +27,7 @@ def tuned_checkpoint(
     record = {"version_id": version.version_id, "parent_version": parent_version, "round": round_id,
               "method": version.method, "path": str(version.path), "pair_ids": pairs["pair_id"].tolist(),
               **result.metrics()}
-    store.write("tuned_checkpoint", round_id, _one_row(record))
+    store.write("tuned_checkpoint", round_id, pd.DataFrame([record]))
     losses = result.series("loss")
     margins = result.series("rewards/margins")
     return dg.MaterializeResult(metadata={
@@ -34,7 +35,7 @@ def tuned_checkpoint(
         "parent_version": parent_version,
         "method": version.method,
         "pairs": len(pairs),
-        **{k: v for k, v in result.metrics().items()},
+        **result.metrics(),
         "loss_curve": sparkline(losses),
         "reward_margin_curve": sparkline(margins),
         "training_log": md_table(_history_table(result.log_history), rows=50),
@@ -42,15 +43,7 @@ def tuned_checkpoint(
     })
 
 
-def _one_row(record: dict):
-    import pandas as pd
-
-    return pd.DataFrame([record])
-
-
-def _history_table(history: list[dict]):
-    import pandas as pd
-
+def _history_table(history: list[dict]) -> pd.DataFrame:
     columns = ["step", "loss", "rewards/margins", "rewards/accuracies", "learning_rate"]
     frame = pd.DataFrame(history)
     return frame[[c for c in columns if c in frame.columns]].round(4)

@@ -1,12 +1,17 @@
 """Candidate generation: the Generator protocol and its backends."""
 
+from pathlib import Path
+
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams
+from tao_pipeline.settings import GenerationSettings, ModelSettings
 
 __all__ = ["RESPONSE_COLUMNS", "GenerationStats", "Generator", "SamplingParams", "build_generator"]
 
 
-def build_generator(model_path, model_version: str, generation, model) -> Generator:
-    """The configured backend for ``generation.backend`` (settings sections as arguments)."""
+def build_generator(
+    model_path: Path | str, model_version: str, generation: GenerationSettings, model: ModelSettings
+) -> Generator:
+    """The backend named by ``generation.backend``, loaded with the model's weights."""
     if generation.backend == "transformers":
         from tao_pipeline.generation.transformers_backend import TransformersGenerator
 

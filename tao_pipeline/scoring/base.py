@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -11,15 +11,39 @@ class PromptContext:
     prompt: str
     task: str
     system: str | None = None
+    # Per-prompt checks declared in the usage log (e.g. {"max_words": 50, "json_schema": {...}}).
+    constraints: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A scorer could not score one response (timeout, exception, unparsable judge output)."""
+
+    reason: str
+
+
+Score = float | Failed
 
 
 class Scorer(Protocol):
-    """Scores every candidate of one prompt in [0, 1]; None marks a candidate it failed to score.
+    """Scores every candidate of one prompt in [0, 1], or Failed for a candidate it could not score.
 
     Scorers see the whole group because the strongest label-free signals (consensus,
-    ranking by a judge) compare candidates with each other.
+    execution agreement, a judge ranking the group) compare candidates with each other.
+    A scorer must not raise for one bad response: it returns Failed for that response.
     """
 
     name: str
 
-    def score_group(self, context: PromptContext, responses: list[str]) -> list[float | None]: ...
+    def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]: ...
+
+
+def score_each(scorer_name: str, responses: list[str], score_one) -> list[Score]:
+    """Apply a per-response function, turning an exception on one response into Failed."""
+    results: list[Score] = []
+    for response in responses:
+        try:
+            results.append(float(score_one(response)))
+        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
+            results.append(Failed(f"{scorer_name}: {type(error).__name__}: {error}"[:300]))
+    return results

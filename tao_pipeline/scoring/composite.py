@@ -1,11 +1,12 @@
-"""Composite scorer: routes by the prompt's task and takes a weighted sum of several scorers."""
+"""Composite scorer: routes by the prompt's task; gates, then a weighted mean of the other scorers."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field
 
-from tao_pipeline.scoring.base import PromptContext, Scorer
+from tao_pipeline.scoring.base import Failed, PromptContext, Score, Scorer
 
 
 @dataclass
@@ -18,33 +19,69 @@ class GroupScores:
         return json.dumps(self.parts[index], sort_keys=True)
 
 
+@dataclass(frozen=True)
+class TaskRecipe:
+    weights: dict[str, float]
+    gates: tuple[str, ...] = ()
+
+
 class CompositeScorer:
+    """Per task: every gate scorer must reach ``gate_threshold``, then the weighted mean of the others ranks.
+
+    A response that fails a gate scores 0. A scorer that fails on a response contributes 0
+    and the reason is recorded; a scorer that raises outright fails every response of the group.
+    ``length_penalty`` > 0 divides a score by 1 + penalty x (how much longer than the group's
+    median the response is), a guard against judges and consensus that favour long answers.
+    """
+
     name = "composite"
 
-    def __init__(self, scorers: dict[str, Scorer], weights_by_task: dict[str, dict[str, float]]):
+    def __init__(self, scorers: dict[str, Scorer], recipes: dict[str, TaskRecipe],
+                 gate_threshold: float = 1.0, length_penalty: float = 0.0):
         self.scorers = scorers
-        self.weights_by_task = weights_by_task
+        self.recipes = recipes
+        self.gate_threshold = gate_threshold
+        self.length_penalty = length_penalty
 
-    def weights(self, task: str) -> dict[str, float]:
-        return self.weights_by_task.get(task, self.weights_by_task["default"])
+    def recipe(self, task: str) -> TaskRecipe:
+        return self.recipes.get(task, self.recipes["default"])
 
     def score(self, context: PromptContext, responses: list[str]) -> GroupScores:
-        """Weighted mean of the task's scorers; a scorer that raises counts 0 and is recorded."""
-        weights = self.weights(context.task)
+        recipe = self.recipe(context.task)
+        names = list(dict.fromkeys([*recipe.gates, *recipe.weights]))
         parts: list[dict[str, float | None]] = [{} for _ in responses]
         failures: list[dict[str, str]] = [{} for _ in responses]
-        for name, weight in weights.items():
-            try:
-                values = self.scorers[name].score_group(context, responses)
-            except Exception as error:  # one scorer's failure must not kill the round
-                values = [None] * len(responses)
-                for failure in failures:
-                    failure[name] = f"{type(error).__name__}: {error}"[:300]
-            for part, value in zip(parts, values):
-                part[name] = value
-        total = sum(weights.values()) or 1.0
-        scores = [sum(weights[n] * (p[n] or 0.0) for n in weights) / total for p in parts]
+        for name in names:
+            for i, value in enumerate(self._run(name, context, responses)):
+                if isinstance(value, Failed):
+                    parts[i][name], failures[i][name] = None, value.reason
+                else:
+                    parts[i][name] = value
+        scores = [self._combine(recipe, part) for part in parts]
+        if self.length_penalty > 0:
+            scores = self._penalise_length(scores, responses)
         return GroupScores(scores, parts, failures)
 
-    def score_group(self, context: PromptContext, responses: list[str]) -> list[float]:
+    def _run(self, name: str, context: PromptContext, responses: list[str]) -> list[Score]:
+        try:
+            values = self.scorers[name].score_group(context, responses)
+        except Exception as error:  # noqa: BLE001 - one scorer's failure must not kill the round
+            return [Failed(f"{type(error).__name__}: {error}"[:300])] * len(responses)
+        if len(values) != len(responses):
+            return [Failed(f"returned {len(values)} scores for {len(responses)} responses")] * len(responses)
+        return values
+
+    def _combine(self, recipe: TaskRecipe, part: dict[str, float | None]) -> float:
+        if any((part.get(gate) or 0.0) < self.gate_threshold for gate in recipe.gates):
+            return 0.0
+        total = sum(recipe.weights.values())
+        if not total:
+            return 1.0 if recipe.gates else 0.0  # gates alone: passing them is the score
+        return sum(weight * (part.get(name) or 0.0) for name, weight in recipe.weights.items()) / total
+
+    def _penalise_length(self, scores: list[float], responses: list[str]) -> list[float]:
+        median = statistics.median(len(r) for r in responses) or 1
+        return [s / (1.0 + self.length_penalty * max(0.0, len(r) / median - 1.0)) for s, r in zip(scores, responses)]
+
+    def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
         return self.score(context, responses).scores

@@ -6,6 +6,7 @@ with anything.
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Callable
@@ -63,6 +64,71 @@ def short_phrase(response: str, prompt: str = "", max_words: int = 3) -> str | N
     return " ".join(kept[-max_words:]) or None
 
 
+def final_line(response: str, prompt: str = "") -> str | None:
+    """The last non-empty line, case and punctuation folded (for 'Final answer: ...' style replies)."""
+    lines = [line for line in response.splitlines() if line.strip()]
+    if not lines:
+        return None
+    tail = lines[-1].split(":", 1)[-1] if lines[-1].lower().startswith(("final answer", "answer")) else lines[-1]
+    return " ".join(words(tail)) or None
+
+
+def boxed(response: str, prompt: str = "") -> str | None:
+    r"""The content of the last \boxed{...} (balanced braces), numbers normalised."""
+    start = response.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, chars = 1, []
+    for char in response[start + len("\\boxed{"):]:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            content = "".join(chars).strip()
+            return normalize_number(content) or " ".join(content.split()) or None
+        chars.append(char)
+    return None  # unbalanced: no answer
+
+
+def regex_extractor(pattern: str) -> Extractor:
+    """First match of ``pattern``: its 'answer' group, else group 1, else the whole match."""
+    compiled = re.compile(pattern, re.IGNORECASE | re.DOTALL)
+
+    def extract(response: str, prompt: str = "") -> str | None:
+        match = compiled.search(response)
+        if match is None:
+            return None
+        groups = match.groupdict()
+        value = groups.get("answer") if "answer" in groups else (match.group(1) if compiled.groups else match.group(0))
+        return " ".join(str(value).lower().split()) if value is not None else None
+
+    return extract
+
+
+def json_field_extractor(field: str) -> Extractor:
+    """A field of the first JSON object in the response (dotted path), as canonical JSON text."""
+
+    def extract(response: str, prompt: str = "") -> str | None:
+        value = first_json_value(response)
+        for key in field.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return json.dumps(value, sort_keys=True) if not isinstance(value, str) else value.strip().lower()
+
+    return extract
+
+
+def first_json_value(text: str):
+    """The first JSON object or array in the text (code fences allowed), or None."""
+    decoder = json.JSONDecoder()
+    for index, char in enumerate(text):
+        if char in "{[":
+            try:
+                return decoder.raw_decode(text[index:])[0]
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
 def _first_line(text: str) -> str:
     return next((line for line in text.splitlines() if line.strip()), "")
 
@@ -76,14 +142,27 @@ EXTRACTORS: dict[str, Extractor] = {
     "last_number": last_number,
     "first_line_number": first_line_number,
     "short_phrase": short_phrase,
+    "final_line": final_line,
+    "boxed": boxed,
+}
+PARAMETERISED_EXTRACTORS: dict[str, Callable[[str], Extractor]] = {
+    "regex": regex_extractor,
+    "json_field": json_field_extractor,
 }
 
 
-def get_extractor(name: str) -> Extractor:
-    try:
-        return EXTRACTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown answer extractor {name!r}; known: {sorted(EXTRACTORS)}") from None
+def get_extractor(spec: str) -> Extractor:
+    """'last_number', or a parameterised one: 'regex:<pattern>', 'json_field:<dotted.path>'."""
+    name, sep, argument = spec.partition(":")
+    if sep and name in PARAMETERISED_EXTRACTORS:
+        try:
+            return PARAMETERISED_EXTRACTORS[name](argument)
+        except re.error as error:
+            raise ValueError(f"extractor {spec!r}: bad regular expression: {error}") from None
+    if spec in EXTRACTORS:
+        return EXTRACTORS[spec]
+    known = sorted(EXTRACTORS) + [f"{n}:<arg>" for n in PARAMETERISED_EXTRACTORS]
+    raise ValueError(f"unknown answer extractor {spec!r}; known: {known}")
 
 
 def answer_matches(extracted: str | None, accepted: list[str], extractor: Extractor, prompt: str = "") -> bool:

@@ -1,0 +1,149 @@
+"""Reward-model scorer: a local sequence-classification reward model rates each (prompt, response)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from tao_pipeline.model_store import ModelNotFoundError
+from tao_pipeline.modeling import build_chat, load_tokenizer, resolve_dtype
+from tao_pipeline.scoring.base import Failed, PromptContext, Score
+
+NORMALIZATIONS = ("sigmoid", "group_minmax")
+OPTION = "scoring.options.reward_model"
+
+
+class RewardModelScorer:
+    """Scores each response with a local reward model (one scalar output per text).
+
+    Needs ``model``: a local Hugging Face directory loadable with AutoModelForSequenceClassification
+    (safetensors weights, num_labels=1) and its tokenizer. The text rated is the tokenizer's chat
+    template over [system?, user prompt, assistant response], or "prompt\\n\\nresponse" when the
+    tokenizer has no template, cut to ``max_length`` tokens.
+
+    Options: ``model`` (required); ``batch_size`` (16); ``max_length`` (1024); ``normalize``:
+    "sigmoid" (default, sigmoid of the reward) or "group_minmax" (min-max within the prompt's
+    candidates, all equal -> 0.5); ``dtype`` ("auto", "bfloat16", "float32");
+    ``trust_remote_code`` (False). The model loads once, on first use.
+    """
+
+    name = "reward_model"
+
+    def __init__(self, *, model: str | None = None, batch_size: int = 16, max_length: int = 1024,
+                 normalize: str = "sigmoid", dtype: str = "auto", trust_remote_code: bool = False):
+        self.model_path = _existing_model_dir(model)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"{OPTION}.normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"{OPTION}: batch_size and max_length must be >= 1")
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.normalize = normalize
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self._model = None
+        self._tokenizer = None
+
+    def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
+        self._load()
+        encoded = [self._encode_or_fail(context, response) for response in responses]
+        rewards = self._rewards(encoded)
+        if self.normalize == "group_minmax":
+            return _group_minmax(rewards)
+        return [r if isinstance(r, Failed) else _sigmoid(r) for r in rewards]
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForSequenceClassification
+
+        # Right padding keeps the real tokens at the positions they have unbatched.
+        tokenizer = load_tokenizer(self.model_path, trust_remote_code=self.trust_remote_code, padding_side="right")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(self.model_path), dtype=resolve_dtype(self.dtype), use_safetensors=True,
+                trust_remote_code=self.trust_remote_code,
+            )
+        except (OSError, ValueError) as error:
+            raise ModelNotFoundError(f"{OPTION}.model: cannot load reward model {str(self.model_path)!r} "
+                                     f"(safetensors only): {error}") from error
+        if model.config.num_labels != 1:
+            raise ValueError(f"{OPTION}.model: a reward model has one output, this one has {model.config.num_labels}")
+        if model.config.pad_token_id is None:  # the model finds each text's last token by the pad id
+            model.config.pad_token_id = tokenizer.pad_token_id
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._model, self._tokenizer = model.to(device).eval(), tokenizer
+
+    def _encode_or_fail(self, context: PromptContext, response: str) -> list[int] | Failed:
+        try:
+            return self._encode(context, response)
+        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
+            return Failed(f"{self.name}: cannot encode: {type(error).__name__}: {error}"[:300])
+
+    def _encode(self, context: PromptContext, response: str) -> list[int]:
+        if self._tokenizer.chat_template:
+            messages = [*build_chat(context.prompt, context.system), {"role": "assistant", "content": response}]
+            return list(self._tokenizer.apply_chat_template(
+                messages, tokenize=True, truncation=True, max_length=self.max_length, return_dict=False,
+            ))
+        text = f"{context.prompt}\n\n{response}"
+        return self._tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _rewards(self, encoded: list[list[int] | Failed]) -> list[float | Failed]:
+        rewards: list[float | Failed] = list(encoded)  # Failed entries stay as they are
+        ready = [i for i, ids in enumerate(encoded) if not isinstance(ids, Failed)]
+        for start in range(0, len(ready), self.batch_size):
+            batch = ready[start : start + self.batch_size]
+            for index, reward in zip(batch, self._batch_rewards([encoded[i] for i in batch])):
+                rewards[index] = reward
+        return rewards
+
+    def _batch_rewards(self, batch: list[list[int]]) -> list[float | Failed]:
+        try:
+            values = self._forward(batch)
+        except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
+            return [self._forward_or_fail(ids) for ids in batch]
+        return [self._finite_or_fail(value) for value in values]
+
+    def _forward_or_fail(self, ids: list[int]) -> float | Failed:
+        try:
+            return self._finite_or_fail(self._forward([ids])[0])
+        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
+            return Failed(f"{self.name}: {type(error).__name__}: {error}"[:300])
+
+    def _finite_or_fail(self, value: float) -> float | Failed:
+        return value if math.isfinite(value) else Failed(f"{self.name}: non-finite reward {value}")
+
+    def _forward(self, batch: list[list[int]]) -> list[float]:
+        inputs = self._tokenizer.pad({"input_ids": batch}, return_tensors="pt")
+        with torch.inference_mode():
+            logits = self._model(
+                input_ids=inputs["input_ids"].to(self._model.device),
+                attention_mask=inputs["attention_mask"].to(self._model.device),
+            ).logits
+        return logits[:, 0].float().cpu().tolist()
+
+
+def _existing_model_dir(model: str | None) -> Path:
+    if not model:
+        raise ValueError(f"{OPTION}.model is required: a local reward model directory")
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{OPTION}.model: reward model directory {str(path)!r} does not exist")
+    return path
+
+
+def _sigmoid(value: float) -> float:
+    return 0.5 * (1.0 + math.tanh(value / 2.0))  # equals 1 / (1 + e^-x) without overflowing
+
+
+def _group_minmax(rewards: list[float | Failed]) -> list[Score]:
+    values = [r for r in rewards if not isinstance(r, Failed)]
+    if not values:
+        return list(rewards)
+    low, high = min(values), max(values)
+    if high == low:
+        return [r if isinstance(r, Failed) else 0.5 for r in rewards]
+    return [r if isinstance(r, Failed) else (r - low) / (high - low) for r in rewards]
