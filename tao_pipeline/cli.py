@@ -1,84 +1,19 @@
-"""The `tao` command: run a round through Dagster, inspect versions, open the UI."""
+"""The `tao` command: run a round through Dagster, inspect and manage model versions, open the UI."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import pandas as pd
 
 from tao_pipeline.lake import Lake
 from tao_pipeline.model_store import ModelNotFoundError, ModelStore
 from tao_pipeline.settings import SettingsError, TaoSettings, load_settings
 
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-_DAGSTER_YAML = "telemetry:\n  enabled: false\n"
-
-
-@dataclass
-class RoundReport:
-    round_id: str
-    success: bool
-    seconds: float
-    before_after: pd.DataFrame | None = None
-    verdict: str = ""
-    champion: str = ""
-    checkpoint: str = ""
-
-
-def prepare_dagster_home(settings: TaoSettings) -> Path:
-    """Runs launched by the CLI land in <home>/dagster, the same instance `tao ui` opens."""
-    home = settings.dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(_DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
-
-
-def run_round(config_file: str | None = None, overrides: list[str] | None = None, echo=click.echo) -> RoundReport:
-    """Open the next round (a dynamic partition) and materialize every stage of it through Dagster."""
-    import dagster as dg
-
-    from tao_pipeline.assets import ROUND_ASSETS
-    from tao_pipeline.assets.partitions import ROUNDS, next_round_key
-    from tao_pipeline.resources import build_resources
-
-    settings = load_settings(config_file, overrides)
-    prepare_dagster_home(settings)
-    champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
-    started = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        round_id = next_round_key(instance.get_dynamic_partitions(ROUNDS))
-        instance.add_dynamic_partitions(ROUNDS, [round_id])
-        echo(f"{round_id}: tuning {champion.version_id} on {', '.join(map(str, settings.data.logs))}")
-        result = dg.materialize(
-            ROUND_ASSETS, partition_key=round_id, instance=instance, raise_on_error=False,
-            resources=build_resources(config_file, overrides), run_config=QUIET_RUN_CONFIG,
-        )
-    report = RoundReport(round_id, result.success, time.perf_counter() - started)
-    if result.success:
-        _fill_report(report, settings)
-    return report
-
-
-def _fill_report(report: RoundReport, settings: TaoSettings) -> None:
-    from tao_pipeline.evaluation import decide, summarize
-
-    lake = Lake(settings.lake_dir)
-    rows = lake.read("checkpoint_evaluation", report.round_id)
-    report.before_after = summarize(rows)
-    verdict = decide(rows, settings.evaluation.min_win_rate, settings.evaluation.max_accuracy_drop)
-    report.verdict = ("promoted: " if verdict.promote else "not promoted: ") + verdict.reason
-    store = ModelStore(settings.models_dir)
-    report.champion = store.champion(settings.model).version_id
-    report.checkpoint = str(lake.read("tuned_checkpoint", report.round_id)["path"].iloc[0])
+_USER_ERRORS = (SettingsError, ModelNotFoundError, FileNotFoundError)
 
 
 def _settings_options(command):
@@ -86,6 +21,17 @@ def _settings_options(command):
                            help="Override one setting, e.g. --set generation.num_samples=4")(command)
     return click.option("--config", "config_file", type=click.Path(dir_okay=False),
                         help="TOML settings file (default: ./tao.toml or $TAO_CONFIG).")(command)
+
+
+def _load(config_file: str | None, overrides: tuple[str, ...]) -> TaoSettings:
+    try:
+        return load_settings(config_file, list(overrides))
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _store(config_file: str | None, overrides: tuple[str, ...]) -> ModelStore:
+    return ModelStore(_load(config_file, overrides).models_dir)
 
 
 @click.group()
@@ -96,21 +42,24 @@ def main() -> None:
 @main.command("round")
 @_settings_options
 def round_command(config_file: str | None, overrides: tuple[str, ...]) -> None:
-    """Run one full TAO round headlessly through Dagster and print what improved."""
+    """Ingest new usage logs and run one full TAO round through Dagster; print what improved."""
+    from tao_pipeline.runner import NothingNewError, run_round
+
+    settings = _load(config_file, overrides)
     try:
-        report = run_round(config_file, list(overrides))
-    except (SettingsError, ModelNotFoundError, FileNotFoundError) as error:
+        report = run_round(config_file, list(overrides), echo=click.echo)
+    except (*_USER_ERRORS, NothingNewError) as error:
         raise click.ClickException(str(error)) from None
-    settings = load_settings(config_file, list(overrides))
-    if not report.success:
+    if not report.completed:
         raise click.ClickException(
-            f"{report.round_id} failed; open the run in the UI (tao ui) for the failing step's error"
+            f"{report.round_id} failed before its evaluation; `tao ui` shows the failing step and its error"
         )
     click.echo(f"\n{report.round_id} finished in {report.seconds / 60:.1f} min\n")
-    click.echo(report.before_after.to_markdown(index=False))
+    click.echo(report.before_after.to_markdown(index=False, floatfmt=".3f", missingval="-"))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
     click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb {settings.lake_dir / 'catalog.duckdb'})")
-    click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}\nUI:          tao ui")
+    click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")
+    click.echo("UI:          tao ui")
 
 
 @main.command()
@@ -118,17 +67,85 @@ def round_command(config_file: str | None, overrides: tuple[str, ...]) -> None:
 def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Fetch and convert the configured base model (the embedded one by default)."""
     settings = _load(config_file, overrides)
-    version = ModelStore(settings.models_dir).champion(settings.model)
+    version = ModelStore(settings.models_dir).champion(settings.model, log=click.echo)
     click.echo(f"champion: {version.version_id} at {version.path}")
 
 
 @main.command()
 @_settings_options
 def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
-    """List every model version in the registry."""
+    """List every model version in the registry, and the promotion history."""
+    store = _store(config_file, overrides)
+    table = store.versions()
+    if table.empty:
+        click.echo("no versions yet: run `tao round`")
+        return
+    click.echo(table.drop(columns=["hyperparameters", "path"]).to_markdown(index=False))
+    click.echo("\npromotions:\n" + store.promotions().to_markdown(index=False))
+
+
+@main.command()
+@click.argument("version")
+@_settings_options
+@click.option("--rows", is_flag=True, help="Also print every usage-log row behind the version.")
+def lineage(version: str, config_file: str | None, overrides: tuple[str, ...], rows: bool) -> None:
+    """Show the rounds, pairs, prompts, usage logs and source files that produced VERSION."""
+    from tao_pipeline.lineage import version_lineage
+
     settings = _load(config_file, overrides)
-    table = ModelStore(settings.models_dir).versions()
-    click.echo(table.drop(columns=["hyperparameters"]).to_markdown(index=False) if len(table) else "no versions yet")
+    try:
+        found = version_lineage(ModelStore(settings.models_dir), Lake(settings.lake_dir), version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("versions:\n" + found.chain.to_markdown(index=False))
+    click.echo("\nrounds:\n" + found.rounds.to_markdown(index=False))
+    if rows and not found.usage_logs.empty:
+        columns = ["round", "log_id", "external_id", "source_file", "line_number", "prompt"]
+        click.echo("\nusage logs:\n" + found.usage_logs[columns].to_markdown(index=False))
+
+
+@main.command()
+@click.argument("version")
+@click.option("--reason", required=True, help="Recorded in the registry.")
+@_settings_options
+def promote(version: str, reason: str, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Make VERSION the champion by hand (recorded with the reason)."""
+    store = _store(config_file, overrides)
+    try:
+        store.get(version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    store.record_promotion(version, "promote", f"manual: {reason}")
+    click.echo(f"champion: {version}")
+
+
+@main.command()
+@click.option("--reason", required=True, help="Recorded in the registry.")
+@click.option("--to", "to_version", help="Version to restore (default: the champion's parent).")
+@_settings_options
+def rollback(reason: str, to_version: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Roll the champion back to its parent (or --to a version), recorded with the reason."""
+    try:
+        version = _store(config_file, overrides).rollback(reason, to_version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"champion: {version.version_id}")
+
+
+@main.command()
+@click.argument("destination", type=click.Path(file_okay=False))
+@click.option("--version", "version_id", help="Version to export (default: the champion).")
+@_settings_options
+def export(destination: str, version_id: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Export a version as a merged model folder that transformers and vLLM load directly."""
+    settings = _load(config_file, overrides)
+    store = ModelStore(settings.models_dir)
+    try:
+        version = version_id or store.champion(settings.model).version_id
+        path = store.export(version, Path(destination))
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported {version} to {path}")
 
 
 @main.command()
@@ -137,7 +154,9 @@ def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--port", default=3000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; localhost by default.")
 def ui(config_file: str | None, port: int, host: str) -> None:
-    """Start `dagster dev` (webserver + daemon) on this home's instance, where `tao round` runs are recorded."""
+    """Start `dagster dev` (webserver + daemon, so sensors and schedules run) on the home's instance."""
+    from tao_pipeline.runner import prepare_dagster_home
+
     settings = _load(config_file, ())
     prepare_dagster_home(settings)
     if config_file:
@@ -145,13 +164,6 @@ def ui(config_file: str | None, port: int, host: str) -> None:
     command = [sys.executable, "-m", "dagster", "dev", "-m", "tao_pipeline.definitions", "-h", host, "-p", str(port)]
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={settings.dagster_home})")
     sys.exit(subprocess.call(command))
-
-
-def _load(config_file: str | None, overrides: tuple[str, ...]) -> TaoSettings:
-    try:
-        return load_settings(config_file, list(overrides))
-    except SettingsError as error:
-        raise click.ClickException(str(error)) from None
 
 
 if __name__ == "__main__":

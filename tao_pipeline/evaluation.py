@@ -16,7 +16,7 @@ import pandas as pd
 from tao_pipeline.generation import SamplingParams, build_generator
 from tao_pipeline.scoring import PromptContext, prompt_constraints
 from tao_pipeline.scoring.extractors import answer_matches
-from tao_pipeline.settings import TaoSettings
+from tao_pipeline.settings import EvaluationSettings, TaoSettings
 
 SIDES = ("champion", "challenger")
 _PER_SIDE = ("version", "response", "answer", "score", "chars", "correct")
@@ -112,19 +112,26 @@ class Verdict:
     win_rate: float
     champion_accuracy: float | None
     challenger_accuracy: float | None
+    length_ratio: float
     reason: str
 
 
-def decide(rows: pd.DataFrame, min_win_rate: float, max_accuracy_drop: float) -> Verdict:
-    """Promote only when the challenger wins on the label-free score and no labeled guard regresses."""
+def decide(rows: pd.DataFrame, settings: EvaluationSettings) -> Verdict:
+    """Promote only when the challenger wins on the label-free score and no guard regresses.
+
+    Guards: labeled accuracy (where labels exist) may not drop by more than
+    evaluation.max_accuracy_drop; mean response length may not grow past evaluation.max_length_ratio.
+    """
     rate = win_rate(rows["outcome"])
     labeled = rows[rows["champion_correct"].notna()]
     champion_acc = float(labeled["champion_correct"].astype(float).mean()) if len(labeled) else None
     challenger_acc = float(labeled["challenger_correct"].astype(float).mean()) if len(labeled) else None
-    if rate <= min_win_rate:
-        return Verdict(False, rate, champion_acc, challenger_acc,
-                       f"win rate {rate:.3f} does not exceed evaluation.min_win_rate={min_win_rate}")
-    if champion_acc is not None and challenger_acc < champion_acc - max_accuracy_drop:
-        return Verdict(False, rate, champion_acc, challenger_acc,
-                       f"labeled accuracy fell {champion_acc:.3f} -> {challenger_acc:.3f}")
-    return Verdict(True, rate, champion_acc, challenger_acc, f"win rate {rate:.3f} > {min_win_rate}")
+    ratio = float(rows["challenger_chars"].mean() / max(rows["champion_chars"].mean(), 1.0)) if len(rows) else 1.0
+    facts = (rate, champion_acc, challenger_acc, ratio)
+    if rate <= settings.min_win_rate:
+        return Verdict(False, *facts, f"win rate {rate:.3f} does not exceed evaluation.min_win_rate={settings.min_win_rate}")
+    if champion_acc is not None and challenger_acc < champion_acc - settings.max_accuracy_drop:
+        return Verdict(False, *facts, f"labeled accuracy fell {champion_acc:.3f} -> {challenger_acc:.3f}")
+    if ratio > settings.max_length_ratio:
+        return Verdict(False, *facts, f"responses grew {ratio:.2f}x longer (evaluation.max_length_ratio={settings.max_length_ratio})")
+    return Verdict(True, *facts, f"win rate {rate:.3f} > {settings.min_win_rate}, no guard regressed")

@@ -63,6 +63,19 @@ class Lake:
         folder = self.root / table
         return sorted(p.stem for p in folder.glob("*.parquet")) if folder.is_dir() else []
 
+    def scan(self, table: str, except_partition: str | None = None) -> str | None:
+        """SQL reading every partition of a table (or all but one), or None if there is none."""
+        files = [self.path(table, p) for p in self.partitions(table) if p != except_partition]
+        if not files:
+            return None
+        listed = ", ".join(f"'{f.as_posix()}'" for f in files)
+        return f"read_parquet([{listed}], union_by_name = true)"
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run SQL over ``scan()`` expressions in an in-memory DuckDB (no catalog lock taken)."""
+        with duckdb.connect() as con:
+            return con.execute(query).df()
+
     def refresh_view(self, table: str) -> None:
         glob = (self.root / table / "*.parquet").as_posix()
         sql = (

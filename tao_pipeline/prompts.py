@@ -156,12 +156,12 @@ def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
     prompts = pd.DataFrame(deduplicate(good), columns=[c for c in PROMPT_COLUMNS if c != "split"])
     duplicates = len(good) - len(prompts)
     prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
-    prompts = _cap_splits(prompts[PROMPT_COLUMNS], limits)
+    prompts = cap_splits(prompts[PROMPT_COLUMNS], limits)
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
     return PromptBatch(prompts.reset_index(drop=True), quarantine, len(good) + len(bad), duplicates)
 
 
-def _cap_splits(prompts: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
+def cap_splits(prompts: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
     """Apply data.max_prompts / data.max_heldout, keeping a deterministic hash-ordered subset."""
     ordered = prompts.sort_values("prompt_id")
     train = ordered[ordered["split"] == "train"]

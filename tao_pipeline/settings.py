@@ -11,6 +11,7 @@ Settings come from, in order of precedence:
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +117,27 @@ class EvaluationSettings(_Section):
     max_new_tokens: int = Field(32, ge=1)
     min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
     max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
+    max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
+
+
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
+_CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly"}
+
+
+class FlywheelSettings(_Section):
+    inbox: Path | None = Field(None, description="Folder the app drops usage-log files into; default <home>/inbox.")
+    min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
+    schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
+    replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
+    sensor_interval_s: int = Field(30, ge=5)
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if value.strip() in _CRON_MACROS or (len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields)):
+            return value
+        raise ValueError(f"{value!r} is not a cron expression like '0 3 * * 1'")
 
 
 class TaoSettings(_Section):
@@ -127,6 +149,7 @@ class TaoSettings(_Section):
     pairs: PairSettings = Field(default_factory=PairSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
 
     @field_validator("home")
     @classmethod
@@ -140,6 +163,10 @@ class TaoSettings(_Section):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def inbox_dir(self) -> Path:
+        return (self.flywheel.inbox or self.home / "inbox").expanduser().resolve()
 
     @property
     def cache_dir(self) -> Path:
@@ -216,6 +243,9 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
         data["labels"] = str(base / data["labels"])
     if isinstance(tree.get("home"), str):
         tree["home"] = str(base / Path(tree["home"]).expanduser())
+    flywheel = tree.get("flywheel", {})
+    if isinstance(flywheel.get("inbox"), str):
+        flywheel["inbox"] = str(base / Path(flywheel["inbox"]).expanduser())
     model = tree.get("model", {})
     if isinstance(model.get("base"), str) and model["base"].startswith("."):
         model["base"] = str(base / model["base"])

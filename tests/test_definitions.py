@@ -10,17 +10,21 @@ import dagster as dg
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"raw_prompts", "candidate_responses", "response_scores", "preference_pairs",
           "tuned_checkpoint", "checkpoint_evaluation", "champion"}
+ALL_ASSETS = STAGES | {"usage_logs"}
 
 
 def test_definitions_load_with_every_stage_partitioned_by_round():
     from tao_pipeline.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == STAGES
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ALL_ASSETS
     for key in graph.get_all_asset_keys():
         partitions = graph.get(key).partitions_def
-        assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == "rounds"
-    assert defs.resolve_job_def("tao_round") is not None
+        expected = "log_batches" if key.to_user_string() == "usage_logs" else "rounds"
+        assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == expected
+    assert defs.resolve_job_def("tao_round") is not None and defs.resolve_job_def("ingest_usage_logs") is not None
+    assert {s.name for s in defs.sensors} == {"usage_log_sensor", "new_prompts_round_sensor"}
+    assert [s.name for s in defs.schedules] == ["periodic_round_schedule"]
 
 
 def test_lineage_runs_from_prompts_to_champion():
@@ -29,6 +33,7 @@ def test_lineage_runs_from_prompts_to_champion():
     graph = defs.resolve_asset_graph()
     upstream = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
                 for key in graph.get_all_asset_keys()}
+    assert upstream["raw_prompts"] == {"usage_logs"}
     assert upstream["candidate_responses"] == {"raw_prompts"}
     assert upstream["tuned_checkpoint"] == {"preference_pairs"}
     assert upstream["champion"] == {"checkpoint_evaluation"}

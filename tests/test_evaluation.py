@@ -68,7 +68,7 @@ def test_evaluate_same_model_ties_everywhere(tiny_model_dir, tmp_path, heldout):
         extractor = scorer.consistency.extractor(row.task)
         expected = answer_matches(row.champion_answer, labels[row.prompt], extractor, row.prompt)
         assert row.champion_correct == expected == row.challenger_correct
-    verdict = decide(rows, settings.evaluation.min_win_rate, settings.evaluation.max_accuracy_drop)
+    verdict = decide(rows, settings.evaluation)
     assert verdict.win_rate == 0.5
     assert verdict.promote is False  # a tie is no improvement
 
@@ -97,7 +97,7 @@ def test_evaluate_with_no_heldout_prompts(tiny_model_dir, tmp_path, heldout):
                     build_scorer(ScoringSettings()), {}, settings, progress=False)
     assert rows.empty
     assert set(rows.columns) == EXPECTED_COLUMNS
-    verdict = decide(rows, min_win_rate=0.5, max_accuracy_drop=0.0)
+    verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is False
     assert verdict.win_rate == 0.0
 
@@ -159,12 +159,12 @@ def test_summarize_table():
 
 def test_decide_promotes_only_above_the_min_win_rate():
     winning = result_rows(["win", "win", "win", "loss"])
-    verdict = decide(winning, min_win_rate=0.5, max_accuracy_drop=0.0)
+    verdict = decide(winning, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is True
     assert verdict.win_rate == 0.75
     assert verdict.champion_accuracy is None and verdict.challenger_accuracy is None
-    assert decide(winning, min_win_rate=0.75, max_accuracy_drop=0.0).promote is False  # must exceed, not equal
-    even = decide(result_rows(["win", "loss", "tie", "tie"]), min_win_rate=0.5, max_accuracy_drop=0.0)
+    assert decide(winning, EvaluationSettings(min_win_rate=0.75, max_accuracy_drop=0.0)).promote is False  # must exceed, not equal
+    even = decide(result_rows(["win", "loss", "tie", "tie"]), EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert even.promote is False
     assert "evaluation.min_win_rate" in even.reason
 
@@ -172,17 +172,17 @@ def test_decide_promotes_only_above_the_min_win_rate():
 def test_decide_refuses_on_a_labeled_accuracy_drop():
     rows = result_rows(["win", "win", "win", "win"],
                        champion_correct=[True, True, True, False], challenger_correct=[True, True, False, False])
-    verdict = decide(rows, min_win_rate=0.5, max_accuracy_drop=0.0)
+    verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is False
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.75, 0.5)
     assert "accuracy" in verdict.reason
-    assert decide(rows, min_win_rate=0.5, max_accuracy_drop=0.25).promote is True  # within the allowed drop
-    assert decide(rows, min_win_rate=0.5, max_accuracy_drop=0.2).promote is False
+    assert decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.25)).promote is True  # within the allowed drop
+    assert decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.2)).promote is False
 
 
 def test_decide_ignores_unlabeled_rows_for_accuracy():
     rows = result_rows(["win", "win", "win", "loss"],
                        champion_correct=[False, None, None, None], challenger_correct=[True, None, None, None])
-    verdict = decide(rows, min_win_rate=0.5, max_accuracy_drop=0.0)
+    verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is True
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.0, 1.0)

@@ -6,14 +6,16 @@ import dagster as dg
 import duckdb
 import pytest
 
-from tao_pipeline.cli import run_round
+from tao_pipeline.runner import run_round
 from tao_pipeline.lake import Lake
 from tao_pipeline.model_store import ModelStore
 from tao_pipeline.settings import load_settings
-from tests.helpers import write_tiny_config
+from tao_pipeline.runner import NothingNewError
+from tests.helpers import write_logs, write_tiny_config
 
-TABLES = ["raw_prompts", "quarantined_rows", "candidate_responses", "response_scores", "preference_pairs",
-          "tuned_checkpoint", "checkpoint_evaluation"]
+ROUND_TABLES = ["raw_prompts", "candidate_responses", "response_scores", "preference_pairs",
+                "tuned_checkpoint", "checkpoint_evaluation"]
+TABLES = ["usage_logs", "quarantined_rows", *ROUND_TABLES]
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,15 @@ def first_round(tiny_round_config):
 
 def test_round_materializes_every_stage(first_round):
     report, settings = first_round
-    assert report.success and report.round_id == "round-0001"
+    assert report.completed and report.round_id == "round-0001"
     lake = Lake(settings.lake_dir)
-    for table in TABLES:
+    for table in ROUND_TABLES:
         assert lake.exists(table, "round-0001"), table
+    [batch] = report.ingested
+    assert len(lake.read("usage_logs", batch)) == 24
+    assert len(lake.read("quarantined_rows", batch)) == 2
     prompts = lake.read("raw_prompts", "round-0001")
     assert len(prompts) == 24 and set(prompts["split"]) == {"train", "heldout"}
-    assert len(lake.read("quarantined_rows", "round-0001")) == 2
     candidates = lake.read("candidate_responses", "round-0001")
     assert len(candidates) == 4 * (prompts["split"] == "train").sum()
     assert set(candidates["model_version"]) == {"base-" + settings.model.base.split("/")[-1]}
@@ -48,9 +52,13 @@ def test_round_is_recorded_in_the_dagster_instance(first_round):
     _, settings = first_round
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
     assert "round-0001" in instance.get_dynamic_partitions("rounds")
-    for asset in ["raw_prompts", "tuned_checkpoint", "checkpoint_evaluation", "champion"]:
+    assert len(instance.get_dynamic_partitions("log_batches")) == 1
+    for asset in ["raw_prompts", "tuned_checkpoint", "checkpoint_evaluation"]:
         event = instance.get_latest_materialization_event(dg.AssetKey(asset))
         assert event is not None and event.asset_materialization.partition == "round-0001", asset
+    [check] = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("checkpoint_evaluation"), "challenger_beats_champion"), limit=1)
+    assert check.status.value in ("SUCCEEDED", "FAILED")
 
 
 def test_checkpoint_is_registered_with_its_lineage(first_round):
@@ -62,15 +70,19 @@ def test_checkpoint_is_registered_with_its_lineage(first_round):
     assert (version.path / "model.safetensors").is_file() and (version.path / "adapter").is_dir()
     metrics = json.loads(store.versions().set_index("version_id").loc[version.version_id, "metrics"])
     assert metrics["steps"] == 2 and "heldout_win_rate" in metrics
-    # pair -> responses -> prompt -> usage-log ids, in SQL over the catalog
+    # pair -> responses -> prompt -> usage-log rows -> source file, in SQL over the catalog
     traced = lake.query(f"""
-        SELECT DISTINCT unnest(p.log_ids) AS log_id
-        FROM preference_pairs pp
-        JOIN candidate_responses c ON c.response_id = pp.chosen_response_id
-        JOIN raw_prompts p ON p.prompt_id = c.prompt_id AND p.round = pp.round
-        WHERE pp.pair_id IN (SELECT unnest(pair_ids) FROM tuned_checkpoint WHERE version_id = '{version.version_id}')
+        WITH logs AS (
+            SELECT DISTINCT unnest(p.log_ids) AS log_id
+            FROM preference_pairs pp
+            JOIN candidate_responses c ON c.response_id = pp.chosen_response_id
+            JOIN raw_prompts p ON p.prompt_id = c.prompt_id AND p.round = pp.round
+            WHERE pp.pair_id IN (SELECT unnest(pair_ids) FROM tuned_checkpoint WHERE version_id = '{version.version_id}')
+        )
+        SELECT u.external_id, u.source_file FROM logs JOIN usage_logs u USING (log_id)
     """)
-    assert len(traced) == len(checkpoint["pair_ids"]) and traced["log_id"].str.startswith("log-").all()
+    assert len(traced) == len(checkpoint["pair_ids"]) and traced["external_id"].str.startswith("log-").all()
+    assert traced["source_file"].str.endswith("logs.jsonl").all()
 
 
 def test_catalog_is_plain_duckdb(first_round):
@@ -80,11 +92,27 @@ def test_catalog_is_plain_duckdb(first_round):
     assert set(TABLES) <= views
 
 
-def test_second_round_starts_from_the_current_champion(first_round, tiny_round_config):
+def test_a_round_with_nothing_new_is_refused(first_round, tiny_round_config):
+    with pytest.raises(NothingNewError, match="flywheel.replay_fraction"):
+        run_round(str(tiny_round_config), echo=lambda *_: None)
+
+
+def test_second_round_takes_only_new_logs_and_starts_from_the_champion(first_round, tiny_round_config):
     report, settings = first_round
     store = ModelStore(settings.models_dir)
+    store.record_promotion(report.checkpoint.split("/")[-1], "promote", "test: chain the rounds")
     champion_after_first = store.champion(settings.model).version_id
+    new_logs = [{"id": f"new-{i}", "prompt": f"What is {i} * 3? Reply with just the number.", "task": "arithmetic"}
+                for i in range(12)]
+    write_logs(settings.inbox_dir / "more.jsonl", new_logs)
     second = run_round(str(tiny_round_config), echo=lambda *_: None)
-    assert second.success and second.round_id == "round-0002"
-    candidates = Lake(settings.lake_dir).read("candidate_responses", "round-0002")
+    assert second.completed and second.round_id == "round-0002"
+    assert not (settings.inbox_dir / "more.jsonl").exists() and (settings.inbox_dir / "processed" / "more.jsonl").exists()
+    lake = Lake(settings.lake_dir)
+    prompts = lake.read("raw_prompts", "round-0002")
+    assert len(prompts) == 12 and prompts["prompt"].str.contains(r"\* 3").all()
+    candidates = lake.read("candidate_responses", "round-0002")
     assert set(candidates["model_version"]) == {champion_after_first}
+    checkpoint = lake.read("tuned_checkpoint", "round-0002").iloc[0]
+    chain = [v.version_id for v in store.ancestors(checkpoint["version_id"])]
+    assert chain[1:] == [champion_after_first, store.get(champion_after_first).parent_version]

@@ -31,7 +31,7 @@ def checkpoint_evaluation(
     )
     path = store.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
     table = summarize(rows)
-    verdict = decide(rows, config.evaluation.min_win_rate, config.evaluation.max_accuracy_drop)
+    verdict = decide(rows, config.evaluation)
     models.add_metrics(checkpoint["version_id"], {
         "heldout_win_rate": verdict.win_rate, "heldout_accuracy": verdict.challenger_accuracy,
         "parent_heldout_accuracy": verdict.champion_accuracy,
@@ -54,13 +54,15 @@ def champion(
     context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
     model_store: ModelStoreResource,
 ) -> dg.MaterializeResult:
-    """Promote the round's challenger in the registry if it beat the champion; otherwise keep the champion."""
+    """Promote the round's challenger in the registry; runs only when the promotion check passed."""
     config = settings.get()
     store, round_id = lake.get(), context.partition_key
     rows = store.read("checkpoint_evaluation", round_id)
     challenger = store.read("tuned_checkpoint", round_id)["version_id"].iloc[0]
-    verdict = decide(rows, config.evaluation.min_win_rate, config.evaluation.max_accuracy_drop)
+    verdict = decide(rows, config.evaluation)
     models = model_store.get()
+    # The blocking check challenger_beats_champion already gated this asset; re-checking keeps a
+    # hand-started materialization from promoting a loser.
     already_champion = models.champion(config.model).version_id == challenger  # re-materialized round
     if verdict.promote and not already_champion:
         models.record_promotion(challenger, "promote", f"{round_id}: {verdict.reason}")

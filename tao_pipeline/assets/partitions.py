@@ -13,3 +13,7 @@ def round_key(number: int) -> str:
 def next_round_key(existing: list[str]) -> str:
     numbers = [int(key.split("-")[1]) for key in existing if key.startswith("round-") and key[6:].isdigit()]
     return round_key(max(numbers, default=0) + 1)
+
+
+LOG_BATCHES = "log_batches"
+log_batches_partitions = dg.DynamicPartitionsDefinition(name=LOG_BATCHES)

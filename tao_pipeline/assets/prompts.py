@@ -1,35 +1,32 @@
-"""Stage 1: usage logs -> validated, deduplicated prompts split into train and held-out."""
+"""Stage 1: the round's prompts: usage-log prompts no other round has used, deduplicated and split."""
 
 import dagster as dg
 
 from tao_pipeline.assets.metadata import md_table
 from tao_pipeline.assets.partitions import rounds_partitions
-from tao_pipeline.prompts import load_prompts
 from tao_pipeline.resources import LakeResource, TaoSettingsResource
+from tao_pipeline.rounds import select_round_prompts
 
-QUARANTINE_TABLE = "quarantined_rows"
 
-
-@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", kinds={"parquet", "duckdb"})
+@dg.asset(
+    partitions_def=rounds_partitions, group_name="tao_round", kinds={"parquet", "duckdb"},
+    deps=[dg.AssetDep("usage_logs", partition_mapping=dg.AllPartitionMapping())],
+)
 def raw_prompts(context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource) -> dg.MaterializeResult:
-    """Read the usage logs, quarantine bad rows with a reason, deduplicate by content hash, split by hash."""
+    """Take the prompts no other round used (plus flywheel.replay_fraction of used ones), split by hash."""
     config = settings.get()
-    batch = load_prompts(config.data.logs, config.data)
     round_id = context.partition_key
-    path = lake.get().write("raw_prompts", round_id, batch.prompts.assign(round=round_id))
-    lake.get().write(QUARANTINE_TABLE, round_id, batch.quarantine.assign(round=round_id))
-    if not batch.quarantine.empty:
-        context.log.warning(f"quarantined {len(batch.quarantine)} bad log rows; see the {QUARANTINE_TABLE} table")
-    splits = batch.prompts["split"].value_counts()
+    prompts = select_round_prompts(lake.get(), round_id, config.data, config.flywheel.replay_fraction)
+    if prompts.empty:
+        raise dg.Failure(f"{round_id} has no prompts: ingest usage logs first (inbox {config.inbox_dir})")
+    path = lake.get().write("raw_prompts", round_id, prompts.assign(round=round_id))
+    splits = prompts["split"].value_counts()
     return dg.MaterializeResult(metadata={
-        "log_rows": batch.log_rows,
-        "prompts": len(batch.prompts),
-        "duplicates_merged": batch.duplicates,
+        "prompts": len(prompts),
+        "usage_log_rows": int(prompts["log_ids"].map(len).sum()),
         "train": int(splits.get("train", 0)),
         "heldout": int(splits.get("heldout", 0)),
-        "quarantined": len(batch.quarantine),
-        "quarantine_reasons": md_table(batch.quarantine[["source_file", "line_number", "reason"]], rows=20),
-        "per_task": md_table(batch.prompts.groupby(["task", "split"]).size().rename("prompts").reset_index()),
-        "preview": md_table(batch.prompts[["prompt_id", "task", "split", "prompt"]]),
+        "per_task": md_table(prompts.groupby(["task", "split"]).size().rename("prompts").reset_index()),
+        "preview": md_table(prompts[["prompt_id", "task", "split", "prompt"]]),
         "path": dg.MetadataValue.path(str(path)),
     })

@@ -1,0 +1,164 @@
+"""Usage-log files (JSONL, Parquet, CSV) -> rows of the usage_logs table, plus quarantined rows.
+
+A file is identified by the hash of its content, so the same file is ingested once however
+often it is seen. Each row gets a content-hash id (file hash + row number), the time it was
+received and its source file; bad rows go to quarantine with the reason, and a file that
+cannot be read at all raises UnreadableLogFile (reported once, never retried forever).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from tao_pipeline.prompts import (
+    QUARANTINE_COLUMNS,
+    LogRow,
+    RowRejected,
+    content_hash,
+    parse_record,
+    prompt_id_for,
+    read_jsonl,
+)
+from tao_pipeline.settings import DataSettings
+
+LOG_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+USAGE_LOG_COLUMNS = [
+    "log_id", "external_id", "prompt_id", "prompt", "system", "task", "constraints",
+    "source_file", "line_number", "received_at",
+]
+_CHUNK_ROWS = 50_000
+_HASH_BLOCK = 1 << 20
+
+
+class UnreadableLogFile(ValueError):
+    """The whole file could not be parsed (wrong format, corrupt Parquet, unknown suffix)."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def batch_key(path: Path, digest: str | None = None) -> str:
+    """A log batch's partition key: readable stem plus content hash, e.g. 'app-2026-11-3f2a9c1b04d2'."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in path.stem)[:40] or "logs"
+    return f"{stem}-{(digest or file_digest(path))[:12]}"
+
+
+def discover_log_files(folders: list[Path], files: list[Path]) -> list[Path]:
+    """Log files directly inside the inbox folders, plus explicitly configured files."""
+    found = [p for folder in folders if folder.is_dir() for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix.lower() in LOG_SUFFIXES and not p.name.startswith(".")]
+    return found + [Path(f) for f in files if Path(f).is_file()]
+
+
+@dataclass
+class IngestedBatch:
+    rows: pd.DataFrame
+    quarantine: pd.DataFrame
+
+
+def ingest_file(path: Path, limits: DataSettings) -> IngestedBatch:
+    """Read and validate one usage-log file; raise UnreadableLogFile if no row can be read at all."""
+    digest = file_digest(path)
+    received = datetime.now(timezone.utc).replace(tzinfo=None)
+    good: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    for item in _records(path, limits):
+        if isinstance(item, LogRow):
+            good.append(_usage_row(item, digest, received))
+        else:
+            bad.append(item)
+    return IngestedBatch(
+        pd.DataFrame(good, columns=USAGE_LOG_COLUMNS),
+        pd.DataFrame(bad, columns=QUARANTINE_COLUMNS),
+    )
+
+
+def _usage_row(row: LogRow, digest: str, received: datetime) -> dict[str, Any]:
+    return {
+        "log_id": content_hash(digest, str(row.line_number)),
+        "external_id": row.log_id,
+        "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints),
+        "prompt": row.prompt.strip(), "system": row.system, "task": row.task, "constraints": row.constraints,
+        "source_file": row.source_file, "line_number": row.line_number, "received_at": received,
+    }
+
+
+def _records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from read_jsonl(path, limits)
+    elif suffix == ".parquet":
+        yield from _parquet_records(path, limits)
+    elif suffix == ".csv":
+        yield from _csv_records(path, limits)
+    else:
+        raise UnreadableLogFile(f"{path}: unsupported log format {suffix!r}; use one of {LOG_SUFFIXES}")
+
+
+def _validated(record: dict[str, Any], source: str, number: int, limits: DataSettings):
+    try:
+        return parse_record(record, source, number, limits)
+    except RowRejected as error:
+        raw = json.dumps(record, default=str)[:500]
+        return {"source_file": source, "line_number": number, "reason": str(error), "raw": raw}
+
+
+def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for corrupt files
+        raise UnreadableLogFile(f"{path}: not a readable Parquet file: {error}") from error
+    number = 0
+    for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS):
+        for record in batch.to_pylist():
+            number += 1
+            yield _validated(_drop_nulls(record), str(path), number, limits)
+
+
+def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    bad_lines: list[list[str]] = []
+    try:
+        chunks = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=_CHUNK_ROWS,
+                             on_bad_lines=bad_lines.append, engine="python")
+        number = 0
+        for chunk in chunks:
+            for record in chunk.to_dict("records"):
+                number += 1
+                yield _validated({k: v for k, v in record.items() if v != ""}, str(path), number, limits)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise UnreadableLogFile(f"{path}: not a readable CSV file: {error}") from error
+    for fields in bad_lines:
+        yield {"source_file": str(path), "line_number": None, "reason": "CSV row has the wrong number of fields",
+               "raw": ",".join(fields)[:500]}
+
+
+def _drop_nulls(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def archive_file(path: Path, inbox: Path, outcome: str) -> Path | None:
+    """Move an inbox file to inbox/<outcome>/ once handled; configured files elsewhere stay put."""
+    if path.parent.resolve() != inbox.resolve():
+        return None
+    target_dir = inbox / outcome
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / path.name
+    if target.exists():
+        target = target_dir / f"{path.stem}-{file_digest(path)[:8]}{path.suffix}"
+    shutil.move(str(path), target)
+    return target

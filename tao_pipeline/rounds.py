@@ -1,0 +1,55 @@
+"""Which prompts a round trains on: the usage-log prompts no other round has used, plus replay.
+
+Every prompt is taken by exactly one round (the first whose raw_prompts includes it); the
+held-out split is a property of the prompt (by hash), so a held-out prompt stays held out.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tao_pipeline.lake import Lake
+from tao_pipeline.prompts import PROMPT_COLUMNS, cap_splits, content_hash, split_for
+from tao_pipeline.settings import DataSettings
+
+USAGE_TABLE = "usage_logs"
+PROMPTS_TABLE = "raw_prompts"
+
+
+def count_unused_prompts(lake: Lake) -> int:
+    """Distinct valid prompts in the usage logs that no round has taken yet."""
+    logs = lake.scan(USAGE_TABLE)
+    if logs is None:
+        return 0
+    used = lake.scan(PROMPTS_TABLE)
+    where = f"WHERE prompt_id NOT IN (SELECT prompt_id FROM {used})" if used else ""
+    return int(lake.sql(f"SELECT count(DISTINCT prompt_id) AS n FROM {logs} {where}")["n"].iloc[0])
+
+
+def select_round_prompts(lake: Lake, round_id: str, limits: DataSettings, replay_fraction: float) -> pd.DataFrame:
+    """The round's prompts: unused by any other round, plus a deterministic replay sample of used ones."""
+    logs = lake.scan(USAGE_TABLE)
+    if logs is None:
+        return pd.DataFrame(columns=PROMPT_COLUMNS)
+    others = lake.scan(PROMPTS_TABLE, except_partition=round_id)
+    rows = lake.sql(f"SELECT * FROM {logs} ORDER BY received_at, source_file, line_number")
+    used = set(lake.sql(f"SELECT DISTINCT prompt_id FROM {others}")["prompt_id"]) if others else set()
+    replay = {pid for pid in used if _replayed(pid, round_id, replay_fraction)}
+    chosen = rows[~rows["prompt_id"].isin(used) | rows["prompt_id"].isin(replay)]
+    prompts = _one_row_per_prompt(chosen)
+    prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
+    return cap_splits(prompts[PROMPT_COLUMNS], limits).reset_index(drop=True)
+
+
+def _replayed(prompt_id: str, round_id: str, fraction: float) -> bool:
+    return fraction > 0 and int(content_hash("replay", round_id, prompt_id), 16) % 10_000 < fraction * 10_000
+
+
+def _one_row_per_prompt(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return pd.DataFrame(columns=[c for c in PROMPT_COLUMNS if c != "split"])
+    grouped = rows.groupby("prompt_id", sort=True)
+    prompts = grouped[["prompt", "system", "task", "constraints"]].first()
+    prompts["log_ids"] = grouped["log_id"].agg(list)
+    prompts["source_files"] = grouped["source_file"].agg(lambda files: list(dict.fromkeys(files)))
+    return prompts.reset_index()
