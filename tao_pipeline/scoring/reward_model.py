@@ -47,6 +47,8 @@ class RewardModelScorer:
         self._tokenizer = None
 
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
+        if not responses:
+            return []
         self._load()
         encoded = [self._encode_or_fail(context, response) for response in responses]
         rewards = self._rewards(encoded)
