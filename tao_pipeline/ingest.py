@@ -65,6 +65,18 @@ def discover_log_files(folders: list[Path], files: list[Path]) -> list[Path]:
     return found + [Path(f) for f in files if Path(f).is_file()]
 
 
+def new_log_files(paths: list[Path], known_keys: set[str]) -> dict[str, Path]:
+    """Batch key -> file for files whose content was never ingested (a renamed copy is not new)."""
+    seen = {key.rsplit("-", 1)[-1] for key in known_keys}
+    new: dict[str, Path] = {}
+    for path in paths:
+        digest = file_digest(path)
+        if digest[:12] not in seen:
+            seen.add(digest[:12])
+            new[batch_key(path, digest)] = path
+    return new
+
+
 @dataclass
 class IngestedBatch:
     rows: pd.DataFrame

@@ -19,7 +19,7 @@ from tao_pipeline.assets import INGEST_ASSETS, ROUND_ASSETS
 from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, next_round_key
 from tao_pipeline.checks import challenger_beats_champion
 from tao_pipeline.evaluation import decide, summarize
-from tao_pipeline.ingest import batch_key, discover_log_files
+from tao_pipeline.ingest import discover_log_files, new_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.model_store import ModelStore
 from tao_pipeline.resources import build_resources
@@ -70,18 +70,13 @@ def ingest_new_files(instance: dg.DagsterInstance, settings: TaoSettings, resour
     """Materialize a usage_logs partition for every inbox or data.logs file not ingested yet."""
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     known = set(instance.get_dynamic_partitions(LOG_BATCHES))
-    ingested = []
-    for path in discover_log_files([settings.inbox_dir], settings.data.logs):
-        key = batch_key(path)
-        if key in known:
-            continue
+    new = new_log_files(discover_log_files([settings.inbox_dir], settings.data.logs), known)
+    for key, path in new.items():
         instance.add_dynamic_partitions(LOG_BATCHES, [key])
         echo(f"ingesting {path} as {key}")
         dg.materialize(INGEST_ASSETS, partition_key=key, instance=instance, resources=resources,
                        run_config={**QUIET_RUN_CONFIG, "ops": {"usage_logs": {"config": {"path": str(path)}}}})
-        known.add(key)
-        ingested.append(key)
-    return ingested
+    return list(new)
 
 
 def run_round(config_file: str | None = None, overrides: list[str] | None = None,

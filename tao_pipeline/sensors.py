@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, log_batches_partitions, next_round_key, rounds_partitions
-from tao_pipeline.ingest import batch_key, discover_log_files
+from tao_pipeline.ingest import discover_log_files, new_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.rounds import count_unused_prompts
 from tao_pipeline.settings import load_settings
@@ -20,23 +20,19 @@ _SETTINGS = load_settings()  # intervals are fixed when the code location loads
 def usage_log_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """One log-batch partition and one ingest run per new file in the inbox (or in data.logs).
 
-    A file is keyed by its content hash, so a file seen again (same bytes) is never ingested twice;
-    the run key makes a re-evaluated tick harmless.
+    A file is keyed by its content hash, so a file seen again (same bytes, any name) is never
+    ingested twice; the run key makes a re-evaluated tick harmless.
     """
     settings = load_settings()
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
-    new: dict[str, str] = {}
-    for path in discover_log_files([settings.inbox_dir], settings.data.logs):
-        key = batch_key(path)
-        if key not in known and key not in new:
-            new[key] = str(path)
+    new = new_log_files(discover_log_files([settings.inbox_dir], settings.data.logs), known)
     if not new:
         return dg.SkipReason(f"no new usage-log files in {settings.inbox_dir}")
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(run_key=key, partition_key=key,
-                          run_config={"ops": {"usage_logs": {"config": {"path": path}}}})
+                          run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}})
             for key, path in new.items()
         ],
         dynamic_partitions_requests=[log_batches_partitions.build_add_request(list(new))],

@@ -116,3 +116,40 @@ def test_second_round_takes_only_new_logs_and_starts_from_the_champion(first_rou
     checkpoint = lake.read("tuned_checkpoint", "round-0002").iloc[0]
     chain = [v.version_id for v in store.ancestors(checkpoint["version_id"])]
     assert chain[1:] == [champion_after_first, store.get(champion_after_first).parent_version]
+
+
+def test_registry_commands_lineage_promote_rollback_export(first_round, tiny_round_config, tmp_path):
+    from click.testing import CliRunner
+
+    from tao_pipeline.cli import main
+
+    report, settings = first_round
+    version = report.checkpoint.split("/")[-1]
+    cli = CliRunner()
+    args = ["--config", str(tiny_round_config)]
+
+    shown = cli.invoke(main, ["lineage", version, "--rows", *args])
+    assert shown.exit_code == 0, shown.output
+    assert "round-0001" in shown.output and "logs.jsonl" in shown.output and "log-" in shown.output
+
+    promoted = cli.invoke(main, ["promote", version, "--reason", "looks good", *args])
+    assert promoted.exit_code == 0 and ModelStore(settings.models_dir).champion(settings.model).version_id == version
+    rolled = cli.invoke(main, ["rollback", "--reason", "regressed in prod", *args])
+    assert rolled.exit_code == 0, rolled.output
+    store = ModelStore(settings.models_dir)
+    assert store.champion(settings.model).version_id == store.get(version).parent_version
+    history = store.promotions()
+    assert "manual: looks good" in history["reason"].tolist() and "rollback" in history["action"].tolist()
+
+    listed = cli.invoke(main, ["versions", *args])
+    assert version in listed.output and "regressed in prod" in listed.output
+
+    exported = cli.invoke(main, ["export", str(tmp_path / "export"), "--version", version, *args])
+    assert exported.exit_code == 0, exported.output
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.model_type == "llama"
+    assert not (tmp_path / "export" / "adapter").exists()
+
+    missing = cli.invoke(main, ["lineage", "no-such-version", *args])
+    assert missing.exit_code != 0 and "no-such-version" in missing.output
