@@ -8,7 +8,7 @@ from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, log_batches_part
 from tao_pipeline.ingest import discover_log_files, new_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.rounds import count_unused_prompts
-from tao_pipeline.settings import load_settings
+from tao_pipeline.settings import TaoSettings, load_settings
 
 INGEST_JOB = "ingest_usage_logs"
 ROUND_JOB = "tao_round"
@@ -55,8 +55,18 @@ def new_prompts_round_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRe
     )
 
 
-def round_decision(instance: dg.DagsterInstance, settings, threshold: int) -> str | dg.SkipReason:
-    """The next round key if one should open now, else why not. Shared by the sensor and the schedule."""
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED]
+
+
+def round_decision(instance: dg.DagsterInstance, settings: TaoSettings, threshold: int) -> str | dg.SkipReason:
+    """The next round key if one should open now, else why not. Shared by the sensor and the schedule.
+
+    Rounds run one after another, so each starts from the champion the previous one decided.
+    """
+    running = instance.get_runs(dg.RunsFilter(job_name=ROUND_JOB, statuses=_IN_FLIGHT), limit=1)
+    if running:
+        return dg.SkipReason(f"{running[0].tags.get('dagster/partition', 'a round')} is still running")
     lake = Lake(settings.lake_dir)
     rounds = instance.get_dynamic_partitions(ROUNDS)
     waiting = [key for key in rounds if not lake.exists("raw_prompts", key)]

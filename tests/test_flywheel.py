@@ -191,3 +191,15 @@ def test_unused_constraints_column_is_carried_to_the_round(flywheel):
     take_prompts(instance, "round-0001")
     prompts = pd.read_parquet(settings.lake_dir / "raw_prompts" / "round-0001.parquet")
     assert sorted(json.loads(c)["bullets"] for c in prompts["constraints"]) == list(range(1, 11))
+
+
+def test_no_new_round_while_one_is_running(flywheel):
+    from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
+
+    settings, instance = flywheel
+    write_logs(settings.inbox_dir / "logs.jsonl", sample_logs(12))
+    ingest_all(instance)
+    instance.add_run(DagsterRun(job_name="tao_round", run_id="a" * 36, status=DagsterRunStatus.STARTED,
+                                tags={"dagster/partition": "round-0007"}))
+    skipped = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(skipped, dg.SkipReason) and "round-0007 is still running" in skipped.skip_message

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from tao_pipeline.scoring.base import Failed, PromptContext, Score
 
 DATABASE_OPTION = "scoring.options.sql_execution.database"
 
-# Settings applied to every sandbox connection. `lock_configuration` must come last in spirit:
-# once set, SET/RESET of any option (including these) fails for the life of the connection.
+# Settings of every sandbox connection; sandbox_config adds `lock_configuration`, after which
+# SET/RESET of these (or any other global option) fails. DuckDB does not apply them in dict order,
+# so settings that external access guards (e.g. temp_directory) cannot be among them.
 SANDBOX_SETTINGS: dict[str, Any] = {
     "enable_external_access": False,  # no file/network reads or writes, COPY, ATTACH, INSTALL, LOAD
     "autoinstall_known_extensions": False,
@@ -28,12 +30,13 @@ SANDBOX_SETTINGS: dict[str, Any] = {
     "allow_unsigned_extensions": False,
     "allow_persistent_secrets": False,
     "python_enable_replacements": False,  # else `FROM name` could scan a Python variable of this process
-    "temp_directory": "",  # never spill to disk
-    "max_temp_directory_size": "0B",
+    "max_temp_directory_size": "0B",  # never spill to disk
 }
 # Known to newer DuckDB releases only; applied where the running version has them.
 OPTIONAL_SANDBOX_SETTINGS: dict[str, Any] = {
     "allow_extension_repositories": "forbidden",
+    # The progress bar is a per-connection setting, so it can only be turned off after the lock.
+    "allowed_configs": ["enable_progress_bar"],
 }
 
 _SQL_FENCE = re.compile(r"```[ \t]*sql[^\n]*\n(.*?)(?:```|$)", re.IGNORECASE | re.DOTALL)
@@ -46,20 +49,17 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 @dataclass(frozen=True)
 class QueryOutcome:
-    """What running one candidate gave: rows when it ran, else why not (``reason``)."""
+    """What running one candidate gave. ``rows`` is None when it did not run or has no vote; ``reason`` says why."""
 
     sql: str | None
+    ran: bool = False
     rows: tuple[tuple, ...] | None = None
     ordered: bool = False
     reason: str | None = None
 
-    @property
-    def executed(self) -> bool:
-        return self.reason is None or self.rows is None and self.reason.startswith("result has more than")
-
-    @property
-    def votes(self) -> bool:
-        return self.rows is not None
+    @cached_property
+    def row_counts(self) -> Counter:
+        return Counter(self.rows or ())
 
 
 class SqlExecutionVerifier:
@@ -92,11 +92,14 @@ class SqlExecutionVerifier:
         self.open_sandbox().close()  # fail at construction, not mid-round, on a file DuckDB cannot open
 
     def open_sandbox(self) -> duckdb.DuckDBPyConnection:
-        return duckdb.connect(str(self.database), read_only=True, config=self.config)
+        connection = duckdb.connect(str(self.database), read_only=True, config=self.config)
+        if "allowed_configs" in self.config:
+            connection.execute("SET enable_progress_bar = false")  # else slow queries draw one on the terminal
+        return connection
 
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
         outcomes = [self._outcome_or_failed(response) for response in responses]
-        self._reasons = [o.reason if isinstance(o, (QueryOutcome, Failed)) else None for o in outcomes]
+        self._reasons = [outcome.reason for outcome in outcomes]
         return [o if isinstance(o, Failed) else self._score(o, outcomes) for o in outcomes]
 
     def last_reasons(self) -> list[str | None]:
@@ -104,7 +107,7 @@ class SqlExecutionVerifier:
         return list(self._reasons)
 
     def _score(self, outcome: QueryOutcome, outcomes: list[QueryOutcome | Failed]) -> float:
-        if not outcome.executed:
+        if not outcome.ran:
             return 0.0
         agreeing = sum(1 for other in outcomes if isinstance(other, QueryOutcome) and results_agree(outcome, other))
         return self.execution_weight + (1.0 - self.execution_weight) * agreeing / len(outcomes)
@@ -124,11 +127,11 @@ class SqlExecutionVerifier:
             refusal = refusal_reason(connection, sql)
             if refusal:
                 return QueryOutcome(sql, reason=refusal)
-            return self._execute(connection, sql)
+            return self._execute(connection, sql, has_top_level_order(connection, sql))
         finally:
             connection.close()
 
-    def _execute(self, connection: duckdb.DuckDBPyConnection, sql: str) -> QueryOutcome:
+    def _execute(self, connection: duckdb.DuckDBPyConnection, sql: str, ordered: bool) -> QueryOutcome:
         timed_out = threading.Event()
 
         def interrupt() -> None:
@@ -147,8 +150,8 @@ class SqlExecutionVerifier:
             timer.cancel()
             timer.join()  # never let the timer touch the connection once it is closed
         if len(rows) > self.max_rows:
-            return QueryOutcome(sql, reason=f"result has more than {self.max_rows} rows")
-        return QueryOutcome(sql, tuple(normalise_row(row) for row in rows), has_top_level_order(connection, sql))
+            return QueryOutcome(sql, ran=True, reason=f"result has more than {self.max_rows} rows")
+        return QueryOutcome(sql, ran=True, rows=tuple(normalise_row(row) for row in rows), ordered=ordered)
 
 
 def sandbox_config(memory_limit: str) -> dict[str, Any]:
@@ -200,7 +203,10 @@ def refusal_reason(connection: duckdb.DuckDBPyConnection, sql: str) -> str | Non
 
 def has_top_level_order(connection: duckdb.DuckDBPyConnection, sql: str) -> bool:
     """Does the outermost query end in ORDER BY (not a window's or a subquery's)?"""
-    tree = json.loads(connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    try:
+        tree = json.loads(connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+    except duckdb.Error:  # a build without the json functions: compare as multisets
+        return False
     if tree.get("error"):
         return False
     modifiers = tree["statements"][0]["node"].get("modifiers", [])
@@ -225,8 +231,8 @@ def normalise_value(value: Any) -> Any:
 
 
 def results_agree(first: QueryOutcome, second: QueryOutcome) -> bool:
-    if not (first.votes and second.votes):
+    if first.rows is None or second.rows is None:
         return False
     if first.ordered and second.ordered:
         return first.rows == second.rows
-    return Counter(first.rows) == Counter(second.rows)
+    return first.row_counts == second.row_counts
