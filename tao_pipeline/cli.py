@@ -55,7 +55,8 @@ def round_command(config_file: str | None, overrides: tuple[str, ...]) -> None:
             f"{report.round_id} failed before its evaluation; `tao ui` shows the failing step and its error"
         )
     click.echo(f"\n{report.round_id} finished in {report.seconds / 60:.1f} min\n")
-    click.echo(report.before_after.to_markdown(index=False, floatfmt=".3f", missingval="-"))
+    table = report.before_after.astype(object).where(report.before_after.notna(), "-")
+    click.echo(table.to_markdown(index=False, floatfmt=".3f"))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
     click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb {settings.lake_dir / 'catalog.duckdb'})")
     click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")

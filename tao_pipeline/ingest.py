@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -29,7 +31,7 @@ from tao_pipeline.prompts import (
     prompt_id_for,
     read_jsonl,
 )
-from tao_pipeline.settings import DataSettings
+from tao_pipeline.settings import DataSettings, TaoSettings
 
 LOG_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 USAGE_LOG_COLUMNS = [
@@ -63,6 +65,15 @@ def discover_log_files(folders: list[Path], files: list[Path]) -> list[Path]:
     found = [p for folder in folders if folder.is_dir() for p in sorted(folder.iterdir())
              if p.is_file() and p.suffix.lower() in LOG_SUFFIXES and not p.name.startswith(".")]
     return found + [Path(f) for f in files if Path(f).is_file()]
+
+
+def pending_log_files(settings: TaoSettings, known_keys: set[str]) -> dict[str, Path]:
+    """Pull new table rows (if a table source is set), then every log file not ingested yet, by key."""
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    source = settings.flywheel.table_source
+    if source is not None:
+        export_new_table_rows(source.database, source.table, source.order_column, settings.table_exports_dir)
+    return new_log_files(discover_log_files(settings.log_folders, settings.data.logs), known_keys)
 
 
 def new_log_files(paths: list[Path], known_keys: set[str]) -> dict[str, Path]:
@@ -161,6 +172,37 @@ def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
 
 def _drop_nulls(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if v is not None}
+
+
+def export_new_table_rows(database: Path, table: str, order_column: str, export_dir: Path) -> Path | None:
+    """Copy rows appended to a DuckDB table since the last export into a Parquet file for ingestion.
+
+    The high-water mark of ``order_column`` is kept in ``<export_dir>/<table>.cursor`` and only
+    advanced after the file is in place, so a crash re-exports the same rows into a file with
+    the same content, which ingestion then recognises by its hash.
+    """
+    export_dir.mkdir(parents=True, exist_ok=True)
+    cursor_file = export_dir / f"{table}.cursor"
+    after = cursor_file.read_text().strip() if cursor_file.exists() else None
+    if not Path(database).is_file():
+        raise FileNotFoundError(f"flywheel.table_source.database {str(database)!r} does not exist")
+    where = f'WHERE "{order_column}" > ?' if after is not None else ""
+    with duckdb.connect(str(database), read_only=True) as con:
+        rows = con.execute(f'SELECT * FROM {_quoted(table)} {where} ORDER BY "{order_column}"',
+                           [after] if after is not None else []).df()
+    if rows.empty:
+        return None
+    high = str(rows[order_column].iloc[-1])
+    target = export_dir / f"{table}-{content_hash(str(after), high)}.parquet"
+    staging = target.with_suffix(".tmp")
+    rows.to_parquet(staging, index=False)
+    os.replace(staging, target)
+    cursor_file.write_text(high)
+    return target
+
+
+def _quoted(table: str) -> str:
+    return ".".join(f'"{part}"' for part in table.split("."))
 
 
 def archive_file(path: Path, inbox: Path, outcome: str) -> Path | None:

@@ -19,7 +19,7 @@ from tao_pipeline.assets import INGEST_ASSETS, ROUND_ASSETS
 from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, next_round_key
 from tao_pipeline.checks import challenger_beats_champion
 from tao_pipeline.evaluation import decide, summarize
-from tao_pipeline.ingest import discover_log_files, new_log_files
+from tao_pipeline.ingest import pending_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.model_store import ModelStore
 from tao_pipeline.resources import build_resources
@@ -67,10 +67,8 @@ def prepare_dagster_home(settings: TaoSettings) -> Path:
 
 def ingest_new_files(instance: dg.DagsterInstance, settings: TaoSettings, resources: dict,
                      echo: Callable[[str], None]) -> list[str]:
-    """Materialize a usage_logs partition for every inbox or data.logs file not ingested yet."""
-    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
-    known = set(instance.get_dynamic_partitions(LOG_BATCHES))
-    new = new_log_files(discover_log_files([settings.inbox_dir], settings.data.logs), known)
+    """Materialize a usage_logs partition for every new inbox, table-source or data.logs file."""
+    new = pending_log_files(settings, set(instance.get_dynamic_partitions(LOG_BATCHES)))
     for key, path in new.items():
         instance.add_dynamic_partitions(LOG_BATCHES, [key])
         echo(f"ingesting {path} as {key}")

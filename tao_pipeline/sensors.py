@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, log_batches_partitions, next_round_key, rounds_partitions
-from tao_pipeline.ingest import discover_log_files, new_log_files
+from tao_pipeline.ingest import pending_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.rounds import count_unused_prompts
 from tao_pipeline.settings import TaoSettings, load_settings
@@ -18,15 +18,14 @@ _SETTINGS = load_settings()  # intervals are fixed when the code location loads
 @dg.sensor(job_name=INGEST_JOB, minimum_interval_seconds=_SETTINGS.flywheel.sensor_interval_s,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def usage_log_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    """One log-batch partition and one ingest run per new file in the inbox (or in data.logs).
+    """One log-batch partition and one ingest run per new file in the inbox (or in data.logs),
+    after pulling rows appended to flywheel.table_source (if set) into a file.
 
     A file is keyed by its content hash, so a file seen again (same bytes, any name) is never
     ingested twice; the run key makes a re-evaluated tick harmless.
     """
     settings = load_settings()
-    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
-    known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
-    new = new_log_files(discover_log_files([settings.inbox_dir], settings.data.logs), known)
+    new = pending_log_files(settings, set(context.instance.get_dynamic_partitions(LOG_BATCHES)))
     if not new:
         return dg.SkipReason(f"no new usage-log files in {settings.inbox_dir}")
     return dg.SensorResult(

@@ -124,12 +124,22 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
 _CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly"}
 
 
+class TableSourceSettings(_Section):
+    """A DuckDB table the app appends usage logs to (same columns as a log file: prompt, task, ...)."""
+
+    database: Path
+    table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    order_column: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                              description="A column that only grows: an autoincrement id or insert timestamp.")
+
+
 class FlywheelSettings(_Section):
     inbox: Path | None = Field(None, description="Folder the app drops usage-log files into; default <home>/inbox.")
     min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
     schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
     replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
     sensor_interval_s: int = Field(30, ge=5)
+    table_source: TableSourceSettings | None = None
 
     @field_validator("schedule_cron")
     @classmethod
@@ -167,6 +177,15 @@ class TaoSettings(_Section):
     @property
     def inbox_dir(self) -> Path:
         return (self.flywheel.inbox or self.home / "inbox").expanduser().resolve()
+
+    @property
+    def table_exports_dir(self) -> Path:
+        """Where rows pulled from flywheel.table_source land as Parquet before ingestion."""
+        return self.inbox_dir / "from_table"
+
+    @property
+    def log_folders(self) -> list[Path]:
+        return [self.inbox_dir, self.table_exports_dir]
 
     @property
     def cache_dir(self) -> Path:
@@ -246,6 +265,9 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     flywheel = tree.get("flywheel", {})
     if isinstance(flywheel.get("inbox"), str):
         flywheel["inbox"] = str(base / Path(flywheel["inbox"]).expanduser())
+    table = flywheel.get("table_source", {})
+    if isinstance(table, dict) and isinstance(table.get("database"), str):
+        table["database"] = str(base / Path(table["database"]).expanduser())
     model = tree.get("model", {})
     if isinstance(model.get("base"), str) and model["base"].startswith("."):
         model["base"] = str(base / model["base"])

@@ -203,3 +203,34 @@ def test_no_new_round_while_one_is_running(flywheel):
                                 tags={"dagster/partition": "round-0007"}))
     skipped = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
     assert isinstance(skipped, dg.SkipReason) and "round-0007 is still running" in skipped.skip_message
+
+
+def test_rows_appended_to_a_duckdb_table_are_ingested_once(flywheel, tmp_path, monkeypatch):
+    import duckdb
+
+    settings, instance = flywheel
+    database = tmp_path / "app.duckdb"
+    with duckdb.connect(str(database)) as con:
+        con.execute("CREATE TABLE requests (seq INTEGER, prompt VARCHAR, task VARCHAR)")
+        con.execute("INSERT INTO requests VALUES (1, 'What is 2 + 2?', 'arithmetic'), (2, 'Capital of Peru?', 'short_answer')")
+    config = tmp_path / "tao.toml"
+    config.write_text(config.read_text() + f"""
+[flywheel.table_source]
+database = "{database}"
+table = "requests"
+order_column = "seq"
+""")
+    first = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    apply(instance, first)
+    [request] = first.run_requests
+    assert ingest(instance, request).success
+    assert isinstance(usage_log_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+
+    with duckdb.connect(str(database)) as con:
+        con.execute("INSERT INTO requests VALUES (3, 'What is 5 * 5?', 'arithmetic')")
+    second = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    apply(instance, second)
+    [request] = second.run_requests
+    assert ingest(instance, request).success
+    rows = pd.concat(pd.read_parquet(p) for p in (settings.lake_dir / "usage_logs").glob("*.parquet"))
+    assert sorted(rows["prompt"]) == ["Capital of Peru?", "What is 2 + 2?", "What is 5 * 5?"]

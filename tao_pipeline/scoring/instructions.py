@@ -171,16 +171,21 @@ class InstructionVerifier:
 
     Needs: nothing.
     Options:
-      constraints: task-level declarations (dict); a bad value raises ValueError at
+      constraints: declarations for every task (dict); a bad value raises ValueError at
         construction, a bad per-prompt value gives Failed for that prompt's responses.
+      by_task: {task: declarations}, layered between ``constraints`` and the prompt's own.
     """
 
     name = "instruction_following"
 
-    def __init__(self, *, constraints: dict[str, Any] | None = None):
+    def __init__(self, *, constraints: dict[str, Any] | None = None,
+                 by_task: dict[str, dict[str, Any]] | None = None):
         self.constraints = dict(constraints or {})
+        self.by_task = {task: dict(declared) for task, declared in (by_task or {}).items()}
         try:
             compile_checks(self.constraints)
+            for declared in self.by_task.values():
+                compile_checks({**self.constraints, **declared})
         except ValueError as error:
             raise ValueError(f"instruction_following: {error}") from None
 
@@ -190,7 +195,7 @@ class InstructionVerifier:
 
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
         try:
-            checks = compile_checks({**self.constraints, **context.constraints})
+            checks = compile_checks({**self.constraints, **self.by_task.get(context.task, {}), **context.constraints})
         except ValueError as error:
             return [Failed(f"instruction_following: {error}")] * len(responses)
         if not checks:
