@@ -107,27 +107,20 @@ def _quarantine(source: str, line_number: int, reason: str, raw: bytes) -> dict[
     return {"source_file": source, "line_number": line_number, "reason": reason, "raw": preview}
 
 
-def deduplicate(rows: Iterable[LogRow]) -> list[dict[str, Any]]:
-    """One prompt per content hash, keeping every log id and source file that asked it."""
-    by_id: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        pid = prompt_id_for(row.prompt, row.system, row.constraints)
-        entry = by_id.get(pid)
-        if entry is None:
-            by_id[pid] = {
-                "prompt_id": pid,
-                "prompt": row.prompt.strip(),
-                "system": row.system,
-                "task": row.task,
-                "constraints": row.constraints,
-                "log_ids": [row.log_id],
-                "source_files": [row.source_file],
-            }
-        else:
-            entry["log_ids"].append(row.log_id)
-            if row.source_file not in entry["source_files"]:
-                entry["source_files"].append(row.source_file)
-    return list(by_id.values())
+def prompts_from_rows(rows: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
+    """Usage-log rows -> one prompt per content hash (keeping every log id and source file), split and capped.
+
+    ``rows`` has prompt_id, prompt, system, task, constraints, log_id and source_file.
+    """
+    if rows.empty:
+        return pd.DataFrame(columns=PROMPT_COLUMNS)
+    grouped = rows.groupby("prompt_id", sort=True)
+    prompts = grouped[["prompt", "system", "task", "constraints"]].first()
+    prompts["log_ids"] = grouped["log_id"].agg(list)
+    prompts["source_files"] = grouped["source_file"].agg(lambda files: list(dict.fromkeys(files)))
+    prompts = prompts.reset_index()
+    prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
+    return cap_splits(prompts[PROMPT_COLUMNS], limits).reset_index(drop=True)
 
 
 def split_for(prompt_id: str, heldout_fraction: float, salt: str) -> str:
@@ -144,7 +137,11 @@ class PromptBatch:
 
 
 def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
-    """Read usage-log files into deduplicated, split prompts plus quarantined rows."""
+    """Read JSONL usage-log files straight into split prompts plus quarantined rows (no lake needed).
+
+    The pipeline itself goes through ingestion (``tao_pipeline.ingest``); this is the same
+    validation and grouping for a notebook or a benchmark. Here ``log_ids`` are the rows' own ids.
+    """
     good: list[LogRow] = []
     bad: list[dict[str, Any]] = []
     for path in paths:
@@ -153,12 +150,15 @@ def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
             raise FileNotFoundError(f"usage-log file {str(path)!r} (setting data.logs) does not exist")
         for item in read_jsonl(path, limits):
             (good if isinstance(item, LogRow) else bad).append(item)
-    prompts = pd.DataFrame(deduplicate(good), columns=[c for c in PROMPT_COLUMNS if c != "split"])
-    duplicates = len(good) - len(prompts)
-    prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
-    prompts = cap_splits(prompts[PROMPT_COLUMNS], limits)
+    rows = pd.DataFrame([{
+        "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints), "prompt": row.prompt.strip(),
+        "system": row.system, "task": row.task, "constraints": row.constraints,
+        "log_id": row.log_id, "source_file": row.source_file,
+    } for row in good])
+    prompts = prompts_from_rows(rows, limits)
+    duplicates = len(good) - (rows["prompt_id"].nunique() if len(rows) else 0)
     quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
-    return PromptBatch(prompts.reset_index(drop=True), quarantine, len(good) + len(bad), duplicates)
+    return PromptBatch(prompts, quarantine, len(good) + len(bad), duplicates)
 
 
 def cap_splits(prompts: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:

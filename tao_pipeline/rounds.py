@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tao_pipeline.lake import Lake
-from tao_pipeline.prompts import PROMPT_COLUMNS, cap_splits, content_hash, split_for
+from tao_pipeline.prompts import PROMPT_COLUMNS, content_hash, prompts_from_rows
 from tao_pipeline.settings import DataSettings
 
 USAGE_TABLE = "usage_logs"
@@ -36,20 +36,8 @@ def select_round_prompts(lake: Lake, round_id: str, limits: DataSettings, replay
     used = set(lake.sql(f"SELECT DISTINCT prompt_id FROM {others}")["prompt_id"]) if others else set()
     replay = {pid for pid in used if _replayed(pid, round_id, replay_fraction)}
     chosen = rows[~rows["prompt_id"].isin(used) | rows["prompt_id"].isin(replay)]
-    prompts = _one_row_per_prompt(chosen)
-    prompts["split"] = [split_for(pid, limits.heldout_fraction, limits.split_salt) for pid in prompts["prompt_id"]]
-    return cap_splits(prompts[PROMPT_COLUMNS], limits).reset_index(drop=True)
+    return prompts_from_rows(chosen, limits)
 
 
 def _replayed(prompt_id: str, round_id: str, fraction: float) -> bool:
     return fraction > 0 and int(content_hash("replay", round_id, prompt_id), 16) % 10_000 < fraction * 10_000
-
-
-def _one_row_per_prompt(rows: pd.DataFrame) -> pd.DataFrame:
-    if rows.empty:
-        return pd.DataFrame(columns=[c for c in PROMPT_COLUMNS if c != "split"])
-    grouped = rows.groupby("prompt_id", sort=True)
-    prompts = grouped[["prompt", "system", "task", "constraints"]].first()
-    prompts["log_ids"] = grouped["log_id"].agg(list)
-    prompts["source_files"] = grouped["source_file"].agg(lambda files: list(dict.fromkeys(files)))
-    return prompts.reset_index()

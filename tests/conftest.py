@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import build_tiny_model, sample_logs, write_logs, write_tiny_config  # noqa: F401
+from tests.helpers import build_tiny_model, write_tiny_config
 
 
 @pytest.fixture(scope="session")
