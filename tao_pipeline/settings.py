@@ -95,8 +95,16 @@ class PairSettings(_Section):
     min_margin: float = Field(0.25, ge=0.0, description="Minimum chosen-minus-rejected score.")
 
 
+class GrpoSettings(_Section):
+    num_generations: int = Field(4, ge=2, description="Completions per prompt; the batch must divide by it.")
+    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(0.8, gt=0.0, le=2.0)
+    beta: float = Field(0.04, ge=0.0, description="KL penalty towards the starting model.")
+    use_vllm: bool = Field(False, description="Generate with vLLM (colocated) during training; GPU only.")
+
+
 class TrainingSettings(_Section):
-    method: Literal["dpo"] = "dpo"
+    method: Literal["dpo", "grpo"] = Field("dpo", description="dpo on the round's pairs, or grpo on its prompts.")
     use_lora: bool = True
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -110,6 +118,7 @@ class TrainingSettings(_Section):
     max_length: int = Field(256, ge=16)
     bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
     seed: int = 0
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
 
 
 class EvaluationSettings(_Section):

@@ -45,7 +45,7 @@ class TrainingResult:
     def metrics(self) -> dict[str, float]:
         summary: dict[str, float] = {"steps": self.steps, "seconds": round(self.seconds, 1),
                                      "seconds_per_step": round(self.seconds_per_step, 2)}
-        for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl"):
             values = self.series(key)
             if values:
                 summary[f"first_{key}"] = round(values[0], 4)
@@ -123,8 +123,8 @@ def train_dpo(
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-    result = TrainingResult(trainer.state.global_step, seconds, _step_logs(trainer.state.log_history))
-    _save(trainer.model, tokenizer, output_dir, settings.use_lora)
+    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
+    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora)
     (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_history, indent=1))
     return result
 
@@ -151,11 +151,11 @@ class LossProgressBar(TrainerCallback):
             self.bar.close()
 
 
-def _step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for entry in history if "loss" in entry]
 
 
-def _save(model, tokenizer, output_dir: Path, use_lora: bool) -> None:
+def save_checkpoint(model, tokenizer, output_dir: Path, use_lora: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if use_lora:
         model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
@@ -172,18 +172,34 @@ def checkpoint_version_id(round_id: str, parent_version: str, pair_ids: list[str
 
 def tune_checkpoint(
     store: ModelStore, parent: ModelVersion, pairs: pd.DataFrame, settings: TrainingSettings, round_id: str,
-    *, trust_remote_code: bool = False, progress: bool = True,
+    *, prompts: pd.DataFrame | None = None, scorer=None, trust_remote_code: bool = False, progress: bool = True,
 ) -> tuple[ModelVersion, TrainingResult]:
-    """Train on the round's pairs, write the checkpoint atomically into the store and register it."""
-    version_id = checkpoint_version_id(round_id, parent.version_id, pairs["pair_id"].tolist(), settings)
+    """Train (DPO on the pairs, or GRPO on the prompts with the scorer as reward), store and register it."""
+    if settings.method == "grpo":
+        if prompts is None or scorer is None:
+            raise ValueError("training.method='grpo' needs the round's train prompts and its scorer")
+        source_ids = prompts["prompt_id"].tolist()
+    else:
+        source_ids = pairs["pair_id"].tolist()
+    version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, settings)
     results: list[TrainingResult] = []
-    path = atomic_directory(store.checkpoint_dir(version_id), lambda staging: results.append(
-        train_dpo(parent.path, pairs, settings, staging, trust_remote_code=trust_remote_code, progress=progress)
-    ))
+
+    def train(staging: Path) -> None:
+        if settings.method == "grpo":
+            from tao_pipeline.grpo import train_grpo  # grpo builds on this module
+
+            results.append(train_grpo(parent.path, prompts, scorer, settings, staging,
+                                      trust_remote_code=trust_remote_code, progress=progress))
+        else:
+            results.append(train_dpo(parent.path, pairs, settings, staging,
+                                     trust_remote_code=trust_remote_code, progress=progress))
+
+    path = atomic_directory(store.checkpoint_dir(version_id), train)
     result = results[0]
+    trained_on = {"prompts": len(prompts)} if settings.method == "grpo" else {"pairs": len(pairs)}
     version = store.register(
         version_id, path, parent_version=parent.version_id, round_id=round_id,
         method=f"{settings.method}+lora" if settings.use_lora else settings.method,
-        hyperparameters=settings.model_dump(), metrics={**result.metrics(), "pairs": len(pairs)},
+        hyperparameters=settings.model_dump(), metrics={**result.metrics(), **trained_on},
     )
     return version, result

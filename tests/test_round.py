@@ -153,3 +153,19 @@ def test_registry_commands_lineage_promote_rollback_export(first_round, tiny_rou
 
     missing = cli.invoke(main, ["lineage", "no-such-version", *args])
     assert missing.exit_code != 0 and "no-such-version" in missing.output
+
+
+def test_a_grpo_round_trains_on_prompts_with_the_scorer_as_reward(tmp_path, tiny_model_dir):
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    overrides = ["training.method='grpo'", "training.grpo.num_generations=2", "training.batch_size=2",
+                 "training.grpo.max_completion_length=8"]
+    report = run_round(str(config), overrides, echo=lambda *_: None)
+    assert report.completed
+    settings = load_settings(config, overrides)
+    checkpoint = Lake(settings.lake_dir).read("tuned_checkpoint", "round-0001").iloc[0]
+    assert checkpoint["method"] == "grpo+lora" and len(checkpoint["pair_ids"]) == 0
+    prompts = Lake(settings.lake_dir).read("raw_prompts", "round-0001")
+    assert sorted(checkpoint["prompt_ids"]) == sorted(prompts[prompts["split"] == "train"]["prompt_id"])
+    metrics = json.loads(ModelStore(settings.models_dir).versions().set_index("version_id")
+                         .loc[checkpoint["version_id"], "metrics"])
+    assert metrics["steps"] == 2 and "last_reward" in metrics

@@ -7,6 +7,7 @@ from tao_pipeline.assets.generation import HEAVY_POOL
 from tao_pipeline.assets.metadata import md_table, sparkline
 from tao_pipeline.assets.partitions import rounds_partitions
 from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
+from tao_pipeline.scoring import build_scorer
 from tao_pipeline.training import tune_checkpoint
 
 
@@ -16,28 +17,38 @@ def tuned_checkpoint(
     context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
     model_store: ModelStoreResource,
 ) -> dg.MaterializeResult:
-    """Tune the round's starting model with TRL's DPOTrainer (LoRA by default); register the checkpoint."""
+    """Tune the round's starting model with TRL (DPO on the pairs by default, or GRPO); register the checkpoint."""
     config = settings.get()
     store, round_id = lake.get(), context.partition_key
     pairs = store.read("preference_pairs", round_id)
+    prompts = store.read("raw_prompts", round_id)
+    train_prompts = prompts[prompts["split"] == "train"]
     parent_version = store.read("candidate_responses", round_id)["model_version"].iloc[0]
     models = model_store.get()
-    version, result = tune_checkpoint(models, models.get(parent_version), pairs, config.training, round_id,
-                                      trust_remote_code=config.model.trust_remote_code)
+    grpo = config.training.method == "grpo"
+    version, result = tune_checkpoint(
+        models, models.get(parent_version), pairs, config.training, round_id,
+        prompts=train_prompts if grpo else None,
+        scorer=build_scorer(config.scoring, config.cache_dir) if grpo else None,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    # DPO learns from the pairs; GRPO from the prompts directly, with the round's scorer as reward.
     record = {"version_id": version.version_id, "parent_version": parent_version, "round": round_id,
-              "method": version.method, "path": str(version.path), "pair_ids": pairs["pair_id"].tolist(),
+              "method": version.method, "path": str(version.path),
+              "pair_ids": [] if grpo else pairs["pair_id"].tolist(),
+              "prompt_ids": train_prompts["prompt_id"].tolist() if grpo else pairs["prompt_id"].tolist(),
               **result.metrics()}
     store.write("tuned_checkpoint", round_id, pd.DataFrame([record]))
     losses = result.series("loss")
-    margins = result.series("rewards/margins")
+    margins = result.series("reward" if grpo else "rewards/margins")
     return dg.MaterializeResult(metadata={
         "version_id": version.version_id,
         "parent_version": parent_version,
         "method": version.method,
-        "pairs": len(pairs),
+        "trained_on": f"{len(train_prompts)} prompts (GRPO)" if grpo else f"{len(pairs)} pairs (DPO)",
         **result.metrics(),
         "loss_curve": sparkline(losses),
-        "reward_margin_curve": sparkline(margins),
+        "reward_curve" if grpo else "reward_margin_curve": sparkline(margins),
         "training_log": md_table(_history_table(result.log_history), rows=50),
         "checkpoint": dg.MetadataValue.path(str(version.path)),
     })

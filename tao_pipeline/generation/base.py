@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Iterable, Protocol, Sequence
 
 import pandas as pd
+
+from tao_pipeline.prompts import content_hash
 
 RESPONSE_COLUMNS = [
     "response_id", "prompt_id", "sample_index", "response", "model_version",
@@ -46,3 +49,74 @@ class Generator(Protocol):
     def generate(self, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True) -> pd.DataFrame:
         """``prompts`` has prompt_id, prompt, system; returns RESPONSE_COLUMNS."""
         ...
+
+
+# Shared by every backend, so a response gets the same id and the same counts whichever engine sampled it.
+
+
+def sampling_json(params: SamplingParams) -> str:
+    """The sampling parameters as stored in the ``sampling`` column (and hashed into response ids)."""
+    return json.dumps(params.describe(), sort_keys=True)
+
+
+def response_id(prompt_id: str, model_version: str, sampling: str, sample_index: int) -> str:
+    """Content hash of (prompt, model, sampling parameters, sample index): the same on every backend."""
+    return content_hash(prompt_id, model_version, sampling, str(sample_index))
+
+
+def eos_token_ids(generation_eos: int | list[int] | None, tokenizer_eos: int | None) -> set[int]:
+    """The tokens that end a response: the generation config's EOS id(s) plus the tokenizer's."""
+    if isinstance(generation_eos, list):
+        ids = set(generation_eos)
+    else:
+        ids = set() if generation_eos is None else {generation_eos}
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return ids
+
+
+def split_at_stop(tokens: Sequence[int], stop_ids: Iterable[int]) -> tuple[list[int], bool]:
+    """The tokens before the first stop token, and whether there was one (anything after it is padding)."""
+    stops = set(stop_ids)
+    token_list = list(tokens)
+    stop_at = next((i for i, t in enumerate(token_list) if t in stops), None)
+    return (token_list, False) if stop_at is None else (token_list[:stop_at], True)
+
+
+def encode_chat_prompts(tokenizer, prompts: pd.DataFrame, max_prompt_tokens: int) -> list[list[int]]:
+    """Each row's (system, prompt) through the model's chat template, truncated to ``max_prompt_tokens``."""
+    from tao_pipeline.modeling import build_chat
+
+    return [
+        tokenizer.apply_chat_template(
+            build_chat(row.prompt, row.system), add_generation_prompt=True, tokenize=True,
+            truncation=True, max_length=max_prompt_tokens, return_dict=False,
+        )
+        for row in prompts.itertuples()
+    ]
+
+
+def response_row(
+    *, prompt_id: str, model_version: str, sampling: str, sample_index: int, text: str,
+    prompt_tokens: int, kept_tokens: int, stopped: bool,
+) -> dict:
+    """One RESPONSE_COLUMNS row. ``kept_tokens`` excludes the stop token; it counts as generated when ``stopped``."""
+    return {
+        "response_id": response_id(prompt_id, model_version, sampling, sample_index),
+        "prompt_id": prompt_id,
+        "sample_index": sample_index,
+        "response": text,
+        "model_version": model_version,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": kept_tokens + (1 if stopped else 0),
+        "finish_reason": "stop" if stopped else "length",
+        "sampling": sampling,
+    }
+
+
+def account(stats: GenerationStats, prompt_count: int, rows: list[dict], seconds: float) -> None:
+    """Adds one generate call's prompts, rows, new tokens and time to ``stats``."""
+    stats.prompts += prompt_count
+    stats.responses += len(rows)
+    stats.new_tokens += sum(r["completion_tokens"] for r in rows)
+    stats.seconds += seconds

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,9 +9,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, SamplingParams
-from tao_pipeline.modeling import build_chat, load_model, load_tokenizer
-from tao_pipeline.prompts import content_hash
+from tao_pipeline.generation.base import (
+    RESPONSE_COLUMNS, GenerationStats, SamplingParams, account, encode_chat_prompts, eos_token_ids, response_row,
+    sampling_json, split_at_stop,
+)
+from tao_pipeline.modeling import load_model, load_tokenizer
 
 
 class TransformersGenerator:
@@ -36,13 +37,7 @@ class TransformersGenerator:
         self.stats = GenerationStats()
 
     def generate(self, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True) -> pd.DataFrame:
-        encoded = [
-            self.tokenizer.apply_chat_template(
-                build_chat(row.prompt, row.system), add_generation_prompt=True, tokenize=True,
-                truncation=True, max_length=self.max_prompt_tokens, return_dict=False,
-            )
-            for row in prompts.itertuples()
-        ]
+        encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), prompts.iloc[i]["prompt_id"]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
@@ -51,19 +46,13 @@ class TransformersGenerator:
         for batch_number, batch in enumerate(batches):
             started = time.perf_counter()
             new_rows = self._generate_batch(prompts, encoded, batch, params, seed=params.seed + batch_number)
-            self._account(len(batch), new_rows, time.perf_counter() - started)
+            account(self.stats, len(batch), new_rows, time.perf_counter() - started)
             rows.extend(new_rows)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
         bar.close()
         frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
-
-    def _account(self, prompt_count: int, rows: list[dict], seconds: float) -> None:
-        self.stats.prompts += prompt_count
-        self.stats.responses += len(rows)
-        self.stats.new_tokens += sum(r["completion_tokens"] for r in rows)
-        self.stats.seconds += seconds
 
     @torch.inference_mode()
     def _generate_batch(
@@ -90,27 +79,13 @@ class TransformersGenerator:
 
     def _row(self, prompt: pd.Series, prompt_ids: list[int], sample_index: int, tokens: torch.Tensor,
              params: SamplingParams) -> dict:
-        token_list = tokens.tolist()
-        stop_at = next((i for i, t in enumerate(token_list) if t in self.eos_ids), None)
-        kept = token_list if stop_at is None else token_list[:stop_at]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        sampling = json.dumps(params.describe(), sort_keys=True)
-        return {
-            "response_id": content_hash(prompt["prompt_id"], self.model_version, sampling, str(sample_index)),
-            "prompt_id": prompt["prompt_id"],
-            "sample_index": sample_index,
-            "response": text,
-            "model_version": self.model_version,
-            "prompt_tokens": len(prompt_ids),
-            "completion_tokens": len(kept) + (0 if stop_at is None else 1),
-            "finish_reason": "length" if stop_at is None else "stop",
-            "sampling": sampling,
-        }
+        kept, stopped = split_at_stop(tokens.tolist(), self.eos_ids)
+        return response_row(
+            prompt_id=prompt["prompt_id"], model_version=self.model_version, sampling=sampling_json(params),
+            sample_index=sample_index, text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            prompt_tokens=len(prompt_ids), kept_tokens=len(kept), stopped=stopped,
+        )
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+    return eos_token_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
