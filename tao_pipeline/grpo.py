@@ -7,7 +7,6 @@ to each prompt's group. The result is saved exactly like DPO's: merged safetenso
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -25,7 +24,7 @@ from tao_pipeline.prompts import DEFAULT_TASK
 from tao_pipeline.scoring import TaoScorer, prompt_constraints
 from tao_pipeline.scoring.base import PromptContext
 from tao_pipeline.settings import TrainingSettings
-from tao_pipeline.training import TRAINING_LOG_FILE, LossProgressBar, TrainingResult, save_checkpoint, step_logs
+from tao_pipeline.training import LossProgressBar, TrainingResult, save_checkpoint, step_logs
 
 REWARD_NAME = "tao_score"  # TRL logs the per-function reward as rewards/<name>/mean
 
@@ -183,8 +182,7 @@ def train_grpo(
         trainer.train()
         seconds = time.perf_counter() - started
     result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
-    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora)
-    (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_history, indent=1))
+    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora, result.log_history)
     return result
 
 

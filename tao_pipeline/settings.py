@@ -119,6 +119,9 @@ class TrainingSettings(_Section):
     bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
     seed: int = 0
     grpo: GrpoSettings = Field(default_factory=GrpoSettings)
+    accelerate_config: Path | None = Field(
+        None, description="Train under `accelerate launch --config_file` (configs/accelerate/*.yaml); None: in-process.",
+    )
 
 
 class EvaluationSettings(_Section):
@@ -277,6 +280,9 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     table = flywheel.get("table_source", {})
     if isinstance(table, dict) and isinstance(table.get("database"), str):
         table["database"] = str(base / Path(table["database"]).expanduser())
+    training = tree.get("training", {})
+    if isinstance(training.get("accelerate_config"), str):
+        training["accelerate_config"] = str(base / Path(training["accelerate_config"]).expanduser())
     model = tree.get("model", {})
     if isinstance(model.get("base"), str) and model["base"].startswith("."):
         model["base"] = str(base / model["base"])

@@ -8,6 +8,8 @@ With LoRA the adapter is saved beside it in ``adapter/``.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -23,7 +25,7 @@ from transformers import ProgressCallback, TrainerCallback
 from tao_pipeline.model_store import ModelStore, ModelVersion, atomic_directory
 from tao_pipeline.modeling import bf16_supported, build_chat, load_model, load_tokenizer
 from tao_pipeline.prompts import content_hash
-from tao_pipeline.settings import TrainingSettings
+from tao_pipeline.settings import TaoSettings, TrainingSettings
 
 ADAPTER_DIR = "adapter"
 TRAINING_LOG_FILE = "training_log.json"
@@ -124,8 +126,7 @@ def train_dpo(
         trainer.train()
         seconds = time.perf_counter() - started
     result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
-    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora)
-    (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(result.log_history, indent=1))
+    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora, result.log_history)
     return result
 
 
@@ -155,8 +156,17 @@ def step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [entry for entry in history if "loss" in entry]
 
 
-def save_checkpoint(model, tokenizer, output_dir: Path, use_lora: bool) -> None:
+def is_main_process() -> bool:
+    """True outside `accelerate launch`, and on rank 0 inside it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_checkpoint(model, tokenizer, output_dir: Path, use_lora: bool, log_history: list[dict[str, Any]]) -> None:
+    """Merged safetensors (+ the LoRA adapter in adapter/) and the per-step training log; rank 0 only."""
+    if not is_main_process():
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(log_history, indent=1))
     if use_lora:
         model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
         model = model.merge_and_unload()
@@ -171,35 +181,46 @@ def checkpoint_version_id(round_id: str, parent_version: str, pair_ids: list[str
 
 
 def tune_checkpoint(
-    store: ModelStore, parent: ModelVersion, pairs: pd.DataFrame, settings: TrainingSettings, round_id: str,
-    *, prompts: pd.DataFrame | None = None, scorer=None, trust_remote_code: bool = False, progress: bool = True,
+    store: ModelStore, parent: ModelVersion, pairs: pd.DataFrame, settings: TaoSettings, round_id: str,
+    *, prompts: pd.DataFrame | None = None, progress: bool = True,
 ) -> tuple[ModelVersion, TrainingResult]:
-    """Train (DPO on the pairs, or GRPO on the prompts with the scorer as reward), store and register it."""
-    if settings.method == "grpo":
-        if prompts is None or scorer is None:
-            raise ValueError("training.method='grpo' needs the round's train prompts and its scorer")
-        source_ids = prompts["prompt_id"].tolist()
-    else:
-        source_ids = pairs["pair_id"].tolist()
-    version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, settings)
+    """Train (DPO on the pairs, or GRPO on the prompts with the round's scorer as reward), store, register.
+
+    With ``training.accelerate_config`` set, training runs under `accelerate launch` (multi-GPU,
+    DeepSpeed) through tao_pipeline.train_worker; otherwise in this process.
+    """
+    training = settings.training
+    grpo = training.method == "grpo"
+    if grpo and prompts is None:
+        raise ValueError("training.method='grpo' needs the round's train prompts")
+    source_ids = prompts["prompt_id"].tolist() if grpo else pairs["pair_id"].tolist()
+    version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, training)
     results: list[TrainingResult] = []
 
     def train(staging: Path) -> None:
-        if settings.method == "grpo":
-            from tao_pipeline.grpo import train_grpo  # grpo builds on this module
+        if training.accelerate_config is not None:
+            from tao_pipeline.train_worker import launch, write_job  # the worker imports this module
 
-            results.append(train_grpo(parent.path, prompts, scorer, settings, staging,
-                                      trust_remote_code=trust_remote_code, progress=progress))
+            job = write_job(staging / ".job", parent.path, settings, staging, pairs, prompts if grpo else None)
+            results.append(launch(job, training.accelerate_config))
+            shutil.rmtree(staging / ".job")
+        elif grpo:
+            from tao_pipeline.grpo import train_grpo  # grpo builds on this module
+            from tao_pipeline.scoring import build_scorer
+
+            results.append(train_grpo(parent.path, prompts, build_scorer(settings.scoring, settings.cache_dir),
+                                      training, staging, trust_remote_code=settings.model.trust_remote_code,
+                                      progress=progress))
         else:
-            results.append(train_dpo(parent.path, pairs, settings, staging,
-                                     trust_remote_code=trust_remote_code, progress=progress))
+            results.append(train_dpo(parent.path, pairs, training, staging,
+                                     trust_remote_code=settings.model.trust_remote_code, progress=progress))
 
     path = atomic_directory(store.checkpoint_dir(version_id), train)
     result = results[0]
-    trained_on = {"prompts": len(prompts)} if settings.method == "grpo" else {"pairs": len(pairs)}
+    trained_on = {"prompts": len(prompts)} if grpo else {"pairs": len(pairs)}
     version = store.register(
         version_id, path, parent_version=parent.version_id, round_id=round_id,
-        method=f"{settings.method}+lora" if settings.use_lora else settings.method,
-        hyperparameters=settings.model_dump(), metrics={**result.metrics(), **trained_on},
+        method=f"{training.method}+lora" if training.use_lora else training.method,
+        hyperparameters=training.model_dump(), metrics={**result.metrics(), **trained_on},
     )
     return version, result

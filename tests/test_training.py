@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tao_pipeline.model_store import ModelStore
 from tao_pipeline.pairs import PAIR_COLUMNS
 from tao_pipeline.prompts import content_hash
-from tao_pipeline.settings import ModelSettings, TrainingSettings
+from tao_pipeline.settings import ModelSettings, TaoSettings, TrainingSettings
 from tao_pipeline.training import (
     ADAPTER_DIR,
     TRAINING_LOG_FILE,
@@ -64,7 +64,7 @@ def test_tune_checkpoint_with_lora(tiny_model_dir, tmp_path):
     parent = store.champion(ModelSettings(base=str(tiny_model_dir)), log=lambda _: None)
     pairs = make_pairs(4)
     config = settings()
-    version, result = tune_checkpoint(store, parent, pairs, config, "round-0001", progress=False)
+    version, result = tune_checkpoint(store, parent, pairs, TaoSettings(training=config), "round-0001", progress=False)
 
     assert version.version_id == checkpoint_version_id("round-0001", parent.version_id, pairs["pair_id"].tolist(), config)
     assert version.parent_version == parent.version_id
@@ -122,7 +122,7 @@ def test_tune_checkpoint_with_no_pairs_leaves_no_checkpoint(tiny_model_dir, tmp_
     store = ModelStore(tmp_path / "models")
     parent = store.champion(ModelSettings(base=str(tiny_model_dir)), log=lambda _: None)
     with pytest.raises(ValueError):
-        tune_checkpoint(store, parent, make_pairs(0), settings(), "round-0001", progress=False)
+        tune_checkpoint(store, parent, make_pairs(0), TaoSettings(training=settings()), "round-0001", progress=False)
     assert list((tmp_path / "models" / "checkpoints").iterdir()) == []
     assert store.versions()["version_id"].tolist() == [parent.version_id]
 

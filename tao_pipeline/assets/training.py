@@ -7,7 +7,6 @@ from tao_pipeline.assets.generation import HEAVY_POOL
 from tao_pipeline.assets.metadata import md_table, sparkline
 from tao_pipeline.assets.partitions import rounds_partitions
 from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
-from tao_pipeline.scoring import build_scorer
 from tao_pipeline.training import tune_checkpoint
 
 
@@ -26,12 +25,8 @@ def tuned_checkpoint(
     parent_version = store.read("candidate_responses", round_id)["model_version"].iloc[0]
     models = model_store.get()
     grpo = config.training.method == "grpo"
-    version, result = tune_checkpoint(
-        models, models.get(parent_version), pairs, config.training, round_id,
-        prompts=train_prompts if grpo else None,
-        scorer=build_scorer(config.scoring, config.cache_dir) if grpo else None,
-        trust_remote_code=config.model.trust_remote_code,
-    )
+    version, result = tune_checkpoint(models, models.get(parent_version), pairs, config, round_id,
+                                      prompts=train_prompts if grpo else None)
     # DPO learns from the pairs; GRPO from the prompts directly, with the round's scorer as reward.
     record = {"version_id": version.version_id, "parent_version": parent_version, "round": round_id,
               "method": version.method, "path": str(version.path),
