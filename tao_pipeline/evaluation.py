@@ -40,7 +40,9 @@ def _responses(contender: Contender, heldout: pd.DataFrame, settings: TaoSetting
         temperature=settings.generation.temperature, top_p=settings.generation.top_p,
         seed=settings.generation.seed + 1,
     ), progress=progress)
-    del generator
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()  # a vLLM engine holds GPU memory until shut down; the challenger's comes next
     return greedy.set_index("prompt_id")["response"], pool.groupby("prompt_id")["response"].apply(list)
 
 

@@ -49,7 +49,12 @@ class ModelSettings(_Section):
 
 
 class GenerationSettings(_Section):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when a CUDA GPU and the gpu extra are present, else transformers.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
     num_samples: int = Field(8, ge=1, le=64)
     max_new_tokens: int = Field(32, ge=1, le=4096)
     temperature: float = Field(0.8, gt=0.0, le=2.0)

@@ -213,7 +213,7 @@ def test_unknown_section_override():
     ("evaluation.min_win_rate=1.5", "evaluation.min_win_rate"),
     ("training.lora_dropout=-0.1", "training.lora_dropout"),
     ("model.dtype=float16", "model.dtype"),
-    ("generation.backend=vllm", "generation.backend"),
+    ("generation.backend=tpu", "generation.backend"),
     ("training.max_steps=many", "training.max_steps"),
 ])
 def test_out_of_range_value_names_the_setting(override, name):

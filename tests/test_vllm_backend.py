@@ -166,3 +166,13 @@ def test_vllm_stats_and_availability(vllm_generator, prompts):
     assert vllm_generator.stats.new_tokens - before[2] == frame["completion_tokens"].sum() > 0
     assert vllm_generator.stats.tokens_per_second > 0
     assert vllm_generator.generate(prompts.head(0), sampling(2), progress=False).columns.tolist() == RESPONSE_COLUMNS
+
+
+def test_auto_backend_falls_back_to_transformers_without_a_gpu(tiny_model_dir):
+    from tao_pipeline.generation import build_generator
+    from tao_pipeline.generation.transformers_backend import TransformersGenerator
+    from tao_pipeline.generation.vllm_backend import vllm_available
+    from tao_pipeline.settings import GenerationSettings, ModelSettings
+
+    generator = build_generator(tiny_model_dir, "tiny", GenerationSettings(backend="auto"), ModelSettings(dtype="float32"))
+    assert isinstance(generator, TransformersGenerator) == (not vllm_available())

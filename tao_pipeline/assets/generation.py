@@ -28,6 +28,8 @@ def candidate_responses(
     gen = config.generation
     params = SamplingParams(gen.num_samples, gen.max_new_tokens, gen.temperature, gen.top_p, seed=gen.seed)
     responses = generator.generate(train, params)
+    if hasattr(generator, "close"):
+        generator.close()  # free the GPU (vLLM) before training runs in the same process
     path = lake.get().write("candidate_responses", context.partition_key,
                             responses.assign(round=context.partition_key))
     stats = generator.stats

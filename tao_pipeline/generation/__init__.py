@@ -12,7 +12,21 @@ def build_generator(
     model_path: Path | str, model_version: str, generation: GenerationSettings, model: ModelSettings
 ) -> Generator:
     """The backend named by ``generation.backend``, loaded with the model's weights."""
-    if generation.backend == "transformers":
+    backend = generation.backend
+    if backend == "auto":
+        from tao_pipeline.generation.vllm_backend import vllm_available
+
+        backend = "vllm" if vllm_available() else "transformers"
+    if backend == "vllm":
+        from tao_pipeline.generation.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(
+            model_path, model_version, tensor_parallel_size=generation.tensor_parallel_size,
+            gpu_memory_utilization=generation.gpu_memory_utilization, max_model_len=generation.max_model_len,
+            dtype=model.dtype, max_prompt_tokens=generation.max_prompt_tokens,
+            trust_remote_code=model.trust_remote_code,
+        )
+    if backend == "transformers":
         from tao_pipeline.generation.transformers_backend import TransformersGenerator
 
         return TransformersGenerator(

@@ -53,8 +53,8 @@ class VLLMGenerator:
         trust_remote_code: bool = False,
         enforce_eager: bool = False,
     ):
-        """``dtype`` is vLLM's: "auto" takes the checkpoint's (fp32 checkpoints run in half precision),
-        or "bfloat16", "float16", "float32". ``enforce_eager`` skips CUDA-graph capture: a faster start, slower decoding.
+        """``dtype`` is vLLM's: "auto" takes the checkpoint's (fp32 checkpoints run in half precision), or
+        "bfloat16", "float16", "float32". ``enforce_eager`` skips CUDA-graph capture: faster start, slower decoding.
         """
         try:
             from vllm import LLM
@@ -67,12 +67,11 @@ class VLLMGenerator:
         from tao_pipeline.modeling import load_tokenizer
 
         self.model_version = model_version
-        self.max_prompt_tokens = max_prompt_tokens
         # The same tokenizer load as the transformers backend, so prompts tokenize identically on both.
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code, padding_side="left")
         try:
             generation_eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
-        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        except (OSError, ValueError):  # no (readable) generation_config.json: the tokenizer's EOS alone
             generation_eos = None
         self.eos_ids = eos_token_ids(generation_eos, self.tokenizer.eos_token_id)
         engine_args = {
@@ -86,6 +85,8 @@ class VLLMGenerator:
         if max_model_len is not None:
             engine_args["max_model_len"] = max_model_len
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), **engine_args)
+        # vLLM rejects a prompt as long as the context; keep one position free for the first new token.
+        self.max_prompt_tokens = min(max_prompt_tokens, self.llm.model_config.max_model_len - 1)
         self.stats = GenerationStats()
 
     def generate(self, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True) -> pd.DataFrame:
@@ -104,6 +105,8 @@ class VLLMGenerator:
         rows: list[dict] = []
         for prompt_id, ids, output in zip(prompt_ids, encoded, outputs):
             for completion in sorted(output.outputs, key=lambda c: c.index):
+                if completion.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM did not finish prompt {prompt_id!r}: {completion.finish_reason!r}")
                 kept, stopped = split_at_stop(completion.token_ids, self.eos_ids)
                 # A stop the engine reports without the token in token_ids still counts as one generated token.
                 stopped = stopped or completion.finish_reason == "stop"
