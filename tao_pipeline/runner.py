@@ -27,13 +27,12 @@ from tao_pipeline.rounds import count_unused_prompts
 from tao_pipeline.settings import TaoSettings, load_settings
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-# Two rounds never train at once: the heavy steps share the "gpu" pool, limited to one slot.
+# No pool limit here: a run killed in-process (SIGKILL, power loss) would keep its "gpu" slot
+# claimed and block every later run. Rounds are serialized by the round sensor instead; a
+# deployment sets the limit with `dagster instance concurrency set gpu 1` (docs/deployment.md).
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
-concurrency:
-  pools:
-    default_limit: 1
 """
 
 

@@ -61,6 +61,7 @@ class GenerationSettings(_Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call; each yields num_samples rows.")
     max_prompt_tokens: int = Field(512, ge=8)
+    shard_prompts: int = Field(64, ge=1, description="Prompts per crash-safe shard; a killed run resumes by shard.")
     seed: int = 0
 
 
