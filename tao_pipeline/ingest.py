@@ -8,6 +8,7 @@ cannot be read at all raises UnreadableLogFile (reported once, never retried for
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from tao_pipeline.prompts import (
     QUARANTINE_COLUMNS,
     LogRow,
     RowRejected,
+    _quarantine,
     content_hash,
     parse_record,
     prompt_id_for,
@@ -147,27 +149,104 @@ def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict
     except Exception as error:  # pyarrow raises several types for corrupt files
         raise UnreadableLogFile(f"{path}: not a readable Parquet file: {error}") from error
     number = 0
-    for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS):
-        for record in batch.to_pylist():
+    batches = parquet.iter_batches(batch_size=_CHUNK_ROWS)
+    while True:
+        try:  # a corrupt page (bad compression, invalid UTF-8, ...) only shows up when its batch is decoded
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else []
+        except Exception as error:
+            raise UnreadableLogFile(f"{path}: not a readable Parquet file: {error}") from error
+        if batch is None:
+            return
+        for record in records:
             number += 1
             yield _validated(_drop_nulls(record), str(path), number, limits)
 
 
 def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
-    bad_lines: list[list[str]] = []
-    try:
-        chunks = pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=_CHUNK_ROWS,
-                             on_bad_lines=bad_lines.append, engine="python")
+    """Rows of a CSV file with a header line, numbered 1, 2, ... like Parquet rows (blank lines skipped).
+
+    A row that does not parse (a stray quote, a field over csv's size limit) or has the wrong number
+    of fields is quarantined. When such a row swallowed several lines (an unclosed quote runs on to
+    the next quote), only its first line is quarantined and reading resumes on the line after it.
+    """
+    source = str(path)
+    # newline="": lines end at \n, \r\n or \r, and csv sees line breaks inside quoted fields unchanged
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        lines = _PushbackLines(handle)
+        reader = csv.reader(lines, strict=True)
+        header: list[str] | None = None
         number = 0
-        for chunk in chunks:
-            for record in chunk.to_dict("records"):
-                number += 1
-                yield _validated({k: v for k, v in record.items() if v != ""}, str(path), number, limits)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-        raise UnreadableLogFile(f"{path}: not a readable CSV file: {error}") from error
-    for fields in bad_lines:
-        yield {"source_file": str(path), "line_number": None, "reason": "CSV row has the wrong number of fields",
-               "raw": ",".join(fields)[:500]}
+        while True:
+            lines.taken = []
+            problem = None
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                fields, problem = [], f"not valid CSV: {error}"
+            if not lines.taken or (not fields and problem is None):
+                continue  # blank line
+            if header is None:
+                if problem is not None or not all(map(_is_unicode, fields)):
+                    raise UnreadableLogFile(f"{path}: not a readable CSV file: header line: {problem or 'not UTF-8'}")
+                header = fields
+                continue
+            number += 1
+            if problem is None and len(fields) != len(header):
+                problem = "CSV row has the wrong number of fields"
+            if problem is not None:
+                taken = lines.taken
+                lines.push_back(taken[1:])  # lines an unclosed quote swallowed are read again
+                yield _quarantine(source, number, problem, _raw(taken[:1]))
+            elif not all(map(_is_unicode, fields)):
+                yield _quarantine(source, number, "line is not valid UTF-8", _raw(lines.taken))
+            else:
+                record: dict[str, str] = {}
+                for name, value in zip(header, fields):
+                    record.setdefault(name, value)  # a repeated column name: the first one counts
+                yield _validated({k: v for k, v in record.items() if v != ""}, source, number, limits)
+        if header is None:
+            raise UnreadableLogFile(f"{path}: not a readable CSV file: no header line")
+
+
+class _PushbackLines:
+    """A text file's lines for csv.reader (bad UTF-8 kept as surrogate escapes), remembering the
+    lines the current row took and accepting lines back to be read again."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self._again: list[str] = []
+        self.taken: list[str] = []
+
+    def __iter__(self) -> _PushbackLines:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            line = self._again.pop()
+        else:
+            line = self._handle.readline()
+            if not line:
+                raise StopIteration
+        self.taken.append(line)
+        return line
+
+    def push_back(self, lines: list[str]) -> None:
+        self._again.extend(reversed(lines))
+
+
+def _raw(lines: list[str]) -> bytes:
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _drop_nulls(record: dict[str, Any]) -> dict[str, Any]:

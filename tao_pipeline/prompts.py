@@ -55,7 +55,16 @@ def _optional_text(record: dict[str, Any], field: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise RowRejected(f"field {field!r} must be a string, got {type(value).__name__}")
+    _check_unicode(value, field)
     return value
+
+
+def _check_unicode(value: str, field: str) -> None:
+    """JSON escapes can smuggle in lone surrogates, which cannot be hashed or written to Parquet."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RowRejected(f"field {field!r} is not valid Unicode: {error.reason}") from None
 
 
 def parse_record(record: Any, source: str, line_number: int, limits: DataSettings) -> LogRow:
@@ -72,13 +81,18 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
     system = _optional_text(record, "system")
     task = (_optional_text(record, "task") or DEFAULT_TASK).strip() or DEFAULT_TASK
     raw_id = record.get("id")
-    if raw_id is not None and not isinstance(raw_id, (str, int)):
+    if raw_id is not None and (not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool)):
         raise RowRejected(f"field 'id' must be a string or integer, got {type(raw_id).__name__}")
+    if isinstance(raw_id, str):
+        _check_unicode(raw_id, "id")
     log_id = str(raw_id) if raw_id is not None else content_hash(source, str(line_number))
     constraints = record.get("constraints")
     if constraints is not None and not isinstance(constraints, dict):
         raise RowRejected(f"field 'constraints' must be a JSON object, got {type(constraints).__name__}")
-    canonical = json.dumps(constraints, sort_keys=True) if constraints else None
+    try:
+        canonical = json.dumps(constraints, sort_keys=True) if constraints else None
+    except (TypeError, ValueError, RecursionError) as error:  # e.g. bytes or timestamps in a Parquet struct
+        raise RowRejected(f"field 'constraints' is not JSON-serialisable: {error}") from None
     return LogRow(log_id, prompt, system, task, source, line_number, canonical)
 
 
@@ -90,7 +104,7 @@ def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, 
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is not data
                 yield parse_record(json.loads(text), source, line_number, limits)
             except UnicodeDecodeError:
                 yield _quarantine(source, line_number, "line is not valid UTF-8", raw)
@@ -100,6 +114,8 @@ def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, 
                 yield _quarantine(source, line_number, "JSON nested too deeply", raw)
             except RowRejected as error:
                 yield _quarantine(source, line_number, str(error), raw)
+            except ValueError as error:  # json.loads beyond JSONDecodeError: an integer of > 4300 digits
+                yield _quarantine(source, line_number, f"not valid JSON: {error}", raw)
 
 
 def _quarantine(source: str, line_number: int, reason: str, raw: bytes) -> dict[str, Any]:

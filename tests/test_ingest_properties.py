@@ -1,0 +1,721 @@
+"""Property-based tests (hypothesis) of usage-log ingestion: hostile files never crash a run.
+
+Generated JSONL, CSV and Parquet files mix known-good rows with bad ones of every kind (random
+bytes, invalid UTF-8, deep nesting, wrong types, missing or empty prompts, over-long prompts,
+stray quotes, wrong field counts, corrupt files). The properties:
+
+* ``ingest_file`` never raises, except ``UnreadableLogFile`` for a file that is not of its
+  format at all (the documented report path);
+* every good row is kept exactly once, with its fields, at its line (row) number;
+* every bad line is quarantined exactly once with a non-empty reason naming the problem;
+* both frames can be written to the lake (Arrow/Parquet), like the ingestion asset does.
+
+Each property counts the examples it ran; the total is printed when the module finishes
+("hypothesis: N ingestion cases ran"). ``TAO_FUZZ_SCALE=10`` runs ten times as many.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tao_pipeline.ingest import USAGE_LOG_COLUMNS, UnreadableLogFile, ingest_file
+from tao_pipeline.prompts import DEFAULT_TASK, QUARANTINE_COLUMNS, prompt_id_for
+from tao_pipeline.settings import DataSettings
+
+MAX_CHARS = 200
+LIMITS = DataSettings(max_prompt_chars=MAX_CHARS, min_prompt_chars=1)
+_SCALE = float(os.environ.get("TAO_FUZZ_SCALE", "1"))
+CASES: Counter[str] = Counter()
+_STARTED = time.perf_counter()
+
+
+def fuzz(examples: int):
+    return settings(
+        max_examples=max(1, int(examples * _SCALE)), deadline=None, database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_case_count(request):
+    yield
+    total = sum(CASES.values())
+    detail = ", ".join(f"{name}: {count}" for name, count in sorted(CASES.items()))
+    line = f"hypothesis: {total} ingestion cases ran in {time.perf_counter() - _STARTED:.1f}s ({detail})"
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():  # shown even without -s
+        reporter.write_line("")
+        reporter.write_line(line)
+
+
+def ingest(suffix: str, data: bytes):
+    """Write ``data`` to a fresh file and ingest it; returns (path, batch)."""
+    folder = Path(tempfile.mkdtemp(prefix="ingest-fuzz-"))
+    path = folder / f"logs{suffix}"
+    path.write_bytes(data)
+    try:
+        return path, ingest_file(path, LIMITS)
+    finally:
+        path.unlink()
+        folder.rmdir()
+
+
+def assert_lake_writable(batch) -> None:
+    """The asset writes both frames to Parquet: no surrogates, no unserialisable objects."""
+    assert list(batch.rows.columns) == USAGE_LOG_COLUMNS
+    assert list(batch.quarantine.columns) == QUARANTINE_COLUMNS
+    for frame in (batch.rows, batch.quarantine):
+        pq.write_table(pa.Table.from_pandas(frame.assign(batch="b"), preserve_index=False), io.BytesIO())
+    assert batch.rows["log_id"].is_unique
+    assert all(isinstance(r, str) and r for r in batch.quarantine["reason"])
+    assert all(len(raw) <= 500 for raw in batch.quarantine["raw"])
+
+
+# -- shared strategies --------------------------------------------------------------------------
+
+UNICODE = st.characters(exclude_categories=("Cs",))  # any code point but lone surrogates
+SPACES = st.sampled_from([c for c in map(chr, range(0x3001)) if c.isspace()])
+
+
+def texts(min_size: int = 0, max_size: int = 30) -> st.SearchStrategy[str]:
+    return st.text(UNICODE, min_size=min_size, max_size=max_size)
+
+
+good_prompts = st.one_of(
+    texts(1, MAX_CHARS).filter(lambda s: s.strip()),
+    st.sampled_from(["a" * MAX_CHARS, " " + "é" * (MAX_CHARS - 1), "What is 2 + 2?"]),  # at the limits
+)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts(max_size=10))
+json_values = st.recursive(
+    json_scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(texts(max_size=5), kids, max_size=3),
+    max_leaves=8,
+)
+json_objects = st.dictionaries(texts(max_size=8), json_values, max_size=4)
+shared_ids = st.sampled_from(["dup-1", "dup-2", 7, ""])  # drawn often, so ids repeat across rows
+
+
+def long_prompts() -> st.SearchStrategy[str]:
+    return st.builds(lambda seed, n: (seed * (MAX_CHARS + 1))[: MAX_CHARS + n],
+                     texts(1, 5).filter(lambda s: s.strip()), st.integers(1, 2 * MAX_CHARS))
+
+
+def whitespace(max_size: int = 8) -> st.SearchStrategy[str]:
+    return st.text(SPACES, max_size=max_size)
+
+
+def expected_row(record: dict) -> dict:
+    """What ingestion must store for a good record (fields as parse_record gives them)."""
+    raw_id = record.get("id")
+    constraints = record.get("constraints")
+    return {
+        "prompt": record["prompt"].strip(),
+        "system": record.get("system"),
+        "task": (record.get("task") or DEFAULT_TASK).strip() or DEFAULT_TASK,
+        "external_id": None if raw_id is None else str(raw_id),  # None: a generated 16-hex id
+        "constraints": json.dumps(constraints, sort_keys=True) if constraints else None,
+    }
+
+
+def _none_if_missing(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def check_batch(path: Path, batch, good: dict[int, dict], bad: dict[int, tuple[str, ...]]) -> None:
+    """good: line -> expected row; bad: line -> accepted reason fragments ('' accepts any reason)."""
+    assert_lake_writable(batch)
+    rows, quarantine = batch.rows, batch.quarantine
+    assert sorted(rows["line_number"]) == sorted(good), "every good row kept exactly once"
+    assert sorted(quarantine["line_number"]) == sorted(bad), "every bad row quarantined exactly once"
+    for row in rows.to_dict("records"):
+        want = good[row["line_number"]]
+        assert row["source_file"] == str(path)
+        for field in ("prompt", "system", "task", "constraints"):
+            assert _none_if_missing(row[field]) == want[field], (field, row, want)
+        if want["external_id"] is None:
+            assert re.fullmatch(r"[0-9a-f]{16}", row["external_id"])
+        else:
+            assert row["external_id"] == want["external_id"]
+        assert row["prompt_id"] == prompt_id_for(want["prompt"], want["system"], want["constraints"])
+    for item in quarantine.to_dict("records"):
+        fragments = bad[item["line_number"]]
+        assert item["source_file"] == str(path)
+        assert any(f in item["reason"] for f in fragments), (item, fragments)
+
+
+# -- JSONL --------------------------------------------------------------------------------------
+
+
+@st.composite
+def good_records(draw) -> dict:
+    record = {"prompt": draw(good_prompts)}
+    optional = {
+        "task": st.none() | texts(max_size=15) | whitespace(),
+        "system": st.none() | texts(max_size=30),
+        "id": st.none() | texts(max_size=12) | st.integers() | shared_ids,
+        "constraints": st.none() | json_objects,
+        "extra": json_values,  # unknown fields are ignored
+    }
+    for field, strategy in optional.items():
+        if draw(st.booleans()):
+            record[field] = draw(strategy)
+    keys = draw(st.permutations(list(record)))
+    return {key: record[key] for key in keys}
+
+
+def dumps(draw, record) -> bytes:
+    return json.dumps(record, ensure_ascii=draw(st.booleans())).encode("utf-8")
+
+
+WRONG_TYPES = {
+    "prompt": st.integers() | st.floats() | st.booleans() | st.lists(texts(), max_size=2) | json_objects,
+    "system": st.integers() | st.floats() | st.booleans() | st.lists(texts(), max_size=2) | json_objects,
+    "task": st.integers() | st.floats() | st.booleans() | st.lists(texts(), max_size=2) | json_objects,
+    "id": st.floats() | st.booleans() | st.lists(st.integers(), max_size=2) | json_objects,
+    "constraints": texts() | st.integers() | st.floats() | st.booleans() | st.lists(json_values, max_size=2),
+}
+INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"\xf8\x88\x80\x80\x80"]
+
+
+@st.composite
+def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
+    """(kind, line bytes without newline, reason fragments it may be quarantined with)."""
+    kind = draw(st.sampled_from([
+        "random_bytes", "invalid_utf8", "deep_nesting", "wrong_type", "missing_prompt", "empty_prompt",
+        "too_long", "not_an_object", "lone_surrogate", "huge_integer", "truncated",
+    ]))
+    base = draw(good_records())
+    if kind == "random_bytes":
+        raw = draw(st.binary(min_size=1, max_size=300)).replace(b"\n", b"")
+        raw = raw if raw.strip() and b"prompt" not in raw else b"\x00garbage"
+        return kind, raw, ("",)
+    if kind == "invalid_utf8":
+        head, tail = draw(texts(max_size=10)), draw(texts(max_size=10))
+        head, tail = (json.dumps(part, ensure_ascii=False)[1:-1].encode() for part in (head, tail))  # escaped
+        raw = b'{"prompt": "' + head + draw(st.sampled_from(INVALID_UTF8)) + tail + b'"}'
+        return kind, raw, ("not valid UTF-8",)
+    if kind == "deep_nesting":
+        depth = draw(st.integers(10_000, 100_000))
+        raw = draw(st.sampled_from([
+            b"[" * depth,
+            b'{"a":' * depth,
+            b"[" * depth + b"]" * depth,
+            b'{"prompt": "ok", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
+        ]))
+        return kind, raw, ("nested too deeply",)
+    if kind == "wrong_type":
+        field = draw(st.sampled_from(sorted(WRONG_TYPES)))
+        base[field] = draw(WRONG_TYPES[field])
+        return kind, dumps(draw, base), (f"field '{field}' must be",)
+    if kind == "missing_prompt":
+        base.pop("prompt")
+        return kind, dumps(draw, base), ("missing required field 'prompt'",)
+    if kind == "empty_prompt":
+        base["prompt"] = draw(st.none() | whitespace())
+        return kind, dumps(draw, base), ("prompt is empty",)
+    if kind == "too_long":
+        base["prompt"] = draw(long_prompts())
+        return kind, dumps(draw, base), ("prompt too long",)
+    if kind == "not_an_object":
+        value = draw(json_values.filter(lambda v: not isinstance(v, dict)))
+        return kind, json.dumps(value).encode(), ("must be a JSON object",)
+    if kind == "lone_surrogate":
+        field = draw(st.sampled_from(["prompt", "system", "task", "id"]))
+        base[field] = "a@SURROGATE@b"
+        escape = b"\\u%04x" % draw(st.integers(0xD800, 0xDFFF))
+        return kind, dumps(draw, base).replace(b"@SURROGATE@", escape), ("not valid Unicode",)
+    if kind == "huge_integer":
+        digits = b"9" * draw(st.integers(4301, 20_000))
+        return kind, b'{"prompt": "ok", "id": ' + digits + b"}", ("not valid JSON",)
+    raw = dumps(draw, base)  # truncated: no prefix of an object is valid JSON
+    return kind, raw[: draw(st.integers(1, len(raw) - 1))], ("not valid JSON", "not valid UTF-8")
+
+
+jsonl_items = st.one_of(
+    good_records().map(lambda record: ("good", record)),
+    bad_jsonl_lines().map(lambda bad: ("bad", bad)),
+    st.sampled_from([b"", b" ", b"\t \r", b"\x0b\x0c"]).map(lambda blank: ("blank", blank)),
+)
+
+
+@fuzz(examples=1000)
+@given(items=st.lists(jsonl_items, max_size=30), crlf=st.booleans(), final_newline=st.booleans(),
+       suffix=st.sampled_from([".jsonl", ".json"]), data=st.data())
+def test_jsonl_every_good_row_kept_and_every_bad_line_quarantined(items, crlf, final_newline, suffix, data):
+    CASES["jsonl"] += 1
+    lines, good, bad = [], {}, {}
+    for number, (kind, item) in enumerate(items, start=1):
+        if kind == "good":
+            lines.append(json.dumps(item, ensure_ascii=data.draw(st.booleans())).encode())
+            good[number] = expected_row(item)
+        elif kind == "bad":
+            lines.append(item[1])
+            bad[number] = item[2]
+        else:
+            lines.append(item)
+    end = b"\r\n" if crlf else b"\n"
+    content = end.join(lines) + (end if final_newline and lines else b"")
+    path, batch = ingest(suffix, content)  # never raises
+    check_batch(path, batch, good, bad)
+    assert len(batch.rows) + len(batch.quarantine) == sum(1 for line in lines if line.strip())
+
+
+# -- CSV ----------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ["id", "task", "system", "note"]
+# Field values of good rows may hold commas, quotes and newlines (then they are quoted), but do not
+# start with a quote, comma or line break: that keeps the recovery after a stray quote unambiguous.
+_CLOSES_A_QUOTE = ('"', ",", "\r", "\n")
+csv_values = texts(max_size=30).filter(lambda s: not s.startswith(_CLOSES_A_QUOTE))
+csv_prompts = good_prompts.filter(lambda s: not s.startswith(_CLOSES_A_QUOTE))
+simple_values = st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters='",'), min_size=1,
+                        max_size=12).filter(lambda s: s.strip())
+
+
+def csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\r\n') else value
+
+
+def csv_line(values: list[str]) -> str:
+    return '""' if values == [""] else ",".join(map(csv_field, values))
+
+
+@st.composite
+def csv_items(draw, header: list[str]) -> tuple[str, bytes, object]:
+    """('good', bytes, expected row) | ('bad', bytes, reason fragments) | ('blank', b'', None)."""
+    kind = draw(st.sampled_from([
+        "good", "good", "good", "literal_quote", "blank", "wrong_field_count", "unclosed_quote",
+        "quote_then_junk", "invalid_utf8", "empty_prompt", "missing_prompt", "too_long", "garbage",
+    ]))
+    record = {name: draw(csv_values) for name in header}
+    record["prompt"] = draw(csv_prompts)
+    if kind == "blank":
+        return "blank", b"", None
+    if kind in ("good", "literal_quote"):
+        if kind == "literal_quote":  # a quote inside an unquoted field is literal text
+            record["prompt"] = draw(simple_values) + '"' + draw(simple_values)
+        present = {k: v for k, v in record.items() if v != "" and k != "note"}
+        text = ",".join(record[name] if name == "prompt" and kind == "literal_quote" else csv_field(record[name])
+                        for name in header) if len(header) > 1 or kind == "literal_quote" else csv_line([record["prompt"]])
+        return "good", text.encode(), expected_row(present)
+    simple = [draw(simple_values) for _ in header]
+    prompt_at = header.index("prompt")
+    if kind == "wrong_field_count":
+        count = draw(st.integers(1, len(header) + 3).filter(lambda n: n != len(header)))
+        return "bad", ",".join(draw(simple_values) for _ in range(count)).encode(), ("wrong number of fields",)
+    if kind == "unclosed_quote":
+        at = draw(st.integers(0, len(header) - 1))
+        simple[at] = '"' + simple[at]
+        return "bad", ",".join(simple).encode(), ("not valid CSV",)
+    if kind == "quote_then_junk":
+        at = draw(st.integers(0, len(header) - 1))
+        simple[at] = f'"{simple[at]}"{draw(simple_values)}'
+        return "bad", ",".join(simple).encode(), ("not valid CSV",)
+    if kind == "invalid_utf8":
+        at = draw(st.integers(0, len(header) - 1))
+        fields = [value.encode() for value in simple]
+        fields[at] += draw(st.sampled_from(INVALID_UTF8))
+        return "bad", b",".join(fields), ("not valid UTF-8",)
+    if kind == "garbage":  # random bytes (no quotes or line breaks), never valid UTF-8
+        noise = draw(st.binary(max_size=200)).translate(None, b'"\r\n')
+        return "bad", b"\xff" + noise, ("not valid UTF-8", "wrong number of fields")
+    record = {name: value for name, value in zip(header, simple)}
+    if kind == "empty_prompt":
+        record["prompt"] = draw(whitespace(6).filter(lambda s: s and not s.startswith(_CLOSES_A_QUOTE)))
+        fragment = "prompt is empty"
+    elif kind == "missing_prompt":
+        record["prompt"], fragment = "", "missing required field 'prompt'"
+    else:
+        record["prompt"] = draw(long_prompts().filter(lambda s: not s.startswith(_CLOSES_A_QUOTE)))
+        fragment = "prompt too long"
+    return "bad", csv_line([record[name] for name in header]).encode(), (fragment,)
+
+
+@st.composite
+def csv_files(draw):
+    header = draw(st.permutations(["prompt"] + draw(st.lists(st.sampled_from(CSV_COLUMNS), unique=True))))
+    return header, draw(st.lists(csv_items(header), max_size=25))
+
+
+@fuzz(examples=800)
+@given(spec=csv_files(), end=st.sampled_from([b"\n", b"\r\n", b"\r"]), final_newline=st.booleans(), bom=st.booleans())
+def test_csv_every_good_row_kept_and_every_bad_row_quarantined(spec, end, final_newline, bom):
+    CASES["csv"] += 1
+    header, items = spec
+    lines = [",".join(header).encode()] + [raw for _, raw, _ in items]
+    content = (codecs.BOM_UTF8 if bom else b"") + end.join(lines) + (end if final_newline else b"")
+    good, bad, number = {}, {}, 0
+    for kind, _, expected in items:  # rows are numbered 1, 2, ... skipping blank lines
+        if kind != "blank":
+            number += 1
+            (good if kind == "good" else bad)[number] = expected
+    path, batch = ingest(".csv", content)  # never raises
+    check_batch(path, batch, good, bad)
+
+
+# -- Parquet ------------------------------------------------------------------------------------
+
+_TS = datetime.datetime(2026, 1, 2, 3, 4, 5)
+# Per column: (arrow type, value strategy, reason fragment for a non-null value, or None if valid).
+PROMPT_COLUMNS = {
+    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1), "field 'prompt' must be a string"),
+    "float": (pa.float64(), st.floats(), "field 'prompt' must be a string"),
+    "bool": (pa.bool_(), st.booleans(), "field 'prompt' must be a string"),
+    "binary": (pa.binary(), st.binary(max_size=10), "field 'prompt' must be a string"),
+    "list": (pa.list_(pa.string()), st.lists(texts(max_size=5), max_size=2), "field 'prompt' must be a string"),
+    "timestamp": (pa.timestamp("us"), st.just(_TS), "field 'prompt' must be a string"),
+}
+TEXT_COLUMNS = {  # task and system
+    "string": (pa.string(), texts(max_size=20), None),
+    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1), "must be a string"),
+    "bool": (pa.bool_(), st.booleans(), "must be a string"),
+    "list": (pa.list_(pa.string()), st.lists(texts(max_size=5), max_size=2), "must be a string"),
+}
+ID_COLUMNS = {
+    "string": (pa.string(), texts(max_size=12) | st.sampled_from(["dup-1", "dup-2"]), None),
+    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1) | st.just(7), None),
+    "float": (pa.float64(), st.floats(), "field 'id' must be a string or integer"),
+    "bool": (pa.bool_(), st.booleans(), "field 'id' must be a string or integer"),
+}
+_GOOD_STRUCT = pa.struct([("max_words", pa.int64()), ("format", pa.string()), ("choices", pa.list_(pa.string()))])
+CONSTRAINT_COLUMNS = {
+    "struct": (_GOOD_STRUCT, st.fixed_dictionaries({
+        "max_words": st.none() | st.integers(-2**63, 2**63 - 1), "format": st.none() | texts(max_size=8),
+        "choices": st.none() | st.lists(texts(max_size=5), max_size=3)}), None),
+    "struct_timestamp": (pa.struct([("after", pa.timestamp("us"))]), st.just({"after": _TS}),
+                         "field 'constraints' is not JSON-serialisable"),
+    "struct_binary": (pa.struct([("blob", pa.binary())]), st.binary(max_size=8).map(lambda b: {"blob": b}),
+                      "field 'constraints' is not JSON-serialisable"),
+    "string": (pa.string(), texts(max_size=10), "field 'constraints' must be a JSON object"),
+    "list": (pa.list_(pa.int64()), st.lists(st.integers(0, 9), max_size=3), "field 'constraints' must be a JSON object"),
+}
+
+
+@st.composite
+def parquet_files(draw):
+    """(table, good: row -> expected row, bad: row -> reason fragments)."""
+    n = draw(st.integers(1, 12))
+    columns: dict[str, pa.Array] = {}
+    problems: list[dict[str, str]] = [{} for _ in range(n)]
+    records: list[dict] = [{} for _ in range(n)]
+    prompt_kind = draw(st.sampled_from(["string"] * 4 + sorted(PROMPT_COLUMNS) + ["absent"]))
+    if prompt_kind == "string":
+        values = []
+        for i in range(n):
+            choice = draw(st.sampled_from(["good", "good", "good", "null", "empty", "long"]))
+            value = {"good": good_prompts, "null": st.none(), "empty": whitespace(), "long": long_prompts()}[choice]
+            values.append(draw(value))
+            if choice != "good":
+                problems[i]["prompt"] = {"null": "missing required field 'prompt'", "empty": "prompt is empty",
+                                         "long": "prompt too long"}[choice]
+            records[i]["prompt"] = values[-1]
+        columns["prompt"] = pa.array(values, pa.string())
+    elif prompt_kind == "absent":
+        for problem in problems:
+            problem["prompt"] = "missing required field 'prompt'"
+    else:
+        arrow_type, strategy, reason = PROMPT_COLUMNS[prompt_kind]
+        values = [draw(strategy) for _ in range(n)]
+        columns["prompt"] = pa.array(values, arrow_type)
+        for problem in problems:
+            problem["prompt"] = reason
+    for field, kinds in (("system", TEXT_COLUMNS), ("task", TEXT_COLUMNS), ("id", ID_COLUMNS),
+                         ("constraints", CONSTRAINT_COLUMNS)):
+        kind = draw(st.sampled_from(["absent", *sorted(kinds)]))
+        if kind == "absent":
+            continue
+        arrow_type, strategy, reason = kinds[kind]
+        values = [draw(st.none() | strategy) for _ in range(n)]  # null is the same as absent
+        columns[field] = pa.array(values, arrow_type)
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            records[i][field] = value
+            if reason is not None:
+                problems[i][field] = f"field '{field}' {reason}" if reason.startswith("must") else reason
+    if not columns:
+        columns["note"] = pa.array(["x"] * n)
+    good, bad = {}, {}
+    for i, (record, problem) in enumerate(zip(records, problems), start=1):
+        first = next((problem[f] for f in ("prompt", "system", "task", "id", "constraints") if f in problem), None)
+        if first is None:
+            good[i] = expected_row(record)
+        else:
+            bad[i] = (first,)
+    return pa.table(columns), good, bad
+
+
+@fuzz(examples=500)
+@given(spec=parquet_files(), row_group_size=st.integers(1, 12))
+def test_parquet_wrong_column_types_are_quarantined_per_row(spec, row_group_size):
+    CASES["parquet"] += 1
+    table, good, bad = spec
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    path, batch = ingest(".parquet", buffer.getvalue())  # never raises
+    check_batch(path, batch, good, bad)
+
+
+@fuzz(examples=300)
+@given(spec=parquet_files(), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
+                                            max_size=20), compression=st.sampled_from(["snappy", "none", "zstd"]))
+def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flips, compression):
+    CASES["parquet_corrupt"] += 1
+    buffer = io.BytesIO()
+    pq.write_table(spec[0], buffer, compression=compression)
+    data = bytearray(buffer.getvalue())
+    for position, value in flips:
+        data[position % len(data)] = value
+    try:
+        _, batch = ingest(".parquet", bytes(data))
+    except UnreadableLogFile as error:
+        assert "not a readable Parquet file" in str(error)
+    else:
+        assert_lake_writable(batch)
+
+
+# -- whole files of garbage ---------------------------------------------------------------------
+
+
+@fuzz(examples=500)
+@given(data=st.binary(max_size=3000) | st.lists(st.binary(max_size=80), max_size=40).map(b"\n".join),
+       suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]))
+def test_random_bytes_never_crash_ingestion(data, suffix):
+    CASES["random_bytes"] += 1
+    try:
+        _, batch = ingest(suffix, data)
+    except UnreadableLogFile as error:
+        assert suffix in (".csv", ".parquet"), "a JSONL file is read line by line, never unreadable as a whole"
+        assert "not a readable" in str(error)
+        return
+    assert suffix != ".parquet", "random bytes are not a Parquet file"
+    assert_lake_writable(batch)
+    if suffix in (".jsonl", ".json"):
+        non_blank = sum(1 for line in data.split(b"\n") if line.strip())
+        assert len(batch.rows) + len(batch.quarantine) == non_blank
+
+
+# -- explicit cases -----------------------------------------------------------------------------
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def test_a_50_mb_single_line_is_quarantined_as_too_long_and_the_next_line_kept(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    size = 50 * 1024 * 1024
+    with path.open("wb") as handle:  # streamed, so the test itself holds no 50 MB copy
+        handle.write(b'{"id": "huge", "prompt": "')
+        for _ in range(50):
+            handle.write(b"a" * (1024 * 1024))
+        handle.write(b'"}\n{"id": "next", "prompt": "still here"}\n')
+    tracemalloc.start()
+    try:
+        batch = ingest_file(path, DataSettings())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    [reason] = batch.quarantine["reason"]
+    assert "too long" in reason and f"{size} chars" in reason
+    assert batch.quarantine["line_number"].tolist() == [1]
+    assert len(batch.quarantine["raw"].iloc[0]) <= 500
+    assert batch.rows[["external_id", "prompt", "line_number"]].values.tolist() == [["next", "still here", 2]]
+    assert peak < 6 * size, f"peak {peak / 2**20:.0f} MiB for a 50 MiB line"  # a few copies of the line, no more
+    assert_lake_writable(batch)
+
+
+def test_a_50_mb_csv_field_is_quarantined_and_the_next_row_kept(tmp_path):
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as handle:
+        handle.write(b"id,prompt\nhuge,")
+        for _ in range(50):
+            handle.write(b"a" * (1024 * 1024))
+        handle.write(b"\nnext,still here\n")
+    batch = ingest_file(path, DataSettings())
+    assert batch.quarantine["line_number"].tolist() == [1]
+    assert "field larger than field limit" in batch.quarantine["reason"].iloc[0]
+    assert batch.rows[["external_id", "prompt", "line_number"]].values.tolist() == [["next", "still here", 2]]
+
+
+def test_deeply_nested_json_lines_are_quarantined(tmp_path):
+    depth = 100_000
+    path = write_lines(tmp_path / "deep.jsonl", [
+        b"[" * depth,
+        b"[" * depth + b"]" * depth,
+        b'{"a":' * depth + b"1" + b"}" * depth,
+        b'{"prompt": "x", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
+        b'{"prompt": "kept", "constraints": {"a": ' + b"[" * 50 + b"]" * 50 + b"}}",  # nested, but not deeply
+    ])
+    batch = ingest_file(path, LIMITS)
+    assert batch.quarantine["line_number"].tolist() == [1, 2, 3, 4]
+    assert all("nested too deeply" in reason for reason in batch.quarantine["reason"])
+    assert batch.rows["prompt"].tolist() == ["kept"]
+    assert_lake_writable(batch)
+
+
+def test_a_jsonl_file_of_only_random_bytes_quarantines_every_line(tmp_path):
+    import random
+
+    rng = random.Random(20260)
+    data = bytes(rng.randrange(256) for _ in range(200_000))
+    path = tmp_path / "noise.jsonl"
+    path.write_bytes(data)
+    batch = ingest_file(path, LIMITS)
+    assert batch.rows.empty
+    assert len(batch.quarantine) == sum(1 for line in data.split(b"\n") if line.strip()) > 100
+    assert_lake_writable(batch)
+
+
+def test_random_bytes_named_parquet_are_reported_unreadable(tmp_path):
+    path = tmp_path / "noise.parquet"
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 10 + b"PAR1")
+    with pytest.raises(UnreadableLogFile, match="not a readable Parquet file"):
+        ingest_file(path, LIMITS)
+
+
+def test_a_corrupt_parquet_page_is_reported_unreadable_not_a_crash(tmp_path):
+    path = tmp_path / "corrupt.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(5000)]}), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    data[200:400] = b"\xff" * 200  # inside the first data page; the footer stays intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnreadableLogFile, match="not a readable Parquet file"):
+        ingest_file(path, LIMITS)
+
+
+def test_parquet_constraints_that_are_not_json_are_quarantined(tmp_path):
+    path = tmp_path / "app.parquet"
+    pq.write_table(pa.table({
+        "prompt": ["a", "b", "c"],
+        "constraints": pa.array([{"after": _TS}, None, {"after": None}], pa.struct([("after", pa.timestamp("us"))])),
+    }), path)
+    batch = ingest_file(path, LIMITS)
+    assert batch.quarantine["line_number"].tolist() == [1]
+    assert "not JSON-serialisable" in batch.quarantine["reason"].iloc[0]
+    assert batch.rows["prompt"].tolist() == ["b", "c"]
+    assert [_none_if_missing(c) for c in batch.rows["constraints"]] == [None, '{"after": null}']
+
+
+def test_duplicate_ids_are_all_kept_with_distinct_log_ids(tmp_path):
+    path = write_lines(tmp_path / "dup.jsonl", [
+        json.dumps({"id": "same", "prompt": "first"}).encode(),
+        json.dumps({"id": "same", "prompt": "second"}).encode(),
+        json.dumps({"id": "same", "prompt": "first"}).encode(),
+    ])
+    batch = ingest_file(path, LIMITS)
+    assert batch.quarantine.empty
+    assert batch.rows["external_id"].tolist() == ["same"] * 3
+    assert batch.rows["log_id"].is_unique
+    assert batch.rows["line_number"].tolist() == [1, 2, 3]
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(codecs.BOM_UTF8 + b'{"prompt": "first"}\n{"prompt": "second"}\n')
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes(codecs.BOM_UTF8 + b"prompt,task\nfirst,general\n")
+    assert ingest_file(jsonl, LIMITS).rows["prompt"].tolist() == ["first", "second"]
+    assert ingest_file(csv, LIMITS).rows["prompt"].tolist() == ["first"]
+
+
+def test_json_escapes_that_are_not_unicode_are_quarantined(tmp_path):
+    path = write_lines(tmp_path / "escapes.jsonl", [
+        b'{"prompt": "lone \\ud800 surrogate"}',
+        b'{"prompt": "ok", "system": "\\udfff"}',
+        b'{"prompt": "pair \\ud83d\\ude00 is fine"}',
+        b'{"prompt": "ok", "id": ' + b"1" * 5000 + b"}",
+        b'{"prompt": "ok", "id": true}',
+    ])
+    batch = ingest_file(path, LIMITS)
+    reasons = dict(zip(batch.quarantine["line_number"], batch.quarantine["reason"]))
+    assert sorted(reasons) == [1, 2, 4, 5]
+    assert "field 'prompt' is not valid Unicode" in reasons[1]
+    assert "field 'system' is not valid Unicode" in reasons[2]
+    assert "not valid JSON" in reasons[4] and "4300 digits" in reasons[4]
+    assert "field 'id' must be a string or integer, got bool" in reasons[5]
+    assert batch.rows["prompt"].tolist() == ["pair \U0001F600 is fine"]
+    assert_lake_writable(batch)
+
+
+def test_a_stray_quote_in_csv_costs_only_its_own_row(tmp_path):
+    path = tmp_path / "quotes.csv"
+    path.write_bytes(
+        b'id,prompt\n'
+        b'1,he said "hi" there\n'   # a quote inside an unquoted field is literal text
+        b'2,"unclosed\n'            # an unclosed quote would swallow the rest of the file
+        b'3,kept\n'
+        b'4,"multi\nline, quoted"\n'
+        b'5,"closed"junk\n'
+        b'6,a,b\n'
+        b'7,last\n'
+    )
+    batch = ingest_file(path, LIMITS)
+    assert batch.rows[["external_id", "line_number"]].values.tolist() == [["1", 1], ["3", 3], ["4", 4], ["7", 7]]
+    assert batch.rows["prompt"].tolist() == ['he said "hi" there', "kept", "multi\nline, quoted", "last"]
+    reasons = dict(zip(batch.quarantine["line_number"], batch.quarantine["reason"]))
+    assert reasons == {2: "not valid CSV: ',' expected after '\"'",  # where the swallowed text met row 4
+                       5: "not valid CSV: ',' expected after '\"'", 6: "CSV row has the wrong number of fields"}
+    assert batch.quarantine.set_index("line_number").loc[2, "raw"] == '2,"unclosed'
+    path.write_bytes(b'id,prompt\n1,"unclosed to the end\n2,swallowed then read again\n')
+    batch = ingest_file(path, LIMITS)
+    assert batch.quarantine[["line_number", "reason"]].values.tolist() == [[1, "not valid CSV: unexpected end of data"]]
+    assert batch.rows[["external_id", "line_number"]].values.tolist() == [["2", 2]]
+
+
+def test_csv_line_endings_of_every_kind_are_read(tmp_path):
+    path = tmp_path / "endings.csv"
+    for end in (b"\n", b"\r\n", b"\r"):
+        path.write_bytes(end.join([b"prompt,task", b'"two' + end + b'lines",general', b"one,general", b""]))
+        batch = ingest_file(path, LIMITS)
+        assert batch.quarantine.empty
+        assert batch.rows["prompt"].tolist() == ["two" + end.decode() + "lines", "one"]
+
+
+def test_csv_invalid_utf8_costs_only_its_own_row(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,task\ncaf\xe9,general\nfine,general\n")
+    batch = ingest_file(path, LIMITS)
+    assert batch.rows["prompt"].tolist() == ["fine"]
+    assert batch.quarantine[["line_number", "reason"]].values.tolist() == [[1, "line is not valid UTF-8"]]
+    assert "caf" in batch.quarantine["raw"].iloc[0]
+
+
+def test_a_csv_without_a_readable_header_is_unreadable(tmp_path):
+    for name, data in (("empty.csv", b""), ("binary.csv", b"\xff\xfe\x00garbage\n1,2\n")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(UnreadableLogFile, match="not a readable CSV file"):
+            ingest_file(path, LIMITS)
+
+
+def test_existing_csv_output_of_pandas_is_read_unchanged(tmp_path):
+    frame = pd.DataFrame({"id": ["a", "b"], "prompt": ['say "x", then y', "two\nlines"], "task": ["", "arithmetic"]})
+    path = tmp_path / "pandas.csv"
+    frame.to_csv(path, index=False)
+    batch = ingest_file(path, LIMITS)
+    assert batch.quarantine.empty
+    assert batch.rows[["external_id", "prompt", "task", "line_number"]].values.tolist() == [
+        ["a", 'say "x", then y', DEFAULT_TASK, 1], ["b", "two\nlines", "arithmetic", 2]]
