@@ -10,21 +10,19 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback
 
-from tao_pipeline.modeling import bf16_supported, build_chat, load_model, load_tokenizer
+from tao_pipeline.modeling import build_chat, load_model, load_tokenizer
 from tao_pipeline.prompts import DEFAULT_TASK
 from tao_pipeline.scoring import TaoScorer, prompt_constraints
 from tao_pipeline.scoring.base import PromptContext
 from tao_pipeline.settings import TrainingSettings
-from tao_pipeline.training import LossProgressBar, TrainingResult, save_checkpoint, step_logs
+from tao_pipeline.training import LossProgressBar, TrainingResult, save_checkpoint, step_logs, trainer_arguments
 
 REWARD_NAME = "tao_score"  # TRL logs the per-function reward as rewards/<name>/mean
 
@@ -110,22 +108,12 @@ def check_grpo_batch(settings: TrainingSettings) -> None:
 
 
 def grpo_config(settings: TrainingSettings, output_dir: str):
-    options = settings.grpo
     from trl import GRPOConfig
 
-    use_bf16 = bf16_supported() if settings.bf16 is None else settings.bf16
-    # TRL still passes the deprecated name; the warning is noise for our users.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-    # TRL's defaults (bf16 on, gradient checkpointing on, lr 1e-6, beta 0, temperature 1,
-    # 512-token completions) are set explicitly, and the loss and reward scaling are pinned
-    # because TRL has changed their defaults between releases.
+    options = settings.grpo
+    # TRL's GRPO defaults (beta 0, temperature 1, 512-token completions) are set from our settings,
+    # and the loss and reward scaling are pinned because TRL has changed their defaults before.
     return GRPOConfig(
-        output_dir=output_dir,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps or -1,
         num_generations=options.num_generations,
         max_completion_length=options.max_completion_length,
         temperature=options.temperature,
@@ -137,17 +125,8 @@ def grpo_config(settings: TrainingSettings, output_dir: str):
         vllm_mode="colocate",
         use_transformers_continuous_batching=False,
         remove_unused_columns=False,
-        bf16=use_bf16,
-        gradient_checkpointing=False,
-        logging_steps=1,
         log_completions=False,
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0,
+        **trainer_arguments(settings, output_dir),
     )
 
 

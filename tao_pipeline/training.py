@@ -70,33 +70,37 @@ def preference_dataset(pairs: pd.DataFrame):
     ])
 
 
+def trainer_arguments(settings: TrainingSettings, output_dir: str) -> dict[str, Any]:
+    """The TrainingArguments every TRL trainer here shares, with TRL's risky defaults set explicitly.
+
+    TRL defaults to bf16 and gradient checkpointing on and a 1e-6 learning rate; we decide each.
+    """
+    # TRL still passes the deprecated name; the warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    return {
+        "output_dir": output_dir,
+        "learning_rate": settings.learning_rate,
+        "per_device_train_batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "num_train_epochs": settings.epochs,
+        "max_steps": settings.max_steps or -1,
+        "bf16": bf16_supported() if settings.bf16 is None else settings.bf16,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": settings.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0,
+    }
+
+
 def dpo_config(settings: TrainingSettings, output_dir: str):
     from trl import DPOConfig
 
-    use_bf16 = bf16_supported() if settings.bf16 is None else settings.bf16
-    # TRL still passes the deprecated name; the warning is noise for our users.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
-    # TRL's defaults (bf16 on, gradient checkpointing on, lr 1e-6) are set explicitly here.
-    return DPOConfig(
-        output_dir=output_dir,
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps or -1,
-        max_length=settings.max_length,
-        bf16=use_bf16,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0,
-    )
+    return DPOConfig(beta=settings.beta, max_length=settings.max_length, **trainer_arguments(settings, output_dir))
 
 
 def train_dpo(
