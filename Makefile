@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tao round
+	$(VENV)/bin/tao demo
 
 test: setup
 	$(PY) -m pytest

@@ -43,12 +43,34 @@ def main() -> None:
 @_settings_options
 def round_command(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Ingest new usage logs and run one full TAO round through Dagster; print what improved."""
-    from tao_pipeline.runner import NothingNewError, run_round
+    from tao_pipeline.runner import NothingNewError
 
-    settings = _load(config_file, overrides)
     try:
-        report = run_round(config_file, list(overrides), echo=click.echo)
-    except (*_USER_ERRORS, NothingNewError) as error:
+        _run_and_report(config_file, list(overrides))
+    except NothingNewError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@_settings_options
+def demo(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """`tao round`; once every prompt has been used, rerun all of them from the current champion."""
+    from tao_pipeline.runner import NothingNewError
+
+    try:
+        _run_and_report(config_file, list(overrides))
+    except NothingNewError:
+        click.echo("every prompt was used by an earlier round: replaying them all from the current champion")
+        _run_and_report(config_file, [*overrides, "flywheel.replay_fraction=1.0"])
+
+
+def _run_and_report(config_file: str | None, overrides: list[str]) -> None:
+    from tao_pipeline.runner import run_round
+
+    settings = _load(config_file, tuple(overrides))
+    try:
+        report = run_round(config_file, overrides, echo=click.echo)
+    except _USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
     if not report.completed:
         raise click.ClickException(

@@ -8,21 +8,18 @@ to each prompt's group. The result is saved exactly like DPO's: merged safetenso
 from __future__ import annotations
 
 import math
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
-from transformers import ProgressCallback
 
-from tao_pipeline.modeling import build_chat, load_model, load_tokenizer
+from tao_pipeline.modeling import build_chat
 from tao_pipeline.prompts import DEFAULT_TASK
 from tao_pipeline.scoring import TaoScorer, prompt_constraints
 from tao_pipeline.scoring.base import PromptContext
 from tao_pipeline.settings import TrainingSettings
-from tao_pipeline.training import LossProgressBar, TrainingResult, save_checkpoint, step_logs, trainer_arguments
+from tao_pipeline.training import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
 
 REWARD_NAME = "tao_score"  # TRL logs the per-function reward as rewards/<name>/mean
 
@@ -136,33 +133,20 @@ def train_grpo(
     progress: bool = True,
 ) -> TrainingResult:
     """Tune the parent model with GRPO on the prompts and save merged weights (+ adapter) into output_dir."""
-    from peft import LoraConfig
     from trl import GRPOTrainer
 
     if prompts.empty:
         raise ValueError("no prompts to train on: GRPO needs at least one train prompt")
     check_grpo_batch(settings)
-    tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
-    model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
-    peft_config = LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        target_modules="all-linear", task_type="CAUSAL_LM",
-    ) if settings.use_lora else None
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = GRPOTrainer(
+    return fit_and_save(
+        lambda model, tokenizer, peft_config, scratch: GRPOTrainer(
             model=model, reward_funcs=scorer_reward_function(scorer, prompts),
             args=grpo_config(settings, scratch), train_dataset=prompt_dataset(prompts),
             processing_class=tokenizer, peft_config=peft_config,
-        )
-        trainer.remove_callback(ProgressCallback)
-        if progress:
-            trainer.add_callback(RewardProgressBar())
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
-    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora, result.log_history)
-    return result
+        ),
+        parent_path, settings, output_dir, bar=RewardProgressBar() if progress else None,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 class RewardProgressBar(LossProgressBar):

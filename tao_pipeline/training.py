@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -108,11 +108,27 @@ def train_dpo(
     *, trust_remote_code: bool = False, progress: bool = True,
 ) -> TrainingResult:
     """Tune the parent model on the pairs and save merged weights (+ adapter) into output_dir."""
-    from peft import LoraConfig
     from trl import DPOTrainer
 
     if pairs.empty:
         raise ValueError("no preference pairs to train on: lower pairs.min_margin or add prompts")
+    return fit_and_save(
+        lambda model, tokenizer, peft_config, scratch: DPOTrainer(
+            model=model, args=dpo_config(settings, scratch), train_dataset=preference_dataset(pairs),
+            processing_class=tokenizer, peft_config=peft_config,
+        ),
+        parent_path, settings, output_dir, bar=LossProgressBar() if progress else None,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def fit_and_save(
+    make_trainer: Callable[[Any, Any, Any, str], Any], parent_path: Path | str, settings: TrainingSettings,
+    output_dir: Path, *, bar: TrainerCallback | None, trust_remote_code: bool,
+) -> TrainingResult:
+    """Load the parent, train with the trainer ``make_trainer(model, tokenizer, peft_config, scratch)`` builds, save."""
+    from peft import LoraConfig
+
     tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
     peft_config = LoraConfig(
@@ -120,12 +136,10 @@ def train_dpo(
         target_modules="all-linear", task_type="CAUSAL_LM",
     ) if settings.use_lora else None
     with tempfile.TemporaryDirectory() as scratch:
-        config = dpo_config(settings, scratch)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=preference_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = make_trainer(model, tokenizer, peft_config, scratch)
         trainer.remove_callback(ProgressCallback)
-        if progress:
-            trainer.add_callback(LossProgressBar())
+        if bar is not None:
+            trainer.add_callback(bar)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started

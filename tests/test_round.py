@@ -169,3 +169,19 @@ def test_a_grpo_round_trains_on_prompts_with_the_scorer_as_reward(tmp_path, tiny
     metrics = json.loads(ModelStore(settings.models_dir).versions().set_index("version_id")
                          .loc[checkpoint["version_id"], "metrics"])
     assert metrics["steps"] == 2 and "last_reward" in metrics
+
+
+def test_tao_demo_replays_all_prompts_once_they_are_used(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from tao_pipeline.cli import main
+
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    first = CliRunner().invoke(main, ["demo", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "round-0001 finished" in first.output and "replaying" not in first.output
+    second = CliRunner().invoke(main, ["demo", "--config", str(config)])
+    assert second.exit_code == 0, second.output
+    assert "replaying them all from the current champion" in second.output and "round-0002 finished" in second.output
+    lake = Lake(load_settings(config).lake_dir)
+    assert len(lake.read("raw_prompts", "round-0002")) == len(lake.read("raw_prompts", "round-0001"))
