@@ -3,13 +3,11 @@
 import dagster as dg
 
 from tao_pipeline.assets.partitions import ROUNDS
-from tao_pipeline.sensors import ROUND_JOB, round_decision
+from tao_pipeline.sensors import ROUND_JOB, STARTUP_SETTINGS, round_decision
 from tao_pipeline.settings import load_settings
 
-_SETTINGS = load_settings()
 
-
-@dg.schedule(job_name=ROUND_JOB, cron_schedule=_SETTINGS.flywheel.schedule_cron,
+@dg.schedule(job_name=ROUND_JOB, cron_schedule=STARTUP_SETTINGS.flywheel.schedule_cron,
              default_status=dg.DefaultScheduleStatus.RUNNING)
 def periodic_round_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
     """Retune periodically from whatever arrived since the last round; skip when nothing did."""

@@ -12,10 +12,10 @@ from tao_pipeline.settings import TaoSettings, load_settings
 
 INGEST_JOB = "ingest_usage_logs"
 ROUND_JOB = "tao_round"
-_SETTINGS = load_settings()  # intervals are fixed when the code location loads
+STARTUP_SETTINGS = load_settings()  # intervals and the cron are fixed when the code location loads
 
 
-@dg.sensor(job_name=INGEST_JOB, minimum_interval_seconds=_SETTINGS.flywheel.sensor_interval_s,
+@dg.sensor(job_name=INGEST_JOB, minimum_interval_seconds=STARTUP_SETTINGS.flywheel.sensor_interval_s,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def usage_log_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """One log-batch partition and one ingest run per new file in the inbox (or in data.logs),
@@ -39,7 +39,7 @@ def usage_log_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | d
     )
 
 
-@dg.sensor(job_name=ROUND_JOB, minimum_interval_seconds=_SETTINGS.flywheel.sensor_interval_s,
+@dg.sensor(job_name=ROUND_JOB, minimum_interval_seconds=STARTUP_SETTINGS.flywheel.sensor_interval_s,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def new_prompts_round_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     """Open the next round once flywheel.min_new_prompts prompts are unused by any round."""

@@ -102,3 +102,16 @@ pool_samples = 2
 max_new_tokens = 8
 """)
     return config
+
+
+def three_prompts():
+    """Three prompts for generation tests: with a system prompt, without one, and with a NaN one."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.DataFrame({
+        "prompt_id": ["p-a", "p-b", "p-c"],
+        "prompt": ["What is 2 + 3? Reply with just the number.", "Name a colour.",
+                   "What is the capital of France? Answer with one word."],
+        "system": [np.nan, "You are a concise assistant.", None],
+    })

@@ -12,6 +12,7 @@ from tao_pipeline.generation import RESPONSE_COLUMNS, SamplingParams, build_gene
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
 from tao_pipeline.model_store import ModelNotFoundError
 from tao_pipeline.settings import GenerationSettings, ModelSettings
+from tests.helpers import three_prompts
 
 MAX_NEW = 6
 
@@ -23,12 +24,7 @@ def generator(tiny_model_dir):
 
 @pytest.fixture
 def prompts():
-    return pd.DataFrame({
-        "prompt_id": ["p-a", "p-b", "p-c"],
-        "prompt": ["What is 2 + 3? Reply with just the number.", "Name a colour.",
-                   "What is the capital of France? Answer with one word."],
-        "system": [np.nan, "You are a concise assistant.", None],
-    })
+    return three_prompts()
 
 
 def sampling(num_samples=3, **kwargs):

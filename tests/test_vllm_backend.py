@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,18 +18,14 @@ from tao_pipeline.generation.base import (
 )
 from tao_pipeline.generation.vllm_backend import request_seed, vllm_available
 from tao_pipeline.prompts import content_hash
+from tests.helpers import three_prompts
 
 MAX_NEW = 6
 
 
 @pytest.fixture
 def prompts():
-    return pd.DataFrame({
-        "prompt_id": ["p-a", "p-b", "p-c"],
-        "prompt": ["What is 2 + 3? Reply with just the number.", "Name a colour.",
-                   "What is the capital of France? Answer with one word."],
-        "system": [np.nan, "You are a concise assistant.", None],
-    })
+    return three_prompts()
 
 
 def sampling(num_samples=3, **kwargs):
