@@ -41,12 +41,13 @@ def main() -> None:
 
 @main.command("round")
 @_settings_options
-def round_command(config_file: str | None, overrides: tuple[str, ...]) -> None:
+@click.option("--rerun", metavar="ROUND", help="Re-materialize an existing round (new prompts join it; caches reused).")
+def round_command(config_file: str | None, overrides: tuple[str, ...], rerun: str | None) -> None:
     """Ingest new usage logs and run one full TAO round through Dagster; print what improved."""
     from tao_pipeline.runner import NothingNewError
 
     try:
-        _run_and_report(config_file, list(overrides))
+        _run_and_report(config_file, list(overrides), rerun=rerun)
     except NothingNewError as error:
         raise click.ClickException(str(error)) from None
 
@@ -64,12 +65,12 @@ def demo(config_file: str | None, overrides: tuple[str, ...]) -> None:
         _run_and_report(config_file, [*overrides, "flywheel.replay_fraction=1.0"])
 
 
-def _run_and_report(config_file: str | None, overrides: list[str]) -> None:
+def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | None = None) -> None:
     from tao_pipeline.runner import run_round
 
     settings = _load(config_file, tuple(overrides))
     try:
-        report = run_round(config_file, overrides, echo=click.echo)
+        report = run_round(config_file, overrides, echo=click.echo, rerun=rerun)
     except _USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
     if not report.completed:
@@ -77,11 +78,23 @@ def _run_and_report(config_file: str | None, overrides: list[str]) -> None:
             f"{report.round_id} failed before its evaluation; `tao ui` shows the failing step and its error"
         )
     click.echo(f"\n{report.round_id} finished in {report.seconds / 60:.1f} min\n")
-    table = report.before_after.astype(object).where(report.before_after.notna(), "-")
+    before_after = report.before_after.dropna(axis=1, how="all")  # no control column when the control is off
+    table = before_after.astype(object).where(before_after.notna(), "-")
     click.echo(table.to_markdown(index=False, floatfmt=".3f"))
+    if report.test_time is not None and len(report.test_time):
+        click.echo("\nlabeled accuracy: the base model with k samples vs one greedy pass of each model\n")
+        test_time = report.test_time.dropna(axis=1, how="all")
+        test_time = test_time.astype(object).where(test_time.notna(), "-")
+        click.echo(test_time.to_markdown(index=False, floatfmt=".3f"))
+    click.echo(f"\ncontrol arm: {report.control}")
+    if report.stages is not None and len(report.stages):
+        stages = report.stages.astype(object).where(report.stages.notna(), "-")
+        click.echo("\nstages (wall time, peak resident memory of the process):\n")
+        click.echo(stages.to_markdown(index=False))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
     click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb {settings.lake_dir / 'catalog.duckdb'})")
     click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")
+    click.echo(f"report:      {report.report_path}")
     click.echo("UI:          tao ui")
 
 

@@ -4,7 +4,7 @@ import dagster as dg
 
 from tao_pipeline.assets import INGEST_ASSETS, ROUND_ASSETS
 from tao_pipeline.assets.partitions import log_batches_partitions, rounds_partitions
-from tao_pipeline.checks import challenger_beats_champion
+from tao_pipeline.checks import EVALUATION_CHECKS
 from tao_pipeline.resources import build_resources
 from tao_pipeline.schedules import periodic_round_schedule
 from tao_pipeline.sensors import INGEST_JOB, ROUND_JOB, new_prompts_round_sensor, usage_log_sensor
@@ -24,7 +24,7 @@ ingest_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=[*INGEST_ASSETS, *ROUND_ASSETS],
-    asset_checks=[challenger_beats_champion],
+    asset_checks=EVALUATION_CHECKS,
     jobs=[tao_round_job, ingest_job],
     sensors=[usage_log_sensor, new_prompts_round_sensor],
     schedules=[periodic_round_schedule],

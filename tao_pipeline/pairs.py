@@ -60,3 +60,17 @@ def _drop_reason(group: pd.DataFrame, min_margin: float) -> str | None:
     if spread < min_margin:
         return "below_margin"
     return None
+
+
+def shuffle_directions(pairs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """The control arm's pairs: each pair's chosen and rejected swapped with probability 1/2 (deterministic).
+
+    Same prompts, same responses, same amount of training; only the direction of preference is random.
+    """
+    flip = pairs["pair_id"].map(lambda pid: int(content_hash("control", str(seed), pid), 16) % 2 == 1)
+    shuffled = pairs.copy()
+    for a, b in [("chosen", "rejected"), ("chosen_response_id", "rejected_response_id"),
+                 ("chosen_score", "rejected_score")]:
+        shuffled.loc[flip, a], shuffled.loc[flip, b] = pairs.loc[flip, b], pairs.loc[flip, a]
+    shuffled["margin"] = shuffled["chosen_score"] - shuffled["rejected_score"]
+    return shuffled

@@ -17,8 +17,8 @@ import pandas as pd
 
 from tao_pipeline.assets import INGEST_ASSETS, ROUND_ASSETS
 from tao_pipeline.assets.partitions import LOG_BATCHES, ROUNDS, next_round_key
-from tao_pipeline.checks import challenger_beats_champion
-from tao_pipeline.evaluation import decide, summarize
+from tao_pipeline.checks import EVALUATION_CHECKS
+from tao_pipeline.evaluation import compare_control, decide, summarize, tuned_vs_sampling_table
 from tao_pipeline.ingest import pending_log_files
 from tao_pipeline.lake import Lake
 from tao_pipeline.model_store import ModelStore
@@ -47,10 +47,35 @@ class RoundReport:
     seconds: float
     promoted: bool = False
     before_after: pd.DataFrame | None = None
+    test_time: pd.DataFrame | None = None
+    control: str = ""
     verdict: str = ""
+    report_path: str = ""
     champion: str = ""
     checkpoint: str = ""
     ingested: list[str] = field(default_factory=list)
+    stages: pd.DataFrame | None = None
+    run_id: str = ""
+
+
+def stage_timings(instance: dg.DagsterInstance, run_id: str) -> pd.DataFrame:
+    """Wall time per step of a run (from the event log) and each asset's recorded peak memory."""
+    wanted = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
+              dg.DagsterEventType.ASSET_MATERIALIZATION}
+    started, rows = {}, {}
+    for record in instance.all_logs(run_id, of_type=wanted):
+        event, step = record.dagster_event, record.step_key
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            started[step] = record.timestamp
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            memory = event.event_specific_data.materialization.metadata.get("peak_rss_mb")
+            rows.setdefault(step, {})["peak_rss_mb"] = memory.value if memory is not None else None
+        elif step in started:
+            rows.setdefault(step, {}).update(
+                seconds=round(record.timestamp - started[step], 1), status=event.event_type.value.split("_")[-1].lower())
+    table = pd.DataFrame([{"stage": step, **values} for step, values in rows.items()],
+                         columns=["stage", "seconds", "peak_rss_mb", "status"])
+    return table.sort_values("stage", key=lambda s: s.map(list(started).index)).reset_index(drop=True)
 
 
 def prepare_dagster_home(settings: TaoSettings) -> Path:
@@ -77,8 +102,12 @@ def ingest_new_files(instance: dg.DagsterInstance, settings: TaoSettings, resour
 
 
 def run_round(config_file: str | None = None, overrides: list[str] | None = None,
-              echo: Callable[[str], None] = print) -> RoundReport:
-    """Ingest what is new, open the next round (a dynamic partition) and materialize all its stages."""
+              echo: Callable[[str], None] = print, rerun: str | None = None) -> RoundReport:
+    """Ingest what is new, open the next round (a dynamic partition) and materialize all its stages.
+
+    ``rerun`` re-materializes an existing round instead: it takes in any newly ingested prompts no
+    other round used, keeps its starting model, and reuses every cached response and score.
+    """
     settings = load_settings(config_file, overrides)
     prepare_dagster_home(settings)
     resources = build_resources(config_file, overrides)
@@ -86,27 +115,38 @@ def run_round(config_file: str | None = None, overrides: list[str] | None = None
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         ingested = ingest_new_files(instance, settings, resources, echo)
-        if count_unused_prompts(Lake(settings.lake_dir)) == 0 and settings.flywheel.replay_fraction == 0:
-            raise NothingNewError(
-                f"every ingested prompt was used by an earlier round: drop new logs into {settings.inbox_dir} "
-                "or set flywheel.replay_fraction"
-            )
-        round_id = next_round_key(instance.get_dynamic_partitions(ROUNDS))
-        instance.add_dynamic_partitions(ROUNDS, [round_id])
-        echo(f"{round_id}: tuning {champion.version_id}")
-        dg.materialize([*ROUND_ASSETS, challenger_beats_champion], partition_key=round_id, instance=instance,
-                       raise_on_error=False, resources=resources, run_config=QUIET_RUN_CONFIG)
+        round_id = rerun or _open_round(instance, settings)
+        if rerun and rerun not in instance.get_dynamic_partitions(ROUNDS):
+            raise NothingNewError(f"there is no round {rerun!r} to rerun")
+        echo(f"{round_id}: " + ("re-materializing" if rerun else f"tuning {champion.version_id}"))
+        result = dg.materialize([*ROUND_ASSETS, *EVALUATION_CHECKS], partition_key=round_id, instance=instance,
+                                raise_on_error=False, resources=resources, run_config=QUIET_RUN_CONFIG)
+        stages = stage_timings(instance, result.run_id)
     report = RoundReport(round_id, Lake(settings.lake_dir).exists("checkpoint_evaluation", round_id),
-                         time.perf_counter() - started, ingested=ingested)
+                         time.perf_counter() - started, ingested=ingested, stages=stages, run_id=result.run_id)
     if report.completed:
         _fill_report(report, settings)
     return report
+
+
+def _open_round(instance: dg.DagsterInstance, settings: TaoSettings) -> str:
+    if count_unused_prompts(Lake(settings.lake_dir)) == 0 and settings.flywheel.replay_fraction == 0:
+        raise NothingNewError(
+            f"every ingested prompt was used by an earlier round: drop new logs into {settings.inbox_dir} "
+            "or set flywheel.replay_fraction"
+        )
+    round_id = next_round_key(instance.get_dynamic_partitions(ROUNDS))
+    instance.add_dynamic_partitions(ROUNDS, [round_id])
+    return round_id
 
 
 def _fill_report(report: RoundReport, settings: TaoSettings) -> None:
     lake = Lake(settings.lake_dir)
     rows = lake.read("checkpoint_evaluation", report.round_id)
     report.before_after = summarize(rows)
+    report.test_time = tuned_vs_sampling_table(rows)
+    report.control = compare_control(rows, settings.evaluation).message
+    report.report_path = str(settings.reports_dir / report.round_id / "report.md")
     verdict = decide(rows, settings.evaluation)
     report.champion = ModelStore(settings.models_dir).champion(settings.model).version_id
     report.checkpoint = str(lake.read("tuned_checkpoint", report.round_id)["path"].iloc[0])

@@ -136,6 +136,10 @@ class EvaluationSettings(_Section):
     min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
     max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
     max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
+    test_time_k: int = Field(8, ge=0, le=64, description="Base-model samples for maj@k and best-of-k (0: skip).")
+    control_arm: bool = Field(False, description="Also train on shuffled preference directions, as a control.")
+    control_margin: float = Field(0.02, ge=0.0, le=1.0,
+                                  description="Alarm when the control's gain comes within this of the real gain.")
 
 
 _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
@@ -179,6 +183,12 @@ class TaoSettings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
 
+    @model_validator(mode="after")
+    def _control_needs_pairs(self) -> TaoSettings:
+        if self.evaluation.control_arm and self.training.method != "dpo":
+            raise ValueError("evaluation.control_arm shuffles preference pairs, so it needs training.method='dpo'")
+        return self
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, home: Path) -> Path:
@@ -212,6 +222,15 @@ class TaoSettings(_Section):
     @property
     def dagster_home(self) -> Path:
         return self.home / "dagster"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def controls_dir(self) -> Path:
+        """Control-arm checkpoints: kept out of the registry, so they can never be promoted."""
+        return self.models_dir / "controls"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

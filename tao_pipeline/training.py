@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
 from tao_pipeline.model_store import ModelStore, ModelVersion, atomic_directory
+from tao_pipeline.pairs import shuffle_directions
 from tao_pipeline.modeling import bf16_supported, build_chat, load_model, load_tokenizer
 from tao_pipeline.prompts import content_hash
 from tao_pipeline.settings import TaoSettings, TrainingSettings
@@ -213,6 +214,36 @@ def tune_checkpoint(
         raise ValueError("training.method='grpo' needs the round's train prompts")
     source_ids = prompts["prompt_id"].tolist() if grpo else pairs["pair_id"].tolist()
     version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, training)
+    path, result = _train_into(store.checkpoint_dir(version_id), parent, pairs, prompts, settings, progress)
+    trained_on = {"prompts": len(prompts)} if grpo else {"pairs": len(pairs)}
+    version = store.register(
+        version_id, path, parent_version=parent.version_id, round_id=round_id,
+        method=f"{training.method}+lora" if training.use_lora else training.method,
+        hyperparameters=training.model_dump(), metrics={**result.metrics(), **trained_on},
+    )
+    return version, result
+
+
+def train_control(
+    parent: ModelVersion, pairs: pd.DataFrame, settings: TaoSettings, round_id: str, progress: bool = True,
+) -> tuple[str, Path, TrainingResult]:
+    """The control arm: the same DPO run on the same pairs with random preference directions.
+
+    Saved under models/controls/, outside the registry, so a control can never be promoted.
+    """
+    shuffled = shuffle_directions(pairs, settings.training.seed)
+    version_id = "control-" + checkpoint_version_id(round_id, parent.version_id, pairs["pair_id"].tolist(),
+                                                    settings.training)
+    path, result = _train_into(settings.controls_dir / version_id, parent, shuffled, None, settings, progress)
+    return version_id, path, result
+
+
+def _train_into(
+    target: Path, parent: ModelVersion, pairs: pd.DataFrame, prompts: pd.DataFrame | None, settings: TaoSettings,
+    progress: bool,
+) -> tuple[Path, TrainingResult]:
+    training = settings.training
+    grpo = training.method == "grpo"
     results: list[TrainingResult] = []
 
     def train(staging: Path) -> None:
@@ -233,12 +264,5 @@ def tune_checkpoint(
             results.append(train_dpo(parent.path, pairs, training, staging,
                                      trust_remote_code=settings.model.trust_remote_code, progress=progress))
 
-    path = atomic_directory(store.checkpoint_dir(version_id), train)
-    result = results[0]
-    trained_on = {"prompts": len(prompts)} if grpo else {"pairs": len(pairs)}
-    version = store.register(
-        version_id, path, parent_version=parent.version_id, round_id=round_id,
-        method=f"{training.method}+lora" if training.use_lora else training.method,
-        hyperparameters=training.model_dump(), metrics={**result.metrics(), **trained_on},
-    )
-    return version, result
+    path = atomic_directory(target, train)
+    return path, results[0]

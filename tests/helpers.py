@@ -100,6 +100,7 @@ bf16 = false
 [evaluation]
 pool_samples = 2
 max_new_tokens = 8
+test_time_k = 4
 """)
     return config
 

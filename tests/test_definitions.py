@@ -9,7 +9,7 @@ import dagster as dg
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"raw_prompts", "candidate_responses", "response_scores", "preference_pairs",
-          "tuned_checkpoint", "checkpoint_evaluation", "champion"}
+          "tuned_checkpoint", "control_checkpoint", "checkpoint_evaluation", "champion"}
 ALL_ASSETS = STAGES | {"usage_logs"}
 
 
@@ -36,7 +36,19 @@ def test_lineage_runs_from_prompts_to_champion():
     assert upstream["raw_prompts"] == {"usage_logs"}
     assert upstream["candidate_responses"] == {"raw_prompts"}
     assert upstream["tuned_checkpoint"] == {"preference_pairs"}
+    assert upstream["control_checkpoint"] == {"preference_pairs"}
+    assert upstream["checkpoint_evaluation"] == {"tuned_checkpoint", "control_checkpoint"}
     assert upstream["champion"] == {"checkpoint_evaluation"}
+
+
+def test_evaluation_has_the_promotion_gate_and_two_warnings():
+    from tao_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    names = {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey("checkpoint_evaluation")}
+    assert names == {"challenger_beats_champion", "tao_beats_control", "reward_tracks_accuracy"}
+    job_checks = {key.name for key in defs.resolve_job_def("tao_round").asset_layer.asset_graph.asset_check_keys}
+    assert names <= job_checks
 
 
 def _validate(env_extra: dict) -> subprocess.CompletedProcess:

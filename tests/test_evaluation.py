@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from tests.helpers import build_tiny_model
-from tao_pipeline.evaluation import Contender, decide, evaluate, summarize, win_rate
+from tao_pipeline.evaluation import (
+    EVALUATION_COLUMNS, Contender, compare_control, decide, evaluate, summarize, tuned_vs_sampling_table, win_rate,
+)
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.scoring.extractors import answer_matches
 from tao_pipeline.settings import (
@@ -18,10 +20,10 @@ from tao_pipeline.settings import (
     TaoSettings,
 )
 
-SIDES = ("champion", "challenger")
-EXPECTED_COLUMNS = {"prompt_id", "task", "prompt", "outcome"} | {
-    f"{side}_{name}" for side in SIDES for name in ("version", "response", "answer", "score", "chars", "correct")
-}
+EXPECTED_COLUMNS = {"prompt_id", "task", "prompt", "outcome", "control_outcome", "base_version", "k"} | {
+    f"{side}_{name}" for side in ("champion", "challenger", "control")
+    for name in ("version", "response", "answer", "score", "chars", "correct")
+} | {f"{method}_{name}" for method in ("base_greedy", "base_majority", "base_best_of_k") for name in ("answer", "correct")}
 
 
 @pytest.fixture
@@ -117,9 +119,10 @@ def test_win_rate(outcomes, expected):
     assert win_rate(pd.Series(outcomes, dtype=object)) == pytest.approx(expected)
 
 
-def result_rows(outcomes, champion_correct=None, challenger_correct=None, tasks=None) -> pd.DataFrame:
+def result_rows(outcomes, champion_correct=None, challenger_correct=None, tasks=None, **extra) -> pd.DataFrame:
     n = len(outcomes)
-    return pd.DataFrame({
+    frame = pd.DataFrame({column: [None] * n for column in EVALUATION_COLUMNS})
+    return frame.assign(**{
         "prompt_id": [f"p{i}" for i in range(n)],
         "task": tasks or ["arithmetic"] * n,
         "outcome": outcomes,
@@ -129,6 +132,7 @@ def result_rows(outcomes, champion_correct=None, challenger_correct=None, tasks=
         "challenger_chars": [4] * n,
         "champion_correct": champion_correct if champion_correct is not None else [None] * n,
         "challenger_correct": challenger_correct if challenger_correct is not None else [None] * n,
+        **extra,
     })
 
 
@@ -139,7 +143,8 @@ def test_summarize_table():
         tasks=["arithmetic", "arithmetic", "short_answer", "short_answer"],
     )
     table = summarize(rows)
-    assert list(table.columns) == ["metric", "champion", "challenger", "n"]
+    assert list(table.columns) == ["metric", "champion", "challenger", "control", "n"]
+    assert table["control"].isna().all()  # no control arm in these rows
     by_metric = table.set_index("metric")
     assert table["metric"].tolist() == [
         "label-free score (all)", "labeled accuracy (all)", "challenger win rate (all)",
@@ -186,3 +191,94 @@ def test_decide_ignores_unlabeled_rows_for_accuracy():
     verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is True
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.0, 1.0)
+
+
+# -- test-time compute and the control arm -------------------------------------------------
+
+
+def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_path, heldout):
+    from collections import Counter
+
+    from tao_pipeline.generation import GenerationCache, LazyGenerator, SamplingParams
+
+    other = build_tiny_model(tmp_path / "other-model", seed=1)
+    settings = tao_settings(tmp_path, tiny_model_dir)
+    settings.evaluation.test_time_k = 4
+    labels = {"What is 2 + 3? Reply with just the number.": ["5"], "What is the capital of France?": ["Paris"]}
+    scorer = build_scorer(ScoringSettings())
+    base = Contender("base-tiny", tiny_model_dir)
+    rows = evaluate(heldout, base, Contender("tuned", other), scorer, labels, settings, progress=False,
+                    base=base, control=Contender("control-tuned", other))
+    assert set(rows.columns) == EXPECTED_COLUMNS and (rows["k"] == 4).all()
+    assert (rows["base_version"] == "base-tiny").all()
+    # The control here has the challenger's weights, so it answers and scores the same way.
+    assert rows["control_response"].tolist() == rows["challenger_response"].tolist()
+    assert rows["control_outcome"].tolist() == rows["outcome"].tolist()
+    # The base is the champion: its pass@1 answer is the champion's greedy answer.
+    assert rows["base_greedy_answer"].tolist() == rows["champion_answer"].tolist()
+    # maj@k is the most common extracted answer of the k cached base samples (read back without a model).
+    unloadable = LazyGenerator("base-tiny", lambda: pytest.fail("the base samples should all be cached"))
+    params = SamplingParams(4, settings.evaluation.max_new_tokens, temperature=settings.generation.temperature,
+                            top_p=settings.generation.top_p, seed=settings.generation.seed + 2)
+    cache = GenerationCache(settings.cache_dir, settings.generation.shard_prompts,
+                            settings.generation.max_prompt_tokens)
+    samples, stats = cache.generate(unloadable, heldout, params, progress=False)
+    assert stats.generated_prompts == 0 and len(samples) == 4 * len(heldout)
+    for row in rows.itertuples():
+        from tao_pipeline.scoring import PromptContext
+
+        context = PromptContext(row.prompt, row.task)
+        answers = scorer.answers(context, samples[samples["prompt_id"] == row.prompt_id]["response"].tolist())
+        votes = Counter(a for a in answers if a is not None)
+        expected = votes.most_common(1)[0][0] if votes else None
+        assert row.base_majority_answer == expected or (expected is None and pd.isna(row.base_majority_answer))
+    assert rows["base_majority_correct"].isna().tolist() == [False, False, True]
+
+
+def test_evaluate_skips_base_sampling_when_k_is_zero(tiny_model_dir, tmp_path, heldout):
+    settings = tao_settings(tmp_path, tiny_model_dir)
+    settings.evaluation.test_time_k = 0
+    rows = evaluate(heldout, Contender("a", tiny_model_dir), Contender("b", tiny_model_dir),
+                    build_scorer(ScoringSettings()), {}, settings, progress=False)
+    assert rows["base_majority_answer"].isna().all() and rows["control_response"].isna().all()
+
+
+def _labeled(**columns) -> pd.DataFrame:
+    n = len(next(iter(columns.values())))
+    return result_rows(["win"] * n, tasks=["arithmetic", "arithmetic", "short_answer", "short_answer"][:n], **columns)
+
+
+def test_tuned_vs_sampling_table_says_whether_one_tuned_pass_reaches_maj_at_k():
+    rows = _labeled(
+        base_greedy_correct=[True, False, False, False], base_majority_correct=[True, True, False, False],
+        base_best_of_k_correct=[True, True, True, False], champion_correct=[True, False, False, False],
+        challenger_correct=[True, True, False, True], control_correct=[True, False, False, False],
+    )
+    table = tuned_vs_sampling_table(rows).set_index("task")
+    assert table.loc["all", ["base pass@1", "base maj@k", "base best-of-k", "tuned greedy", "control greedy"]].tolist() \
+        == [0.25, 0.5, 0.75, 0.75, 0.25]
+    assert table.loc["arithmetic", "tuned_reaches_majority"] and table.loc["short_answer", "tuned_reaches_majority"]
+    rows["challenger_correct"] = [True, False, False, False]
+    table = tuned_vs_sampling_table(rows).set_index("task")
+    assert not table.loc["all", "tuned_reaches_majority"] and not table.loc["arithmetic", "tuned_reaches_majority"]
+
+
+def test_control_alarm_when_random_directions_gain_as_much():
+    settings = EvaluationSettings(control_margin=0.02)
+    base = dict(champion_correct=[True, False, False, False], challenger_correct=[True, True, True, False])
+    fine = compare_control(_labeled(**base, control_correct=[True, False, False, False],
+                                    control_response=["x"] * 4), settings)
+    assert fine.enabled and not fine.alarm and (fine.tao_gain, fine.control_gain) == (0.5, 0.0)
+    loud = compare_control(_labeled(**base, control_correct=[True, True, True, False],
+                                    control_response=["x"] * 4), settings)
+    assert loud.alarm and "CONTROL GAINS AS MUCH AS TAO" in loud.message
+    off = compare_control(_labeled(**base), settings)
+    assert not off.enabled and not off.alarm and "evaluation.control_arm" in off.message
+
+
+def test_control_without_labels_compares_win_rates():
+    rows = result_rows(["win", "win", "win", "loss"], control_outcome=["win", "loss", "loss", "tie"],
+                       control_response=["x"] * 4)
+    verdict = compare_control(rows, EvaluationSettings())
+    assert verdict.measure == "label-free win rate" and not verdict.alarm
+    assert verdict.tao_gain == 0.25 and verdict.control_gain == pytest.approx(-0.125, abs=1e-3)

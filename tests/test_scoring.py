@@ -308,3 +308,32 @@ def test_score_responses_records_failures():
     assert scores["score"].tolist() == [0.0, 0.0]
     assert [json.loads(f) for f in scores["failures"]] == [{"self_consistency": "RuntimeError: judge unavailable"}] * 2
     assert json.loads(scores["score_parts"].iloc[0]) == {"self_consistency": None}
+
+
+# -- the score cache ----------------------------------------------------------------------
+
+
+def test_score_cache_scores_each_candidate_group_once(tmp_path):
+    from tao_pipeline.scoring import ScoreCache
+
+    settings = ScoringSettings()
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 1 + 1?", "What is 2 + 2?"],
+                            "system": [None, None], "task": ["arithmetic", "arithmetic"]})
+    candidates = pd.DataFrame({"response_id": ["a1", "a2", "b1", "b2"], "prompt_id": ["a", "a", "b", "b"],
+                               "response": ["2", "2", "4", "5"]})
+    scorer = build_scorer(settings)
+    calls = []
+    original = scorer.score
+    scorer.score = lambda context, responses: calls.append(context.prompt) or original(context, responses)
+    cache = ScoreCache(tmp_path, settings)
+    first = score_responses(candidates, prompts, scorer, progress=False, cache=cache)
+    assert len(calls) == 2
+    again = score_responses(candidates, prompts, scorer, progress=False, cache=cache)
+    assert len(calls) == 2
+    pd.testing.assert_frame_equal(first, again)
+    changed = candidates.assign(response_id=["a1", "a2", "b1", "b3"], response=["2", "2", "4", "4"])
+    rescored = score_responses(changed, prompts, scorer, progress=False, cache=cache)
+    assert calls[2:] == ["What is 2 + 2?"]  # only the prompt whose candidates changed
+    assert rescored["response_id"].tolist() == ["a1", "a2", "b1", "b3"] and rescored["score"].tolist()[2:] == [1.0, 1.0]
+    other_settings = ScoringSettings(min_agreement=0.9)
+    assert ScoreCache(tmp_path, other_settings).folder != cache.folder

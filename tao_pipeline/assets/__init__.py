@@ -6,10 +6,10 @@ from tao_pipeline.assets.ingest import usage_logs
 from tao_pipeline.assets.pairs import preference_pairs
 from tao_pipeline.assets.prompts import raw_prompts
 from tao_pipeline.assets.scoring import response_scores
-from tao_pipeline.assets.training import tuned_checkpoint
+from tao_pipeline.assets.training import control_checkpoint, tuned_checkpoint
 
 ROUND_ASSETS = [
     raw_prompts, candidate_responses, response_scores, preference_pairs,
-    tuned_checkpoint, checkpoint_evaluation, champion,
+    tuned_checkpoint, control_checkpoint, checkpoint_evaluation, champion,
 ]
 INGEST_ASSETS = [usage_logs]

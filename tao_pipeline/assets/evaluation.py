@@ -3,35 +3,53 @@
 import dagster as dg
 
 from tao_pipeline.assets.generation import HEAVY_POOL
-from tao_pipeline.assets.metadata import md_table
+from tao_pipeline.assets.metadata import md_table, plot
 from tao_pipeline.assets.partitions import rounds_partitions
-from tao_pipeline.evaluation import Contender, decide, evaluate, summarize
+from tao_pipeline.evaluation import Contender, compare_control, decide, evaluate, summarize, tuned_vs_sampling_table
+from tao_pipeline.profiling import PeakMemory
 from tao_pipeline.prompts import load_labels
+from tao_pipeline.reporting import (
+    accuracy_per_round_plot, accuracy_per_task_plot, collapse_alerts, log_history_of, round_history,
+    score_distribution_plot, training_curves_plot, write_round_report,
+)
 from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
 from tao_pipeline.scoring import build_scorer
 
 
-@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["tuned_checkpoint"],
+@dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["tuned_checkpoint", "control_checkpoint"],
           kinds={"pytorch", "parquet"}, pool=HEAVY_POOL)
 def checkpoint_evaluation(
     context: dg.AssetExecutionContext, settings: TaoSettingsResource, lake: LakeResource,
     model_store: ModelStoreResource,
 ) -> dg.MaterializeResult:
-    """Label-free win rate on held-out prompts, plus labeled accuracy where a labels file is configured."""
+    """Held-out evaluation: win rate, labeled accuracy, base maj@k/best-of-k, the control; writes the round report."""
     config = settings.get()
     store, round_id = lake.get(), context.partition_key
     prompts = store.read("raw_prompts", round_id)
     checkpoint = store.read("tuned_checkpoint", round_id).iloc[0]
+    control = store.read("control_checkpoint", round_id).iloc[0] if store.exists("control_checkpoint", round_id) \
+        else None
     models = model_store.get()
     parent = models.get(checkpoint["parent_version"])
-    rows = evaluate(
-        prompts[prompts["split"] == "heldout"],
-        Contender(parent.version_id, parent.path), Contender(checkpoint["version_id"], checkpoint["path"]),
-        build_scorer(config.scoring, config.cache_dir), load_labels(config.data.labels), config,
-    )
+    base = models.ancestors(parent.version_id)[-1]
+    with PeakMemory() as memory:
+        rows = evaluate(
+            prompts[prompts["split"] == "heldout"],
+            Contender(parent.version_id, parent.path), Contender(checkpoint["version_id"], checkpoint["path"]),
+            build_scorer(config.scoring, config.cache_dir), load_labels(config.data.labels), config,
+            base=Contender(base.version_id, base.path),
+            control=Contender(control["version_id"], control["path"]) if control is not None and control["enabled"]
+            else None,
+        )
     path = store.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
-    table = summarize(rows)
-    verdict = decide(rows, config.evaluation)
+    verdict, control_verdict = decide(rows, config.evaluation), compare_control(rows, config.evaluation)
+    history = round_history(store)
+    alerts = collapse_alerts(history)
+    for warning in ([control_verdict.message] if control_verdict.alarm else []) + alerts:
+        context.log.warning(warning)
+    plots = _plots(store, round_id, rows, history)
+    report = write_round_report(config.reports_dir / round_id, round_id, rows, verdict, control_verdict,
+                                history, alerts, plots)
     models.add_metrics(checkpoint["version_id"], {
         "heldout_win_rate": verdict.win_rate, "heldout_accuracy": verdict.challenger_accuracy,
         "parent_heldout_accuracy": verdict.champion_accuracy,
@@ -42,10 +60,28 @@ def checkpoint_evaluation(
         "champion_accuracy": verdict.champion_accuracy,
         "challenger_accuracy": verdict.challenger_accuracy,
         "verdict": ("promote: " if verdict.promote else "keep champion: ") + verdict.reason,
-        "before_after": md_table(table, rows=50),
+        "control_arm": control_verdict.message,
+        "collapse_guard": "; ".join(alerts) or "ok: no round where reward rose while accuracy fell",
+        **memory.metadata(),
+        "before_after": md_table(summarize(rows), rows=50),
+        "test_time_compute": md_table(tuned_vs_sampling_table(rows), rows=20),
+        **{name: plot(png) for name, png in plots.items()},
+        "rounds": md_table(history, rows=50),
         "examples": md_table(rows[["task", "prompt", "champion_response", "challenger_response", "outcome"]]),
+        "report": dg.MetadataValue.path(str(report)),
         "path": dg.MetadataValue.path(str(path)),
     })
+
+
+def _plots(store, round_id: str, rows, history) -> dict[str, bytes]:
+    plots = {}
+    if store.exists("response_scores", round_id):
+        plots["score_distribution"] = score_distribution_plot(store.read("response_scores", round_id))
+    plots["training_curves"] = training_curves_plot(log_history_of(store.read("tuned_checkpoint", round_id)))
+    if rows["champion_correct"].notna().any():
+        plots["accuracy_per_task"] = accuracy_per_task_plot(rows)
+        plots["accuracy_per_round"] = accuracy_per_round_plot(history)
+    return plots
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["checkpoint_evaluation"],

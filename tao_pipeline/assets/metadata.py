@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 import dagster as dg
@@ -37,3 +38,9 @@ def sparkline(values: Sequence[float]) -> str:
     low, high = min(values), max(values)
     span = (high - low) or 1.0
     return "".join(_BLOCKS[round((v - low) / span * (len(_BLOCKS) - 1))] for v in values)
+
+
+def plot(png: bytes) -> dg.MetadataValue:
+    """A PNG shown inline in the asset's metadata panel (markdown with a data URI)."""
+    encoded = base64.b64encode(png).decode("ascii")
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{encoded})")

@@ -3,9 +3,23 @@
 from pathlib import Path
 
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams
-from tao_pipeline.settings import GenerationSettings, ModelSettings
+from tao_pipeline.generation.cache import CacheStats, GenerationCache, LazyGenerator
+from tao_pipeline.settings import GenerationSettings, ModelSettings, TaoSettings
 
-__all__ = ["RESPONSE_COLUMNS", "GenerationStats", "Generator", "SamplingParams", "build_generator"]
+__all__ = [
+    "RESPONSE_COLUMNS", "CacheStats", "GenerationCache", "GenerationStats", "Generator", "LazyGenerator",
+    "SamplingParams", "build_generator", "generation_cache", "lazy_generator",
+]
+
+
+def generation_cache(settings: TaoSettings) -> GenerationCache:
+    return GenerationCache(settings.cache_dir, settings.generation.shard_prompts, settings.generation.max_prompt_tokens)
+
+
+def lazy_generator(model_path: Path | str, model_version: str, settings: TaoSettings) -> LazyGenerator:
+    """A generator for the model that is only loaded if the cache lacks something."""
+    return LazyGenerator(model_version, lambda: build_generator(model_path, model_version, settings.generation,
+                                                                settings.model))
 
 
 def build_generator(

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from tao_pipeline.prompts import content_hash
 from tao_pipeline.scoring.base import PromptContext, Scorer
 from tao_pipeline.scoring.composite import CompositeScorer, TaskRecipe
 from tao_pipeline.scoring.extractors import get_extractor
 from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
 from tao_pipeline.settings import ScoringSettings
+
+SCORE_SHARD_PROMPTS = 64  # prompts scored between two cache writes
 
 def prompt_constraints(row) -> dict:
     """The per-prompt constraints column (JSON text) as a dict; absent or empty -> {}."""
@@ -23,7 +27,10 @@ def prompt_constraints(row) -> dict:
 
 SCORE_COLUMNS = ["response_id", "prompt_id", "task", "answer", "score", "score_parts", "failures"]
 
-__all__ = ["CompositeScorer", "PromptContext", "Scorer", "SCORE_COLUMNS", "build_scorer", "score_responses"]
+__all__ = [
+    "CompositeScorer", "PromptContext", "ScoreCache", "Scorer", "SCORE_COLUMNS", "build_scorer", "group_key",
+    "score_responses",
+]
 
 
 class TaoScorer(CompositeScorer):
@@ -53,23 +60,81 @@ def build_scorer(settings: ScoringSettings, cache_dir: Path | None = None) -> Ta
 
 
 def score_responses(
-    candidates: pd.DataFrame, prompts: pd.DataFrame, scorer: TaoScorer, progress: bool = True
+    candidates: pd.DataFrame, prompts: pd.DataFrame, scorer: TaoScorer, progress: bool = True,
+    cache: ScoreCache | None = None,
 ) -> pd.DataFrame:
-    """One score row per candidate, with the per-scorer parts kept so lineage shows why it won."""
+    """One score row per candidate, with the per-scorer parts kept so lineage shows why it won.
+
+    With a cache, prompts whose exact candidate group was scored before under the same scoring
+    settings are not scored again, and newly scored prompts are saved shard by shard, so a
+    killed run resumes where it stopped.
+    """
     columns = [c for c in ["prompt_id", "prompt", "system", "task", "constraints"] if c in prompts.columns]
     merged = candidates.merge(prompts[columns], on="prompt_id", how="left")
-    rows: list[dict] = []
-    groups = merged.groupby("prompt_id", sort=True)
-    for prompt_id, group in tqdm(groups, total=groups.ngroups, desc="score", unit="prompt", disable=not progress):
-        first = group.iloc[0]
-        context = PromptContext(first["prompt"], first["task"], first["system"], prompt_constraints(first))
-        responses = group["response"].tolist()
-        result = scorer.score(context, responses)
-        answers = scorer.answers(context, responses)
-        for i, response_id in enumerate(group["response_id"]):
-            rows.append({
-                "response_id": response_id, "prompt_id": prompt_id, "task": context.task, "answer": answers[i],
-                "score": result.scores[i], "score_parts": result.parts_json(i),
-                "failures": json.dumps(result.failures[i]) if result.failures[i] else None,
-            })
-    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+    groups = {prompt_id: group for prompt_id, group in merged.groupby("prompt_id", sort=True)}
+    keys = {prompt_id: group_key(group) for prompt_id, group in groups.items()}
+    cached = cache.load(set(keys.values())) if cache else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
+    todo = [prompt_id for prompt_id, key in keys.items() if key not in set(cached["group_key"])]
+    tables = [cached]
+    bar = tqdm(total=len(todo), desc="score", unit="prompt", disable=not progress or not todo)
+    for start in range(0, len(todo), SCORE_SHARD_PROMPTS):
+        rows = []
+        for prompt_id in todo[start : start + SCORE_SHARD_PROMPTS]:
+            rows.extend(_score_group(groups[prompt_id], scorer, keys[prompt_id]))
+            bar.update(1)
+        shard = pd.DataFrame(rows, columns=[*SCORE_COLUMNS, "group_key"])
+        if cache:
+            cache.save(shard)
+        tables.append(shard)
+    bar.close()
+    table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
+        else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
+    order = candidates[["response_id"]].reset_index(drop=True)
+    return order.merge(table, on="response_id", how="left")[SCORE_COLUMNS]
+
+
+def group_key(group: pd.DataFrame) -> str:
+    """What a prompt's scores depend on: the prompt with its task and constraints, and its exact candidates."""
+    first = group.iloc[0]
+    context = [str(first.get(c)) for c in ("prompt", "system", "task", "constraints")]
+    return content_hash(*context, *sorted(group["response_id"]))
+
+
+def _score_group(group: pd.DataFrame, scorer: TaoScorer, key: str) -> list[dict]:
+    first = group.iloc[0]
+    context = PromptContext(first["prompt"], first["task"], first["system"], prompt_constraints(first))
+    responses = group["response"].tolist()
+    result = scorer.score(context, responses)
+    answers = scorer.answers(context, responses)
+    return [{
+        "response_id": response_id, "prompt_id": first["prompt_id"], "task": context.task, "answer": answers[i],
+        "score": result.scores[i], "score_parts": result.parts_json(i),
+        "failures": json.dumps(result.failures[i]) if result.failures[i] else None, "group_key": key,
+    } for i, response_id in enumerate(group["response_id"])]
+
+
+class ScoreCache:
+    """Scored prompt groups under one scoring configuration, as atomically written Parquet shards."""
+
+    def __init__(self, root: Path, settings: ScoringSettings):
+        self.folder = Path(root) / "scores" / content_hash(settings.model_dump_json())[:16]
+        self.cached_groups = 0  # prompt groups found in the cache by the last load
+        self.scored_groups = 0  # prompt groups scored and saved since this cache was opened
+
+    def load(self, keys: set[str]) -> pd.DataFrame:
+        frames = [pd.read_parquet(p) for p in sorted(self.folder.glob("*.parquet"))] if self.folder.is_dir() else []
+        frames = [f[f["group_key"].isin(keys)] for f in frames]
+        table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+            else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
+        self.cached_groups = int(table["group_key"].nunique())
+        return table.drop_duplicates("response_id")
+
+    def save(self, shard: pd.DataFrame) -> None:
+        if shard.empty:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = content_hash(*shard["group_key"].unique()) + ".parquet"
+        staging = self.folder / f".{name}.{os.getpid()}.tmp"
+        shard.to_parquet(staging, index=False)
+        os.replace(staging, self.folder / name)
+        self.scored_groups += int(shard["group_key"].nunique())
