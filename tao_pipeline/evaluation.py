@@ -175,13 +175,20 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                       "control": round(win_rate(subset["control_outcome"]), 3) if has_control(subset) else None,
                       "n": len(subset)})
     table.append(_metric_row("mean response chars", rows, "chars"))
+    table.append(_metric_row("median response chars", rows, "chars", statistic="median"))
+    table.append(_metric_row("90th percentile response chars", rows, "chars", statistic=0.9))
     return pd.DataFrame(table, columns=["metric", "champion", "challenger", "control", "n"])
 
 
-def _metric_row(metric: str, rows: pd.DataFrame, column: str) -> dict:
+def _metric_row(metric: str, rows: pd.DataFrame, column: str, statistic: str | float = "mean") -> dict:
     values = {side: rows[f"{side}_{column}"].dropna().astype(float) for side in SIDES}
-    return {"metric": metric, **{side: round(float(v.mean()), 3) if len(v) else None for side, v in values.items()},
-            "n": len(values["champion"])}
+
+    def summary(v: pd.Series) -> float | None:
+        if not len(v):
+            return None
+        return round(float(v.quantile(statistic) if isinstance(statistic, float) else v.agg(statistic)), 3)
+
+    return {"metric": metric, **{side: summary(v) for side, v in values.items()}, "n": len(values["champion"])}
 
 
 def tuned_vs_sampling_table(rows: pd.DataFrame) -> pd.DataFrame:

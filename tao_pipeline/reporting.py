@@ -167,21 +167,26 @@ def write_round_report(
         f"**Verdict:** {'promoted' if verdict.promote else 'not promoted'}: {verdict.reason}", "",
         f"**Control arm:** {control.message}", "",
         "**Collapse guard:** " + ("; ".join(alerts) if alerts else "no round where reward rose while accuracy fell"),
-        "", "## Champion vs challenger (held-out)", "", summarize(rows).to_markdown(index=False), "",
+        "", "## Champion vs challenger (held-out)", "", _markdown(summarize(rows)), "",
     ]
     test_time = tuned_vs_sampling_table(rows)
     if len(test_time):
         k = int(rows["k"].iloc[0])
         lines += [f"## Test-time compute: base model with k={k} samples vs one tuned greedy pass", "",
-                  test_time.to_markdown(index=False), ""]
+                  _markdown(test_time), ""]
     if len(history):
-        lines += ["## Rounds so far", "", history.to_markdown(index=False), ""]
+        lines += ["## Rounds so far", "", _markdown(history), ""]
     lines += [f"![{name}]({name}.png)" for name in plots]
     path = folder / "report.md"
     staging = path.with_suffix(".md.tmp")
     staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
     staging.replace(path)
     return path
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    shown = table.dropna(axis=1, how="all")
+    return shown.astype(object).where(shown.notna(), "-").to_markdown(index=False)
 
 
 def log_history_of(table: pd.DataFrame) -> list[dict]:

@@ -27,7 +27,11 @@ def count_unused_prompts(lake: Lake) -> int:
 
 
 def select_round_prompts(lake: Lake, round_id: str, limits: DataSettings, replay_fraction: float) -> pd.DataFrame:
-    """The round's prompts: unused by any other round, plus a deterministic replay sample of used ones."""
+    """The round's prompts: unused by any other round, plus a deterministic replay sample of used ones.
+
+    Re-materializing a round keeps every prompt it already had (even if a later round replayed
+    it) and adds the prompts that arrived since and no other round took.
+    """
     logs = lake.scan(USAGE_TABLE)
     if logs is None:
         return pd.DataFrame(columns=PROMPT_COLUMNS)
@@ -35,7 +39,8 @@ def select_round_prompts(lake: Lake, round_id: str, limits: DataSettings, replay
     rows = lake.sql(f"SELECT * FROM {logs} ORDER BY received_at, source_file, line_number")
     used = set(lake.sql(f"SELECT DISTINCT prompt_id FROM {others}")["prompt_id"]) if others else set()
     replay = {pid for pid in used if _replayed(pid, round_id, replay_fraction)}
-    chosen = rows[~rows["prompt_id"].isin(used) | rows["prompt_id"].isin(replay)]
+    own = set(lake.read(PROMPTS_TABLE, round_id)["prompt_id"]) if lake.exists(PROMPTS_TABLE, round_id) else set()
+    chosen = rows[~rows["prompt_id"].isin(used) | rows["prompt_id"].isin(replay | own)]
     return prompts_from_rows(chosen, limits)
 
 

@@ -150,7 +150,7 @@ def test_summarize_table():
         "label-free score (all)", "labeled accuracy (all)", "challenger win rate (all)",
         "label-free score (arithmetic)", "labeled accuracy (arithmetic)", "challenger win rate (arithmetic)",
         "label-free score (short_answer)", "challenger win rate (short_answer)",
-        "mean response chars",
+        "mean response chars", "median response chars", "90th percentile response chars",
     ]
     assert by_metric.loc["label-free score (all)", "champion"] == 0.5
     assert by_metric.loc["label-free score (all)", "challenger"] == pytest.approx(0.625)

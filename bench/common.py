@@ -1,0 +1,44 @@
+"""Shared by the benchmarks: a fresh TAO home, a way to reuse an already converted base model, and printing."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from tao_pipeline.model_store import EMBEDDED_NAME
+
+
+def fresh_home(name: str, base_model_from: str | None) -> Path:
+    """An empty TAO home; with ``base_model_from`` (a home or a models/base/<name> folder) the converted
+    embedded model is copied in, skipping the ~25 s download and conversion."""
+    home = Path(tempfile.mkdtemp(prefix=f"tao-bench-{name}-"))
+    if base_model_from:
+        source = Path(base_model_from).expanduser()
+        for candidate in (source, source / "models" / "base" / EMBEDDED_NAME):
+            if (candidate / "model.safetensors").is_file():
+                shutil.copytree(candidate, home / "models" / "base" / EMBEDDED_NAME)
+                break
+        else:
+            raise SystemExit(f"--base-model-from {base_model_from}: no converted {EMBEDDED_NAME} there")
+    return home
+
+
+def show(title: str, table: pd.DataFrame) -> None:
+    print(f"\n{title}\n")
+    shown = table.dropna(axis=1, how="all")
+    print(shown.astype(object).where(shown.notna(), "-").to_markdown(index=False, floatfmt=".3f"))
+
+
+def run_metadata(dagster_home: Path, run_id: str, asset: str) -> dict:
+    """The metadata an asset recorded in one run, as plain values."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        materialization = record.dagster_event.event_specific_data.materialization
+        if materialization.asset_key == dg.AssetKey(asset):
+            return {key: value.value for key, value in materialization.metadata.items()}
+    return {}
