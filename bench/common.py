@@ -42,3 +42,12 @@ def run_metadata(dagster_home: Path, run_id: str, asset: str) -> dict:
         if materialization.asset_key == dg.AssetKey(asset):
             return {key: value.value for key, value in materialization.metadata.items()}
     return {}
+
+
+def bench_parser(doc: str):
+    """An argument parser with the option every benchmark shares."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--base-model-from", help="a TAO home (or model folder) whose converted base model to copy")
+    return parser

@@ -12,11 +12,10 @@ checkpoint. Prints both runs' per-stage wall time side by side and the cache cou
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pandas as pd
-from common import fresh_home, run_metadata, show
+from common import bench_parser, fresh_home, run_metadata, show
 
 from tao_pipeline.demo import DEMO_LOGS
 from tao_pipeline.prompts import content_hash
@@ -35,9 +34,8 @@ def split_logs(home, new_fraction: float):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--new-fraction", type=float, default=0.1)
-    parser.add_argument("--base-model-from", help="a TAO home (or model folder) whose converted base model to copy")
     args = parser.parse_args()
     home = fresh_home("incremental", args.base_model_from)
     os.environ["TAO_HOME"] = str(home)

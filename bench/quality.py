@@ -14,11 +14,10 @@ which only evaluation reads. Prints the figures and how they compare with the ta
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-from common import fresh_home, show
+from common import bench_parser, fresh_home, show
 
 from tao_pipeline.evaluation import compare_control, tuned_vs_sampling_table
 from tao_pipeline.lake import Lake
@@ -32,9 +31,8 @@ CONTROL_BAND = 0.02
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--base-model-from", help="a TAO home (or model folder) whose converted base model to copy")
     args = parser.parse_args()
     home = fresh_home("quality", args.base_model_from)
     os.environ["TAO_HOME"] = str(home)

@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
-from common import fresh_home, run_metadata, show
+from common import bench_parser, fresh_home, run_metadata, show
 
 from tao_pipeline.generation import SamplingParams
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
@@ -76,12 +75,11 @@ def round_stages() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--naive-prompts", type=int, default=8, help="The naive loop is slow; time it on fewer.")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-round", action="store_true", help="Only the generation comparison.")
-    parser.add_argument("--base-model-from", help="a TAO home (or model folder) whose converted base model to copy")
     args = parser.parse_args()
     os.environ["TAO_HOME"] = str(fresh_home("throughput", args.base_model_from))
     settings = load_settings()
