@@ -92,7 +92,7 @@ def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | 
         click.echo("\nstages (wall time, peak resident memory of the process):\n")
         click.echo(stages.to_markdown(index=False))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
-    click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb {settings.lake_dir / 'catalog.duckdb'})")
+    click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb -readonly {settings.lake_dir / 'catalog.duckdb'})")
     click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")
     click.echo(f"report:      {report.report_path}")
     click.echo("UI:          tao ui")

