@@ -67,6 +67,11 @@ def _check_unicode(value: str, field: str) -> None:
         raise RowRejected(f"field {field!r} is not valid Unicode: {error.reason}") from None
 
 
+def _described(value: Any) -> str:
+    """A wrong-typed value's type, and the value itself for a float (nan, 2.5) since it may be a near miss."""
+    return f"float {value!r}" if isinstance(value, float) else type(value).__name__
+
+
 def parse_record(record: Any, source: str, line_number: int, limits: DataSettings) -> LogRow:
     """Validate one decoded JSON value as a usage-log row."""
     if not isinstance(record, dict):
@@ -82,7 +87,7 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
     task = (_optional_text(record, "task") or DEFAULT_TASK).strip() or DEFAULT_TASK
     raw_id = record.get("id")
     if raw_id is not None and (not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool)):
-        raise RowRejected(f"field 'id' must be a string or integer, got {type(raw_id).__name__}")
+        raise RowRejected(f"field 'id' must be a string or integer, got {_described(raw_id)}")
     if isinstance(raw_id, str):
         _check_unicode(raw_id, "id")
     log_id = str(raw_id) if raw_id is not None else content_hash(source, str(line_number))

@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tao_pipeline.ingest import USAGE_LOG_COLUMNS, UnreadableLogFile, ingest_file
@@ -128,6 +128,8 @@ def whitespace(max_size: int = 8) -> st.SearchStrategy[str]:
 def expected_row(record: dict) -> dict:
     """What ingestion must store for a good record (fields as parse_record gives them)."""
     raw_id = record.get("id")
+    if isinstance(raw_id, float):  # a whole-number float id from Parquet: 3.0 is the id "3"
+        raw_id = int(raw_id)
     constraints = record.get("constraints")
     return {
         "prompt": record["prompt"].strip(),
@@ -276,9 +278,70 @@ def test_jsonl_every_good_row_kept_and_every_bad_line_quarantined(items, crlf, f
             lines.append(item)
     end = b"\r\n" if crlf else b"\n"
     content = end.join(lines) + (end if final_newline and lines else b"")
+    assume(suffix == ".jsonl" or whole_json_array(content) is None)  # an array: test_json_array_...
     path, batch = ingest(suffix, content)  # never raises
     check_batch(path, batch, good, bad)
     assert len(batch.rows) + len(batch.quarantine) == sum(1 for line in lines if line.strip())
+
+
+# -- JSON arrays --------------------------------------------------------------------------------
+
+
+def whole_json_array(data: bytes) -> list | None:
+    """The elements when a .json file's whole content is one JSON array (then it is read as one), else None."""
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, list) else None
+
+
+@st.composite
+def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
+    """(a JSON value that is not a good row, reason fragments it may be quarantined with)."""
+    kind = draw(st.sampled_from(["wrong_type", "missing_prompt", "empty_prompt", "too_long", "not_an_object",
+                                 "lone_surrogate"]))
+    base = draw(good_records())
+    if kind == "wrong_type":
+        field = draw(st.sampled_from(sorted(WRONG_TYPES)))
+        base[field] = draw(WRONG_TYPES[field])
+        return base, (f"field '{field}' must be",)
+    if kind == "missing_prompt":
+        base.pop("prompt")
+        return base, ("missing required field 'prompt'",)
+    if kind == "empty_prompt":
+        base["prompt"] = draw(st.none() | whitespace())
+        return base, ("prompt is empty",)
+    if kind == "too_long":
+        base["prompt"] = draw(long_prompts())
+        return base, ("prompt too long",)
+    if kind == "not_an_object":
+        return draw(json_values.filter(lambda v: not isinstance(v, dict))), ("must be a JSON object",)
+    field = draw(st.sampled_from(["prompt", "system", "task", "id"]))
+    base[field] = "a" + chr(draw(st.integers(0xD800, 0xDFFF))) + "b"  # json.dumps writes it as a \u escape
+    return base, ("not valid Unicode",)
+
+
+@fuzz(examples=500)
+@given(items=st.lists(good_records().map(lambda r: ("good", r)) | bad_array_elements().map(lambda b: ("bad", b)),
+                      max_size=30),
+       indent=st.sampled_from([None, 0, 2]), bom=st.booleans(), padding=st.text(st.sampled_from(" \t\r\n"), max_size=4),
+       ensure_ascii=st.booleans())
+def test_json_array_every_good_element_kept_and_every_bad_one_quarantined(items, indent, bom, padding, ensure_ascii):
+    CASES["json_array"] += 1
+    values, good, bad = [], {}, {}
+    for number, (kind, item) in enumerate(items, start=1):
+        value, expected = (item, None) if kind == "good" else item
+        values.append(value)
+        if kind == "good":
+            good[number] = expected_row(item)
+        else:
+            bad[number] = expected
+    surrogates = any(kind == "bad" and "not valid Unicode" in item[1] for kind, item in items)
+    text = json.dumps(values, indent=indent, ensure_ascii=ensure_ascii or surrogates)
+    content = (codecs.BOM_UTF8 if bom else b"") + (padding + text + padding).encode()
+    path, batch = ingest(".json", content)  # never raises
+    check_batch(path, batch, good, bad)  # rows are numbered by element, 1, 2, ...
 
 
 # -- CSV ----------------------------------------------------------------------------------------
@@ -395,7 +458,9 @@ TEXT_COLUMNS = {  # task and system
 ID_COLUMNS = {
     "string": (pa.string(), texts(max_size=12) | st.sampled_from(["dup-1", "dup-2"]), None),
     "int": (pa.int64(), st.integers(-2**63, 2**63 - 1) | st.just(7), None),
-    "float": (pa.float64(), st.floats(), "field 'id' must be a string or integer"),
+    "whole_float": (pa.float64(), st.integers(-2**53, 2**53).map(float) | st.sampled_from([-0.0, 1e20, 2.0**70]), None),
+    "float": (pa.float64(), st.floats().filter(lambda f: not f.is_integer()),  # NaN, infinities, fractions
+              "field 'id' must be a string or integer, got float"),
     "bool": (pa.bool_(), st.booleans(), "field 'id' must be a string or integer"),
 }
 _GOOD_STRUCT = pa.struct([("max_words", pa.int64()), ("format", pa.string()), ("choices", pa.list_(pa.string()))])
@@ -512,8 +577,9 @@ def test_random_bytes_never_crash_ingestion(data, suffix):
     assert suffix != ".parquet", "random bytes are not a Parquet file"
     assert_lake_writable(batch)
     if suffix in (".jsonl", ".json"):
-        non_blank = sum(1 for line in data.split(b"\n") if line.strip())
-        assert len(batch.rows) + len(batch.quarantine) == non_blank
+        array = whole_json_array(data) if suffix == ".json" else None
+        rows = len(array) if array is not None else sum(1 for line in data.split(b"\n") if line.strip())
+        assert len(batch.rows) + len(batch.quarantine) == rows
 
 
 # -- explicit cases -----------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from tao_pipeline.assets.metadata import md_table
 from tao_pipeline.assets.partitions import log_batches_partitions
-from tao_pipeline.ingest import UnreadableLogFile, archive_file, ingest_file
+from tao_pipeline.ingest import (
+    QUARANTINE_PREVIEW_ROWS,
+    UnreadableLogFile,
+    archive_file,
+    ingest_to_lake,
+    quarantine_unreadable_file,
+)
 from tao_pipeline.resources import LakeResource, TaoSettingsResource
-
-QUARANTINE_TABLE = "quarantined_rows"
 
 
 class IngestConfig(dg.Config):
@@ -21,30 +24,28 @@ class IngestConfig(dg.Config):
 def usage_logs(
     context: dg.AssetExecutionContext, config: IngestConfig, settings: TaoSettingsResource, lake: LakeResource,
 ) -> dg.MaterializeResult:
-    """Validate one usage-log file (JSONL, Parquet or CSV): good rows in, bad rows quarantined with a reason."""
+    """Validate one usage-log file (JSONL, JSON array, Parquet or CSV) in chunks, streamed into the lake:
+    good rows in, bad rows quarantined with a reason."""
     tao = settings.get()
     path = Path(config.path)
     store, batch = lake.get(), context.partition_key
     try:
-        ingested = ingest_file(path, tao.data)
+        ingested = ingest_to_lake(path, tao.data, store, batch)
     except UnreadableLogFile as error:
         # Reported once and archived, so the sensor never retries the file forever.
-        unreadable = pd.DataFrame([{"source_file": str(path), "line_number": None, "reason": str(error), "raw": ""}])
-        store.write(QUARANTINE_TABLE, batch, unreadable.assign(batch=batch))
+        quarantine_unreadable_file(store, batch, path, error)
         archive_file(path, tao.inbox_dir, "failed")
         context.log.error(str(error))
         return dg.MaterializeResult(metadata={"rows": 0, "unreadable": str(error)})
-    store.write("usage_logs", batch, ingested.rows.assign(batch=batch))
-    store.write(QUARANTINE_TABLE, batch, ingested.quarantine.assign(batch=batch))
     archived = archive_file(path, tao.inbox_dir, "processed")
-    if not ingested.quarantine.empty:
-        context.log.warning(f"quarantined {len(ingested.quarantine)} rows of {path.name}")
+    if ingested.quarantined:
+        context.log.warning(f"quarantined {ingested.quarantined} rows of {path.name}")
     return dg.MaterializeResult(metadata={
         "source_file": str(path),
         "archived_to": str(archived) if archived else "left in place (configured file)",
-        "rows": len(ingested.rows),
-        "distinct_prompts": int(ingested.rows["prompt_id"].nunique()),
-        "quarantined": len(ingested.quarantine),
-        "quarantine_reasons": md_table(ingested.quarantine[["line_number", "reason"]], rows=20),
-        "per_task": md_table(ingested.rows.groupby("task").size().rename("rows").reset_index()),
+        "rows": ingested.rows,
+        "distinct_prompts": ingested.distinct_prompts,
+        "quarantined": ingested.quarantined,
+        "quarantine_reasons": md_table(ingested.quarantine_reasons(), rows=QUARANTINE_PREVIEW_ROWS),
+        "per_task": md_table(ingested.per_task()),
     })
