@@ -147,12 +147,12 @@ class Lake:
         listed = ", ".join(_sql_string(f.as_posix()) for f in files)
         return f"read_parquet([{listed}], union_by_name = true)"
 
-    def sql(self, query: str) -> pd.DataFrame:
+    def sql(self, query: str, params: dict | None = None) -> pd.DataFrame:
         """Run SQL over ``scan()`` expressions in an in-memory DuckDB (no catalog lock taken)."""
 
         def run() -> pd.DataFrame:
             with duckdb.connect() as con:
-                return con.execute(query).df()
+                return con.execute(query, params).df() if params else con.execute(query).df()
 
         return self._read_consistently(query, run)
 

@@ -36,11 +36,14 @@ def select_round_prompts(lake: Lake, round_id: str, limits: DataSettings, replay
     if logs is None:
         return pd.DataFrame(columns=PROMPT_COLUMNS)
     others = lake.scan(PROMPTS_TABLE, except_partition=round_id)
-    rows = lake.sql(f"SELECT * FROM {logs} ORDER BY received_at, source_file, line_number")
     used = set(lake.sql(f"SELECT DISTINCT prompt_id FROM {others}")["prompt_id"]) if others else set()
     replay = {pid for pid in used if _replayed(pid, round_id, replay_fraction)}
     own = set(lake.read(PROMPTS_TABLE, round_id)["prompt_id"]) if lake.exists(PROMPTS_TABLE, round_id) else set()
-    chosen = rows[~rows["prompt_id"].isin(used) | rows["prompt_id"].isin(replay | own)]
+    # Filter in DuckDB so only the round's rows reach pandas, however many rows were ingested.
+    taken = f"SELECT DISTINCT prompt_id FROM {others}" if others else "SELECT NULL::VARCHAR WHERE false"
+    chosen = lake.sql(
+        f"SELECT * FROM {logs} WHERE prompt_id NOT IN ({taken}) OR list_contains($keep::VARCHAR[], prompt_id) "
+        "ORDER BY received_at, source_file, line_number", params={"keep": sorted(replay | own)})
     return prompts_from_rows(chosen, limits)
 
 
