@@ -8,7 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast ui bench clean
+# The browser the UI test (tests/test_ui_browser.py) drives through Playwright: Debian's chromium
+# package, not `playwright install` (which downloads browsers from a CDN).
+CHROMIUM ?= /usr/bin/chromium
+APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
+
+.PHONY: setup browser demo test test-fast test-ui ui bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +23,25 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Idempotent: installs chromium only when $(CHROMIUM) is missing (apt-get update only if needed).
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian chromium for the UI test"; \
+	  $(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	  test -x $(CHROMIUM) || { echo "chromium is not at $(CHROMIUM)"; exit 1; }; }
+
 demo: setup
 	$(VENV)/bin/tao demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not ui"
+
+test-ui: setup browser
+	$(PY) -m pytest -m ui
 
 ui: setup
 	$(VENV)/bin/tao ui
