@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo test test-fast test-ui ui bench clean
+.PHONY: setup browser demo test test-fast test-ui ui bench bench-quality bench-incremental bench-ingest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,18 @@ test-ui: setup browser
 ui: setup
 	$(VENV)/bin/tao ui
 
-bench: setup
-	$(PY) bench/generation_throughput.py
+# Benchmarks print their figures (README "Results" says what each measured); none is a test.
+bench: setup            # generation vs a naive loop, then a default round: time and memory per stage, DPO steps/s
+	$(PY) bench/throughput.py
+
+bench-quality: setup    # base vs TAO vs control, two rounds (~45 min on 2 CPU cores)
+	$(PY) bench/quality.py
+
+bench-incremental: setup  # a round, then a rerun after 10% new prompts
+	$(PY) bench/incremental.py
+
+bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory
+	$(PY) bench/ingest_million.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
