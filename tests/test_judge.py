@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from tao_pipeline.scoring.base import Failed, PromptContext
 from tao_pipeline.scoring.judge import LLMJudgeScorer, parse_group, parse_pointwise
 from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings
+from tests.judge_server import FakeJudgeServer, chat_completion
 
 KEY_ENV = "TAO_TEST_JUDGE_KEY"
 SECRET = "sk-test-0123456789-secret"
@@ -38,61 +37,9 @@ def score_by_length(body: dict, headers: dict) -> tuple[int, str]:
     return 200, chat_completion(f"It answers the prompt.\nScore: {length_score(response)}")
 
 
-def chat_completion(content: str) -> str:
-    return json.dumps({"id": "cmpl-test", "object": "chat.completion", "model": "judge-test",
-                       "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": content}}]})
-
-
-class JudgeServer:
-    """POST /chat/completions on an ephemeral port; ``reply(body, headers) -> (status, text)`` answers."""
-
-    def __init__(self):
-        self.reply = score_by_length
-        self.requests: list[tuple[dict, dict]] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        # A short poll interval makes shutdown() in teardown quick.
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = dict(self.headers.items())
-                server.requests.append((body, headers))
-                status, text = (server.reply(body, headers) if self.path == "/v1/chat/completions"
-                                else (404, "not found"))
-                data = text.encode("utf-8")
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client gave up (the timeout test)
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-
 @pytest.fixture
 def server():
-    judge_server = JudgeServer()
+    judge_server = FakeJudgeServer(score_by_length)
     yield judge_server
     judge_server.close()
 
@@ -103,7 +50,7 @@ def secret_key(monkeypatch):
     return SECRET
 
 
-def openai_judge(server: JudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
+def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
     defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
                 "max_retries": 0, "cache_dir": str(cache_dir) if cache_dir else None}
     return LLMJudgeScorer(**{**defaults, **options})

@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import sqlite3
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
@@ -29,6 +27,7 @@ from tao_pipeline.scoring.judge import LLMJudgeScorer
 from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings, load_settings
 from tests.helpers import write_tiny_config
+from tests.judge_server import FakeJudgeServer, chat_completion
 
 KEY_ENV = "TAO_SECRETS_TEST_JUDGE_KEY"
 SECRET = "sk-tao-Zq8wXvR2mKp5LtN9bYc3HdJ7fGs4Wq6E"
@@ -49,12 +48,6 @@ def leaks(text: str | bytes) -> list[str]:
 # -- a judge that echoes the key back --------------------------------------------------------
 
 
-def chat_completion(content: str) -> str:
-    return json.dumps({"id": "cmpl-test", "object": "chat.completion", "model": "judge-test",
-                       "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": content}}]})
-
-
 def echoing_judge(body: dict, headers: dict) -> tuple[int, str]:
     """Deterministic by request: mostly a score with the header echoed in the text, sometimes an error echoing it."""
     authorization = headers.get("Authorization", "<none>")
@@ -71,55 +64,9 @@ def echoing_judge(body: dict, headers: dict) -> tuple[int, str]:
     return 200, chat_completion(f"Request carried {authorization}. Score: {score}")
 
 
-class EchoingJudgeServer:
-    """POST /v1/chat/completions on an ephemeral 127.0.0.1 port, answered by ``reply(body, headers)``."""
-
-    def __init__(self, reply=echoing_judge):
-        self.reply = reply
-        self.authorizations: list[str | None] = []
-        self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = dict(self.headers.items())
-                with server._lock:
-                    server.authorizations.append(headers.get("Authorization"))
-                status, text = server.reply(body, headers)
-                data = text.encode("utf-8")
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-
 @pytest.fixture
 def server():
-    judge_server = EchoingJudgeServer()
+    judge_server = FakeJudgeServer(echoing_judge)
     yield judge_server
     judge_server.close()
 
@@ -130,7 +77,7 @@ def secret_key(monkeypatch):
     return SECRET
 
 
-def openai_judge(server: EchoingJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
+def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
     defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
                 "max_retries": 0, "api_key_env": KEY_ENV, "cache_dir": str(cache_dir) if cache_dir else None}
     return LLMJudgeScorer(**{**defaults, **options})

@@ -1,0 +1,66 @@
+"""A local OpenAI-compatible judge endpoint for tests: POST /v1/chat/completions on an ephemeral port."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def chat_completion(content: str) -> str:
+    return json.dumps({"id": "cmpl-test", "object": "chat.completion", "model": "judge-test",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": content}}]})
+
+
+class FakeJudgeServer:
+    """Answers with ``reply(body, headers) -> (status, text)``; keeps every (body, headers) it received."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.requests: list[tuple[dict, dict]] = []
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        # A short poll interval makes shutdown() in teardown quick.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        with self._lock:
+            return [headers.get("Authorization") for _, headers in self.requests]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                headers = dict(self.headers.items())
+                with server._lock:
+                    server.requests.append((body, headers))
+                status, text = (server.reply(body, headers) if self.path == "/v1/chat/completions"
+                                else (404, "not found"))
+                data = text.encode("utf-8")
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client gave up (the timeout tests)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
