@@ -29,4 +29,7 @@ defs = dg.Definitions(
     sensors=[usage_log_sensor, new_prompts_round_sensor],
     schedules=[periodic_round_schedule],
     resources=build_resources(),
+    # One process per run, as `tao round` does: with Dagster's default (a process per step) every
+    # step would import torch and load a model again. Heavy steps are serialized by the gpu pool.
+    executor=dg.in_process_executor,
 )

@@ -35,6 +35,7 @@ EVALUATION_COLUMNS = [
     "prompt_id", "task", "prompt", "outcome", "control_outcome",
     *(f"{side}_{field}" for side in SIDES for field in _PER_SIDE),
     "base_version", "k", *(f"{method}_{field}" for method in TEST_TIME for field in ("answer", "correct")),
+    "base_sample_accuracy",
 ]
 
 
@@ -126,20 +127,26 @@ def _row(prompt, answers: dict[str, _Answers], versions: dict, base: Contender, 
             f"{side}_correct": correct(answer) if response is not None else None,
         })
     if base_samples is not None:
-        for method, answer in _test_time_answers(context, base_samples, pid, scorer).items():
+        answers, sampled = _test_time_answers(context, base_samples, pid, scorer)
+        for method, answer in answers.items():
             row[f"{method}_answer"], row[f"{method}_correct"] = answer, correct(answer)
+        if accepted:
+            row["base_sample_accuracy"] = sum(bool(correct(a)) for a in sampled) / len(sampled)
     return row
 
 
-def _test_time_answers(context: PromptContext, base: _Answers, pid: str, scorer) -> dict[str, str | None]:
-    """pass@1 (greedy), maj@k (most common extracted answer) and best-of-k (top score under the scorer)."""
+def _test_time_answers(
+    context: PromptContext, base: _Answers, pid: str, scorer,
+) -> tuple[dict[str, str | None], list[str | None]]:
+    """pass@1 (greedy), maj@k (most common extracted answer), best-of-k (top score under the scorer); the samples' answers."""
     samples = base.samples[pid]
     extracted = scorer.answers(context, [base.greedy[pid], *samples])
     votes = Counter(a for a in extracted[1:] if a is not None)
     scores = scorer.score(context, samples).scores
     best = max(range(len(samples)), key=lambda i: (scores[i], -i))
-    return {"base_greedy": extracted[0], "base_majority": votes.most_common(1)[0][0] if votes else None,
-            "base_best_of_k": extracted[1 + best]}
+    answers = {"base_greedy": extracted[0], "base_majority": votes.most_common(1)[0][0] if votes else None,
+               "base_best_of_k": extracted[1 + best]}
+    return answers, extracted[1:]
 
 
 def _outcome(challenger_score: float, champion_score: float) -> str:
@@ -208,8 +215,8 @@ def tuned_vs_sampling_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 TEST_TIME_METHODS = {
-    "base pass@1": "base_greedy_correct", "base maj@k": "base_majority_correct",
-    "base best-of-k": "base_best_of_k_correct", "champion greedy": "champion_correct",
+    "base pass@1": "base_greedy_correct", "base one sample": "base_sample_accuracy",
+    "base maj@k": "base_majority_correct", "base best-of-k": "base_best_of_k_correct", "champion greedy": "champion_correct",
     "tuned greedy": "challenger_correct", "control greedy": "control_correct",
 }
 

@@ -20,7 +20,8 @@ from tao_pipeline.settings import (
     TaoSettings,
 )
 
-EXPECTED_COLUMNS = {"prompt_id", "task", "prompt", "outcome", "control_outcome", "base_version", "k"} | {
+EXPECTED_COLUMNS = {"prompt_id", "task", "prompt", "outcome", "control_outcome", "base_version", "k",
+                    "base_sample_accuracy"} | {
     f"{side}_{name}" for side in ("champion", "challenger", "control")
     for name in ("version", "response", "answer", "score", "chars", "correct")
 } | {f"{method}_{name}" for method in ("base_greedy", "base_majority", "base_best_of_k") for name in ("answer", "correct")}
@@ -233,6 +234,8 @@ def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_pat
         expected = votes.most_common(1)[0][0] if votes else None
         assert row.base_majority_answer == expected or (expected is None and pd.isna(row.base_majority_answer))
     assert rows["base_majority_correct"].isna().tolist() == [False, False, True]
+    assert rows["base_sample_accuracy"].isna().tolist() == [False, False, True]
+    assert rows["base_sample_accuracy"].dropna().between(0, 1).all()
 
 
 def test_evaluate_skips_base_sampling_when_k_is_zero(tiny_model_dir, tmp_path, heldout):

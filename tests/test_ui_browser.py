@@ -48,9 +48,6 @@ ROUND_ASSETS = [asset.key.to_user_string() for asset in round_assets.ROUND_ASSET
 INGEST_ASSETS = [asset.key.to_user_string() for asset in round_assets.INGEST_ASSETS]
 CHECK = "challenger_beats_champion"  # the blocking promotion gate on checkpoint_evaluation
 UI_RUN_CONFIG = """\
-execution:
-  config:
-    in_process: {}
 resources:
   settings:
     config:
@@ -377,9 +374,7 @@ def test_a_round_launched_from_the_asset_graph_runs_to_success(dagster: Dagster)
         expect(add).to_be_hidden()
         _select_partition(page, dialog, partition)
 
-        # The launchpad config (README: overrides go under resources.settings.config.overrides), and
-        # one process for the whole run: Dagster's default starts a process per step, each importing
-        # torch again, which makes a tiny round minutes long on a small CPU box.
+        # The launchpad config (README: overrides go under resources.settings.config.overrides).
         dialog.get_by_text("Config", exact=True).click()
         dialog.get_by_role("button", name="Add config").click()
         editor = page.get_by_role("dialog").filter(has_text="Config Editor")
@@ -401,7 +396,7 @@ def test_a_round_launched_from_the_asset_graph_runs_to_success(dagster: Dagster)
         status = _wait_for_run(dagster, run_id)
         assert status == "SUCCESS", f"run {run_id} {status}:\n{_run_errors(dagster, run_id)}"
         run = _run(dagster, run_id)
-        assert "in_process" in run["runConfigYaml"] and "generation.num_samples=2" in run["runConfigYaml"], run
+        assert "generation.num_samples=2" in run["runConfigYaml"], run
         steps = [step["status"] for step in run["stepStats"]]
         assert steps and set(steps) == {"SUCCESS"}, run["stepStats"]
 
@@ -443,12 +438,12 @@ def test_a_round_launched_through_graphql_runs_to_success(dagster: Dagster):
     assert added["addDynamicPartition"]["__typename"] == "AddDynamicPartitionSuccess", added
     _wait_for_ingestion(dagster)
 
-    # The round's job for the partition, in one process (see the UI test), with the config's settings.
+    # The round's job for the partition, with the config file's settings.
     launched = dagster.gql("""mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
         __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
         ... on RunConfigValidationInvalid { errors { message } } } }""", params={
         "selector": {**dagster.repository, "jobName": "tao_round"},
-        "runConfigData": {"execution": {"config": {"in_process": {}}}},
+        "runConfigData": {},
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
     })["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
