@@ -23,6 +23,8 @@ def test_second_request_loads_no_model_and_returns_the_same_rows(tmp_path, model
     cache = GenerationCache(tmp_path, shard_prompts=2, max_prompt_tokens=64)
     first, stats = cache.generate(model, three_prompts(), PARAMS, progress=False)
     assert (stats.cached_prompts, stats.generated_prompts, stats.shards_written) == (0, 3, 2)
+    model.close()
+    assert model.stats.responses == 6 and model.stats.new_tokens > 0  # the figures outlive the model
     again, stats = cache.generate(unloadable(), three_prompts(), PARAMS, progress=False)
     assert (stats.cached_prompts, stats.generated_prompts) == (3, 0)
     pd.testing.assert_frame_equal(first, again)

@@ -72,6 +72,7 @@ def test_a_rerun_after_new_prompts_generates_and_scores_only_the_new_ones(contro
     new_train = len(after[after["split"] == "train"]) - len(before[before["split"] == "train"])
     assert metadata["prompts_from_cache"].value == (before["split"] == "train").sum()
     assert metadata["prompts_generated"].value == new_train
+    assert metadata["new_tokens"].value > 0 and metadata["tokens_per_second"].value > 0
     scored = instance.get_latest_materialization_event(dg.AssetKey("response_scores")).asset_materialization.metadata
     assert scored["prompts_from_cache"].value == metadata["prompts_from_cache"].value
     assert scored["prompts_scored"].value == new_train

@@ -45,6 +45,7 @@ class LazyGenerator:
     model_version: str
     build: Callable[[], Generator]
     _generator: Generator | None = field(default=None, init=False)
+    _stats: GenerationStats = field(default_factory=GenerationStats, init=False)
 
     @property
     def generator(self) -> Generator:
@@ -58,10 +59,12 @@ class LazyGenerator:
 
     @property
     def stats(self) -> GenerationStats:
-        return getattr(self._generator, "stats", None) or GenerationStats()
+        """What this model generated, across loads (a closed generator's figures are kept)."""
+        return getattr(self._generator, "stats", None) or self._stats
 
     def close(self) -> None:
         """A vLLM engine holds GPU memory until shut down; free it before the next model loads."""
+        self._stats = self.stats
         close = getattr(self._generator, "close", None)
         if close is not None:
             close()
