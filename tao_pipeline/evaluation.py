@@ -208,7 +208,9 @@ def tuned_vs_sampling_table(rows: pd.DataFrame) -> pd.DataFrame:
     for task, subset in [("all", labeled), *sorted(labeled.groupby("task"))]:
         if subset.empty:
             continue
-        accuracy = {name: _accuracy(subset[column]) for name, column in TEST_TIME_METHODS.items()}
+        # A table written by an older version may lack a column: that method shows as missing.
+        accuracy = {name: _accuracy(subset[column]) if column in subset else None
+                    for name, column in TEST_TIME_METHODS.items()}
         table.append({"task": task, "n": len(subset), **accuracy,
                       "tuned_reaches_majority": accuracy["tuned greedy"] >= accuracy["base maj@k"]})
     return pd.DataFrame(table, columns=["task", "n", *TEST_TIME_METHODS, "tuned_reaches_majority"])
