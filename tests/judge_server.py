@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tao_pipeline.scoring.judge import LLMJudgeScorer
 
 
 def chat_completion(content: str) -> str:
@@ -64,3 +67,10 @@ class FakeJudgeServer:
                 pass
 
         return Handler
+
+
+def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
+    """An LLM judge on the fake endpoint: no retries, a short timeout; ``options`` override the defaults."""
+    defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
+                "max_retries": 0, "cache_dir": str(cache_dir) if cache_dir else None}
+    return LLMJudgeScorer(**{**defaults, **options})

@@ -15,7 +15,7 @@ from tao_pipeline.scoring.base import Failed, PromptContext
 from tao_pipeline.scoring.judge import LLMJudgeScorer, parse_group, parse_pointwise
 from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings
-from tests.judge_server import FakeJudgeServer, chat_completion
+from tests.judge_server import FakeJudgeServer, chat_completion, openai_judge
 
 KEY_ENV = "TAO_TEST_JUDGE_KEY"
 SECRET = "sk-test-0123456789-secret"
@@ -48,12 +48,6 @@ def server():
 def secret_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
     return SECRET
-
-
-def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
-    defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
-                "max_retries": 0, "cache_dir": str(cache_dir) if cache_dir else None}
-    return LLMJudgeScorer(**{**defaults, **options})
 
 
 def cache_files(cache_dir: Path) -> list[Path]:

@@ -337,3 +337,50 @@ def test_score_cache_scores_each_candidate_group_once(tmp_path):
     assert rescored["response_id"].tolist() == ["a1", "a2", "b1", "b3"] and rescored["score"].tolist()[2:] == [1.0, 1.0]
     other_settings = ScoringSettings(min_agreement=0.9)
     assert ScoreCache(tmp_path, other_settings).folder != cache.folder
+
+
+def test_scoring_stopped_half_way_resumes_from_its_shards(tmp_path, monkeypatch):
+    """A run that dies after two shards keeps them; the rerun scores only the rest and matches an unbroken run."""
+    import tao_pipeline.scoring as scoring
+    from tao_pipeline.scoring import ScoreCache
+
+    monkeypatch.setattr(scoring, "SCORE_SHARD_PROMPTS", 4)
+    settings = ScoringSettings()
+    count = 11
+    prompts = pd.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(count)],
+                            "prompt": [f"What is {i} + 1?" for i in range(count)],
+                            "system": [None] * count, "task": ["arithmetic"] * count})
+    candidates = pd.DataFrame({"response_id": [f"p{i:02d}-{j}" for i in range(count) for j in range(3)],
+                               "prompt_id": [f"p{i:02d}" for i in range(count) for _ in range(3)],
+                               "response": [str(i + 1 + (j == 2)) for i in range(count) for j in range(3)]})
+    unbroken = score_responses(candidates, prompts, build_scorer(settings), progress=False,
+                               cache=ScoreCache(tmp_path / "unbroken", settings))
+
+    class Killed(Exception):
+        pass
+
+    dying, calls = build_scorer(settings), []
+    original = dying.score
+
+    def score_until_the_ninth(context, responses):
+        calls.append(context.prompt)
+        if len(calls) == 9:
+            raise Killed  # escapes score_responses, as a kill would, in the middle of the third shard
+        return original(context, responses)
+
+    dying.score = score_until_the_ninth
+    cache_dir = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        score_responses(candidates, prompts, dying, progress=False, cache=ScoreCache(cache_dir, settings))
+    assert len(list((cache_dir / "scores").glob("*/*.parquet"))) == 2
+    assert not list((cache_dir / "scores").glob("*/.*.tmp"))
+
+    resumed_scorer, rescored = build_scorer(settings), []
+    original_resumed = resumed_scorer.score
+    resumed_scorer.score = lambda context, responses: rescored.append(context.prompt) or original_resumed(
+        context, responses)
+    cache = ScoreCache(cache_dir, settings)
+    resumed = score_responses(candidates, prompts, resumed_scorer, progress=False, cache=cache)
+    assert len(rescored) == count - 8 and cache.cached_groups == 8
+    assert resumed["response_id"].is_unique and len(resumed) == len(candidates)
+    pd.testing.assert_frame_equal(resumed, unbroken)

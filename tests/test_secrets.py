@@ -27,6 +27,7 @@ from tao_pipeline.scoring.judge import LLMJudgeScorer
 from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings, load_settings
 from tests.helpers import write_tiny_config
+from tests import judge_server
 from tests.judge_server import FakeJudgeServer, chat_completion
 
 KEY_ENV = "TAO_SECRETS_TEST_JUDGE_KEY"
@@ -78,9 +79,7 @@ def secret_key(monkeypatch):
 
 
 def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
-    defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
-                "max_retries": 0, "api_key_env": KEY_ENV, "cache_dir": str(cache_dir) if cache_dir else None}
-    return LLMJudgeScorer(**{**defaults, **options})
+    return judge_server.openai_judge(server, cache_dir, **{"api_key_env": KEY_ENV, **options})
 
 
 # -- the scorer on its own -----------------------------------------------------------------
