@@ -56,8 +56,8 @@ bench-quality: setup    # base vs TAO vs control, two rounds (~45 min on 2 CPU c
 bench-incremental: setup  # a round, then a rerun after 10% new prompts
 	$(PY) bench/incremental.py
 
-bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory
-	$(PY) bench/ingest_million.py
+bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streaming vs the whole file in memory
+	$(PY) bench/ingest_million.py --whole
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,8 +13,9 @@ from tao_pipeline.model_store import EMBEDDED_NAME
 
 
 def fresh_home(name: str, base_model_from: str | None) -> Path:
-    """An empty TAO home; with ``base_model_from`` (a home or a models/base/<name> folder) the converted
-    embedded model is copied in, skipping the ~25 s download and conversion."""
+    """An empty TAO home, made this process's TAO_HOME; with ``base_model_from`` (a home or a
+    models/base/<name> folder) the converted embedded model is copied in, skipping the ~25 s
+    download and conversion."""
     home = Path(tempfile.mkdtemp(prefix=f"tao-bench-{name}-"))
     if base_model_from:
         source = Path(base_model_from).expanduser()
@@ -23,6 +25,7 @@ def fresh_home(name: str, base_model_from: str | None) -> Path:
                 break
         else:
             raise SystemExit(f"--base-model-from {base_model_from}: no converted {EMBEDDED_NAME} there")
+    os.environ["TAO_HOME"] = str(home)
     return home
 
 

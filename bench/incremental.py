@@ -12,8 +12,6 @@ checkpoint. Prints both runs' per-stage wall time side by side and the cache cou
 
 from __future__ import annotations
 
-import os
-
 import pandas as pd
 from common import bench_parser, fresh_home, run_metadata, show
 
@@ -38,7 +36,6 @@ def main() -> None:
     parser.add_argument("--new-fraction", type=float, default=0.1)
     args = parser.parse_args()
     home = fresh_home("incremental", args.base_model_from)
-    os.environ["TAO_HOME"] = str(home)
     first_logs, late_logs, late_count, total = split_logs(home, args.new_fraction)
     overrides = [f'data.logs=["{first_logs}"]']
     settings = load_settings(None, overrides)

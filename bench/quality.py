@@ -14,7 +14,6 @@ which only evaluation reads. Prints the figures and how they compare with the ta
 
 from __future__ import annotations
 
-import os
 import time
 
 from common import bench_parser, fresh_home, show
@@ -35,7 +34,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     home = fresh_home("quality", args.base_model_from)
-    os.environ["TAO_HOME"] = str(home)
     overrides = ["evaluation.control_arm=true", "evaluation.test_time_k=8"]
     print(f"home {home}; settings: defaults + {overrides}")
     started = time.perf_counter()

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -81,7 +80,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--skip-round", action="store_true", help="Only the generation comparison.")
     args = parser.parse_args()
-    os.environ["TAO_HOME"] = str(fresh_home("throughput", args.base_model_from))
+    fresh_home("throughput", args.base_model_from)
     settings = load_settings()
     generation_speedup(settings, args.prompts, args.naive_prompts, args.samples)
     if not args.skip_round:
