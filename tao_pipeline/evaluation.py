@@ -201,9 +201,10 @@ def _metric_row(metric: str, rows: pd.DataFrame, column: str, statistic: str | f
 def tuned_vs_sampling_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Labeled accuracy per task: base pass@1, maj@k, best-of-k vs the tuned (and control) greedy answer.
 
-    ``tuned_reaches_majority`` says whether one tuned greedy pass matches k base samples voting.
+    ``tuned_reaches_majority`` says whether one tuned greedy pass matches k base samples voting;
+    without base sampling (``evaluation.test_time_k = 0``) the base columns are missing and it is None.
     """
-    labeled = rows[rows["champion_correct"].notna() & rows["base_greedy_correct"].notna()]
+    labeled = rows[rows["champion_correct"].notna()]
     table = []
     for task, subset in [("all", labeled), *sorted(labeled.groupby("task"))]:
         if subset.empty:
@@ -211,8 +212,9 @@ def tuned_vs_sampling_table(rows: pd.DataFrame) -> pd.DataFrame:
         # A table written by an older version may lack a column: that method shows as missing.
         accuracy = {name: _accuracy(subset[column]) if column in subset else None
                     for name, column in TEST_TIME_METHODS.items()}
+        majority = accuracy["base maj@k"]
         table.append({"task": task, "n": len(subset), **accuracy,
-                      "tuned_reaches_majority": accuracy["tuned greedy"] >= accuracy["base maj@k"]})
+                      "tuned_reaches_majority": None if majority is None else accuracy["tuned greedy"] >= majority})
     return pd.DataFrame(table, columns=["task", "n", *TEST_TIME_METHODS, "tuned_reaches_majority"])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import pandas as pd  # noqa: E402
 
 from tao_pipeline.evaluation import (  # noqa: E402
-    ControlVerdict, Verdict, TEST_TIME_METHODS, has_labels, summarize, tuned_vs_sampling_table,
+    ControlVerdict, Verdict, TEST_TIME_METHODS, compare_control, decide, has_labels, summarize, tuned_vs_sampling_table,
 )
 from tao_pipeline.lake import Lake  # noqa: E402
+from tao_pipeline.settings import TaoSettings  # noqa: E402
 
 FIGURE_SIZE = (6.4, 3.6)
 DPI = 90
@@ -88,6 +90,18 @@ def accuracy_per_round_plot(history: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
+def round_plots(lake: Lake, round_id: str, rows: pd.DataFrame, history: pd.DataFrame) -> dict[str, bytes]:
+    """The round's plots by name: scores, training curves and, where labels exist, accuracy per task and round."""
+    plots = {}
+    if lake.exists("response_scores", round_id):
+        plots["score_distribution"] = score_distribution_plot(lake.read("response_scores", round_id))
+    plots["training_curves"] = training_curves_plot(log_history_of(lake.read("tuned_checkpoint", round_id)))
+    if rows["champion_correct"].notna().any():
+        plots["accuracy_per_task"] = accuracy_per_task_plot(rows)
+        plots["accuracy_per_round"] = accuracy_per_round_plot(history)
+    return plots
+
+
 # -- round history and the collapse guard --------------------------------------------------------
 
 
@@ -151,7 +165,35 @@ def _rose_fell(reward_then, reward_now, accuracy_then, accuracy_now) -> bool:
     return reward_now > reward_then + COLLAPSE_TOLERANCE and accuracy_now < accuracy_then - COLLAPSE_TOLERANCE
 
 
-# -- the markdown report ---------------------------------------------------------------------------
+# -- the review of a round: verdicts, plots and the markdown report --------------------------------
+
+
+@dataclass
+class RoundReview:
+    """What a round's evaluation concludes, and where its report was written."""
+
+    verdict: Verdict
+    control: ControlVerdict
+    history: pd.DataFrame  # every evaluated round so far, this one included
+    alerts: list[str]  # the collapse guard's
+    plots: dict[str, bytes]
+    report: Path
+
+    @property
+    def warnings(self) -> list[str]:
+        return ([self.control.message] if self.control.alarm else []) + self.alerts
+
+
+def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
+    """Judge a round from its evaluation rows (already in the lake): promotion verdict, control arm,
+    collapse guard across rounds, plots, and ``<reports>/<round>/report.md``."""
+    verdict, control = decide(rows, settings.evaluation), compare_control(rows, settings.evaluation)
+    history = round_history(lake)
+    alerts = collapse_alerts(history)
+    plots = round_plots(lake, round_id, rows, history)
+    report = write_round_report(settings.reports_dir / round_id, round_id, rows, verdict, control, history,
+                                alerts, plots)
+    return RoundReview(verdict, control, history, alerts, plots, report)
 
 
 def write_round_report(
@@ -170,7 +212,7 @@ def write_round_report(
         "", "## Champion vs challenger (held-out)", "", _markdown(summarize(rows)), "",
     ]
     test_time = tuned_vs_sampling_table(rows)
-    if len(test_time):
+    if len(test_time) and test_time["base maj@k"].notna().any():
         k = int(rows["k"].iloc[0])
         lines += [f"## Test-time compute: base model with k={k} samples vs one tuned greedy pass", "",
                   _markdown(test_time), ""]

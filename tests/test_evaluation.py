@@ -266,6 +266,14 @@ def test_tuned_vs_sampling_table_says_whether_one_tuned_pass_reaches_maj_at_k():
     assert not table.loc["all", "tuned_reaches_majority"] and not table.loc["arithmetic", "tuned_reaches_majority"]
 
 
+def test_without_base_sampling_the_table_still_compares_champion_and_tuned_per_task():
+    rows = _labeled(champion_correct=[True, False, False, False], challenger_correct=[True, True, False, True])
+    table = tuned_vs_sampling_table(rows).set_index("task")
+    assert table.loc[["all", "arithmetic", "short_answer"], "tuned greedy"].tolist() == [0.75, 1.0, 0.5]
+    assert table["champion greedy"].tolist() == [0.25, 0.5, 0.0] and table["base maj@k"].isna().all()
+    assert table["tuned_reaches_majority"].isna().all()  # no maj@k to reach
+
+
 def test_control_alarm_when_random_directions_gain_as_much():
     settings = EvaluationSettings(control_margin=0.02)
     base = dict(champion_correct=[True, False, False, False], challenger_correct=[True, True, True, False])

@@ -1,4 +1,6 @@
-"""Plots, the round history, the collapse guard and the markdown report."""
+"""Plots, the round history, the collapse guard, the markdown report and the review of a round."""
+
+import json
 
 import pandas as pd
 import pytest
@@ -6,9 +8,10 @@ import pytest
 from tao_pipeline.evaluation import ControlVerdict, Verdict
 from tao_pipeline.lake import Lake
 from tao_pipeline.reporting import (
-    accuracy_per_round_plot, accuracy_per_task_plot, collapse_alerts, round_history, score_distribution_plot,
-    training_curves_plot, write_round_report,
+    accuracy_per_round_plot, accuracy_per_task_plot, collapse_alerts, review_round, round_history,
+    score_distribution_plot, training_curves_plot, write_round_report,
 )
+from tao_pipeline.settings import load_settings
 from tests.test_evaluation import _labeled
 
 PNG = b"\x89PNG"
@@ -70,3 +73,25 @@ def test_plots_are_pngs_and_the_report_links_them(tmp_path):
     assert "# TAO r1" in text and "promoted" in text and "base maj@k" in text and "k=8" in text
     for name in plots:
         assert f"![{name}]({name}.png)" in text and (tmp_path / "r1" / f"{name}.png").read_bytes().startswith(PNG)
+
+
+def test_review_round_gives_the_verdict_the_collapse_warning_the_plots_and_the_report(tmp_path):
+    settings = load_settings(overrides=[f"home='{tmp_path}'"])
+    lake = Lake(settings.lake_dir)
+    # The scorer prefers every tuned answer while labeled accuracy halves: reward hacking.
+    rows = _labeled(champion_correct=[True, True, False, False], challenger_correct=[True, False, False, False])
+    rows["champion_version"], rows["challenger_version"] = "base", "round-0001-dpo"
+    lake.write("checkpoint_evaluation", "round-0001", rows.assign(round="round-0001"))
+    log = json.dumps([{"step": s, "loss": 0.7 - 0.1 * s, "rewards/margins": 0.2 * s} for s in range(1, 4)])
+    lake.write("tuned_checkpoint", "round-0001", pd.DataFrame({"version_id": ["round-0001-dpo"], "log_history": [log]}))
+
+    review = review_round(lake, "round-0001", rows, settings)
+
+    assert review.verdict.win_rate == 1.0 and not review.verdict.promote  # the accuracy guard refuses it
+    assert review.history["round"].tolist() == ["round-0001"]
+    [alert] = review.alerts
+    assert alert.startswith("round-0001: reward rose") and review.warnings == [alert]  # control arm off: no alarm
+    assert set(review.plots) == {"training_curves", "accuracy_per_task", "accuracy_per_round"}  # no scores stored
+    assert review.report == settings.reports_dir / "round-0001" / "report.md"
+    text = review.report.read_text()
+    assert "not promoted" in text and alert in text and "![training_curves](training_curves.png)" in text

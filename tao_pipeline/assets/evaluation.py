@@ -5,13 +5,10 @@ import dagster as dg
 from tao_pipeline.assets.generation import HEAVY_POOL
 from tao_pipeline.assets.metadata import md_table, plot
 from tao_pipeline.assets.partitions import rounds_partitions
-from tao_pipeline.evaluation import Contender, compare_control, decide, evaluate, summarize, tuned_vs_sampling_table
+from tao_pipeline.evaluation import Contender, decide, evaluate, summarize, tuned_vs_sampling_table
 from tao_pipeline.profiling import PeakMemory
 from tao_pipeline.prompts import load_labels
-from tao_pipeline.reporting import (
-    accuracy_per_round_plot, accuracy_per_task_plot, collapse_alerts, log_history_of, round_history,
-    score_distribution_plot, training_curves_plot, write_round_report,
-)
+from tao_pipeline.reporting import review_round
 from tao_pipeline.resources import LakeResource, ModelStoreResource, TaoSettingsResource
 from tao_pipeline.scoring import build_scorer
 
@@ -42,14 +39,10 @@ def checkpoint_evaluation(
             else None,
         )
     path = store.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
-    verdict, control_verdict = decide(rows, config.evaluation), compare_control(rows, config.evaluation)
-    history = round_history(store)
-    alerts = collapse_alerts(history)
-    for warning in ([control_verdict.message] if control_verdict.alarm else []) + alerts:
+    review = review_round(store, round_id, rows, config)
+    for warning in review.warnings:
         context.log.warning(warning)
-    plots = _plots(store, round_id, rows, history)
-    report = write_round_report(config.reports_dir / round_id, round_id, rows, verdict, control_verdict,
-                                history, alerts, plots)
+    verdict = review.verdict
     models.add_metrics(checkpoint["version_id"], {
         "heldout_win_rate": verdict.win_rate, "heldout_accuracy": verdict.challenger_accuracy,
         "parent_heldout_accuracy": verdict.champion_accuracy,
@@ -60,28 +53,17 @@ def checkpoint_evaluation(
         "champion_accuracy": verdict.champion_accuracy,
         "challenger_accuracy": verdict.challenger_accuracy,
         "verdict": ("promote: " if verdict.promote else "keep champion: ") + verdict.reason,
-        "control_arm": control_verdict.message,
-        "collapse_guard": "; ".join(alerts) or "ok: no round where reward rose while accuracy fell",
+        "control_arm": review.control.message,
+        "collapse_guard": "; ".join(review.alerts) or "ok: no round where reward rose while accuracy fell",
         **memory.metadata(),
         "before_after": md_table(summarize(rows), rows=50),
         "test_time_compute": md_table(tuned_vs_sampling_table(rows), rows=20),
-        **{name: plot(png) for name, png in plots.items()},
-        "rounds": md_table(history, rows=50),
+        **{name: plot(png) for name, png in review.plots.items()},
+        "rounds": md_table(review.history, rows=50),
         "examples": md_table(rows[["task", "prompt", "champion_response", "challenger_response", "outcome"]]),
-        "report": dg.MetadataValue.path(str(report)),
+        "report": dg.MetadataValue.path(str(review.report)),
         "path": dg.MetadataValue.path(str(path)),
     })
-
-
-def _plots(store, round_id: str, rows, history) -> dict[str, bytes]:
-    plots = {}
-    if store.exists("response_scores", round_id):
-        plots["score_distribution"] = score_distribution_plot(store.read("response_scores", round_id))
-    plots["training_curves"] = training_curves_plot(log_history_of(store.read("tuned_checkpoint", round_id)))
-    if rows["champion_correct"].notna().any():
-        plots["accuracy_per_task"] = accuracy_per_task_plot(rows)
-        plots["accuracy_per_round"] = accuracy_per_round_plot(history)
-    return plots
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name="tao_round", deps=["checkpoint_evaluation"],
