@@ -75,7 +75,8 @@ def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | 
         raise click.ClickException(str(error)) from None
     if not report.completed:
         raise click.ClickException(
-            f"{report.round_id} failed before its evaluation; `tao ui` shows the failing step and its error"
+            f"{report.round_id} failed before its evaluation: {report.failure or 'see the run'}\n"
+            f"`tao ui` shows the run {report.run_id} with every step's log"
         )
     click.echo(f"\n{report.round_id} finished in {report.seconds / 60:.1f} min\n")
     before_after = report.before_after.dropna(axis=1, how="all")  # no control column when the control is off
@@ -88,7 +89,8 @@ def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | 
         click.echo(test_time.to_markdown(index=False, floatfmt=".3f"))
     click.echo(f"\ncontrol arm: {report.control}")
     if report.stages is not None and len(report.stages):
-        stages = report.stages.astype(object).where(report.stages.notna(), "-")
+        stages = report.stages.dropna(axis=1, how="all")  # no error column when every step succeeded
+        stages = stages.astype(object).where(stages.notna(), "-")
         click.echo("\nstages (wall time, peak resident memory of the process):\n")
         click.echo(stages.to_markdown(index=False))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")

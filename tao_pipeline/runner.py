@@ -57,9 +57,18 @@ class RoundReport:
     stages: pd.DataFrame | None = None
     run_id: str = ""
 
+    @property
+    def failure(self) -> str | None:
+        """The first failed stage and its error, e.g. "tuned_checkpoint: ValueError: no preference pairs ..."."""
+        if self.stages is None or "error" not in self.stages:
+            return None
+        failed = self.stages[self.stages["status"] == "failure"]
+        return None if failed.empty else f"{failed['stage'].iloc[0]}: {failed['error'].iloc[0]}"
+
 
 def stage_timings(instance: dg.DagsterInstance, run_id: str) -> pd.DataFrame:
-    """Wall time per step of a run (from the event log) and each asset's recorded peak memory."""
+    """Wall time per step of a run (from the event log), each asset's recorded peak memory, and the
+    error of a step that failed."""
     wanted = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE,
               dg.DagsterEventType.ASSET_MATERIALIZATION}
     started, rows = {}, {}
@@ -73,9 +82,18 @@ def stage_timings(instance: dg.DagsterInstance, run_id: str) -> pd.DataFrame:
         elif step in started:
             rows.setdefault(step, {}).update(
                 seconds=round(record.timestamp - started[step], 1), status=event.event_type.value.split("_")[-1].lower())
+            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+                rows[step]["error"] = _root_cause(event.event_specific_data.error)
     table = pd.DataFrame([{"stage": step, **values} for step, values in rows.items()],
-                         columns=["stage", "seconds", "peak_rss_mb", "status"])
+                         columns=["stage", "seconds", "peak_rss_mb", "status", "error"])
     return table.sort_values("stage", key=lambda s: s.map(list(started).index)).reset_index(drop=True)
+
+
+def _root_cause(error) -> str:
+    """The user's own exception inside Dagster's wrapping errors, as "Type: message" on one line."""
+    while error.cause is not None:
+        error = error.cause
+    return " ".join(error.message.split()) or error.cls_name
 
 
 def prepare_dagster_home(settings: TaoSettings) -> Path:

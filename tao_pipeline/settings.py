@@ -98,7 +98,8 @@ class ScoringSettings(_Section):
 
 
 class PairSettings(_Section):
-    min_margin: float = Field(0.25, ge=0.0, description="Minimum chosen-minus-rejected score.")
+    min_margin: float = Field(0.25, ge=0.0, le=1.0,
+                              description="Minimum chosen-minus-rejected score (scores are in [0, 1]).")
 
 
 class GrpoSettings(_Section):

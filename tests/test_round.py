@@ -185,3 +185,17 @@ def test_tao_demo_replays_all_prompts_once_they_are_used(tmp_path, tiny_model_di
     assert "replaying them all from the current champion" in second.output and "round-0002 finished" in second.output
     lake = Lake(load_settings(config).lake_dir)
     assert len(lake.read("raw_prompts", "round-0002")) == len(lake.read("raw_prompts", "round-0001"))
+
+
+def test_a_failed_round_names_the_failing_stage_and_its_error(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from tao_pipeline.cli import main
+
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    # Self-consistency scores can never differ by a whole 1.0 within a group, so no pair is made.
+    result = CliRunner().invoke(main, ["round", "--config", str(config), "--set", "pairs.min_margin=1.0"])
+    assert result.exit_code == 1
+    assert ("round-0001 failed before its evaluation: tuned_checkpoint: ValueError: no preference pairs to train "
+            "on: lower pairs.min_margin or add prompts") in result.output
+    assert "`tao ui` shows the run" in result.output

@@ -211,6 +211,8 @@ def test_unknown_section_override():
     ("generation.temperature=0", "generation.temperature"),
     ("data.heldout_fraction=1.0", "data.heldout_fraction"),
     ("evaluation.min_win_rate=1.5", "evaluation.min_win_rate"),
+    ("pairs.min_margin=7", "pairs.min_margin"),
+    ("scoring.min_agreement=-0.5", "scoring.min_agreement"),
     ("training.lora_dropout=-0.1", "training.lora_dropout"),
     ("model.dtype=float16", "model.dtype"),
     ("generation.backend=tpu", "generation.backend"),
