@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import pandas as pd  # noqa: E402
 
 from tao_pipeline.evaluation import (  # noqa: E402
-    ControlVerdict, Verdict, TEST_TIME_METHODS, compare_control, decide, has_labels, summarize, tuned_vs_sampling_table,
+    ControlVerdict, Verdict, TEST_TIME_METHODS, compare_control, decide, has_labels, summarize,
+    tuned_vs_sampling_table,
 )
 from tao_pipeline.lake import Lake  # noqa: E402
 from tao_pipeline.settings import TaoSettings  # noqa: E402
