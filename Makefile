@@ -50,7 +50,7 @@ ui: setup
 bench: setup            # generation vs a naive loop, then a default round: time and memory per stage, DPO steps/s
 	$(PY) bench/throughput.py
 
-bench-quality: setup    # base vs TAO vs control, two rounds (~45 min on 2 CPU cores)
+bench-quality: setup    # base vs TAO vs control, two rounds (~35 min on 2 CPU cores)
 	$(PY) bench/quality.py
 
 bench-incremental: setup  # a round, then a rerun after 10% new prompts
