@@ -60,7 +60,7 @@ class RoundReport:
     @property
     def failure(self) -> str | None:
         """The first failed stage and its error, e.g. "tuned_checkpoint: ValueError: no preference pairs ..."."""
-        if self.stages is None or "error" not in self.stages:
+        if self.stages is None:
             return None
         failed = self.stages[self.stages["status"] == "failure"]
         return None if failed.empty else f"{failed['stage'].iloc[0]}: {failed['error'].iloc[0]}"

@@ -313,6 +313,25 @@ def test_score_responses_records_failures():
 # -- the score cache ----------------------------------------------------------------------
 
 
+class Killed(Exception):
+    """Stands for the process dying in the middle of scoring."""
+
+
+def recording_scorer(settings: ScoringSettings, calls: list[str], die_at_call: int | None = None):
+    """The settings' scorer, appending each scored prompt to ``calls``; raises Killed on call ``die_at_call``."""
+    scorer = build_scorer(settings)
+    original = scorer.score
+
+    def score(context, responses):
+        calls.append(context.prompt)
+        if len(calls) == die_at_call:
+            raise Killed
+        return original(context, responses)
+
+    scorer.score = score
+    return scorer
+
+
 def test_score_cache_scores_each_candidate_group_once(tmp_path):
     from tao_pipeline.scoring import ScoreCache
 
@@ -321,10 +340,8 @@ def test_score_cache_scores_each_candidate_group_once(tmp_path):
                             "system": [None, None], "task": ["arithmetic", "arithmetic"]})
     candidates = pd.DataFrame({"response_id": ["a1", "a2", "b1", "b2"], "prompt_id": ["a", "a", "b", "b"],
                                "response": ["2", "2", "4", "5"]})
-    scorer = build_scorer(settings)
     calls = []
-    original = scorer.score
-    scorer.score = lambda context, responses: calls.append(context.prompt) or original(context, responses)
+    scorer = recording_scorer(settings, calls)
     cache = ScoreCache(tmp_path, settings)
     first = score_responses(candidates, prompts, scorer, progress=False, cache=cache)
     assert len(calls) == 2
@@ -356,29 +373,16 @@ def test_scoring_stopped_half_way_resumes_from_its_shards(tmp_path, monkeypatch)
     unbroken = score_responses(candidates, prompts, build_scorer(settings), progress=False,
                                cache=ScoreCache(tmp_path / "unbroken", settings))
 
-    class Killed(Exception):
-        pass
-
-    dying, calls = build_scorer(settings), []
-    original = dying.score
-
-    def score_until_the_ninth(context, responses):
-        calls.append(context.prompt)
-        if len(calls) == 9:
-            raise Killed  # escapes score_responses, as a kill would, in the middle of the third shard
-        return original(context, responses)
-
-    dying.score = score_until_the_ninth
+    # Dies in the middle of the third shard; Killed escapes score_responses, as a kill would.
+    dying = recording_scorer(settings, [], die_at_call=9)
     cache_dir = tmp_path / "resumed"
     with pytest.raises(Killed):
         score_responses(candidates, prompts, dying, progress=False, cache=ScoreCache(cache_dir, settings))
     assert len(list((cache_dir / "scores").glob("*/*.parquet"))) == 2
     assert not list((cache_dir / "scores").glob("*/.*.tmp"))
 
-    resumed_scorer, rescored = build_scorer(settings), []
-    original_resumed = resumed_scorer.score
-    resumed_scorer.score = lambda context, responses: rescored.append(context.prompt) or original_resumed(
-        context, responses)
+    rescored = []
+    resumed_scorer = recording_scorer(settings, rescored)
     cache = ScoreCache(cache_dir, settings)
     resumed = score_responses(candidates, prompts, resumed_scorer, progress=False, cache=cache)
     assert len(rescored) == count - 8 and cache.cached_groups == 8
