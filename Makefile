@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo test test-fast test-ui ui bench bench-quality bench-incremental bench-ingest clean
+.PHONY: setup browser demo lint test test-fast test-ui ui bench bench-quality bench-incremental bench-ingest clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,16 @@ browser:
 demo: setup
 	$(VENV)/bin/tao demo
 
-test: setup browser
+# The architecture (import-linter: layers, no dagster in the domain, no cycles) and the style (ruff).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: setup browser lint
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -m "not slow and not ui"
 
 test-ui: setup browser

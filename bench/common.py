@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tao_pipeline.model_store import EMBEDDED_NAME
+from tao_pipeline.registry.embedded import EMBEDDED_NAME
 
 
 def fresh_home(name: str, base_model_from: str | None) -> Path:

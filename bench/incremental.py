@@ -15,9 +15,9 @@ from __future__ import annotations
 import pandas as pd
 from common import bench_parser, fresh_home, run_metadata, show
 
+from tao_pipeline.cli.runner import run_round
+from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.demo import DEMO_LOGS
-from tao_pipeline.prompts import content_hash
-from tao_pipeline.runner import run_round
 from tao_pipeline.settings import load_settings
 
 
@@ -49,21 +49,30 @@ def main() -> None:
         raise SystemExit("a run failed; see `tao ui`")
 
     stages = first.stages[["stage", "seconds"]].merge(
-        rerun.stages[["stage", "seconds"]], on="stage", suffixes=("_first", "_rerun"))
+        rerun.stages[["stage", "seconds"]], on="stage", suffixes=("_first", "_rerun")
+    )
     stages["rerun / first"] = (stages["seconds_rerun"] / stages["seconds_first"]).round(2)
     show("per stage (seconds)", stages)
     counts = []
     for name, report in [("first run", first), ("rerun", rerun)]:
         generated = run_metadata(settings.dagster_home, report.run_id, "candidate_responses")
         scored = run_metadata(settings.dagster_home, report.run_id, "response_scores")
-        counts.append({"run": name, "train prompts": generated["prompts"],
-                       "prompts generated": generated["prompts_generated"],
-                       "prompts from response cache": generated["prompts_from_cache"],
-                       "prompts scored": scored["prompts_scored"],
-                       "prompts from score cache": scored["prompts_from_cache"], "minutes": round(report.seconds / 60, 2)})
+        counts.append(
+            {
+                "run": name,
+                "train prompts": generated["prompts"],
+                "prompts generated": generated["prompts_generated"],
+                "prompts from response cache": generated["prompts_from_cache"],
+                "prompts scored": scored["prompts_scored"],
+                "prompts from score cache": scored["prompts_from_cache"],
+                "minutes": round(report.seconds / 60, 2),
+            }
+        )
     show("what each run did", pd.DataFrame(counts))
-    print(f"\nrerun / first run wall time: {rerun.seconds / first.seconds:.2f} "
-          f"({rerun.seconds / 60:.1f} min vs {first.seconds / 60:.1f} min)")
+    print(
+        f"\nrerun / first run wall time: {rerun.seconds / first.seconds:.2f} "
+        f"({rerun.seconds / 60:.1f} min vs {first.seconds / 60:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

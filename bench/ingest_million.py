@@ -34,12 +34,12 @@ MIB = 2**20
 TASKS = ["arithmetic", "short_answer", "general", "sql", "summarize"]
 WORDS = ["alpha", "beta", "gamma", "delta", "lake", "river", "model"]
 MALFORMED = [
-    b'{"prompt": "What is 2 + ',                    # truncated JSON
-    b"upstream error: connection reset by peer",   # not JSON
+    b'{"prompt": "What is 2 + ',  # truncated JSON
+    b"upstream error: connection reset by peer",  # not JSON
     b'{"task": "arithmetic", "id": "no-prompt"}',  # missing prompt
-    b'{"prompt": "   "}',                           # empty prompt
-    b'{"prompt": "caf\xe9 au lait"}',               # invalid UTF-8
-    b'["a", "list"]',                               # not an object
+    b'{"prompt": "   "}',  # empty prompt
+    b'{"prompt": "caf\xe9 au lait"}',  # invalid UTF-8
+    b'["a", "list"]',  # not an object
 ]
 
 
@@ -100,8 +100,8 @@ class PeakSampler(threading.Thread):
 
 
 def ingest_with_domain_code(path: Path, home: Path, mode: str) -> dict:
-    from tao_pipeline.ingest import batch_key, ingest_file, ingest_to_lake
-    from tao_pipeline.lake import Lake
+    from tao_pipeline.data.ingest import batch_key, ingest_file, ingest_to_lake
+    from tao_pipeline.data.lake import Lake
     from tao_pipeline.settings import DataSettings
 
     limits, lake, key = DataSettings(), Lake(home / "lake"), batch_key(path)
@@ -109,8 +109,11 @@ def ingest_with_domain_code(path: Path, home: Path, mode: str) -> dict:
         batch = ingest_file(path, limits)
         lake.write("usage_logs", key, batch.rows.assign(batch=key))
         lake.write("quarantined_rows", key, batch.quarantine.assign(batch=key))
-        return {"rows": len(batch.rows), "quarantined": len(batch.quarantine),
-                "distinct_prompts": int(batch.rows["prompt_id"].nunique())}
+        return {
+            "rows": len(batch.rows),
+            "quarantined": len(batch.quarantine),
+            "distinct_prompts": int(batch.rows["prompt_id"].nunique()),
+        }
     summary = ingest_to_lake(path, limits, lake, key)
     return {"rows": summary.rows, "quarantined": summary.quarantined, "distinct_prompts": summary.distinct_prompts}
 
@@ -118,18 +121,22 @@ def ingest_with_domain_code(path: Path, home: Path, mode: str) -> dict:
 def ingest_with_dagster(path: Path, home: Path) -> dict:
     import dagster as dg
 
-    from tao_pipeline.assets import INGEST_ASSETS
-    from tao_pipeline.ingest import batch_key
-    from tao_pipeline.resources import build_resources
+    from tao_pipeline.data.ingest import batch_key
+    from tao_pipeline.defs.assets.ingest import usage_logs
+    from tao_pipeline.defs.resources import build_resources
 
     config = home / "tao.toml"
     config.write_text(f'home = "{home}"\n[data]\nlogs = []\n')
     key = batch_key(path)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("log_batches", [key])
-        result = dg.materialize(INGEST_ASSETS, partition_key=key, instance=instance,
-                                resources=build_resources(str(config)),
-                                run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}})
+        result = dg.materialize(
+            [usage_logs],
+            partition_key=key,
+            instance=instance,
+            resources=build_resources(str(config)),
+            run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}},
+        )
     metadata = result.asset_materializations_for_node("usage_logs")[0].metadata
     return {name: metadata[name].value for name in ("rows", "quarantined", "distinct_prompts")}
 
@@ -142,7 +149,7 @@ def child(path: Path, home: Path, mode: str) -> None:
     import pandas  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    import tao_pipeline.ingest  # noqa: F401
+    import tao_pipeline.data.ingest  # noqa: F401
 
     baseline = psutil.Process().memory_info().rss
     sampler = PeakSampler()
@@ -152,8 +159,11 @@ def child(path: Path, home: Path, mode: str) -> None:
     wall = time.perf_counter() - started
     sampled = sampler.stop()
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({**counts, "wall_s": wall, "baseline": baseline, "peak": max(max_rss, sampled),
-                      "sampled_peak": sampled}))
+    print(
+        json.dumps(
+            {**counts, "wall_s": wall, "baseline": baseline, "peak": max(max_rss, sampled), "sampled_peak": sampled}
+        )
+    )
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -161,23 +171,31 @@ def child(path: Path, home: Path, mode: str) -> None:
 
 def measure(path: Path, mode: str, workdir: Path) -> dict:
     home = Path(tempfile.mkdtemp(prefix=f"home-{mode}-", dir=workdir))
-    out = subprocess.run([sys.executable, __file__, "--child", str(path), str(home), mode],
-                         capture_output=True, text=True, env={**os.environ, "TAO_HOME": str(home)})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(path), str(home), mode],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TAO_HOME": str(home)},
+    )
     if out.returncode != 0:
         raise SystemExit(f"the {mode} ingestion of {path.name} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def report(results: list[dict]) -> None:
-    header = (f"{'run':<30} {'lines':>9} {'file MiB':>8} {'kept':>9} {'quarant.':>8} {'distinct':>9} "
-              f"{'wall s':>7} {'rows/s':>9} {'base MiB':>8} {'peak MiB':>8} {'growth':>7} {'growth/file':>11}")
+    header = (
+        f"{'run':<30} {'lines':>9} {'file MiB':>8} {'kept':>9} {'quarant.':>8} {'distinct':>9} "
+        f"{'wall s':>7} {'rows/s':>9} {'base MiB':>8} {'peak MiB':>8} {'growth':>7} {'growth/file':>11}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         growth = (r["peak"] - r["baseline"]) / MIB
-        print(f"{r['label']:<30} {r['lines']:>9,} {r['file_mib']:>8.1f} {r['rows']:>9,} {r['quarantined']:>8,} "
-              f"{r['distinct_prompts']:>9,} {r['wall_s']:>7.1f} {r['lines'] / r['wall_s']:>9,.0f} "
-              f"{r['baseline'] / MIB:>8.0f} {r['peak'] / MIB:>8.0f} {growth:>7.0f} {growth / r['file_mib']:>10.2f}x")
+        print(
+            f"{r['label']:<30} {r['lines']:>9,} {r['file_mib']:>8.1f} {r['rows']:>9,} {r['quarantined']:>8,} "
+            f"{r['distinct_prompts']:>9,} {r['wall_s']:>7.1f} {r['lines'] / r['wall_s']:>9,.0f} "
+            f"{r['baseline'] / MIB:>8.0f} {r['peak'] / MIB:>8.0f} {growth:>7.0f} {growth / r['file_mib']:>10.2f}x"
+        )
 
 
 def main() -> None:
@@ -193,7 +211,7 @@ def main() -> None:
         child(Path(args.child[0]), Path(args.child[1]), args.child[2])
         return
 
-    from tao_pipeline.ingest import CHUNK_ROWS
+    from tao_pipeline.data.ingest import CHUNK_ROWS
 
     results = []
     with tempfile.TemporaryDirectory(prefix="tao-ingest-bench-") as tmp:
@@ -203,25 +221,35 @@ def main() -> None:
             started = time.perf_counter()
             bad = write_usage_log(path, rows, args.bad_share)
             size = path.stat().st_size / MIB
-            print(f"generated {path.name}: {rows:,} lines, {bad:,} malformed, {size:.1f} MiB "
-                  f"in {time.perf_counter() - started:.1f}s")
+            print(
+                f"generated {path.name}: {rows:,} lines, {bad:,} malformed, {size:.1f} MiB "
+                f"in {time.perf_counter() - started:.1f}s"
+            )
             modes = ["stream"] + (["dagster"] if args.dagster else []) + (["whole"] if args.whole else [])
             for mode in modes:
                 result = measure(path, mode, workdir)
                 assert (result["rows"], result["quarantined"]) == (rows - bad, bad), result  # no row lost
-                label = {"stream": "ingest_to_lake (streaming)", "dagster": "usage_logs asset (Dagster)",
-                         "whole": "ingest_file (whole file)"}[mode]
+                label = {
+                    "stream": "ingest_to_lake (streaming)",
+                    "dagster": "usage_logs asset (Dagster)",
+                    "whole": "ingest_file (whole file)",
+                }[mode]
                 results.append({**result, "label": label, "lines": rows, "file_mib": size})
                 print(f"  {label}: {result['wall_s']:.1f}s")
-    print(f"\nchunk size: {CHUNK_ROWS:,} rows; peak = max(ru_maxrss, RSS sampled every 5 ms); "
-          "growth = peak - RSS before ingesting; growth/file = growth / file size\n")
+    print(
+        f"\nchunk size: {CHUNK_ROWS:,} rows; peak = max(ru_maxrss, RSS sampled every 5 ms); "
+        "growth = peak - RSS before ingesting; growth/file = growth / file size\n"
+    )
     report(results)
     print()
     for label in dict.fromkeys(r["label"] for r in results):
         small, large = [r for r in results if r["label"] == label]
-        print(f"{label}: {large['lines'] / small['lines']:.0f}x the rows, peak RSS {large['peak'] / MIB:.0f} MiB vs "
-              f"{small['peak'] / MIB:.0f} MiB ({(large['peak'] - small['peak']) / MIB:+.0f} MiB); "
-              f"{(large['peak'] - large['baseline']) / MIB:.0f} MiB over baseline for a {large['file_mib']:.0f} MiB file")
+        print(
+            f"{label}: {large['lines'] / small['lines']:.0f}x the rows, peak RSS {large['peak'] / MIB:.0f} MiB vs "
+            f"{small['peak'] / MIB:.0f} MiB ({(large['peak'] - small['peak']) / MIB:+.0f} MiB); "
+            f"{(large['peak'] - large['baseline']) / MIB:.0f} MiB over baseline for a {large['file_mib']:.0f} MiB file"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -18,11 +18,10 @@ import time
 
 from common import bench_parser, fresh_home, show
 
-from tao_pipeline.evaluation import compare_control, tuned_vs_sampling_table
-from tao_pipeline.lake import Lake
-from tao_pipeline.model_store import ModelStore
-from tao_pipeline.reporting import collapse_alerts, round_history
-from tao_pipeline.runner import run_round
+from tao_pipeline.cli.runner import run_round
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.evaluation import collapse_alerts, compare_control, round_history, tuned_vs_sampling_table
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
 TARGET_GAIN = 0.10
@@ -44,7 +43,9 @@ def main() -> None:
             raise SystemExit(f"{report.round_id} failed; see `TAO_HOME={home} tao ui`")
         rows = Lake(load_settings(None, round_overrides).lake_dir).read("checkpoint_evaluation", report.round_id)
         print(f"\n=== {report.round_id}: {report.verdict} ({report.seconds / 60:.1f} min)")
-        show("labeled held-out accuracy (base model with k=8 samples vs one greedy pass)", tuned_vs_sampling_table(rows))
+        show(
+            "labeled held-out accuracy (base model with k=8 samples vs one greedy pass)", tuned_vs_sampling_table(rows)
+        )
         show("stages", report.stages)
         print(f"\ncontrol: {compare_control(rows, load_settings(None, overrides).evaluation).message}")
     print(f"\nall rounds: {(time.perf_counter() - started) / 60:.1f} min")
@@ -54,9 +55,24 @@ def main() -> None:
 def summarize_against_targets(settings) -> None:
     lake = Lake(settings.lake_dir)
     history = round_history(lake)
-    show("rounds", history[["round", "starting_model", "tuned_model", "train_reward", "reward_before", "reward_after",
-                            "base_greedy_accuracy", "base_majority_accuracy", "accuracy_before", "accuracy_after",
-                            "control_accuracy"]])
+    show(
+        "rounds",
+        history[
+            [
+                "round",
+                "starting_model",
+                "tuned_model",
+                "train_reward",
+                "reward_before",
+                "reward_after",
+                "base_greedy_accuracy",
+                "base_majority_accuracy",
+                "accuracy_before",
+                "accuracy_after",
+                "control_accuracy",
+            ]
+        ],
+    )
     alerts = collapse_alerts(history)
     print("\ncollapse guard: " + ("; ".join(alerts) if alerts else "no round where reward rose while accuracy fell"))
     champion = ModelStore(settings.models_dir).champion(settings.model).version_id
@@ -69,15 +85,22 @@ def summarize_against_targets(settings) -> None:
     tuned = table.loc["all", "tuned greedy"]
     gain = tuned - base_greedy
     reached = [task for task in table.index if task != "all" and table.loc[task, "tuned_reaches_majority"]]
-    print(f"\nTAO champion {champion}: held-out accuracy {tuned:.3f} vs base greedy {base_greedy:.3f} "
-          f"= {gain * 100:+.1f} points (target >= +{TARGET_GAIN * 100:.0f}): {'met' if gain >= TARGET_GAIN else 'NOT met'}")
-    print(f"tasks where the tuned greedy reaches the base model's maj@8: {reached or 'none'} "
-          f"(target: at least one): {'met' if reached else 'NOT met'}")
+    print(
+        f"\nTAO champion {champion}: held-out accuracy {tuned:.3f} vs base greedy {base_greedy:.3f} "
+        f"= {gain * 100:+.1f} points (target >= +{TARGET_GAIN * 100:.0f}): "
+        f"{'met' if gain >= TARGET_GAIN else 'NOT met'}"
+    )
+    print(
+        f"tasks where the tuned greedy reaches the base model's maj@8: {reached or 'none'} "
+        f"(target: at least one): {'met' if reached else 'NOT met'}"
+    )
     for row in history.itertuples():
         drift = row.control_accuracy - row.accuracy_before
-        print(f"{row.round}: control {row.control_accuracy:.3f} vs its starting model {row.accuracy_before:.3f} "
-              f"= {drift * 100:+.1f} points (target within {CONTROL_BAND * 100:.0f}): "
-              f"{'met' if abs(drift) <= CONTROL_BAND + 1e-9 else 'NOT met'}")
+        print(
+            f"{row.round}: control {row.control_accuracy:.3f} vs its starting model {row.accuracy_before:.3f} "
+            f"= {drift * 100:+.1f} points (target within {CONTROL_BAND * 100:.0f}): "
+            f"{'met' if abs(drift) <= CONTROL_BAND + 1e-9 else 'NOT met'}"
+        )
 
 
 def _rows_where_tuned_is(lake: Lake, history, version: str):

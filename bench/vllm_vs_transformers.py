@@ -14,11 +14,11 @@ import sys
 
 import torch
 
+from tao_pipeline.data.ingest import load_prompts
 from tao_pipeline.generation import SamplingParams
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
 from tao_pipeline.generation.vllm_backend import VLLMGenerator, vllm_available
-from tao_pipeline.model_store import ModelStore
-from tao_pipeline.prompts import load_prompts
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
 
@@ -43,22 +43,30 @@ def main() -> None:
     prompts = prompts.sample(n=min(args.prompts, len(prompts)), replace=False, random_state=0)
     gen = settings.generation
     params = SamplingParams(args.samples, gen.max_new_tokens, gen.temperature, gen.top_p, seed=gen.seed)
-    print(f"{torch.cuda.get_device_name()}: {model_path}, {len(prompts)} prompts x {args.samples} samples, "
-          f"max_new_tokens {gen.max_new_tokens}")
+    print(
+        f"{torch.cuda.get_device_name()}: {model_path}, {len(prompts)} prompts x {args.samples} samples, "
+        f"max_new_tokens {gen.max_new_tokens}"
+    )
 
     results = {}
     for name, build in [
         ("transformers", lambda: TransformersGenerator(model_path, version, dtype="bfloat16", batch_size=64)),
-        ("vllm", lambda: VLLMGenerator(model_path, version, dtype="bfloat16",
-                                       tensor_parallel_size=args.tensor_parallel_size)),
+        (
+            "vllm",
+            lambda: VLLMGenerator(
+                model_path, version, dtype="bfloat16", tensor_parallel_size=args.tensor_parallel_size
+            ),
+        ),
     ]:
         generator = build()
         generator.generate(prompts.head(8), params, progress=False)  # warm-up: kernels, CUDA graphs
         generator.stats = type(generator.stats)()
         generator.generate(prompts, params)
         results[name] = generator.stats.tokens_per_second
-        print(f"{name}: {generator.stats.new_tokens} tokens in {generator.stats.seconds:.1f} s "
-              f"= {results[name]:.0f} tokens/s")
+        print(
+            f"{name}: {generator.stats.new_tokens} tokens in {generator.stats.seconds:.1f} s "
+            f"= {results[name]:.0f} tokens/s"
+        )
         if hasattr(generator, "close"):
             generator.close()
         del generator

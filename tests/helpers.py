@@ -10,9 +10,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _CORPUS = [
-    "What is 2 + 3? Reply with just the number. 5", "The capital of France is Paris.",
-    "What is the chemical symbol for gold? Au", "Answer with one word. Blue. Red. Green. 0 1 2 3 4 5 6 7 8 9",
-    "You are a concise assistant.", "system user assistant",
+    "What is 2 + 3? Reply with just the number. 5",
+    "The capital of France is Paris.",
+    "What is the chemical symbol for gold? Au",
+    "Answer with one word. Blue. Red. Green. 0 1 2 3 4 5 6 7 8 9",
+    "You are a concise assistant.",
+    "system user assistant",
 ]
 
 
@@ -26,18 +29,29 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(_CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
@@ -57,23 +71,27 @@ def sample_logs(count: int = 24) -> list[dict]:
     rows = []
     for i in range(count):
         if i % 2:
-            rows.append({"id": f"log-{i}", "prompt": f"What is {i} + {i + 1}? Reply with just the number.",
-                         "task": "arithmetic"})
+            rows.append(
+                {
+                    "id": f"log-{i}",
+                    "prompt": f"What is {i} + {i + 1}? Reply with just the number.",
+                    "task": "arithmetic",
+                }
+            )
         else:
-            rows.append({"id": f"log-{i}", "prompt": f"Name colour number {i}. Answer with one word.",
-                         "task": "short_answer"})
+            rows.append(
+                {"id": f"log-{i}", "prompt": f"Name colour number {i}. Answer with one word.", "task": "short_answer"}
+            )
     return rows
 
 
 def write_tiny_config(tmp_path: Path, tiny_model_dir: Path) -> Path:
     logs = write_logs(tmp_path / "logs.jsonl", sample_logs() + ["{not json", {"prompt": ""}])
     labels = tmp_path / "labels.jsonl"
-    labels.write_text("".join(
-        json.dumps({"prompt": r["prompt"], "answer": "7"}) + "\n" for r in sample_logs()
-    ))
+    labels.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": "7"}) + "\n" for r in sample_logs()))
     config = tmp_path / "tao.toml"
     config.write_text(f"""
-home = "{tmp_path / 'home'}"
+home = "{tmp_path / "home"}"
 
 [data]
 logs = ["{logs}"]
@@ -110,9 +128,39 @@ def three_prompts():
     import numpy as np
     import pandas as pd
 
-    return pd.DataFrame({
-        "prompt_id": ["p-a", "p-b", "p-c"],
-        "prompt": ["What is 2 + 3? Reply with just the number.", "Name a colour.",
-                   "What is the capital of France? Answer with one word."],
-        "system": [np.nan, "You are a concise assistant.", None],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": ["p-a", "p-b", "p-c"],
+            "prompt": [
+                "What is 2 + 3? Reply with just the number.",
+                "Name a colour.",
+                "What is the capital of France? Answer with one word.",
+            ],
+            "system": [np.nan, "You are a concise assistant.", None],
+        }
+    )
+
+
+def code_location():
+    """The code location as Dagster loads it (everything under tao_pipeline/defs), in an instance's context
+    as Dagster's own processes load it."""
+    from tao_pipeline.cli.runner import code_location as load
+
+    return load()
+
+
+def group_assets(group: str) -> list:
+    """The code location's assets in one group: "tao_round" (the round's stages) or "ingestion"."""
+    return [asset for asset in code_location().assets if group in asset.group_names_by_key.values()]
+
+
+def round_assets() -> list:
+    return group_assets("tao_round")
+
+
+def ingest_assets() -> list:
+    return group_assets("ingestion")
+
+
+def evaluation_checks() -> list:
+    return list(code_location().asset_checks)

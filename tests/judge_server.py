@@ -11,9 +11,14 @@ from tao_pipeline.scoring.judge import LLMJudgeScorer
 
 
 def chat_completion(content: str) -> str:
-    return json.dumps({"id": "cmpl-test", "object": "chat.completion", "model": "judge-test",
-                       "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": content}}]})
+    return json.dumps(
+        {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "model": "judge-test",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        }
+    )
 
 
 class FakeJudgeServer:
@@ -51,8 +56,9 @@ class FakeJudgeServer:
                 headers = dict(self.headers.items())
                 with server._lock:
                     server.requests.append((body, headers))
-                status, text = (server.reply(body, headers) if self.path == "/v1/chat/completions"
-                                else (404, "not found"))
+                status, text = (
+                    server.reply(body, headers) if self.path == "/v1/chat/completions" else (404, "not found")
+                )
                 data = text.encode("utf-8")
                 try:
                     self.send_response(status)
@@ -71,6 +77,12 @@ class FakeJudgeServer:
 
 def openai_judge(server: FakeJudgeServer, cache_dir: Path | None = None, **options) -> LLMJudgeScorer:
     """An LLM judge on the fake endpoint: no retries, a short timeout; ``options`` override the defaults."""
-    defaults = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "timeout_s": 5.0,
-                "max_retries": 0, "cache_dir": str(cache_dir) if cache_dir else None}
+    defaults = {
+        "backend": "openai",
+        "base_url": server.base_url,
+        "model": "judge-test",
+        "timeout_s": 5.0,
+        "max_retries": 0,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+    }
     return LLMJudgeScorer(**{**defaults, **options})

@@ -22,10 +22,10 @@ import duckdb
 import pandas as pd
 import pytest
 
-from tao_pipeline import lake as lake_module
-from tao_pipeline.lake import DuckDBLockTimeout, Lake, connect_duckdb
-from tao_pipeline.model_store import ModelStore
-from tao_pipeline.settings import ModelSettings
+from tao_pipeline.data import lake as lake_module
+from tao_pipeline.data.lake import DuckDBLockTimeout, Lake, connect_duckdb
+from tao_pipeline.registry import ModelStore
+from tao_pipeline.settings import ModelSettings, SettingsSource
 
 SPAWN = multiprocessing.get_context("spawn")
 SHARED_TABLES = ("alpha", "beta")
@@ -65,10 +65,10 @@ class Workers:
     def join(self, timeout_s: float) -> dict[str, object]:
         """Every worker's value; fails the test with the child's traceback if one failed or hung."""
         deadline = time.monotonic() + timeout_s
-        for name, process, _ in self.processes:
+        for _name, process, _ in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
         hung = [name for name, process, _ in self.processes if process.is_alive()]
-        for name, process, _ in self.processes:
+        for _name, process, _ in self.processes:
             if process.is_alive():
                 process.kill()
                 process.join(5)
@@ -118,11 +118,17 @@ def _rows(writer: int, version: int) -> int:
 
 def partition_frame(table: str, writer: int, partition: str, version: int) -> pd.DataFrame:
     count = _rows(writer, version)
-    return pd.DataFrame({
-        "table_name": [table] * count, "partition": [partition] * count, "writer": [writer] * count,
-        "version": [version] * count, "expected_rows": [count] * count, "row": list(range(count)),
-        "log_ids": [[f"{partition}-{version}-{i}"] for i in range(count)],
-    })
+    return pd.DataFrame(
+        {
+            "table_name": [table] * count,
+            "partition": [partition] * count,
+            "writer": [writer] * count,
+            "version": [version] * count,
+            "expected_rows": [count] * count,
+            "row": list(range(count)),
+            "log_ids": [[f"{partition}-{version}-{i}"] for i in range(count)],
+        }
+    )
 
 
 def last_versions(writer: int) -> dict[str, int]:
@@ -227,11 +233,14 @@ def test_concurrent_writers_and_readers_keep_every_partition_and_the_catalog_int
                 pd.testing.assert_frame_equal(back, partition_frame(table, writer, partition, version))
                 expected_total[table] += len(back)
     for table in SHARED_TABLES:
-        assert lake.partitions(table) == sorted(["seed", *(f"w{w}-p{i}" for w in range(WRITERS)
-                                                            for i in range(PARTITIONS_PER_WRITER))])
+        assert lake.partitions(table) == sorted(
+            ["seed", *(f"w{w}-p{i}" for w in range(WRITERS) for i in range(PARTITIONS_PER_WRITER))]
+        )
         assert not [p.name for p in (root / table).iterdir() if p.suffix != ".parquet"], "temp files left"
-    counts = lake.query('SELECT table_name, count(*) AS n FROM (SELECT table_name FROM alpha UNION ALL '
-                        'SELECT table_name FROM beta) GROUP BY table_name ORDER BY table_name')
+    counts = lake.query(
+        "SELECT table_name, count(*) AS n FROM (SELECT table_name FROM alpha UNION ALL "
+        "SELECT table_name FROM beta) GROUP BY table_name ORDER BY table_name"
+    )
     assert dict(zip(counts["table_name"], counts["n"])) == expected_total
 
     # The catalog is a sound DuckDB file that any client opens, with every view in it.
@@ -258,8 +267,15 @@ def registry_writer(models: str, base: str, writer: int, writers: int, count: in
     parent = base_version
     for i in range(count):
         version = f"w{writer}-v{i}"
-        store.register(version, Path(models) / version, parent_version=parent, round_id=f"round-w{writer}",
-                       method="dpo+lora", hyperparameters={"writer": writer, "i": i}, metrics={"steps": i})
+        store.register(
+            version,
+            Path(models) / version,
+            parent_version=parent,
+            round_id=f"round-w{writer}",
+            method="dpo+lora",
+            hyperparameters={"writer": writer, "i": i},
+            metrics={"steps": i},
+        )
         store.add_metrics(version, {"heldout_win_rate": i / count, "writer": writer})
         store.record_promotion(version, "promote" if i % 2 == 0 else "reject", f"writer {writer} step {i}")
         parent = version
@@ -368,8 +384,9 @@ def test_a_sql_shell_left_open_on_the_catalog(tmp_path, monkeypatch):
 
     # A read-only shell: rounds keep writing partitions of existing tables, and reading.
     workers = Workers(tmp_path / "read-only")
-    shell = workers.start("shell", hold_open, str(lake.catalog_path), True, str(tmp_path / "ro"),
-                          str(tmp_path / "ro-done"))
+    shell = workers.start(
+        "shell", hold_open, str(lake.catalog_path), True, str(tmp_path / "ro"), str(tmp_path / "ro-done")
+    )
     _wait_for(tmp_path / "ro")
     try:
         lake.write("scores", "round-0002", pd.DataFrame({"score": [0.75]}))
@@ -386,8 +403,9 @@ def test_a_sql_shell_left_open_on_the_catalog(tmp_path, monkeypatch):
 
     # A read-write shell locks everyone out until it closes: a clear error after the wait.
     workers = Workers(tmp_path / "read-write")
-    shell = workers.start("shell", hold_open, str(lake.catalog_path), False, str(tmp_path / "rw"),
-                          str(tmp_path / "rw-done"))
+    shell = workers.start(
+        "shell", hold_open, str(lake.catalog_path), False, str(tmp_path / "rw"), str(tmp_path / "rw-done")
+    )
     _wait_for(tmp_path / "rw")
     try:
         started = time.monotonic()
@@ -457,18 +475,23 @@ class OpenFileWatcher:
 def dagster_round(config: str, round_id: str, start_flag: str) -> dict:
     import dagster as dg
 
-    from tao_pipeline.assets import ROUND_ASSETS
-    from tao_pipeline.checks import challenger_beats_champion
-    from tao_pipeline.resources import build_resources
-    from tao_pipeline.runner import QUIET_RUN_CONFIG, prepare_dagster_home
+    from tao_pipeline.cli.runner import QUIET_RUN_CONFIG, prepare_dagster_home
+    from tao_pipeline.defs.checks import challenger_beats_champion
+    from tao_pipeline.defs.resources import build_resources
     from tao_pipeline.settings import load_settings
+    from tests.helpers import round_assets
 
     prepare_dagster_home(load_settings(config))
     _wait_for_start(start_flag)
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize([*ROUND_ASSETS, challenger_beats_champion], partition_key=round_id,
-                                instance=instance, resources=build_resources(config), run_config=QUIET_RUN_CONFIG,
-                                raise_on_error=False)
+        result = dg.materialize(
+            [*round_assets(), challenger_beats_champion],
+            partition_key=round_id,
+            instance=instance,
+            resources=build_resources(config),
+            run_config=QUIET_RUN_CONFIG,
+            raise_on_error=False,
+        )
         failed = [event.step_key for event in result.all_events if event.event_type_value == "STEP_FAILURE"]
     return {"failed_steps": failed}
 
@@ -476,15 +499,14 @@ def dagster_round(config: str, round_id: str, start_flag: str) -> dict:
 def dagster_ingest(config: str, start_flag: str) -> dict:
     import dagster as dg
 
-    from tao_pipeline.resources import build_resources
-    from tao_pipeline.runner import ingest_new_files, prepare_dagster_home
+    from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
     from tao_pipeline.settings import load_settings
 
     settings = load_settings(config)
     prepare_dagster_home(settings)
     _wait_for_start(start_flag)
     with dg.DagsterInstance.get() as instance:
-        return {"batches": ingest_new_files(instance, settings, build_resources(config), echo=lambda _: None)}
+        return {"batches": ingest_new_files(instance, settings, SettingsSource(config), echo=lambda _: None)}
 
 
 def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir):
@@ -492,8 +514,7 @@ def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir)
         pytest.skip("watching open files needs /proc")
     import dagster as dg
 
-    from tao_pipeline.resources import build_resources
-    from tao_pipeline.runner import ingest_new_files, prepare_dagster_home
+    from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
     from tao_pipeline.settings import load_settings
     from tests.helpers import write_logs, write_tiny_config
 
@@ -502,20 +523,24 @@ def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir)
     prepare_dagster_home(settings)
     ModelStore(settings.models_dir).champion(settings.model, log=lambda _: None)
     with dg.DagsterInstance.get() as instance:
-        [first_batch] = ingest_new_files(instance, settings, build_resources(str(config)), echo=lambda _: None)
+        [first_batch] = ingest_new_files(instance, settings, SettingsSource(str(config)), echo=lambda _: None)
         instance.add_dynamic_partitions("rounds", ["round-0001"])
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     new_files = {}
     for n in range(3):
-        rows = [{"id": f"new-{n}-{i}", "prompt": f"What is {n} * {i}? Reply with just the number.",
-                 "task": "arithmetic"} for i in range(6)]
+        rows = [
+            {"id": f"new-{n}-{i}", "prompt": f"What is {n} * {i}? Reply with just the number.", "task": "arithmetic"}
+            for i in range(6)
+        ]
         write_logs(settings.inbox_dir / f"new-{n}.jsonl", rows)
         new_files[f"new-{n}.jsonl"] = len(rows)
 
     start = tmp_path / "start"
     workers = Workers(tmp_path)
-    pids = {"round": workers.start("round", dagster_round, str(config), "round-0001", str(start)).pid,
-            "ingest": workers.start("ingest", dagster_ingest, str(config), str(start)).pid}
+    pids = {
+        "round": workers.start("round", dagster_round, str(config), "round-0001", str(start)).pid,
+        "ingest": workers.start("ingest", dagster_ingest, str(config), str(start)).pid,
+    }
     lake, store = Lake(settings.lake_dir), ModelStore(settings.models_dir)
     waits = []
     with OpenFileWatcher(pids) as watcher:
@@ -541,8 +566,10 @@ def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir)
     # Each ingested file is whole, in its own partition, and the round's partitions agree with one another.
     batches = [first_batch, *results["ingest"]["batches"]]
     assert sorted(lake.partitions("usage_logs")) == sorted(batches)
-    ingested = {Path(lake.read("usage_logs", b)["source_file"].iloc[0]).name: len(lake.read("usage_logs", b))
-                for b in results["ingest"]["batches"]}
+    ingested = {
+        Path(lake.read("usage_logs", b)["source_file"].iloc[0]).name: len(lake.read("usage_logs", b))
+        for b in results["ingest"]["batches"]
+    }
     assert ingested == new_files
     assert len(lake.read("usage_logs", first_batch)) == 24
     prompts = lake.read("raw_prompts", "round-0001")
@@ -561,8 +588,16 @@ def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir)
     assert store.get(checkpoint["version_id"]).round == "round-0001"
     with duckdb.connect(str(lake.catalog_path), read_only=True) as con:
         views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-        for view in ("usage_logs", "quarantined_rows", "raw_prompts", "candidate_responses", "response_scores",
-                     "preference_pairs", "tuned_checkpoint", "checkpoint_evaluation"):
+        for view in (
+            "usage_logs",
+            "quarantined_rows",
+            "raw_prompts",
+            "candidate_responses",
+            "response_scores",
+            "preference_pairs",
+            "tuned_checkpoint",
+            "checkpoint_evaluation",
+        ):
             assert view in views
             con.execute(f'SELECT count(*) FROM "{view}"').fetchone()
         logged = con.execute("SELECT count(*) FROM usage_logs").fetchone()[0]

@@ -10,18 +10,19 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from tao_pipeline.assets import candidate_responses, raw_prompts
-from tao_pipeline.resources import build_resources
-from tao_pipeline.runner import ingest_new_files, prepare_dagster_home
-from tao_pipeline.settings import load_settings
+from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
+from tao_pipeline.defs.assets.generation import candidate_responses
+from tao_pipeline.defs.assets.prompts import raw_prompts
+from tao_pipeline.defs.resources import build_resources
+from tao_pipeline.settings import SettingsSource, load_settings
 from tests.helpers import write_tiny_config
 
 SLOW_SHARDS = ["generation.shard_prompts=1", "generation.num_samples=16", "generation.max_new_tokens=96"]
 GENERATE = """
 import sys
 import dagster as dg
-from tao_pipeline.assets import candidate_responses
-from tao_pipeline.resources import build_resources
+from tao_pipeline.defs.assets.generation import candidate_responses
+from tao_pipeline.defs.resources import build_resources
 with dg.DagsterInstance.get() as instance:
     dg.materialize([candidate_responses], partition_key="round-0001", instance=instance,
                    resources=build_resources(sys.argv[1], sys.argv[2:]))
@@ -36,7 +37,7 @@ def prepared_round(folder: Path, model_dir: Path):
     prepare_dagster_home(settings)
     resources = build_resources(str(config), SLOW_SHARDS)
     instance = dg.DagsterInstance.get()
-    ingest_new_files(instance, settings, resources, echo=lambda _: None)
+    ingest_new_files(instance, settings, SettingsSource(str(config), tuple(SLOW_SHARDS)), echo=lambda _: None)
     instance.add_dynamic_partitions("rounds", ["round-0001"])
     assert dg.materialize([raw_prompts], partition_key="round-0001", instance=instance, resources=resources).success
     return config, settings, instance, resources
@@ -46,8 +47,12 @@ def test_killed_generation_resumes_to_the_same_result(tmp_path, tiny_model_dir, 
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     config, settings, instance, resources = prepared_round(tmp_path / "killed", tiny_model_dir)
     cache = settings.cache_dir / "generations"
-    worker = subprocess.Popen([sys.executable, "-c", GENERATE, str(config), *SLOW_SHARDS],
-                              env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", GENERATE, str(config), *SLOW_SHARDS],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while len(list(cache.glob("*/*/*.parquet"))) < 2 and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.02)
@@ -65,8 +70,9 @@ def test_killed_generation_resumes_to_the_same_result(tmp_path, tiny_model_dir, 
 
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     _, clean_settings, clean_instance, clean_resources = prepared_round(tmp_path / "clean", tiny_model_dir)
-    assert dg.materialize([candidate_responses], partition_key="round-0001", instance=clean_instance,
-                          resources=clean_resources).success
+    assert dg.materialize(
+        [candidate_responses], partition_key="round-0001", instance=clean_instance, resources=clean_resources
+    ).success
     uninterrupted = pd.read_parquet(clean_settings.lake_dir / "candidate_responses" / "round-0001.parquet")
 
     train = pd.read_parquet(settings.lake_dir / "raw_prompts" / "round-0001.parquet").query("split == 'train'")

@@ -8,13 +8,23 @@ from pathlib import Path
 import dagster as dg
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"raw_prompts", "candidate_responses", "response_scores", "preference_pairs",
-          "tuned_checkpoint", "control_checkpoint", "checkpoint_evaluation", "champion"}
+STAGES = {
+    "raw_prompts",
+    "candidate_responses",
+    "response_scores",
+    "preference_pairs",
+    "tuned_checkpoint",
+    "control_checkpoint",
+    "checkpoint_evaluation",
+    "champion",
+}
 ALL_ASSETS = STAGES | {"usage_logs"}
 
 
 def test_definitions_load_with_every_stage_partitioned_by_round():
-    from tao_pipeline.definitions import defs
+    from tao_pipeline.definitions import load_definitions
+
+    defs = load_definitions()
 
     graph = defs.resolve_asset_graph()
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ALL_ASSETS
@@ -28,11 +38,15 @@ def test_definitions_load_with_every_stage_partitioned_by_round():
 
 
 def test_lineage_runs_from_prompts_to_champion():
-    from tao_pipeline.definitions import defs
+    from tao_pipeline.definitions import load_definitions
+
+    defs = load_definitions()
 
     graph = defs.resolve_asset_graph()
-    upstream = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
-                for key in graph.get_all_asset_keys()}
+    upstream = {
+        key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
+        for key in graph.get_all_asset_keys()
+    }
     assert upstream["raw_prompts"] == {"usage_logs"}
     assert upstream["candidate_responses"] == {"raw_prompts"}
     assert upstream["tuned_checkpoint"] == {"preference_pairs"}
@@ -42,7 +56,9 @@ def test_lineage_runs_from_prompts_to_champion():
 
 
 def test_evaluation_has_the_promotion_gate_and_two_warnings():
-    from tao_pipeline.definitions import defs
+    from tao_pipeline.definitions import load_definitions
+
+    defs = load_definitions()
 
     graph = defs.resolve_asset_graph()
     names = {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey("checkpoint_evaluation")}
@@ -55,7 +71,11 @@ def _validate(env_extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, **env_extra}
     return subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from tao_pipeline.lake import Lake
-from tao_pipeline.model_store import ModelStore
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
 SMALL_ROUND = [
-    "data.max_prompts=16", "data.max_heldout=8", "generation.num_samples=4", "training.max_steps=3",
+    "data.max_prompts=16",
+    "data.max_heldout=8",
+    "generation.num_samples=4",
+    "training.max_steps=3",
     "evaluation.pool_samples=2",
 ]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tao_pipeline.scoring.base import Failed, PromptContext
+from tao_pipeline.scoring.catalog import SCORER_CLASSES
 from tao_pipeline.scoring.embedding import EmbeddingConsensusScorer, consensus_scores
-from tao_pipeline.scoring.registry import SCORER_CLASSES
 
 CONTEXT = PromptContext(prompt="What is the capital of France?", task="open")
 
@@ -20,12 +20,15 @@ def scorer():
 
 
 def test_paraphrases_outscore_an_off_topic_outlier(scorer):
-    scores = scorer.score_group(CONTEXT, [
-        "The capital of France is Paris.",
-        "Paris is the capital city of France.",
-        "France's capital is Paris.",
-        "Bananas are rich in potassium and grow in tropical climates.",
-    ])
+    scores = scorer.score_group(
+        CONTEXT,
+        [
+            "The capital of France is Paris.",
+            "Paris is the capital city of France.",
+            "France's capital is Paris.",
+            "Bananas are rich in potassium and grow in tropical climates.",
+        ],
+    )
     assert all(0.0 <= score <= 1.0 for score in scores)
     assert min(scores[:3]) > scores[3] + 0.3
 

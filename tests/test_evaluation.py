@@ -6,9 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import build_tiny_model
 from tao_pipeline.evaluation import (
-    EVALUATION_COLUMNS, Contender, compare_control, decide, evaluate, summarize, tuned_vs_sampling_table, win_rate,
+    EVALUATION_COLUMNS,
+    Contender,
+    compare_control,
+    decide,
+    evaluate,
+    summarize,
+    tuned_vs_sampling_table,
+    win_rate,
 )
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.scoring.extractors import answer_matches
@@ -19,24 +25,38 @@ from tao_pipeline.settings import (
     ScoringSettings,
     TaoSettings,
 )
+from tests.helpers import build_tiny_model
 
-EXPECTED_COLUMNS = {"prompt_id", "task", "prompt", "outcome", "control_outcome", "base_version", "k",
-                    "base_sample_accuracy"} | {
-    f"{side}_{name}" for side in ("champion", "challenger", "control")
-    for name in ("version", "response", "answer", "score", "chars", "correct")
-} | {f"{method}_{name}" for method in ("base_greedy", "base_majority", "base_best_of_k") for name in ("answer", "correct")}
+EXPECTED_COLUMNS = (
+    {"prompt_id", "task", "prompt", "outcome", "control_outcome", "base_version", "k", "base_sample_accuracy"}
+    | {
+        f"{side}_{name}"
+        for side in ("champion", "challenger", "control")
+        for name in ("version", "response", "answer", "score", "chars", "correct")
+    }
+    | {
+        f"{method}_{name}"
+        for method in ("base_greedy", "base_majority", "base_best_of_k")
+        for name in ("answer", "correct")
+    }
+)
 
 
 @pytest.fixture
 def heldout():
-    return pd.DataFrame({
-        "prompt_id": ["h1", "h2", "h3"],
-        "prompt": ["What is 2 + 3? Reply with just the number.", "What is the capital of France?",
-                   "Name a colour."],
-        "system": [np.nan, "You are a concise assistant.", None],
-        "task": ["arithmetic", "short_answer", "short_answer"],
-        "split": ["heldout"] * 3,
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": ["h1", "h2", "h3"],
+            "prompt": [
+                "What is 2 + 3? Reply with just the number.",
+                "What is the capital of France?",
+                "Name a colour.",
+            ],
+            "system": [np.nan, "You are a concise assistant.", None],
+            "task": ["arithmetic", "short_answer", "short_answer"],
+            "split": ["heldout"] * 3,
+        }
+    )
 
 
 def tao_settings(tmp_path, model_dir) -> TaoSettings:
@@ -52,8 +72,15 @@ def test_evaluate_same_model_ties_everywhere(tiny_model_dir, tmp_path, heldout):
     settings = tao_settings(tmp_path, tiny_model_dir)
     labels = {"What is 2 + 3? Reply with just the number.": ["5"], "What is the capital of France?": ["Paris"]}
     scorer = build_scorer(ScoringSettings())
-    rows = evaluate(heldout, Contender("base-tiny", tiny_model_dir), Contender("round-1-dpo", tiny_model_dir),
-                    scorer, labels, settings, progress=False)
+    rows = evaluate(
+        heldout,
+        Contender("base-tiny", tiny_model_dir),
+        Contender("round-1-dpo", tiny_model_dir),
+        scorer,
+        labels,
+        settings,
+        progress=False,
+    )
     assert len(rows) == len(heldout)
     assert set(rows.columns) == EXPECTED_COLUMNS
     assert rows["prompt_id"].tolist() == ["h1", "h2", "h3"]
@@ -79,8 +106,15 @@ def test_evaluate_same_model_ties_everywhere(tiny_model_dir, tmp_path, heldout):
 def test_evaluate_different_models(tiny_model_dir, tmp_path, heldout):
     other = build_tiny_model(tmp_path / "other-model", seed=1)
     settings = tao_settings(tmp_path, tiny_model_dir)
-    rows = evaluate(heldout, Contender("base-tiny", tiny_model_dir), Contender("other", other),
-                    build_scorer(ScoringSettings()), {}, settings, progress=False)
+    rows = evaluate(
+        heldout,
+        Contender("base-tiny", tiny_model_dir),
+        Contender("other", other),
+        build_scorer(ScoringSettings()),
+        {},
+        settings,
+        progress=False,
+    )
     assert len(rows) == 3
     assert set(rows.columns) == EXPECTED_COLUMNS
     assert (rows["challenger_version"] == "other").all()
@@ -96,8 +130,15 @@ def test_evaluate_different_models(tiny_model_dir, tmp_path, heldout):
 def test_evaluate_with_no_heldout_prompts(tiny_model_dir, tmp_path, heldout):
     # data.heldout_fraction=0 is a valid setting: the table must keep its columns and the verdict refuse.
     settings = tao_settings(tmp_path, tiny_model_dir)
-    rows = evaluate(heldout.iloc[:0], Contender("a", tiny_model_dir), Contender("b", tiny_model_dir),
-                    build_scorer(ScoringSettings()), {}, settings, progress=False)
+    rows = evaluate(
+        heldout.iloc[:0],
+        Contender("a", tiny_model_dir),
+        Contender("b", tiny_model_dir),
+        build_scorer(ScoringSettings()),
+        {},
+        settings,
+        progress=False,
+    )
     assert rows.empty
     assert set(rows.columns) == EXPECTED_COLUMNS
     verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
@@ -108,14 +149,17 @@ def test_evaluate_with_no_heldout_prompts(tiny_model_dir, tmp_path, heldout):
 # -- win rate, summary, verdict ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("outcomes, expected", [
-    (["win", "win", "loss", "loss"], 0.5),
-    (["win", "tie", "loss", "loss"], 0.375),
-    (["tie", "tie"], 0.5),
-    (["win"], 1.0),
-    (["loss", "tie", "tie", "win", "win"], 0.6),
-    ([], 0.0),
-])
+@pytest.mark.parametrize(
+    "outcomes, expected",
+    [
+        (["win", "win", "loss", "loss"], 0.5),
+        (["win", "tie", "loss", "loss"], 0.375),
+        (["tie", "tie"], 0.5),
+        (["win"], 1.0),
+        (["loss", "tie", "tie", "win", "win"], 0.6),
+        ([], 0.0),
+    ],
+)
 def test_win_rate(outcomes, expected):
     assert win_rate(pd.Series(outcomes, dtype=object)) == pytest.approx(expected)
 
@@ -123,24 +167,27 @@ def test_win_rate(outcomes, expected):
 def result_rows(outcomes, champion_correct=None, challenger_correct=None, tasks=None, **extra) -> pd.DataFrame:
     n = len(outcomes)
     frame = pd.DataFrame({column: [None] * n for column in EVALUATION_COLUMNS})
-    return frame.assign(**{
-        "prompt_id": [f"p{i}" for i in range(n)],
-        "task": tasks or ["arithmetic"] * n,
-        "outcome": outcomes,
-        "champion_score": [0.5] * n,
-        "challenger_score": [{"win": 1.0, "loss": 0.0, "tie": 0.5}[o] for o in outcomes],
-        "champion_chars": [10] * n,
-        "challenger_chars": [4] * n,
-        "champion_correct": champion_correct if champion_correct is not None else [None] * n,
-        "challenger_correct": challenger_correct if challenger_correct is not None else [None] * n,
-        **extra,
-    })
+    return frame.assign(
+        **{
+            "prompt_id": [f"p{i}" for i in range(n)],
+            "task": tasks or ["arithmetic"] * n,
+            "outcome": outcomes,
+            "champion_score": [0.5] * n,
+            "challenger_score": [{"win": 1.0, "loss": 0.0, "tie": 0.5}[o] for o in outcomes],
+            "champion_chars": [10] * n,
+            "challenger_chars": [4] * n,
+            "champion_correct": champion_correct if champion_correct is not None else [None] * n,
+            "challenger_correct": challenger_correct if challenger_correct is not None else [None] * n,
+            **extra,
+        }
+    )
 
 
 def test_summarize_table():
     rows = result_rows(
         ["win", "win", "tie", "loss"],
-        champion_correct=[True, False, None, None], challenger_correct=[True, True, None, None],
+        champion_correct=[True, False, None, None],
+        challenger_correct=[True, True, None, None],
         tasks=["arithmetic", "arithmetic", "short_answer", "short_answer"],
     )
     table = summarize(rows)
@@ -148,10 +195,17 @@ def test_summarize_table():
     assert table["control"].isna().all()  # no control arm in these rows
     by_metric = table.set_index("metric")
     assert table["metric"].tolist() == [
-        "label-free score (all)", "labeled accuracy (all)", "challenger win rate (all)",
-        "label-free score (arithmetic)", "labeled accuracy (arithmetic)", "challenger win rate (arithmetic)",
-        "label-free score (short_answer)", "challenger win rate (short_answer)",
-        "mean response chars", "median response chars", "90th percentile response chars",
+        "label-free score (all)",
+        "labeled accuracy (all)",
+        "challenger win rate (all)",
+        "label-free score (arithmetic)",
+        "labeled accuracy (arithmetic)",
+        "challenger win rate (arithmetic)",
+        "label-free score (short_answer)",
+        "challenger win rate (short_answer)",
+        "mean response chars",
+        "median response chars",
+        "90th percentile response chars",
     ]
     assert by_metric.loc["label-free score (all)", "champion"] == 0.5
     assert by_metric.loc["label-free score (all)", "challenger"] == pytest.approx(0.625)
@@ -169,26 +223,38 @@ def test_decide_promotes_only_above_the_min_win_rate():
     assert verdict.promote is True
     assert verdict.win_rate == 0.75
     assert verdict.champion_accuracy is None and verdict.challenger_accuracy is None
-    assert decide(winning, EvaluationSettings(min_win_rate=0.75, max_accuracy_drop=0.0)).promote is False  # must exceed, not equal
-    even = decide(result_rows(["win", "loss", "tie", "tie"]), EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
+    assert (
+        decide(winning, EvaluationSettings(min_win_rate=0.75, max_accuracy_drop=0.0)).promote is False
+    )  # must exceed, not equal
+    even = decide(
+        result_rows(["win", "loss", "tie", "tie"]), EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0)
+    )
     assert even.promote is False
     assert "evaluation.min_win_rate" in even.reason
 
 
 def test_decide_refuses_on_a_labeled_accuracy_drop():
-    rows = result_rows(["win", "win", "win", "win"],
-                       champion_correct=[True, True, True, False], challenger_correct=[True, True, False, False])
+    rows = result_rows(
+        ["win", "win", "win", "win"],
+        champion_correct=[True, True, True, False],
+        challenger_correct=[True, True, False, False],
+    )
     verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is False
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.75, 0.5)
     assert "accuracy" in verdict.reason
-    assert decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.25)).promote is True  # within the allowed drop
+    assert (
+        decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.25)).promote is True
+    )  # within the allowed drop
     assert decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.2)).promote is False
 
 
 def test_decide_ignores_unlabeled_rows_for_accuracy():
-    rows = result_rows(["win", "win", "win", "loss"],
-                       champion_correct=[False, None, None, None], challenger_correct=[True, None, None, None])
+    rows = result_rows(
+        ["win", "win", "win", "loss"],
+        champion_correct=[False, None, None, None],
+        challenger_correct=[True, None, None, None],
+    )
     verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
     assert verdict.promote is True
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.0, 1.0)
@@ -208,8 +274,17 @@ def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_pat
     labels = {"What is 2 + 3? Reply with just the number.": ["5"], "What is the capital of France?": ["Paris"]}
     scorer = build_scorer(ScoringSettings())
     base = Contender("base-tiny", tiny_model_dir)
-    rows = evaluate(heldout, base, Contender("tuned", other), scorer, labels, settings, progress=False,
-                    base=base, control=Contender("control-tuned", other))
+    rows = evaluate(
+        heldout,
+        base,
+        Contender("tuned", other),
+        scorer,
+        labels,
+        settings,
+        progress=False,
+        base=base,
+        control=Contender("control-tuned", other),
+    )
     assert set(rows.columns) == EXPECTED_COLUMNS and (rows["k"] == 4).all()
     assert (rows["base_version"] == "base-tiny").all()
     # The control here has the challenger's weights, so it answers and scores the same way.
@@ -219,10 +294,16 @@ def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_pat
     assert rows["base_greedy_answer"].tolist() == rows["champion_answer"].tolist()
     # maj@k is the most common extracted answer of the k cached base samples (read back without a model).
     unloadable = LazyGenerator("base-tiny", lambda: pytest.fail("the base samples should all be cached"))
-    params = SamplingParams(4, settings.evaluation.max_new_tokens, temperature=settings.generation.temperature,
-                            top_p=settings.generation.top_p, seed=settings.generation.seed + 2)
-    cache = GenerationCache(settings.cache_dir, settings.generation.shard_prompts,
-                            settings.generation.max_prompt_tokens)
+    params = SamplingParams(
+        4,
+        settings.evaluation.max_new_tokens,
+        temperature=settings.generation.temperature,
+        top_p=settings.generation.top_p,
+        seed=settings.generation.seed + 2,
+    )
+    cache = GenerationCache(
+        settings.cache_dir, settings.generation.shard_prompts, settings.generation.max_prompt_tokens
+    )
     samples, stats = cache.generate(unloadable, heldout, params, progress=False)
     assert stats.generated_prompts == 0 and len(samples) == 4 * len(heldout)
     for row in rows.itertuples():
@@ -241,8 +322,15 @@ def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_pat
 def test_evaluate_skips_base_sampling_when_k_is_zero(tiny_model_dir, tmp_path, heldout):
     settings = tao_settings(tmp_path, tiny_model_dir)
     settings.evaluation.test_time_k = 0
-    rows = evaluate(heldout, Contender("a", tiny_model_dir), Contender("b", tiny_model_dir),
-                    build_scorer(ScoringSettings()), {}, settings, progress=False)
+    rows = evaluate(
+        heldout,
+        Contender("a", tiny_model_dir),
+        Contender("b", tiny_model_dir),
+        build_scorer(ScoringSettings()),
+        {},
+        settings,
+        progress=False,
+    )
     assert rows["base_majority_answer"].isna().all() and rows["control_response"].isna().all()
 
 
@@ -253,13 +341,17 @@ def _labeled(**columns) -> pd.DataFrame:
 
 def test_tuned_vs_sampling_table_says_whether_one_tuned_pass_reaches_maj_at_k():
     rows = _labeled(
-        base_greedy_correct=[True, False, False, False], base_majority_correct=[True, True, False, False],
-        base_best_of_k_correct=[True, True, True, False], champion_correct=[True, False, False, False],
-        challenger_correct=[True, True, False, True], control_correct=[True, False, False, False],
+        base_greedy_correct=[True, False, False, False],
+        base_majority_correct=[True, True, False, False],
+        base_best_of_k_correct=[True, True, True, False],
+        champion_correct=[True, False, False, False],
+        challenger_correct=[True, True, False, True],
+        control_correct=[True, False, False, False],
     )
     table = tuned_vs_sampling_table(rows).set_index("task")
-    assert table.loc["all", ["base pass@1", "base maj@k", "base best-of-k", "tuned greedy", "control greedy"]].tolist() \
-        == [0.25, 0.5, 0.75, 0.75, 0.25]
+    assert table.loc[
+        "all", ["base pass@1", "base maj@k", "base best-of-k", "tuned greedy", "control greedy"]
+    ].tolist() == [0.25, 0.5, 0.75, 0.75, 0.25]
     assert table.loc["arithmetic", "tuned_reaches_majority"] and table.loc["short_answer", "tuned_reaches_majority"]
     rows["challenger_correct"] = [True, False, False, False]
     table = tuned_vs_sampling_table(rows).set_index("task")
@@ -276,20 +368,23 @@ def test_without_base_sampling_the_table_still_compares_champion_and_tuned_per_t
 
 def test_control_alarm_when_random_directions_gain_as_much():
     settings = EvaluationSettings(control_margin=0.02)
-    base = dict(champion_correct=[True, False, False, False], challenger_correct=[True, True, True, False])
-    fine = compare_control(_labeled(**base, control_correct=[True, False, False, False],
-                                    control_response=["x"] * 4), settings)
+    base = {"champion_correct": [True, False, False, False], "challenger_correct": [True, True, True, False]}
+    fine = compare_control(
+        _labeled(**base, control_correct=[True, False, False, False], control_response=["x"] * 4), settings
+    )
     assert fine.enabled and not fine.alarm and (fine.tao_gain, fine.control_gain) == (0.5, 0.0)
-    loud = compare_control(_labeled(**base, control_correct=[True, True, True, False],
-                                    control_response=["x"] * 4), settings)
+    loud = compare_control(
+        _labeled(**base, control_correct=[True, True, True, False], control_response=["x"] * 4), settings
+    )
     assert loud.alarm and "CONTROL GAINS AS MUCH AS TAO" in loud.message
     off = compare_control(_labeled(**base), settings)
     assert not off.enabled and not off.alarm and "evaluation.control_arm" in off.message
 
 
 def test_control_without_labels_compares_win_rates():
-    rows = result_rows(["win", "win", "win", "loss"], control_outcome=["win", "loss", "loss", "tie"],
-                       control_response=["x"] * 4)
+    rows = result_rows(
+        ["win", "win", "win", "loss"], control_outcome=["win", "loss", "loss", "tie"], control_response=["x"] * 4
+    )
     verdict = compare_control(rows, EvaluationSettings())
     assert verdict.measure == "label-free win rate" and not verdict.alarm
     assert verdict.tao_gain == 0.25 and verdict.control_gain == pytest.approx(-0.125, abs=1e-3)

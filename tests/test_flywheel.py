@@ -6,12 +6,25 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from tao_pipeline.assets import INGEST_ASSETS, raw_prompts
-from tao_pipeline.resources import build_resources
-from tao_pipeline.schedules import periodic_round_schedule
-from tao_pipeline.sensors import new_prompts_round_sensor, usage_log_sensor
+from tao_pipeline.defs.assets.prompts import raw_prompts
+from tao_pipeline.defs.resources import TaoSettingsResource, build_resources
+from tao_pipeline.defs.schedules import build_periodic_round_schedule
+from tao_pipeline.defs.sensors import build_round_sensor, build_usage_log_sensor
 from tao_pipeline.settings import load_settings
-from tests.helpers import sample_logs, write_logs
+from tests.helpers import ingest_assets, sample_logs, write_logs
+
+usage_log_sensor = build_usage_log_sensor(interval_s=30)
+new_prompts_round_sensor = build_round_sensor(interval_s=30)
+periodic_round_schedule = build_periodic_round_schedule("0 3 * * 1")
+
+
+def sensor_context(**kwargs) -> dg.SensorEvaluationContext:
+    """A tick's context with the resource the code location gives its sensors (settings from $TAO_CONFIG)."""
+    return dg.build_sensor_context(resources={"settings": TaoSettingsResource()}, **kwargs)
+
+
+def schedule_context(**kwargs) -> dg.ScheduleEvaluationContext:
+    return dg.build_schedule_context(resources={"settings": TaoSettingsResource()}, **kwargs)
 
 
 @pytest.fixture
@@ -19,7 +32,7 @@ def flywheel(tmp_path, monkeypatch, tiny_model_dir):
     """An isolated home with an inbox, a round threshold of 10 prompts and no static log files."""
     config = tmp_path / "tao.toml"
     config.write_text(f"""
-home = "{tmp_path / 'home'}"
+home = "{tmp_path / "home"}"
 [data]
 logs = []
 [model]
@@ -35,8 +48,13 @@ min_new_prompts = 10
 
 
 def ingest(instance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-    return dg.materialize(INGEST_ASSETS, partition_key=request.partition_key, instance=instance,
-                          resources=build_resources(), run_config=request.run_config)
+    return dg.materialize(
+        ingest_assets(),
+        partition_key=request.partition_key,
+        instance=instance,
+        resources=build_resources(),
+        run_config=request.run_config,
+    )
 
 
 def apply(instance, result: dg.SensorResult) -> None:
@@ -46,11 +64,11 @@ def apply(instance, result: dg.SensorResult) -> None:
 
 def test_ingestion_sensor_requests_each_new_file_exactly_once(flywheel):
     settings, instance = flywheel
-    assert isinstance(usage_log_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
 
     write_logs(settings.inbox_dir / "monday.jsonl", sample_logs(6))
     write_logs(settings.inbox_dir / "tuesday.jsonl", sample_logs(12)[6:])
-    result = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    result = usage_log_sensor(sensor_context(instance=instance))
     assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 2
     keys = [r.partition_key for r in result.run_requests]
     assert [r.run_key for r in result.run_requests] == keys
@@ -58,17 +76,19 @@ def test_ingestion_sensor_requests_each_new_file_exactly_once(flywheel):
     assert list(result.dynamic_partitions_requests[0].partition_keys) == keys
 
     apply(instance, result)  # the tick's partitions exist now, as after a real tick
-    again = usage_log_sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
+    again = usage_log_sensor(sensor_context(instance=instance, cursor=result.cursor))
     assert isinstance(again, dg.SkipReason)
     (settings.inbox_dir / "monday-copy.jsonl").write_bytes((settings.inbox_dir / "monday.jsonl").read_bytes())
-    assert isinstance(usage_log_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
 
 
 def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
     settings, instance = flywheel
-    write_logs(settings.inbox_dir / "mixed.jsonl",
-               sample_logs(4) + ["{broken", {"prompt": 42}, {"prompt": "  "}, {"task": "arithmetic"}])
-    result = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    write_logs(
+        settings.inbox_dir / "mixed.jsonl",
+        sample_logs(4) + ["{broken", {"prompt": 42}, {"prompt": "  "}, {"task": "arithmetic"}],
+    )
+    result = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, result)
     [request] = result.run_requests
     assert ingest(instance, request).success
@@ -77,7 +97,10 @@ def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
     quarantine = pd.read_parquet(lake / "quarantined_rows" / f"{request.partition_key}.parquet")
     assert len(rows) == 4 and rows["log_id"].is_unique
     assert sorted(quarantine["reason"].str.split(":").str[0]) == [
-        "field 'prompt' must be a string, got int", "missing required field 'prompt'", "not valid JSON", "prompt is empty",
+        "field 'prompt' must be a string, got int",
+        "missing required field 'prompt'",
+        "not valid JSON",
+        "prompt is empty",
     ]
     assert not (settings.inbox_dir / "mixed.jsonl").exists()
     assert (settings.inbox_dir / "processed" / "mixed.jsonl").exists()
@@ -86,71 +109,78 @@ def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
 def test_an_unreadable_file_is_reported_once_not_retried(flywheel):
     settings, instance = flywheel
     (settings.inbox_dir / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
-    result = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    result = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, result)
     [request] = result.run_requests
     assert ingest(instance, request).success
     quarantine = pd.read_parquet(settings.lake_dir / "quarantined_rows" / f"{request.partition_key}.parquet")
     assert "not a readable Parquet file" in quarantine["reason"].iloc[0]
     assert (settings.inbox_dir / "failed" / "corrupt.parquet").exists()
-    assert isinstance(usage_log_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
 
 
 def test_parquet_and_csv_logs_are_ingested(flywheel):
     settings, instance = flywheel
     pd.DataFrame(sample_logs(5)).to_parquet(settings.inbox_dir / "app.parquet")
     pd.DataFrame(sample_logs(3)).to_csv(settings.inbox_dir / "app.csv", index=False)
-    result = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    result = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, result)
     counts = {}
     for request in result.run_requests:
         assert ingest(instance, request).success
         counts[request.partition_key.split("-")[0]] = len(
-            pd.read_parquet(settings.lake_dir / "usage_logs" / f"{request.partition_key}.parquet"))
+            pd.read_parquet(settings.lake_dir / "usage_logs" / f"{request.partition_key}.parquet")
+        )
     assert counts == {"app": 5} or sorted(counts.values()) == [3, 5]
 
 
 def ingest_all(instance) -> None:
-    result = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    result = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, result)
     for request in result.run_requests:
         assert ingest(instance, request).success
 
 
 def take_prompts(instance, round_id: str) -> None:
-    assert dg.materialize([raw_prompts], partition_key=round_id, instance=instance,
-                          resources=build_resources()).success
+    assert dg.materialize([raw_prompts], partition_key=round_id, instance=instance, resources=build_resources()).success
 
 
 def test_round_sensor_opens_one_round_per_threshold_exactly_once(flywheel):
     settings, instance = flywheel
     write_logs(settings.inbox_dir / "few.jsonl", sample_logs(6))
     ingest_all(instance)
-    below = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
+    below = new_prompts_round_sensor(sensor_context(instance=instance))
     assert isinstance(below, dg.SkipReason) and "6 unused prompts" in below.skip_message
 
-    write_logs(settings.inbox_dir / "more.jsonl", [{"prompt": f"Spell the number {i}.", "task": "short_answer"}
-                                                   for i in range(6)])
+    write_logs(
+        settings.inbox_dir / "more.jsonl",
+        [{"prompt": f"Spell the number {i}.", "task": "short_answer"} for i in range(6)],
+    )
     ingest_all(instance)
-    opened = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
+    opened = new_prompts_round_sensor(sensor_context(instance=instance))
     assert isinstance(opened, dg.SensorResult)
     [request] = opened.run_requests
     assert request.partition_key == request.run_key == "round-0001"
     apply(instance, opened)
 
     # Re-evaluated before the round took its prompts: no second round for the same prompts.
-    waiting = new_prompts_round_sensor(dg.build_sensor_context(instance=instance, cursor=opened.cursor))
+    waiting = new_prompts_round_sensor(sensor_context(instance=instance, cursor=opened.cursor))
     assert isinstance(waiting, dg.SkipReason) and "round-0001" in waiting.skip_message
 
     take_prompts(instance, "round-0001")
     taken = pd.read_parquet(settings.lake_dir / "raw_prompts" / "round-0001.parquet")
     assert len(taken) == 12  # nothing lost: every ingested prompt is in the round
-    assert isinstance(new_prompts_round_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(new_prompts_round_sensor(sensor_context(instance=instance)), dg.SkipReason)
 
-    write_logs(settings.inbox_dir / "next.jsonl", [{"prompt": f"Name a word rhyming with {w}.", "task": "short_answer"}
-                                                   for w in "cat dog sun sky bee car pen hat map cup".split()])
+    write_logs(
+        settings.inbox_dir / "next.jsonl",
+        [
+            {"prompt": f"Name a word rhyming with {w}.", "task": "short_answer"}
+            for w in "cat dog sun sky bee car pen hat map cup".split()
+        ],
+    )
     ingest_all(instance)
-    second = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
+    second = new_prompts_round_sensor(sensor_context(instance=instance))
     assert second.run_requests[0].partition_key == "round-0002"
     apply(instance, second)
     take_prompts(instance, "round-0002")
@@ -172,12 +202,12 @@ def test_rematerializing_a_round_takes_the_same_prompts(flywheel):
 
 def test_schedule_opens_a_round_only_when_something_is_new(flywheel):
     settings, instance = flywheel
-    skipped = periodic_round_schedule(dg.build_schedule_context(instance=instance))
+    skipped = periodic_round_schedule(schedule_context(instance=instance))
     assert isinstance(skipped, dg.SkipReason)
 
     write_logs(settings.inbox_dir / "one.jsonl", [{"prompt": "What is 1 + 1?", "task": "arithmetic"}])
     ingest_all(instance)
-    request = periodic_round_schedule(dg.build_schedule_context(instance=instance))
+    request = periodic_round_schedule(schedule_context(instance=instance))
     assert isinstance(request, dg.RunRequest) and request.partition_key == "round-0001"
     assert "round-0001" in instance.get_dynamic_partitions("rounds")
 
@@ -199,9 +229,15 @@ def test_no_new_round_while_one_is_running(flywheel):
     settings, instance = flywheel
     write_logs(settings.inbox_dir / "logs.jsonl", sample_logs(12))
     ingest_all(instance)
-    instance.add_run(DagsterRun(job_name="tao_round", run_id="a" * 36, status=DagsterRunStatus.STARTED,
-                                tags={"dagster/partition": "round-0007"}))
-    skipped = new_prompts_round_sensor(dg.build_sensor_context(instance=instance))
+    instance.add_run(
+        DagsterRun(
+            job_name="tao_round",
+            run_id="a" * 36,
+            status=DagsterRunStatus.STARTED,
+            tags={"dagster/partition": "round-0007"},
+        )
+    )
+    skipped = new_prompts_round_sensor(sensor_context(instance=instance))
     assert isinstance(skipped, dg.SkipReason) and "round-0007 is still running" in skipped.skip_message
 
 
@@ -212,23 +248,28 @@ def test_rows_appended_to_a_duckdb_table_are_ingested_once(flywheel, tmp_path, m
     database = tmp_path / "app.duckdb"
     with duckdb.connect(str(database)) as con:
         con.execute("CREATE TABLE requests (seq INTEGER, prompt VARCHAR, task VARCHAR)")
-        con.execute("INSERT INTO requests VALUES (1, 'What is 2 + 2?', 'arithmetic'), (2, 'Capital of Peru?', 'short_answer')")
+        con.execute(
+            "INSERT INTO requests VALUES (1, 'What is 2 + 2?', 'arithmetic'), (2, 'Capital of Peru?', 'short_answer')"
+        )
     config = tmp_path / "tao.toml"
-    config.write_text(config.read_text() + f"""
+    config.write_text(
+        config.read_text()
+        + f"""
 [flywheel.table_source]
 database = "{database}"
 table = "requests"
 order_column = "seq"
-""")
-    first = usage_log_sensor(dg.build_sensor_context(instance=instance))
+"""
+    )
+    first = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, first)
     [request] = first.run_requests
     assert ingest(instance, request).success
-    assert isinstance(usage_log_sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
 
     with duckdb.connect(str(database)) as con:
         con.execute("INSERT INTO requests VALUES (3, 'What is 5 * 5?', 'arithmetic')")
-    second = usage_log_sensor(dg.build_sensor_context(instance=instance))
+    second = usage_log_sensor(sensor_context(instance=instance))
     apply(instance, second)
     [request] = second.run_requests
     assert ingest(instance, request).success

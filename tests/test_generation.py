@@ -10,7 +10,7 @@ import pytest
 
 from tao_pipeline.generation import RESPONSE_COLUMNS, SamplingParams, build_generator
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
-from tao_pipeline.model_store import ModelNotFoundError
+from tao_pipeline.registry import ModelNotFoundError
 from tao_pipeline.settings import GenerationSettings, ModelSettings
 from tests.helpers import three_prompts
 
@@ -47,15 +47,19 @@ def test_sampled_rows(generator, prompts):
     assert frame["response"].map(lambda r: isinstance(r, str)).all()
     assert json.loads(frame["sampling"].iloc[0]) == sampling(3).describe()
     # Rows come back sorted by prompt, then sample.
-    assert list(zip(frame["prompt_id"], frame["sample_index"])) == sorted(zip(frame["prompt_id"], frame["sample_index"]))
+    assert list(zip(frame["prompt_id"], frame["sample_index"])) == sorted(
+        zip(frame["prompt_id"], frame["sample_index"])
+    )
 
 
 def test_system_prompts_add_prompt_tokens(generator, prompts):
-    both = pd.DataFrame({
-        "prompt_id": ["plain", "with-system"],
-        "prompt": ["Name a colour.", "Name a colour."],
-        "system": [np.nan, "You are a concise assistant."],
-    })
+    both = pd.DataFrame(
+        {
+            "prompt_id": ["plain", "with-system"],
+            "prompt": ["Name a colour.", "Name a colour."],
+            "system": [np.nan, "You are a concise assistant."],
+        }
+    )
     frame = generator.generate(both, sampling(1), progress=False).set_index("prompt_id")
     assert frame.loc["with-system", "prompt_tokens"] > frame.loc["plain", "prompt_tokens"]
     none_system = both.assign(system=[None, None])
@@ -100,8 +104,12 @@ def test_stats_count_new_tokens(tiny_model_dir, prompts):
 
 
 def test_build_generator_from_settings(tiny_model_dir, prompts):
-    generator = build_generator(tiny_model_dir, "tiny-v1", GenerationSettings(batch_size=4),
-                                ModelSettings(base=str(tiny_model_dir), dtype="float32"))
+    generator = build_generator(
+        tiny_model_dir,
+        "tiny-v1",
+        GenerationSettings(batch_size=4),
+        ModelSettings(base=str(tiny_model_dir), dtype="float32"),
+    )
     assert isinstance(generator, TransformersGenerator)
     assert generator.batch_size == 4
     frame = generator.generate(prompts.head(1), SamplingParams(2, 4), progress=False)

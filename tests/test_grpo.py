@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from tao_pipeline.grpo import prompt_dataset, scorer_reward_function, train_grpo
-from tao_pipeline.prompts import PROMPT_COLUMNS
+from tao_pipeline.data.prompts import PROMPT_COLUMNS
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.settings import GrpoSettings, ScoringSettings, TrainingSettings
 from tao_pipeline.training import ADAPTER_DIR, TRAINING_LOG_FILE
+from tao_pipeline.training.grpo import prompt_dataset, scorer_reward_function, train_grpo
 from tests.helpers import build_tiny_model
 
 
@@ -22,28 +22,40 @@ def parent_dir(tmp_path_factory):
 
 
 def make_prompts(count: int = 4, constraints: str | None = None) -> pd.DataFrame:
-    rows = [{
-        "prompt_id": f"p{i}", "prompt": f"Name colour number {i}. Answer with one word.",
-        "system": "You are a concise assistant." if i % 2 else None, "task": "short_answer",
-        "constraints": constraints, "split": "train", "log_ids": f"log-{i}", "source_files": "logs.jsonl",
-    } for i in range(count)]
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"Name colour number {i}. Answer with one word.",
+            "system": "You are a concise assistant." if i % 2 else None,
+            "task": "short_answer",
+            "constraints": constraints,
+            "split": "train",
+            "log_ids": f"log-{i}",
+            "source_files": "logs.jsonl",
+        }
+        for i in range(count)
+    ]
     return pd.DataFrame(rows, columns=PROMPT_COLUMNS)
 
 
 def length_scorer():
-    return build_scorer(ScoringSettings(
-        scorers={"default": {"length_limit": 1.0}}, options={"length_limit": {"max_words": 3}},
-        extractors={"default": "short_phrase"},
-    ))
+    return build_scorer(
+        ScoringSettings(
+            scorers={"default": {"length_limit": 1.0}},
+            options={"length_limit": {"max_words": 3}},
+            extractors={"default": "short_phrase"},
+        )
+    )
 
 
 def consensus_scorer():
-    return build_scorer(ScoringSettings(scorers={"default": {"self_consistency": 1.0}},
-                                        extractors={"default": "short_phrase"}))
+    return build_scorer(
+        ScoringSettings(scorers={"default": {"self_consistency": 1.0}}, extractors={"default": "short_phrase"})
+    )
 
 
 def training_settings(**kwargs) -> TrainingSettings:
-    values = dict(max_steps=2, batch_size=4, bf16=False, learning_rate=1e-3, lora_r=4, lora_alpha=8)
+    values = {"max_steps": 2, "batch_size": 4, "bf16": False, "learning_rate": 1e-3, "lora_r": 4, "lora_alpha": 8}
     return TrainingSettings(**{**values, **kwargs})
 
 
@@ -70,8 +82,10 @@ def test_reward_accepts_standard_completions_and_zeroes_failed_scores():
 
 def test_prompt_dataset_is_conversational_with_prompt_ids():
     data = prompt_dataset(make_prompts(2))
-    assert data[0] == {"prompt": [{"role": "user", "content": "Name colour number 0. Answer with one word."}],
-                       "prompt_id": "p0"}
+    assert data[0] == {
+        "prompt": [{"role": "user", "content": "Name colour number 0. Answer with one word."}],
+        "prompt_id": "p0",
+    }
     assert data[1]["prompt"][0] == {"role": "system", "content": "You are a concise assistant."}
 
 

@@ -5,13 +5,11 @@ import sys
 import dagster as dg
 import pytest
 
-from tao_pipeline.assets import ROUND_ASSETS
-from tao_pipeline.checks import EVALUATION_CHECKS
-from tao_pipeline.lake import Lake
-from tao_pipeline.resources import build_resources
-from tao_pipeline.runner import ingest_new_files, prepare_dagster_home, run_round
-from tao_pipeline.settings import load_settings
-from tests.helpers import write_logs, write_tiny_config
+from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home, run_round
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.defs.resources import build_resources
+from tao_pipeline.settings import SettingsSource, load_settings
+from tests.helpers import evaluation_checks, round_assets, write_logs, write_tiny_config
 
 CONTROL = ["evaluation.control_arm=true", "evaluation.min_win_rate=0.0"]
 
@@ -34,7 +32,7 @@ def test_the_control_arm_trains_on_flipped_pairs_and_is_evaluated(control_round)
     assert (rows["control_version"] == control["version_id"]).all() and rows["control_response"].notna().all()
     assert set(rows["control_outcome"]) <= {"win", "loss", "tie"}
     assert "control" in report.control.lower() and report.before_after["control"].notna().any()
-    from tao_pipeline.model_store import ModelStore
+    from tao_pipeline.registry import ModelStore
 
     assert control["version_id"] not in set(ModelStore(settings.models_dir).versions()["version_id"])
 
@@ -47,7 +45,8 @@ def test_the_round_writes_a_report_and_records_the_warning_checks(control_round)
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
     for name in ("tao_beats_control", "reward_tracks_accuracy"):
         [check] = instance.event_log_storage.get_asset_check_execution_history(
-            dg.AssetCheckKey(dg.AssetKey("checkpoint_evaluation"), name), limit=1)
+            dg.AssetCheckKey(dg.AssetKey("checkpoint_evaluation"), name), limit=1
+        )
         assert check.status.value in ("SUCCEEDED", "FAILED"), name
     event = instance.get_latest_materialization_event(dg.AssetKey("checkpoint_evaluation"))
     metadata = event.asset_materialization.metadata
@@ -59,8 +58,10 @@ def test_a_rerun_after_new_prompts_generates_and_scores_only_the_new_ones(contro
     config, report, settings = control_round
     lake = Lake(settings.lake_dir)
     before = lake.read("raw_prompts", report.round_id)
-    new_logs = [{"id": f"extra-{i}", "prompt": f"What is {i} * 7? Reply with just the number.",
-                 "task": "arithmetic"} for i in range(6)]
+    new_logs = [
+        {"id": f"extra-{i}", "prompt": f"What is {i} * 7? Reply with just the number.", "task": "arithmetic"}
+        for i in range(6)
+    ]
     write_logs(settings.inbox_dir / "extra.jsonl", new_logs)
     rerun = run_round(str(config), CONTROL, echo=lambda *_: None, rerun=report.round_id)
     assert rerun.completed and rerun.round_id == report.round_id
@@ -99,17 +100,32 @@ def test_labels_are_read_by_evaluation_only(tmp_path, tiny_model_dir, monkeypatc
         prepare_dagster_home(settings)
         resources = build_resources(str(config))
         with dg.DagsterInstance.get() as instance:
-            ingest_new_files(instance, settings, resources, echo=lambda _: None)
+            ingest_new_files(instance, settings, SettingsSource(str(config)), echo=lambda _: None)
             instance.add_dynamic_partitions("rounds", ["round-0001"])
-            by_name = {a.key.to_user_string(): a for a in ROUND_ASSETS}
-            training_side = [by_name[n] for n in ("raw_prompts", "candidate_responses", "response_scores",
-                                                  "preference_pairs", "tuned_checkpoint", "control_checkpoint")]
-            assert dg.materialize(training_side, partition_key="round-0001", instance=instance,
-                                  resources=resources).success
+            by_name = {a.key.to_user_string(): a for a in round_assets()}
+            training_side = [
+                by_name[n]
+                for n in (
+                    "raw_prompts",
+                    "candidate_responses",
+                    "response_scores",
+                    "preference_pairs",
+                    "tuned_checkpoint",
+                    "control_checkpoint",
+                )
+            ]
+            assert dg.materialize(
+                training_side, partition_key="round-0001", instance=instance, resources=resources
+            ).success
             assert opened == [], "the labels file was opened before evaluation"
-            dg.materialize([by_name["checkpoint_evaluation"], *EVALUATION_CHECKS], partition_key="round-0001",
-                           instance=instance, resources=resources, raise_on_error=False,
-                           selection=[by_name["checkpoint_evaluation"].key])
+            dg.materialize(
+                [by_name["checkpoint_evaluation"], *evaluation_checks()],
+                partition_key="round-0001",
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                selection=[by_name["checkpoint_evaluation"].key],
+            )
             assert opened, "evaluation should have read the labels file"
     finally:
         watching["on"] = False

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from tao_pipeline.lake import Lake
-from tao_pipeline.model_store import ModelStore
-from tao_pipeline.runner import run_round
+from tao_pipeline.cli.runner import run_round
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 from tests.helpers import write_tiny_config
 
@@ -13,8 +13,13 @@ STABLE_COLUMNS = {
     "candidate_responses": ["response_id", "prompt_id", "response", "model_version"],
     "response_scores": ["response_id", "score", "score_parts"],
     "preference_pairs": ["pair_id", "chosen_response_id", "rejected_response_id"],
-    "checkpoint_evaluation": ["prompt_id", "champion_response", "challenger_response", "outcome",
-                              "base_majority_answer"],
+    "checkpoint_evaluation": [
+        "prompt_id",
+        "champion_response",
+        "challenger_response",
+        "outcome",
+        "base_majority_answer",
+    ],
 }
 
 

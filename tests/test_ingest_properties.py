@@ -36,8 +36,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tao_pipeline.ingest import USAGE_LOG_COLUMNS, UnreadableLogFile, ingest_file
-from tao_pipeline.prompts import DEFAULT_TASK, QUARANTINE_COLUMNS, prompt_id_for
+from tao_pipeline.data.ingest import QUARANTINE_COLUMNS, USAGE_LOG_COLUMNS, UnreadableLogFile, ingest_file
+from tao_pipeline.data.prompts import DEFAULT_TASK, prompt_id_for
 from tao_pipeline.settings import DataSettings
 
 MAX_CHARS = 200
@@ -49,7 +49,9 @@ _STARTED = time.perf_counter()
 
 def fuzz(examples: int):
     return settings(
-        max_examples=max(1, int(examples * _SCALE)), deadline=None, database=None,
+        max_examples=max(1, int(examples * _SCALE)),
+        deadline=None,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
     )
 
@@ -109,7 +111,8 @@ good_prompts = st.one_of(
 )
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts(max_size=10))
 json_values = st.recursive(
-    json_scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(texts(max_size=5), kids, max_size=3),
+    json_scalars,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(texts(max_size=5), kids, max_size=3),
     max_leaves=8,
 )
 json_objects = st.dictionaries(texts(max_size=8), json_values, max_size=4)
@@ -117,8 +120,11 @@ shared_ids = st.sampled_from(["dup-1", "dup-2", 7, ""])  # drawn often, so ids r
 
 
 def long_prompts() -> st.SearchStrategy[str]:
-    return st.builds(lambda seed, n: (seed * (MAX_CHARS + 1))[: MAX_CHARS + n],
-                     texts(1, 5).filter(lambda s: s.strip()), st.integers(1, 2 * MAX_CHARS))
+    return st.builds(
+        lambda seed, n: (seed * (MAX_CHARS + 1))[: MAX_CHARS + n],
+        texts(1, 5).filter(lambda s: s.strip()),
+        st.integers(1, 2 * MAX_CHARS),
+    )
 
 
 def whitespace(max_size: int = 8) -> st.SearchStrategy[str]:
@@ -203,10 +209,23 @@ INVALID_UTF8 = [b"\xff", b"\xfe", b"\x80", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\
 @st.composite
 def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
     """(kind, line bytes without newline, reason fragments it may be quarantined with)."""
-    kind = draw(st.sampled_from([
-        "random_bytes", "invalid_utf8", "deep_nesting", "wrong_type", "missing_prompt", "empty_prompt",
-        "too_long", "not_an_object", "lone_surrogate", "huge_integer", "truncated",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "random_bytes",
+                "invalid_utf8",
+                "deep_nesting",
+                "wrong_type",
+                "missing_prompt",
+                "empty_prompt",
+                "too_long",
+                "not_an_object",
+                "lone_surrogate",
+                "huge_integer",
+                "truncated",
+            ]
+        )
+    )
     base = draw(good_records())
     if kind == "random_bytes":
         raw = draw(st.binary(min_size=1, max_size=300)).replace(b"\n", b"")
@@ -219,12 +238,16 @@ def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
         return kind, raw, ("not valid UTF-8",)
     if kind == "deep_nesting":
         depth = draw(st.integers(10_000, 100_000))
-        raw = draw(st.sampled_from([
-            b"[" * depth,
-            b'{"a":' * depth,
-            b"[" * depth + b"]" * depth,
-            b'{"prompt": "ok", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
-        ]))
+        raw = draw(
+            st.sampled_from(
+                [
+                    b"[" * depth,
+                    b'{"a":' * depth,
+                    b"[" * depth + b"]" * depth,
+                    b'{"prompt": "ok", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
+                ]
+            )
+        )
         return kind, raw, ("nested too deeply",)
     if kind == "wrong_type":
         field = draw(st.sampled_from(sorted(WRONG_TYPES)))
@@ -262,8 +285,13 @@ jsonl_items = st.one_of(
 
 
 @fuzz(examples=1000)
-@given(items=st.lists(jsonl_items, max_size=30), crlf=st.booleans(), final_newline=st.booleans(),
-       suffix=st.sampled_from([".jsonl", ".json"]), data=st.data())
+@given(
+    items=st.lists(jsonl_items, max_size=30),
+    crlf=st.booleans(),
+    final_newline=st.booleans(),
+    suffix=st.sampled_from([".jsonl", ".json"]),
+    data=st.data(),
+)
 def test_jsonl_every_good_row_kept_and_every_bad_line_quarantined(items, crlf, final_newline, suffix, data):
     CASES["jsonl"] += 1
     lines, good, bad = [], {}, {}
@@ -299,8 +327,9 @@ def whole_json_array(data: bytes) -> list | None:
 @st.composite
 def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
     """(a JSON value that is not a good row, reason fragments it may be quarantined with)."""
-    kind = draw(st.sampled_from(["wrong_type", "missing_prompt", "empty_prompt", "too_long", "not_an_object",
-                                 "lone_surrogate"]))
+    kind = draw(
+        st.sampled_from(["wrong_type", "missing_prompt", "empty_prompt", "too_long", "not_an_object", "lone_surrogate"])
+    )
     base = draw(good_records())
     if kind == "wrong_type":
         field = draw(st.sampled_from(sorted(WRONG_TYPES)))
@@ -323,10 +352,15 @@ def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
 
 
 @fuzz(examples=500)
-@given(items=st.lists(good_records().map(lambda r: ("good", r)) | bad_array_elements().map(lambda b: ("bad", b)),
-                      max_size=30),
-       indent=st.sampled_from([None, 0, 2]), bom=st.booleans(), padding=st.text(st.sampled_from(" \t\r\n"), max_size=4),
-       ensure_ascii=st.booleans())
+@given(
+    items=st.lists(
+        good_records().map(lambda r: ("good", r)) | bad_array_elements().map(lambda b: ("bad", b)), max_size=30
+    ),
+    indent=st.sampled_from([None, 0, 2]),
+    bom=st.booleans(),
+    padding=st.text(st.sampled_from(" \t\r\n"), max_size=4),
+    ensure_ascii=st.booleans(),
+)
 def test_json_array_every_good_element_kept_and_every_bad_one_quarantined(items, indent, bom, padding, ensure_ascii):
     CASES["json_array"] += 1
     values, good, bad = [], {}, {}
@@ -352,8 +386,9 @@ CSV_COLUMNS = ["id", "task", "system", "note"]
 _CLOSES_A_QUOTE = ('"', ",", "\r", "\n")
 csv_values = texts(max_size=30).filter(lambda s: not s.startswith(_CLOSES_A_QUOTE))
 csv_prompts = good_prompts.filter(lambda s: not s.startswith(_CLOSES_A_QUOTE))
-simple_values = st.text(st.characters(exclude_categories=("Cs", "Cc"), exclude_characters='",'), min_size=1,
-                        max_size=12).filter(lambda s: s.strip())
+simple_values = st.text(
+    st.characters(exclude_categories=("Cs", "Cc"), exclude_characters='",'), min_size=1, max_size=12
+).filter(lambda s: s.strip())
 
 
 def csv_field(value: str) -> str:
@@ -367,10 +402,25 @@ def csv_line(values: list[str]) -> str:
 @st.composite
 def csv_items(draw, header: list[str]) -> tuple[str, bytes, object]:
     """('good', bytes, expected row) | ('bad', bytes, reason fragments) | ('blank', b'', None)."""
-    kind = draw(st.sampled_from([
-        "good", "good", "good", "literal_quote", "blank", "wrong_field_count", "unclosed_quote",
-        "quote_then_junk", "invalid_utf8", "empty_prompt", "missing_prompt", "too_long", "garbage",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "good",
+                "good",
+                "good",
+                "literal_quote",
+                "blank",
+                "wrong_field_count",
+                "unclosed_quote",
+                "quote_then_junk",
+                "invalid_utf8",
+                "empty_prompt",
+                "missing_prompt",
+                "too_long",
+                "garbage",
+            ]
+        )
+    )
     record = {name: draw(csv_values) for name in header}
     record["prompt"] = draw(csv_prompts)
     if kind == "blank":
@@ -379,11 +429,17 @@ def csv_items(draw, header: list[str]) -> tuple[str, bytes, object]:
         if kind == "literal_quote":  # a quote inside an unquoted field is literal text
             record["prompt"] = draw(simple_values) + '"' + draw(simple_values)
         present = {k: v for k, v in record.items() if v != "" and k != "note"}
-        text = ",".join(record[name] if name == "prompt" and kind == "literal_quote" else csv_field(record[name])
-                        for name in header) if len(header) > 1 or kind == "literal_quote" else csv_line([record["prompt"]])
+        text = (
+            ",".join(
+                record[name] if name == "prompt" and kind == "literal_quote" else csv_field(record[name])
+                for name in header
+            )
+            if len(header) > 1 or kind == "literal_quote"
+            else csv_line([record["prompt"]])
+        )
         return "good", text.encode(), expected_row(present)
     simple = [draw(simple_values) for _ in header]
-    prompt_at = header.index("prompt")
+    assert "prompt" in header
     if kind == "wrong_field_count":
         count = draw(st.integers(1, len(header) + 3).filter(lambda n: n != len(header)))
         return "bad", ",".join(draw(simple_values) for _ in range(count)).encode(), ("wrong number of fields",)
@@ -403,7 +459,7 @@ def csv_items(draw, header: list[str]) -> tuple[str, bytes, object]:
     if kind == "garbage":  # random bytes (no quotes or line breaks), never valid UTF-8
         noise = draw(st.binary(max_size=200)).translate(None, b'"\r\n')
         return "bad", b"\xff" + noise, ("not valid UTF-8", "wrong number of fields")
-    record = {name: value for name, value in zip(header, simple)}
+    record = dict(zip(header, simple))
     if kind == "empty_prompt":
         record["prompt"] = draw(whitespace(6).filter(lambda s: s and not s.startswith(_CLOSES_A_QUOTE)))
         fragment = "prompt is empty"
@@ -442,7 +498,7 @@ def test_csv_every_good_row_kept_and_every_bad_row_quarantined(spec, end, final_
 _TS = datetime.datetime(2026, 1, 2, 3, 4, 5)
 # Per column: (arrow type, value strategy, reason fragment for a non-null value, or None if valid).
 PROMPT_COLUMNS = {
-    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1), "field 'prompt' must be a string"),
+    "int": (pa.int64(), st.integers(-(2**63), 2**63 - 1), "field 'prompt' must be a string"),
     "float": (pa.float64(), st.floats(), "field 'prompt' must be a string"),
     "bool": (pa.bool_(), st.booleans(), "field 'prompt' must be a string"),
     "binary": (pa.binary(), st.binary(max_size=10), "field 'prompt' must be a string"),
@@ -451,29 +507,54 @@ PROMPT_COLUMNS = {
 }
 TEXT_COLUMNS = {  # task and system
     "string": (pa.string(), texts(max_size=20), None),
-    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1), "must be a string"),
+    "int": (pa.int64(), st.integers(-(2**63), 2**63 - 1), "must be a string"),
     "bool": (pa.bool_(), st.booleans(), "must be a string"),
     "list": (pa.list_(pa.string()), st.lists(texts(max_size=5), max_size=2), "must be a string"),
 }
 ID_COLUMNS = {
     "string": (pa.string(), texts(max_size=12) | st.sampled_from(["dup-1", "dup-2"]), None),
-    "int": (pa.int64(), st.integers(-2**63, 2**63 - 1) | st.just(7), None),
-    "whole_float": (pa.float64(), st.integers(-2**53, 2**53).map(float) | st.sampled_from([-0.0, 1e20, 2.0**70]), None),
-    "float": (pa.float64(), st.floats().filter(lambda f: not f.is_integer()),  # NaN, infinities, fractions
-              "field 'id' must be a string or integer, got float"),
+    "int": (pa.int64(), st.integers(-(2**63), 2**63 - 1) | st.just(7), None),
+    "whole_float": (
+        pa.float64(),
+        st.integers(-(2**53), 2**53).map(float) | st.sampled_from([-0.0, 1e20, 2.0**70]),
+        None,
+    ),
+    "float": (
+        pa.float64(),
+        st.floats().filter(lambda f: not f.is_integer()),  # NaN, infinities, fractions
+        "field 'id' must be a string or integer, got float",
+    ),
     "bool": (pa.bool_(), st.booleans(), "field 'id' must be a string or integer"),
 }
 _GOOD_STRUCT = pa.struct([("max_words", pa.int64()), ("format", pa.string()), ("choices", pa.list_(pa.string()))])
 CONSTRAINT_COLUMNS = {
-    "struct": (_GOOD_STRUCT, st.fixed_dictionaries({
-        "max_words": st.none() | st.integers(-2**63, 2**63 - 1), "format": st.none() | texts(max_size=8),
-        "choices": st.none() | st.lists(texts(max_size=5), max_size=3)}), None),
-    "struct_timestamp": (pa.struct([("after", pa.timestamp("us"))]), st.just({"after": _TS}),
-                         "field 'constraints' is not JSON-serialisable"),
-    "struct_binary": (pa.struct([("blob", pa.binary())]), st.binary(max_size=8).map(lambda b: {"blob": b}),
-                      "field 'constraints' is not JSON-serialisable"),
+    "struct": (
+        _GOOD_STRUCT,
+        st.fixed_dictionaries(
+            {
+                "max_words": st.none() | st.integers(-(2**63), 2**63 - 1),
+                "format": st.none() | texts(max_size=8),
+                "choices": st.none() | st.lists(texts(max_size=5), max_size=3),
+            }
+        ),
+        None,
+    ),
+    "struct_timestamp": (
+        pa.struct([("after", pa.timestamp("us"))]),
+        st.just({"after": _TS}),
+        "field 'constraints' is not JSON-serialisable",
+    ),
+    "struct_binary": (
+        pa.struct([("blob", pa.binary())]),
+        st.binary(max_size=8).map(lambda b: {"blob": b}),
+        "field 'constraints' is not JSON-serialisable",
+    ),
     "string": (pa.string(), texts(max_size=10), "field 'constraints' must be a JSON object"),
-    "list": (pa.list_(pa.int64()), st.lists(st.integers(0, 9), max_size=3), "field 'constraints' must be a JSON object"),
+    "list": (
+        pa.list_(pa.int64()),
+        st.lists(st.integers(0, 9), max_size=3),
+        "field 'constraints' must be a JSON object",
+    ),
 }
 
 
@@ -492,8 +573,11 @@ def parquet_files(draw):
             value = {"good": good_prompts, "null": st.none(), "empty": whitespace(), "long": long_prompts()}[choice]
             values.append(draw(value))
             if choice != "good":
-                problems[i]["prompt"] = {"null": "missing required field 'prompt'", "empty": "prompt is empty",
-                                         "long": "prompt too long"}[choice]
+                problems[i]["prompt"] = {
+                    "null": "missing required field 'prompt'",
+                    "empty": "prompt is empty",
+                    "long": "prompt too long",
+                }[choice]
             records[i]["prompt"] = values[-1]
         columns["prompt"] = pa.array(values, pa.string())
     elif prompt_kind == "absent":
@@ -505,8 +589,12 @@ def parquet_files(draw):
         columns["prompt"] = pa.array(values, arrow_type)
         for problem in problems:
             problem["prompt"] = reason
-    for field, kinds in (("system", TEXT_COLUMNS), ("task", TEXT_COLUMNS), ("id", ID_COLUMNS),
-                         ("constraints", CONSTRAINT_COLUMNS)):
+    for field, kinds in (
+        ("system", TEXT_COLUMNS),
+        ("task", TEXT_COLUMNS),
+        ("id", ID_COLUMNS),
+        ("constraints", CONSTRAINT_COLUMNS),
+    ):
         kind = draw(st.sampled_from(["absent", *sorted(kinds)]))
         if kind == "absent":
             continue
@@ -543,8 +631,11 @@ def test_parquet_wrong_column_types_are_quarantined_per_row(spec, row_group_size
 
 
 @fuzz(examples=300)
-@given(spec=parquet_files(), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
-                                            max_size=20), compression=st.sampled_from(["snappy", "none", "zstd"]))
+@given(
+    spec=parquet_files(),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=20),
+    compression=st.sampled_from(["snappy", "none", "zstd"]),
+)
 def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flips, compression):
     CASES["parquet_corrupt"] += 1
     buffer = io.BytesIO()
@@ -564,8 +655,10 @@ def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flip
 
 
 @fuzz(examples=500)
-@given(data=st.binary(max_size=3000) | st.lists(st.binary(max_size=80), max_size=40).map(b"\n".join),
-       suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]))
+@given(
+    data=st.binary(max_size=3000) | st.lists(st.binary(max_size=80), max_size=40).map(b"\n".join),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]),
+)
 def test_random_bytes_never_crash_ingestion(data, suffix):
     CASES["random_bytes"] += 1
     try:
@@ -628,13 +721,16 @@ def test_a_50_mb_csv_field_is_quarantined_and_the_next_row_kept(tmp_path):
 
 def test_deeply_nested_json_lines_are_quarantined(tmp_path):
     depth = 100_000
-    path = write_lines(tmp_path / "deep.jsonl", [
-        b"[" * depth,
-        b"[" * depth + b"]" * depth,
-        b'{"a":' * depth + b"1" + b"}" * depth,
-        b'{"prompt": "x", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
-        b'{"prompt": "kept", "constraints": {"a": ' + b"[" * 50 + b"]" * 50 + b"}}",  # nested, but not deeply
-    ])
+    path = write_lines(
+        tmp_path / "deep.jsonl",
+        [
+            b"[" * depth,
+            b"[" * depth + b"]" * depth,
+            b'{"a":' * depth + b"1" + b"}" * depth,
+            b'{"prompt": "x", "constraints": {"a": ' + b"[" * depth + b"]" * depth + b"}}",
+            b'{"prompt": "kept", "constraints": {"a": ' + b"[" * 50 + b"]" * 50 + b"}}",  # nested, but not deeply
+        ],
+    )
     batch = ingest_file(path, LIMITS)
     assert batch.quarantine["line_number"].tolist() == [1, 2, 3, 4]
     assert all("nested too deeply" in reason for reason in batch.quarantine["reason"])
@@ -674,10 +770,17 @@ def test_a_corrupt_parquet_page_is_reported_unreadable_not_a_crash(tmp_path):
 
 def test_parquet_constraints_that_are_not_json_are_quarantined(tmp_path):
     path = tmp_path / "app.parquet"
-    pq.write_table(pa.table({
-        "prompt": ["a", "b", "c"],
-        "constraints": pa.array([{"after": _TS}, None, {"after": None}], pa.struct([("after", pa.timestamp("us"))])),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["a", "b", "c"],
+                "constraints": pa.array(
+                    [{"after": _TS}, None, {"after": None}], pa.struct([("after", pa.timestamp("us"))])
+                ),
+            }
+        ),
+        path,
+    )
     batch = ingest_file(path, LIMITS)
     assert batch.quarantine["line_number"].tolist() == [1]
     assert "not JSON-serialisable" in batch.quarantine["reason"].iloc[0]
@@ -686,11 +789,14 @@ def test_parquet_constraints_that_are_not_json_are_quarantined(tmp_path):
 
 
 def test_duplicate_ids_are_all_kept_with_distinct_log_ids(tmp_path):
-    path = write_lines(tmp_path / "dup.jsonl", [
-        json.dumps({"id": "same", "prompt": "first"}).encode(),
-        json.dumps({"id": "same", "prompt": "second"}).encode(),
-        json.dumps({"id": "same", "prompt": "first"}).encode(),
-    ])
+    path = write_lines(
+        tmp_path / "dup.jsonl",
+        [
+            json.dumps({"id": "same", "prompt": "first"}).encode(),
+            json.dumps({"id": "same", "prompt": "second"}).encode(),
+            json.dumps({"id": "same", "prompt": "first"}).encode(),
+        ],
+    )
     batch = ingest_file(path, LIMITS)
     assert batch.quarantine.empty
     assert batch.rows["external_id"].tolist() == ["same"] * 3
@@ -708,13 +814,16 @@ def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
 
 
 def test_json_escapes_that_are_not_unicode_are_quarantined(tmp_path):
-    path = write_lines(tmp_path / "escapes.jsonl", [
-        b'{"prompt": "lone \\ud800 surrogate"}',
-        b'{"prompt": "ok", "system": "\\udfff"}',
-        b'{"prompt": "pair \\ud83d\\ude00 is fine"}',
-        b'{"prompt": "ok", "id": ' + b"1" * 5000 + b"}",
-        b'{"prompt": "ok", "id": true}',
-    ])
+    path = write_lines(
+        tmp_path / "escapes.jsonl",
+        [
+            b'{"prompt": "lone \\ud800 surrogate"}',
+            b'{"prompt": "ok", "system": "\\udfff"}',
+            b'{"prompt": "pair \\ud83d\\ude00 is fine"}',
+            b'{"prompt": "ok", "id": ' + b"1" * 5000 + b"}",
+            b'{"prompt": "ok", "id": true}',
+        ],
+    )
     batch = ingest_file(path, LIMITS)
     reasons = dict(zip(batch.quarantine["line_number"], batch.quarantine["reason"]))
     assert sorted(reasons) == [1, 2, 4, 5]
@@ -722,28 +831,31 @@ def test_json_escapes_that_are_not_unicode_are_quarantined(tmp_path):
     assert "field 'system' is not valid Unicode" in reasons[2]
     assert "not valid JSON" in reasons[4] and "4300 digits" in reasons[4]
     assert "field 'id' must be a string or integer, got bool" in reasons[5]
-    assert batch.rows["prompt"].tolist() == ["pair \U0001F600 is fine"]
+    assert batch.rows["prompt"].tolist() == ["pair \U0001f600 is fine"]
     assert_lake_writable(batch)
 
 
 def test_a_stray_quote_in_csv_costs_only_its_own_row(tmp_path):
     path = tmp_path / "quotes.csv"
     path.write_bytes(
-        b'id,prompt\n'
-        b'1,he said "hi" there\n'   # a quote inside an unquoted field is literal text
-        b'2,"unclosed\n'            # an unclosed quote would swallow the rest of the file
-        b'3,kept\n'
+        b"id,prompt\n"
+        b'1,he said "hi" there\n'  # a quote inside an unquoted field is literal text
+        b'2,"unclosed\n'  # an unclosed quote would swallow the rest of the file
+        b"3,kept\n"
         b'4,"multi\nline, quoted"\n'
         b'5,"closed"junk\n'
-        b'6,a,b\n'
-        b'7,last\n'
+        b"6,a,b\n"
+        b"7,last\n"
     )
     batch = ingest_file(path, LIMITS)
     assert batch.rows[["external_id", "line_number"]].values.tolist() == [["1", 1], ["3", 3], ["4", 4], ["7", 7]]
     assert batch.rows["prompt"].tolist() == ['he said "hi" there', "kept", "multi\nline, quoted", "last"]
     reasons = dict(zip(batch.quarantine["line_number"], batch.quarantine["reason"]))
-    assert reasons == {2: "not valid CSV: ',' expected after '\"'",  # where the swallowed text met row 4
-                       5: "not valid CSV: ',' expected after '\"'", 6: "CSV row has the wrong number of fields"}
+    assert reasons == {
+        2: "not valid CSV: ',' expected after '\"'",  # where the swallowed text met row 4
+        5: "not valid CSV: ',' expected after '\"'",
+        6: "CSV row has the wrong number of fields",
+    }
     assert batch.quarantine.set_index("line_number").loc[2, "raw"] == '2,"unclosed'
     path.write_bytes(b'id,prompt\n1,"unclosed to the end\n2,swallowed then read again\n')
     batch = ingest_file(path, LIMITS)
@@ -784,4 +896,6 @@ def test_existing_csv_output_of_pandas_is_read_unchanged(tmp_path):
     batch = ingest_file(path, LIMITS)
     assert batch.quarantine.empty
     assert batch.rows[["external_id", "prompt", "task", "line_number"]].values.tolist() == [
-        ["a", 'say "x", then y', DEFAULT_TASK, 1], ["b", "two\nlines", "arithmetic", 2]]
+        ["a", 'say "x", then y', DEFAULT_TASK, 1],
+        ["b", "two\nlines", "arithmetic", 2],
+    ]

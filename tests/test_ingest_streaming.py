@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tao_pipeline import ingest as ingest_module
-from tao_pipeline.assets import INGEST_ASSETS
-from tao_pipeline.ingest import (
+from tao_pipeline.data.ingest import (
+    QUARANTINE_COLUMNS,
     QUARANTINE_TABLE,
     USAGE_LOG_COLUMNS,
     USAGE_TABLE,
@@ -30,10 +29,11 @@ from tao_pipeline.ingest import (
     ingest_to_lake,
     read_log_chunks,
 )
-from tao_pipeline.lake import Lake
-from tao_pipeline.prompts import QUARANTINE_COLUMNS
-from tao_pipeline.resources import build_resources
+from tao_pipeline.data.ingest import readers as ingest_readers
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.defs.resources import build_resources
 from tao_pipeline.settings import DataSettings, load_settings
+from tests.helpers import ingest_assets
 
 LIMITS = DataSettings(max_prompt_chars=200)
 
@@ -95,7 +95,9 @@ def test_chunks_never_exceed_the_chunk_size_and_cover_every_line(tmp_path):
     chunks = list(read_log_chunks(path, LIMITS, chunk_rows=10))
     assert len(chunks) == 11
     assert all(chunk.rows.num_rows + chunk.quarantine.num_rows <= 10 for chunk in chunks)
-    numbers = [n for chunk in chunks for part in (chunk.rows, chunk.quarantine) for n in part["line_number"].to_pylist()]
+    numbers = [
+        n for chunk in chunks for part in (chunk.rows, chunk.quarantine) for n in part["line_number"].to_pylist()
+    ]
     assert sorted(numbers) == list(range(1, 102))
 
 
@@ -115,7 +117,7 @@ def corrupt_parquet_halfway(path) -> None:
     pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=10_000, compression="snappy")
     offset = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
     data = bytearray(path.read_bytes())
-    data[offset + 50: offset + 250] = b"\xff" * 200
+    data[offset + 50 : offset + 250] = b"\xff" * 200
     path.write_bytes(bytes(data))
 
 
@@ -154,16 +156,26 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
 
 def test_a_json_file_holding_one_array_is_read_element_by_element(tmp_path):
     path = tmp_path / "export.json"
-    records = [{"id": "a", "prompt": "first", "task": "arithmetic"}, {"prompt": ""}, ["not", "an", "object"],
-               {"id": 4, "prompt": "fourth", "constraints": {"max_words": 3}}, {"prompt": "x" * 201}]
+    records = [
+        {"id": "a", "prompt": "first", "task": "arithmetic"},
+        {"prompt": ""},
+        ["not", "an", "object"],
+        {"id": 4, "prompt": "fourth", "constraints": {"max_words": 3}},
+        {"prompt": "x" * 201},
+    ]
     path.write_bytes(codecs.BOM_UTF8 + b"\n  " + json.dumps(records, indent=2).encode() + b"\n")
     batch = ingest_file(path, LIMITS)
     assert batch.rows[["external_id", "prompt", "task", "line_number"]].values.tolist() == [
-        ["a", "first", "arithmetic", 1], ["4", "fourth", "general", 4]]
+        ["a", "first", "arithmetic", 1],
+        ["4", "fourth", "general", 4],
+    ]
     assert batch.rows["constraints"].iloc[1] == '{"max_words": 3}'
     reasons = dict(zip(batch.quarantine["line_number"], batch.quarantine["reason"]))
-    assert reasons == {2: "prompt is empty", 3: "row must be a JSON object, got list",
-                       5: "prompt too long: 201 chars > data.max_prompt_chars=200"}
+    assert reasons == {
+        2: "prompt is empty",
+        3: "row must be a JSON object, got list",
+        5: "prompt too long: 201 chars > data.max_prompt_chars=200",
+    }
     assert batch.quarantine.set_index("line_number").loc[3, "raw"] == '["not", "an", "object"]'
 
 
@@ -192,7 +204,7 @@ def test_a_broken_json_array_is_read_line_by_line_so_nothing_is_lost(tmp_path):
 
 
 def test_a_json_array_over_the_size_limit_is_refused_cleanly(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest_module, "MAX_JSON_ARRAY_BYTES", 1024)
+    monkeypatch.setattr(ingest_readers, "MAX_JSON_ARRAY_BYTES", 1024)
     path = tmp_path / "big.json"
     path.write_text(json.dumps([{"prompt": f"prompt {i}"} for i in range(100)]))
     with pytest.raises(UnreadableLogFile, match=r"JSON array file is read whole .* write it as JSONL"):
@@ -221,7 +233,10 @@ def test_parquet_ids_that_are_nan_or_fractions_are_quarantined(tmp_path):
     pq.write_table(pa.table({"id": pa.array(ids, pa.float64()), "prompt": list("abcdef")}), path)
     batch = ingest_file(path, LIMITS)
     assert batch.rows[["external_id", "prompt"]].values.tolist() == [
-        ["2", "a"], ["0", "e"], ["100000000000000000000", "f"]]
+        ["2", "a"],
+        ["0", "e"],
+        ["100000000000000000000", "f"],
+    ]
     assert batch.quarantine[["line_number", "reason"]].values.tolist() == [
         [2, "field 'id' must be a string or integer, got float nan"],
         [3, "field 'id' must be a string or integer, got float 2.5"],
@@ -246,16 +261,22 @@ def ingest_home(tmp_path, monkeypatch):
 def materialize(instance, path) -> tuple[str, dg.ExecuteInProcessResult]:
     key = batch_key(path)
     instance.add_dynamic_partitions("log_batches", [key])
-    result = dg.materialize(INGEST_ASSETS, partition_key=key, instance=instance, resources=build_resources(),
-                            run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}})
+    result = dg.materialize(
+        ingest_assets(),
+        partition_key=key,
+        instance=instance,
+        resources=build_resources(),
+        run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}},
+    )
     return key, result
 
 
 def test_the_asset_streams_a_json_array_into_the_lake_and_archives_it(ingest_home):
     settings, instance = ingest_home
     path = settings.inbox_dir / "export.json"
-    path.write_text(json.dumps([{"prompt": "one", "task": "a"}, {"prompt": "two", "task": "b"}, {"prompt": "one"},
-                                {"task": "a"}]))
+    path.write_text(
+        json.dumps([{"prompt": "one", "task": "a"}, {"prompt": "two", "task": "b"}, {"prompt": "one"}, {"task": "a"}])
+    )
     key, result = materialize(instance, path)
     assert result.success
     metadata = result.asset_materializations_for_node("usage_logs")[0].metadata

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tao_pipeline.scoring.base import Failed, PromptContext
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.instructions import InstructionVerifier, count_bullets, count_sentences
-from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings
 
 BULLETED = "Reasons:\n- fast\n* cheap\n• simple\n  1. nested\n2) last\n**Bold** is not a bullet\n---"
@@ -26,13 +26,16 @@ def test_count_bullets():
     assert count_bullets("No bullets here.\n-not one\n3.14 is pi") == 0
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("One. Two! Three?", 3),
-    ("Pi is 3.14 and e.g. Dr. Smith agrees.", 1),
-    ('He said "stop." Then left.', 2),
-    ("- first item\n- second item\n\nDone.", 3),
-    ("", 0),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("One. Two! Three?", 3),
+        ("Pi is 3.14 and e.g. Dr. Smith agrees.", 1),
+        ('He said "stop." Then left.', 2),
+        ("- first item\n- second item\n\nDone.", 3),
+        ("", 0),
+    ],
+)
 def test_count_sentences(text, expected):
     assert count_sentences(text) == expected
 
@@ -40,24 +43,31 @@ def test_count_sentences(text, expected):
 # -- each check passing and failing ------------------------------------------------------
 
 
-@pytest.mark.parametrize("constraints, passing, failing", [
-    ({"min_words": 3}, "one two three", "one two"),
-    ({"max_words": 3}, "one two three", "one two three four"),
-    ({"required_keywords": ["Paris", "river Seine"]}, "PARIS lies on the River\nSeine.", "Paris lies on the Seine."),
-    ({"required_keywords": "cat"}, "A cat sat.", "A category error."),
-    ({"forbidden_words": ["very", "really good"]}, "Every answer is REALLY fine.", "It is Really  good."),
-    ({"min_bullets": 2}, "- a\n- b", "- a\nb"),
-    ({"max_bullets": 1}, "- a\nb", "- a\n- b"),
-    ({"bullets": 3}, "1. a\n2. b\n3. c", "1. a\n2. b"),
-    ({"case": "lower"}, "all lower, 42 too.", "Not lower."),
-    ({"case": "upper"}, "ALL CAPS, 42 TOO!", "ALL CAPS but one"),
-    ({"case": "title"}, "The Quick (Brown) Fox's Den", "The quick Brown Fox"),
-    ({"starts_with": "Dear  Sir"}, "  dear sir,\nthanks", "Hello dear sir"),
-    ({"ends_with": "Is there anything else?"}, "Done. Is there anything\nelse?  ", "Is there anything else? Yes."),
-    ({"no_commas": True}, "No commas here.", "Yes, one comma."),
-    ({"min_sentences": 2}, "One. Two.", "Just one."),
-    ({"max_sentences": 2}, "One. Two.", "One. Two. Three."),
-])
+@pytest.mark.parametrize(
+    "constraints, passing, failing",
+    [
+        ({"min_words": 3}, "one two three", "one two"),
+        ({"max_words": 3}, "one two three", "one two three four"),
+        (
+            {"required_keywords": ["Paris", "river Seine"]},
+            "PARIS lies on the River\nSeine.",
+            "Paris lies on the Seine.",
+        ),
+        ({"required_keywords": "cat"}, "A cat sat.", "A category error."),
+        ({"forbidden_words": ["very", "really good"]}, "Every answer is REALLY fine.", "It is Really  good."),
+        ({"min_bullets": 2}, "- a\n- b", "- a\nb"),
+        ({"max_bullets": 1}, "- a\nb", "- a\n- b"),
+        ({"bullets": 3}, "1. a\n2. b\n3. c", "1. a\n2. b"),
+        ({"case": "lower"}, "all lower, 42 too.", "Not lower."),
+        ({"case": "upper"}, "ALL CAPS, 42 TOO!", "ALL CAPS but one"),
+        ({"case": "title"}, "The Quick (Brown) Fox's Den", "The quick Brown Fox"),
+        ({"starts_with": "Dear  Sir"}, "  dear sir,\nthanks", "Hello dear sir"),
+        ({"ends_with": "Is there anything else?"}, "Done. Is there anything\nelse?  ", "Is there anything else? Yes."),
+        ({"no_commas": True}, "No commas here.", "Yes, one comma."),
+        ({"min_sentences": 2}, "One. Two.", "Just one."),
+        ({"max_sentences": 2}, "One. Two.", "One. Two. Three."),
+    ],
+)
 def test_each_check_passes_and_fails(constraints, passing, failing):
     assert score(passing, **constraints) == 1.0
     assert score(failing, **constraints) == 0.0
@@ -99,20 +109,29 @@ def test_unknown_keys_are_ignored_and_listed():
 
 def test_bad_per_prompt_value_gives_failed():
     verifier = InstructionVerifier(constraints={"max_words": 5})
-    for bad in ({"case": "camel"}, {"max_words": -2}, {"required_keywords": [""]},
-                {"no_commas": "yes"}, {"min_sentences": 4, "max_sentences": 2}, {"ends_with": 7}):
+    for bad in (
+        {"case": "camel"},
+        {"max_words": -2},
+        {"required_keywords": [""]},
+        {"no_commas": "yes"},
+        {"min_sentences": 4, "max_sentences": 2},
+        {"ends_with": 7},
+    ):
         scores = verifier.score_group(PromptContext("p", "default", constraints=bad), ["a", "b"])
         assert len(scores) == 2
         assert all(isinstance(s, Failed) and next(iter(bad)) in s.reason for s in scores), bad
 
 
-@pytest.mark.parametrize("constraints, message", [
-    ({"case": "sentence"}, "case must be one of"),
-    ({"bullets": True}, "bullets must be a non-negative integer"),
-    ({"min_words": 10, "max_words": 5}, r"min_words \(10\) is above max_words \(5\)"),
-    ({"forbidden_words": "  "}, "forbidden_words must be a list of non-empty strings"),
-    ({"starts_with": ""}, "starts_with must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "constraints, message",
+    [
+        ({"case": "sentence"}, "case must be one of"),
+        ({"bullets": True}, "bullets must be a non-negative integer"),
+        ({"min_words": 10, "max_words": 5}, r"min_words \(10\) is above max_words \(5\)"),
+        ({"forbidden_words": "  "}, "forbidden_words must be a list of non-empty strings"),
+        ({"starts_with": ""}, "starts_with must be a non-empty string"),
+    ],
+)
 def test_bad_task_constraints_raise_at_construction(constraints, message):
     with pytest.raises(ValueError, match=f"instruction_following: {message}"):
         InstructionVerifier(constraints=constraints)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tao_pipeline.model_store import ModelNotFoundError
+from tao_pipeline.registry import ModelNotFoundError
 from tao_pipeline.scoring.base import Failed, PromptContext
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.judge import LLMJudgeScorer, parse_group, parse_pointwise
-from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings
 from tests.judge_server import FakeJudgeServer, chat_completion, openai_judge
 
@@ -121,7 +121,7 @@ def test_cache_answers_without_a_request(server, tmp_path):
     assert len(server.requests) == 2 and len(cache_files(cache_dir)) == 2
     again = openai_judge(server, cache_dir).score_group(CONTEXT, responses)
     assert again == first and len(server.requests) == 2
-    assert not [p for p in cache_files(cache_dir) if p.name.startswith(".tmp-")]
+    assert not [p for p in cache_files(cache_dir) if p.suffix == ".tmp"]
     openai_judge(server, cache_dir, rubric="Prefer shorter answers.").score_group(CONTEXT, responses)
     assert len(server.requests) == 4  # a new rubric is a new key
     openai_judge(server, cache_dir, mode="group").score_group(CONTEXT, responses)
@@ -195,14 +195,17 @@ def test_options_are_checked_and_the_key_is_never_an_option(monkeypatch, tmp_pat
 # -- parsing --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("output, expected", [
-    ("Score: 8", 7 / 9),
-    ("Good answer. Score: 8/10", 7 / 9),
-    ("I'd give it 7 out of 10.", 6 / 9),
-    ("Step 2 was wrong.\n**Score:** 1", 0.0),
-    ("10", 1.0),
-    ("Scores 3, then 12, then 4.", 3 / 9),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("Score: 8", 7 / 9),
+        ("Good answer. Score: 8/10", 7 / 9),
+        ("I'd give it 7 out of 10.", 6 / 9),
+        ("Step 2 was wrong.\n**Score:** 1", 0.0),
+        ("10", 1.0),
+        ("Scores 3, then 12, then 4.", 3 / 9),
+    ],
+)
 def test_parse_pointwise(output, expected):
     assert parse_pointwise(output) == pytest.approx(expected)
 
@@ -212,19 +215,31 @@ def test_parse_pointwise_failures(output):
     assert isinstance(parse_pointwise(output), Failed)
 
 
-@pytest.mark.parametrize("output", [
-    '{"scores": [1, 10, 4]}',
-    'Here you go:\n```json\n{"scores": [1, 10, 4]}\n```',
-    '{"reasoning": "x", "scores": ["1", 10.0, 4]}',
-    "[1, 10, 4]",
-    '{"draft": [9, 9]} final: {"scores": [1, 10, 4]}',
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        '{"scores": [1, 10, 4]}',
+        'Here you go:\n```json\n{"scores": [1, 10, 4]}\n```',
+        '{"reasoning": "x", "scores": ["1", 10.0, 4]}',
+        "[1, 10, 4]",
+        '{"draft": [9, 9]} final: {"scores": [1, 10, 4]}',
+    ],
+)
 def test_parse_group(output):
     assert parse_group(output, 3) == pytest.approx([0.0, 1.0, 3 / 9])
 
 
-@pytest.mark.parametrize("output", ['{"scores": [1, 10]}', '{"scores": [1, true, 4]}', '{"scores": [1, 11, 4]}',
-                                    '{"scores": [1, "high", 4]}', "scores: 1, 10, 4", '{"scores": [1, 10,'])
+@pytest.mark.parametrize(
+    "output",
+    [
+        '{"scores": [1, 10]}',
+        '{"scores": [1, true, 4]}',
+        '{"scores": [1, 11, 4]}',
+        '{"scores": [1, "high", 4]}',
+        "scores: 1, 10, 4",
+        '{"scores": [1, 10,',
+    ],
+)
 def test_parse_group_failures(output):
     scores = parse_group(output, 3)
     assert len(scores) == 3 and all(isinstance(s, Failed) for s in scores)
@@ -234,8 +249,14 @@ def test_parse_group_failures(output):
 
 
 def local_judge(model_dir: Path, cache_dir: Path, **options) -> LLMJudgeScorer:
-    return LLMJudgeScorer(backend="transformers", model=str(model_dir), cache_dir=str(cache_dir),
-                          max_new_tokens=8, dtype="float32", **options)
+    return LLMJudgeScorer(
+        backend="transformers",
+        model=str(model_dir),
+        cache_dir=str(cache_dir),
+        max_new_tokens=8,
+        dtype="float32",
+        **options,
+    )
 
 
 def test_local_gibberish_judge_fails_the_group_and_caches(tiny_model_dir, tmp_path):

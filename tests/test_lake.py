@@ -5,17 +5,19 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tao_pipeline import lake as lake_module
-from tao_pipeline.lake import CATALOG_FILE, Lake
+from tao_pipeline.data import lake as lake_module
+from tao_pipeline.data.lake import CATALOG_FILE, Lake
 
 
 def frame(round_id: str, count: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt_id": [f"{round_id}-p{i}" for i in range(count)],
-        "score": [i / 10 for i in range(count)],
-        "log_ids": [[f"log-{i}", f"log-{i}b"] for i in range(count)],
-        "system": [None if i % 2 else "Be brief." for i in range(count)],
-    })
+    return pd.DataFrame(
+        {
+            "prompt_id": [f"{round_id}-p{i}" for i in range(count)],
+            "score": [i / 10 for i in range(count)],
+            "log_ids": [[f"log-{i}", f"log-{i}b"] for i in range(count)],
+            "system": [None if i % 2 else "Be brief." for i in range(count)],
+        }
+    )
 
 
 def test_write_read_roundtrip(tmp_path):
@@ -80,7 +82,7 @@ def test_views_join_across_tables(tmp_path):
 def test_query_is_read_only(tmp_path):
     lake = Lake(tmp_path)
     lake.write("scores", "r1", frame("r1", 1))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; DuckDB's error type is not the point
         lake.query("CREATE TABLE sneaky AS SELECT 1")
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tao_pipeline.model_store import ModelNotFoundError, ModelStore, ModelVersion, atomic_directory
+from tao_pipeline.common.atomic import atomic_directory
+from tao_pipeline.registry import ModelNotFoundError, ModelStore, ModelVersion
 from tao_pipeline.settings import ModelSettings
 
 
@@ -25,8 +26,15 @@ def test_register_and_get(tmp_path):
     store = ModelStore(tmp_path / "models")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    version = store.register("v1", ckpt, parent_version="base-x", round_id="round-0001", method="dpo+lora",
-                             hyperparameters={"beta": 0.1}, metrics={"steps": 2})
+    version = store.register(
+        "v1",
+        ckpt,
+        parent_version="base-x",
+        round_id="round-0001",
+        method="dpo+lora",
+        hyperparameters={"beta": 0.1},
+        metrics={"steps": 2},
+    )
     assert version == ModelVersion("v1", ckpt, "base-x", "round-0001", "dpo+lora", False)
     assert store.get("v1") == version
     assert isinstance(store.get("v1").path, Path)

@@ -6,33 +6,44 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tao_pipeline.pairs import PAIR_COLUMNS, build_pairs
-from tao_pipeline.prompts import content_hash
+from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.training.pairs import PAIR_COLUMNS, build_pairs
 
 
 def tables(groups: dict[str, list[tuple[str, str, float]]], tasks: dict[str, str] | None = None):
     """groups: prompt_id -> [(response_id, response, score)] -> (prompts, candidates, scores)."""
-    prompts = pd.DataFrame({
-        "prompt_id": list(groups),
-        "prompt": [f"Question {pid}?" for pid in groups],
-        "system": [np.nan if i % 2 else "Be brief." for i in range(len(groups))],
-        "task": [(tasks or {}).get(pid, "arithmetic") for pid in groups],
-    })
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": list(groups),
+            "prompt": [f"Question {pid}?" for pid in groups],
+            "system": [np.nan if i % 2 else "Be brief." for i in range(len(groups))],
+            "task": [(tasks or {}).get(pid, "arithmetic") for pid in groups],
+        }
+    )
     candidates = pd.DataFrame(
-        [{"response_id": rid, "prompt_id": pid, "response": text} for pid, rows in groups.items()
-         for rid, text, _ in rows]
+        [
+            {"response_id": rid, "prompt_id": pid, "response": text}
+            for pid, rows in groups.items()
+            for rid, text, _ in rows
+        ]
     )
     scores = pd.DataFrame(
-        [{"response_id": rid, "prompt_id": pid, "score": score} for pid, rows in groups.items()
-         for rid, _, score in rows]
+        [
+            {"response_id": rid, "prompt_id": pid, "score": score}
+            for pid, rows in groups.items()
+            for rid, _, score in rows
+        ]
     )
     return prompts, candidates, scores
 
 
 def test_chosen_is_best_and_rejected_is_worst():
-    prompts, candidates, scores = tables({
-        "p1": [("a", "5", 0.5), ("b", "It is 5", 1.0), ("c", "6", 0.0), ("d", "7", 0.25)],
-    }, tasks={"p1": "arithmetic"})
+    prompts, candidates, scores = tables(
+        {
+            "p1": [("a", "5", 0.5), ("b", "It is 5", 1.0), ("c", "6", 0.0), ("d", "7", 0.25)],
+        },
+        tasks={"p1": "arithmetic"},
+    )
     pairs, stats = build_pairs(prompts, candidates, scores, min_margin=0.25)
     assert list(pairs.columns) == PAIR_COLUMNS
     assert len(pairs) == 1
@@ -49,10 +60,12 @@ def test_chosen_is_best_and_rejected_is_worst():
 
 
 def test_lineage_ids():
-    prompts, candidates, scores = tables({
-        "p1": [("r-hi", "yes", 0.9), ("r-lo", "no", 0.1)],
-        "p2": [("s-hi", "up", 0.8), ("s-lo", "down", 0.2)],
-    })
+    prompts, candidates, scores = tables(
+        {
+            "p1": [("r-hi", "yes", 0.9), ("r-lo", "no", 0.1)],
+            "p2": [("s-hi", "up", 0.8), ("s-lo", "down", 0.2)],
+        }
+    )
     pairs, _ = build_pairs(prompts, candidates, scores, min_margin=0.1)
     assert pairs["prompt_id"].tolist() == ["p1", "p2"]
     assert pairs["pair_id"].tolist() == [content_hash("r-hi", "r-lo"), content_hash("s-hi", "s-lo")]
@@ -63,13 +76,15 @@ def test_lineage_ids():
 
 
 def test_all_equal_and_below_margin_groups_are_dropped_and_counted():
-    prompts, candidates, scores = tables({
-        "equal": [("e1", "a", 0.5), ("e2", "b", 0.5), ("e3", "c", 0.5)],
-        "close": [("c1", "a", 0.6), ("c2", "b", 0.5)],
-        "edge": [("g1", "a", 0.75), ("g2", "b", 0.5)],  # margin == min_margin is kept
-        "clear": [("k1", "a", 1.0), ("k2", "b", 0.0)],
-        "alone": [("s1", "a", 1.0)],
-    })
+    prompts, candidates, scores = tables(
+        {
+            "equal": [("e1", "a", 0.5), ("e2", "b", 0.5), ("e3", "c", 0.5)],
+            "close": [("c1", "a", 0.6), ("c2", "b", 0.5)],
+            "edge": [("g1", "a", 0.75), ("g2", "b", 0.5)],  # margin == min_margin is kept
+            "clear": [("k1", "a", 1.0), ("k2", "b", 0.0)],
+            "alone": [("s1", "a", 1.0)],
+        }
+    )
     pairs, stats = build_pairs(prompts, candidates, scores, min_margin=0.25)
     assert sorted(pairs["prompt_id"]) == ["clear", "edge"]
     assert stats.prompts == 5
@@ -78,10 +93,12 @@ def test_all_equal_and_below_margin_groups_are_dropped_and_counted():
 
 
 def test_zero_margin_still_drops_all_equal_groups():
-    prompts, candidates, scores = tables({
-        "equal": [("e1", "a", 0.0), ("e2", "b", 0.0)],
-        "tiny": [("t1", "a", 0.51), ("t2", "b", 0.5)],
-    })
+    prompts, candidates, scores = tables(
+        {
+            "equal": [("e1", "a", 0.0), ("e2", "b", 0.0)],
+            "tiny": [("t1", "a", 0.51), ("t2", "b", 0.5)],
+        }
+    )
     pairs, stats = build_pairs(prompts, candidates, scores, min_margin=0.0)
     assert pairs["prompt_id"].tolist() == ["tiny"]
     assert pairs.iloc[0]["margin"] == pytest.approx(0.01)
@@ -89,12 +106,16 @@ def test_zero_margin_still_drops_all_equal_groups():
 
 
 def test_ties_prefer_the_shorter_chosen_and_the_longer_rejected():
-    prompts, candidates, scores = tables({
-        "p": [
-            ("z-best-long", "five, definitely five", 1.0), ("y-best-short", "5", 1.0),
-            ("b-worst-short", "x", 0.0), ("c-worst-long", "I really do not know", 0.0),
-        ],
-    })
+    prompts, candidates, scores = tables(
+        {
+            "p": [
+                ("z-best-long", "five, definitely five", 1.0),
+                ("y-best-short", "5", 1.0),
+                ("b-worst-short", "x", 0.0),
+                ("c-worst-long", "I really do not know", 0.0),
+            ],
+        }
+    )
     pair = build_pairs(prompts, candidates, scores, min_margin=0.5)[0].iloc[0]
     assert pair["chosen_response_id"] == "y-best-short"
     assert pair["rejected_response_id"] == "c-worst-long"

@@ -1,4 +1,4 @@
-"""tao_pipeline.prompts: quarantine, deduplication, the deterministic split, caps and labels."""
+"""tao_pipeline.data.prompts and .ingest: quarantine, deduplication, the deterministic split, caps and labels."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ import json
 
 import pytest
 
-from tests.helpers import sample_logs, write_logs
+from tao_pipeline.data.ingest import QUARANTINE_COLUMNS, load_prompts
+from tao_pipeline.data.prompts import DEFAULT_TASK, PROMPT_COLUMNS, prompt_id_for, split_for
 from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
-from tao_pipeline.prompts import (
-    DEFAULT_TASK,
-    PROMPT_COLUMNS,
-    QUARANTINE_COLUMNS,
-    load_labels,
-    load_prompts,
-    prompt_id_for,
-    split_for,
-)
+from tao_pipeline.evaluation import load_labels
 from tao_pipeline.settings import DataSettings
+from tests.helpers import sample_logs, write_logs
 
 GOOD = [
     {"id": "g1", "prompt": "What is 2 + 2?", "task": "arithmetic"},
@@ -35,28 +29,35 @@ def write_bytes_lines(path, lines: list[bytes]):
 def mixed_log(tmp_path):
     """Good rows interleaved with one bad line of every kind; returns (path, {line_number: reason fragment})."""
     lines = [
-        json.dumps(GOOD[0]).encode(),                                         # 1 good
-        b"upstream error: connection reset",                                   # 2 not JSON
-        json.dumps({"id": "t", "prompt": "What is 3 + 4?"}).encode()[:20],     # 3 truncated JSON
-        json.dumps(["What is 1 + 1?", "arithmetic"]).encode(),                 # 4 array
-        json.dumps({"id": "m", "task": "arithmetic"}).encode(),                # 5 missing prompt
-        json.dumps({"id": "e", "prompt": "  \n\t "}).encode(),                 # 6 empty prompt
-        json.dumps(GOOD[1]).encode(),                                         # 7 good
-        json.dumps({"prompt": 42}).encode(),                                   # 8 prompt of wrong type
-        json.dumps({"prompt": "Hi there", "task": ["arithmetic"]}).encode(),   # 9 task of wrong type
-        json.dumps({"prompt": "Hi there", "system": 3}).encode(),              # 10 system of wrong type
-        json.dumps({"prompt": "Hi there", "id": {"a": 1}}).encode(),           # 11 id of wrong type
-        json.dumps({"prompt": "x" * 300}).encode(),                            # 12 too long
-        b'{"prompt": "caf\xe9 au lait"}',                                      # 13 invalid UTF-8
-        b"",                                                                    # 14 blank: skipped
-        json.dumps(GOOD[2]).encode(),                                         # 15 good
-        b"[" * 100_000,                                                         # 16 nested too deeply
+        json.dumps(GOOD[0]).encode(),  # 1 good
+        b"upstream error: connection reset",  # 2 not JSON
+        json.dumps({"id": "t", "prompt": "What is 3 + 4?"}).encode()[:20],  # 3 truncated JSON
+        json.dumps(["What is 1 + 1?", "arithmetic"]).encode(),  # 4 array
+        json.dumps({"id": "m", "task": "arithmetic"}).encode(),  # 5 missing prompt
+        json.dumps({"id": "e", "prompt": "  \n\t "}).encode(),  # 6 empty prompt
+        json.dumps(GOOD[1]).encode(),  # 7 good
+        json.dumps({"prompt": 42}).encode(),  # 8 prompt of wrong type
+        json.dumps({"prompt": "Hi there", "task": ["arithmetic"]}).encode(),  # 9 task of wrong type
+        json.dumps({"prompt": "Hi there", "system": 3}).encode(),  # 10 system of wrong type
+        json.dumps({"prompt": "Hi there", "id": {"a": 1}}).encode(),  # 11 id of wrong type
+        json.dumps({"prompt": "x" * 300}).encode(),  # 12 too long
+        b'{"prompt": "caf\xe9 au lait"}',  # 13 invalid UTF-8
+        b"",  # 14 blank: skipped
+        json.dumps(GOOD[2]).encode(),  # 15 good
+        b"[" * 100_000,  # 16 nested too deeply
     ]
     expected = {
-        2: "not valid JSON", 3: "not valid JSON", 4: "must be a JSON object, got list",
-        5: "missing required field 'prompt'", 6: "prompt is empty", 8: "field 'prompt' must be a string, got int",
-        9: "field 'task' must be a string, got list", 10: "field 'system' must be a string, got int",
-        11: "field 'id' must be a string or integer", 12: "prompt too long", 13: "not valid UTF-8",
+        2: "not valid JSON",
+        3: "not valid JSON",
+        4: "must be a JSON object, got list",
+        5: "missing required field 'prompt'",
+        6: "prompt is empty",
+        8: "field 'prompt' must be a string, got int",
+        9: "field 'task' must be a string, got list",
+        10: "field 'system' must be a string, got int",
+        11: "field 'id' must be a string or integer",
+        12: "prompt too long",
+        13: "not valid UTF-8",
         16: "nested too deeply",
     }
     return write_bytes_lines(tmp_path / "logs.jsonl", lines), expected
@@ -122,11 +123,14 @@ def test_missing_log_file_names_the_setting(tmp_path):
 
 
 def test_duplicates_merge_log_ids_and_source_files(tmp_path):
-    first = write_logs(tmp_path / "a.jsonl", [
-        {"id": "a1", "prompt": "What is 5 + 5?", "task": "arithmetic"},
-        {"id": "a2", "prompt": "  What is 5 + 5?  ", "task": "arithmetic"},  # same after strip
-        {"id": "a3", "prompt": "What is 5 + 5?", "system": "Be brief."},     # a different system: distinct
-    ])
+    first = write_logs(
+        tmp_path / "a.jsonl",
+        [
+            {"id": "a1", "prompt": "What is 5 + 5?", "task": "arithmetic"},
+            {"id": "a2", "prompt": "  What is 5 + 5?  ", "task": "arithmetic"},  # same after strip
+            {"id": "a3", "prompt": "What is 5 + 5?", "system": "Be brief."},  # a different system: distinct
+        ],
+    )
     second = write_logs(tmp_path / "b.jsonl", [{"id": "b1", "prompt": "What is 5 + 5?"}])
     batch = load_prompts([first, second], DataSettings(heldout_fraction=0.0))
     assert len(batch.prompts) == 2
@@ -210,9 +214,11 @@ def test_caps_larger_than_the_split_keep_everything(tmp_path):
 def test_load_labels(tmp_path):
     path = tmp_path / "labels.jsonl"
     path.write_text(
-        json.dumps({"prompt": " What is the capital of China? ", "answer": "Beijing", "aliases": ["Peking"]}) + "\n"
+        json.dumps({"prompt": " What is the capital of China? ", "answer": "Beijing", "aliases": ["Peking"]})
         + "\n"
-        + json.dumps({"prompt": "What is 2 + 2?", "answer": 4}) + "\n",
+        + "\n"
+        + json.dumps({"prompt": "What is 2 + 2?", "answer": 4})
+        + "\n",
         encoding="utf-8",
     )
     labels = load_labels(path)
@@ -238,9 +244,15 @@ def test_demo_data_loads_with_its_eight_bad_lines_quarantined():
     assert batch.log_rows == len(lines)
     assert len(batch.quarantine) == 8
     reasons = " | ".join(batch.quarantine["reason"])
-    for fragment in ("not valid JSON", "must be a JSON object", "missing required field 'prompt'",
-                     "prompt is empty", "field 'prompt' must be a string", "field 'task' must be a string",
-                     "prompt too long"):
+    for fragment in (
+        "not valid JSON",
+        "must be a JSON object",
+        "missing required field 'prompt'",
+        "prompt is empty",
+        "field 'prompt' must be a string",
+        "field 'task' must be a string",
+        "prompt too long",
+    ):
         assert fragment in reasons
     # Every other line is a prompt; duplicates merge, keeping all their log ids.
     log_ids = [log_id for ids in batch.prompts["log_ids"] for log_id in ids]

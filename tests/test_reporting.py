@@ -3,14 +3,16 @@
 import json
 
 import pandas as pd
-import pytest
 
-from tao_pipeline.evaluation import ControlVerdict, Verdict
-from tao_pipeline.lake import Lake
-from tao_pipeline.reporting import (
-    accuracy_per_round_plot, accuracy_per_task_plot, collapse_alerts, review_round, round_history,
-    score_distribution_plot, training_curves_plot, write_round_report,
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.evaluation import ControlVerdict, Verdict, collapse_alerts, review_round, round_history
+from tao_pipeline.evaluation.plots import (
+    accuracy_per_round_plot,
+    accuracy_per_task_plot,
+    score_distribution_plot,
+    training_curves_plot,
 )
+from tao_pipeline.evaluation.report import write_round_report
 from tao_pipeline.settings import load_settings
 from tests.test_evaluation import _labeled
 
@@ -33,8 +35,10 @@ def test_alert_when_reward_rises_while_accuracy_falls_within_a_round():
 
 def test_alert_across_rounds_on_the_starting_models_own_reward():
     alerts = collapse_alerts(history(("r1", 0.50, 0.5, 0.5, 0.40, 0.40), ("r2", 0.65, 0.5, 0.5, 0.35, 0.35)))
-    assert alerts == ["r1 -> r2: the starting model's own-sample reward rose 0.500 -> 0.650 while its held-out "
-                      "accuracy fell 0.400 -> 0.350"]
+    assert alerts == [
+        "r1 -> r2: the starting model's own-sample reward rose 0.500 -> 0.650 while its held-out "
+        "accuracy fell 0.400 -> 0.350"
+    ]
 
 
 def test_no_alert_without_labels_or_within_noise():
@@ -45,9 +49,12 @@ def test_no_alert_without_labels_or_within_noise():
 def test_round_history_reads_every_evaluated_round(tmp_path):
     lake = Lake(tmp_path)
     for round_id, after in [("round-0001", [True, True, False, False]), ("round-0002", [True, True, True, False])]:
-        rows = _labeled(champion_correct=[True, False, False, False], challenger_correct=after,
-                        base_greedy_correct=[True, False, False, False],
-                        base_majority_correct=[True, True, False, False])
+        rows = _labeled(
+            champion_correct=[True, False, False, False],
+            challenger_correct=after,
+            base_greedy_correct=[True, False, False, False],
+            base_majority_correct=[True, True, False, False],
+        )
         rows["champion_version"], rows["challenger_version"] = "base", f"{round_id}-dpo"
         lake.write("checkpoint_evaluation", round_id, rows.assign(round=round_id))
         lake.write("response_scores", round_id, pd.DataFrame({"score": [0.25, 0.75], "task": ["a", "a"]}))
@@ -58,14 +65,23 @@ def test_round_history_reads_every_evaluated_round(tmp_path):
 
 
 def test_plots_are_pngs_and_the_report_links_them(tmp_path):
-    rows = _labeled(champion_correct=[True, False, False, False], challenger_correct=[True, True, False, True],
-                    base_greedy_correct=[True, False, False, False], base_majority_correct=[True, True, False, False],
-                    base_best_of_k_correct=[True, True, True, False], k=[8] * 4)
+    rows = _labeled(
+        champion_correct=[True, False, False, False],
+        challenger_correct=[True, True, False, True],
+        base_greedy_correct=[True, False, False, False],
+        base_majority_correct=[True, True, False, False],
+        base_best_of_k_correct=[True, True, True, False],
+        k=[8] * 4,
+    )
     scores = pd.DataFrame({"task": ["arithmetic", "short_answer"] * 5, "score": [i / 10 for i in range(10)]})
     log = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/margins": 0.2 * s} for s in range(1, 5)]
     table = pd.DataFrame({"round": ["r1", "r2"], "base_greedy_accuracy": [0.3, 0.3], "accuracy_after": [0.4, 0.5]})
-    plots = {"score_distribution": score_distribution_plot(scores), "training_curves": training_curves_plot(log),
-             "accuracy_per_task": accuracy_per_task_plot(rows), "accuracy_per_round": accuracy_per_round_plot(table)}
+    plots = {
+        "score_distribution": score_distribution_plot(scores),
+        "training_curves": training_curves_plot(log),
+        "accuracy_per_task": accuracy_per_task_plot(rows),
+        "accuracy_per_round": accuracy_per_round_plot(table),
+    }
     assert all(png.startswith(PNG) and len(png) > 5_000 for png in plots.values())
     verdict = Verdict(True, 0.75, 0.25, 0.75, 0.9, "win rate 0.750 > 0.5, no guard regressed")
     report = write_round_report(tmp_path / "r1", "r1", rows, verdict, ControlVerdict(False, ""), table, [], plots)

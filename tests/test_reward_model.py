@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tao_pipeline.model_store import ModelNotFoundError
+from tao_pipeline.registry import ModelNotFoundError
 from tao_pipeline.scoring.base import Failed, PromptContext
-from tao_pipeline.scoring.registry import build_named_scorer
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.reward_model import RewardModelScorer
 from tao_pipeline.settings import ScoringSettings
 from tests.helpers import build_tiny_model

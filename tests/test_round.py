@@ -6,15 +6,20 @@ import dagster as dg
 import duckdb
 import pytest
 
-from tao_pipeline.runner import run_round
-from tao_pipeline.lake import Lake
-from tao_pipeline.model_store import ModelStore
+from tao_pipeline.cli.runner import NothingNewError, run_round
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
-from tao_pipeline.runner import NothingNewError
 from tests.helpers import write_logs, write_tiny_config
 
-ROUND_TABLES = ["raw_prompts", "candidate_responses", "response_scores", "preference_pairs",
-                "tuned_checkpoint", "checkpoint_evaluation"]
+ROUND_TABLES = [
+    "raw_prompts",
+    "candidate_responses",
+    "response_scores",
+    "preference_pairs",
+    "tuned_checkpoint",
+    "checkpoint_evaluation",
+]
 TABLES = ["usage_logs", "quarantined_rows", *ROUND_TABLES]
 
 
@@ -57,7 +62,8 @@ def test_round_is_recorded_in_the_dagster_instance(first_round):
         event = instance.get_latest_materialization_event(dg.AssetKey(asset))
         assert event is not None and event.asset_materialization.partition == "round-0001", asset
     [check] = instance.event_log_storage.get_asset_check_execution_history(
-        dg.AssetCheckKey(dg.AssetKey("checkpoint_evaluation"), "challenger_beats_champion"), limit=1)
+        dg.AssetCheckKey(dg.AssetKey("checkpoint_evaluation"), "challenger_beats_champion"), limit=1
+    )
     assert check.status.value in ("SUCCEEDED", "FAILED")
 
 
@@ -77,7 +83,9 @@ def test_checkpoint_is_registered_with_its_lineage(first_round):
             FROM preference_pairs pp
             JOIN candidate_responses c ON c.response_id = pp.chosen_response_id
             JOIN raw_prompts p ON p.prompt_id = c.prompt_id AND p.round = pp.round
-            WHERE pp.pair_id IN (SELECT unnest(pair_ids) FROM tuned_checkpoint WHERE version_id = '{version.version_id}')
+            WHERE pp.pair_id IN (
+                SELECT unnest(pair_ids) FROM tuned_checkpoint WHERE version_id = '{version.version_id}'
+            )
         )
         SELECT u.external_id, u.source_file FROM logs JOIN usage_logs u USING (log_id)
     """)
@@ -102,12 +110,16 @@ def test_second_round_takes_only_new_logs_and_starts_from_the_champion(first_rou
     store = ModelStore(settings.models_dir)
     store.record_promotion(report.checkpoint.split("/")[-1], "promote", "test: chain the rounds")
     champion_after_first = store.champion(settings.model).version_id
-    new_logs = [{"id": f"new-{i}", "prompt": f"What is {i} * 3? Reply with just the number.", "task": "arithmetic"}
-                for i in range(12)]
+    new_logs = [
+        {"id": f"new-{i}", "prompt": f"What is {i} * 3? Reply with just the number.", "task": "arithmetic"}
+        for i in range(12)
+    ]
     write_logs(settings.inbox_dir / "more.jsonl", new_logs)
     second = run_round(str(tiny_round_config), echo=lambda *_: None)
     assert second.completed and second.round_id == "round-0002"
-    assert not (settings.inbox_dir / "more.jsonl").exists() and (settings.inbox_dir / "processed" / "more.jsonl").exists()
+    assert (
+        not (settings.inbox_dir / "more.jsonl").exists() and (settings.inbox_dir / "processed" / "more.jsonl").exists()
+    )
     lake = Lake(settings.lake_dir)
     prompts = lake.read("raw_prompts", "round-0002")
     assert len(prompts) == 12 and prompts["prompt"].str.contains(r"\* 3").all()
@@ -157,8 +169,12 @@ def test_registry_commands_lineage_promote_rollback_export(first_round, tiny_rou
 
 def test_a_grpo_round_trains_on_prompts_with_the_scorer_as_reward(tmp_path, tiny_model_dir):
     config = write_tiny_config(tmp_path, tiny_model_dir)
-    overrides = ["training.method='grpo'", "training.grpo.num_generations=2", "training.batch_size=2",
-                 "training.grpo.max_completion_length=8"]
+    overrides = [
+        "training.method='grpo'",
+        "training.grpo.num_generations=2",
+        "training.batch_size=2",
+        "training.grpo.max_completion_length=8",
+    ]
     report = run_round(str(config), overrides, echo=lambda *_: None)
     assert report.completed
     settings = load_settings(config, overrides)
@@ -166,8 +182,9 @@ def test_a_grpo_round_trains_on_prompts_with_the_scorer_as_reward(tmp_path, tiny
     assert checkpoint["method"] == "grpo+lora" and len(checkpoint["pair_ids"]) == 0
     prompts = Lake(settings.lake_dir).read("raw_prompts", "round-0001")
     assert sorted(checkpoint["prompt_ids"]) == sorted(prompts[prompts["split"] == "train"]["prompt_id"])
-    metrics = json.loads(ModelStore(settings.models_dir).versions().set_index("version_id")
-                         .loc[checkpoint["version_id"], "metrics"])
+    metrics = json.loads(
+        ModelStore(settings.models_dir).versions().set_index("version_id").loc[checkpoint["version_id"], "metrics"]
+    )
     assert metrics["steps"] == 2 and "last_reward" in metrics
 
 
@@ -196,6 +213,8 @@ def test_a_failed_round_names_the_failing_stage_and_its_error(tmp_path, tiny_mod
     # Self-consistency scores can never differ by a whole 1.0 within a group, so no pair is made.
     result = CliRunner().invoke(main, ["round", "--config", str(config), "--set", "pairs.min_margin=1.0"])
     assert result.exit_code == 1
-    assert ("round-0001 failed before its evaluation: tuned_checkpoint: ValueError: no preference pairs to train "
-            "on: lower pairs.min_margin or add prompts") in result.output
+    assert (
+        "round-0001 failed before its evaluation: tuned_checkpoint: ValueError: no preference pairs to train "
+        "on: lower pairs.min_margin or add prompts"
+    ) in result.output
     assert "`tao ui` shows the run" in result.output

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 
 from tao_pipeline.scoring import SCORE_COLUMNS, CompositeScorer, PromptContext, build_scorer, score_responses
+from tao_pipeline.scoring.base import Failed
+from tao_pipeline.scoring.composite import TaskRecipe
 from tao_pipeline.scoring.extractors import (
     answer_matches,
     first_line_number,
@@ -17,8 +19,6 @@ from tao_pipeline.scoring.extractors import (
     normalize_number,
     short_phrase,
 )
-from tao_pipeline.scoring.base import Failed
-from tao_pipeline.scoring.composite import TaskRecipe
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
 from tao_pipeline.scoring.verifiers import ConciseFormatVerifier, NumberFormatVerifier
 from tao_pipeline.settings import ScoringSettings
@@ -26,26 +26,32 @@ from tao_pipeline.settings import ScoringSettings
 # -- extractors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("The total is 1,000.", "1000"),
-    ("1000.0", "1000"),
-    ("1000", "1000"),
-    ("It is 2.5 kg", "2.5"),
-    ("First 3, then 4, finally -7.", "-7"),
-    ("7 + 5 = 12", "12"),
-    ("Costs $1,234,567 in all", "1234567"),
-    ("no digits here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("The total is 1,000.", "1000"),
+        ("1000.0", "1000"),
+        ("1000", "1000"),
+        ("It is 2.5 kg", "2.5"),
+        ("First 3, then 4, finally -7.", "-7"),
+        ("7 + 5 = 12", "12"),
+        ("Costs $1,234,567 in all", "1234567"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_last_number(response, expected):
     assert last_number(response) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("1234.5678", "1234.5678"),
-    ("3.14159265", "3.14159265"),
-    ("1,234,567.25", "1234567.25"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1234.5678", "1234.5678"),
+        ("3.14159265", "3.14159265"),
+        ("1,234,567.25", "1234567.25"),
+    ],
+)
 def test_normalize_number_keeps_real_decimals_exactly(text, expected):
     # Distinct answers must stay distinct: rounding to 6 significant digits makes 1234.57 "equal" 1234.5678.
     assert normalize_number(text) == expected
@@ -58,28 +64,34 @@ def test_normalize_number_rejects_non_numbers():
     assert normalize_number("-3.0") == "-3"
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("7 + 5 = 12\nWait, it is 13.", "12"),
-    ("\n\n  42  \nlater 7", "42"),
-    ("The answer:\n12", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("7 + 5 = 12\nWait, it is 13.", "12"),
+        ("\n\n  42  \nlater 7", "42"),
+        ("The answer:\n12", None),
+        ("", None),
+    ],
+)
 def test_first_line_number(response, expected):
     assert first_line_number(response) == expected
 
 
-@pytest.mark.parametrize("response, prompt, expected", [
-    ("The chemical symbol for sodium is **Na**.", "What is the chemical symbol for sodium?", "na"),
-    ("PARIS!", "What is the capital of France?", "paris"),
-    ("Paris.", "What is the capital of France? Answer with one word.", "paris"),
-    ("The capital of France is Paris. It is lovely in spring.", "What is the capital of France?", "paris"),
-    ("It is the Pacific Ocean.", "Which is the largest ocean?", "pacific"),
-    ("The answer is: 42", "What?", "42"),
-    ("Blue\nRed", "Name a colour.", "blue"),
-    ("The opposite of hot is cold", "What is the opposite of hot?", "cold"),
-    ("the the the", "x", None),
-    ("", "x", None),
-])
+@pytest.mark.parametrize(
+    "response, prompt, expected",
+    [
+        ("The chemical symbol for sodium is **Na**.", "What is the chemical symbol for sodium?", "na"),
+        ("PARIS!", "What is the capital of France?", "paris"),
+        ("Paris.", "What is the capital of France? Answer with one word.", "paris"),
+        ("The capital of France is Paris. It is lovely in spring.", "What is the capital of France?", "paris"),
+        ("It is the Pacific Ocean.", "Which is the largest ocean?", "pacific"),
+        ("The answer is: 42", "What?", "42"),
+        ("Blue\nRed", "Name a colour.", "blue"),
+        ("The opposite of hot is cold", "What is the opposite of hot?", "cold"),
+        ("the the the", "x", None),
+        ("", "x", None),
+    ],
+)
 def test_short_phrase(response, prompt, expected):
     assert short_phrase(response, prompt) == expected
 
@@ -270,17 +282,21 @@ def test_build_scorer_min_agreement():
 
 
 def test_score_responses_table():
-    prompts = pd.DataFrame({
-        "prompt_id": ["p-math", "p-fact"],
-        "prompt": ["What is 2 + 3?", "What is the capital of France?"],
-        "system": [np.nan, "Be brief."],
-        "task": ["arithmetic", "short_answer"],
-    })
-    candidates = pd.DataFrame({
-        "response_id": ["r1", "r2", "r3", "r4", "r5"],
-        "prompt_id": ["p-math", "p-math", "p-math", "p-fact", "p-fact"],
-        "response": ["5", "It is 5.", "6", "Paris.", "Lyon"],
-    })
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ["p-math", "p-fact"],
+            "prompt": ["What is 2 + 3?", "What is the capital of France?"],
+            "system": [np.nan, "Be brief."],
+            "task": ["arithmetic", "short_answer"],
+        }
+    )
+    candidates = pd.DataFrame(
+        {
+            "response_id": ["r1", "r2", "r3", "r4", "r5"],
+            "prompt_id": ["p-math", "p-math", "p-math", "p-fact", "p-fact"],
+            "response": ["5", "It is 5.", "6", "Paris.", "Lyon"],
+        }
+    )
     scores = score_responses(candidates, prompts, build_scorer(ScoringSettings()), progress=False)
     assert list(scores.columns) == SCORE_COLUMNS
     assert len(scores) == 5
@@ -336,10 +352,17 @@ def test_score_cache_scores_each_candidate_group_once(tmp_path):
     from tao_pipeline.scoring import ScoreCache
 
     settings = ScoringSettings()
-    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["What is 1 + 1?", "What is 2 + 2?"],
-                            "system": [None, None], "task": ["arithmetic", "arithmetic"]})
-    candidates = pd.DataFrame({"response_id": ["a1", "a2", "b1", "b2"], "prompt_id": ["a", "a", "b", "b"],
-                               "response": ["2", "2", "4", "5"]})
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b"],
+            "prompt": ["What is 1 + 1?", "What is 2 + 2?"],
+            "system": [None, None],
+            "task": ["arithmetic", "arithmetic"],
+        }
+    )
+    candidates = pd.DataFrame(
+        {"response_id": ["a1", "a2", "b1", "b2"], "prompt_id": ["a", "a", "b", "b"], "response": ["2", "2", "4", "5"]}
+    )
     calls = []
     scorer = recording_scorer(settings, calls)
     cache = ScoreCache(tmp_path, settings)
@@ -364,14 +387,24 @@ def test_scoring_stopped_half_way_resumes_from_its_shards(tmp_path, monkeypatch)
     monkeypatch.setattr(scoring, "SCORE_SHARD_PROMPTS", 4)
     settings = ScoringSettings()
     count = 11
-    prompts = pd.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(count)],
-                            "prompt": [f"What is {i} + 1?" for i in range(count)],
-                            "system": [None] * count, "task": ["arithmetic"] * count})
-    candidates = pd.DataFrame({"response_id": [f"p{i:02d}-{j}" for i in range(count) for j in range(3)],
-                               "prompt_id": [f"p{i:02d}" for i in range(count) for _ in range(3)],
-                               "response": [str(i + 1 + (j == 2)) for i in range(count) for j in range(3)]})
-    unbroken = score_responses(candidates, prompts, build_scorer(settings), progress=False,
-                               cache=ScoreCache(tmp_path / "unbroken", settings))
+    prompts = pd.DataFrame(
+        {
+            "prompt_id": [f"p{i:02d}" for i in range(count)],
+            "prompt": [f"What is {i} + 1?" for i in range(count)],
+            "system": [None] * count,
+            "task": ["arithmetic"] * count,
+        }
+    )
+    candidates = pd.DataFrame(
+        {
+            "response_id": [f"p{i:02d}-{j}" for i in range(count) for j in range(3)],
+            "prompt_id": [f"p{i:02d}" for i in range(count) for _ in range(3)],
+            "response": [str(i + 1 + (j == 2)) for i in range(count) for j in range(3)],
+        }
+    )
+    unbroken = score_responses(
+        candidates, prompts, build_scorer(settings), progress=False, cache=ScoreCache(tmp_path / "unbroken", settings)
+    )
 
     # Dies in the middle of the third shard; Killed escapes score_responses, as a kill would.
     dying = recording_scorer(settings, [], die_at_call=9)

@@ -23,18 +23,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from tao_pipeline.scoring.base import Failed, PromptContext
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.judge import LLMJudgeScorer
-from tao_pipeline.scoring.registry import build_named_scorer
 from tao_pipeline.settings import ScoringSettings, load_settings
-from tests.helpers import write_tiny_config
 from tests import judge_server
+from tests.helpers import write_tiny_config
 from tests.judge_server import FakeJudgeServer, chat_completion
 
 KEY_ENV = "TAO_SECRETS_TEST_JUDGE_KEY"
 SECRET = "sk-tao-Zq8wXvR2mKp5LtN9bYc3HdJ7fGs4Wq6E"
 FRAGMENT = 10
 # Any 10 characters of the key in a row count as a leak; "sk-tao-Zq8" is as bad as the whole.
-PIECES = sorted({SECRET[i:i + FRAGMENT] for i in range(len(SECRET) - FRAGMENT + 1)})
+PIECES = sorted({SECRET[i : i + FRAGMENT] for i in range(len(SECRET) - FRAGMENT + 1)})
 CONTEXT = PromptContext("Name a colour. Answer with one word.", "short_answer", "You are a concise assistant.")
 
 
@@ -130,8 +130,15 @@ def test_judge_outputs_errors_cache_and_logs_hold_no_key(server, secret_key, tmp
 
 def test_the_key_is_read_from_the_environment_and_never_shown(server, secret_key, monkeypatch, tmp_path):
     judge = openai_judge(server)
-    for shown in (repr(judge), str(judge), repr(judge.backend), repr(vars(judge)), repr(vars(judge.backend)),
-                  repr(judge.backend._api_key), f"{judge.backend._api_key}"):
+    for shown in (
+        repr(judge),
+        str(judge),
+        repr(judge.backend),
+        repr(vars(judge)),
+        repr(vars(judge.backend)),
+        repr(judge.backend._api_key),
+        f"{judge.backend._api_key}",
+    ):
         assert leaks(shown) == [], shown
     # The settings hold the variable's name, never its value.
     options = {"backend": "openai", "base_url": server.base_url, "model": "judge-test", "api_key_env": KEY_ENV}
@@ -181,15 +188,18 @@ def file_texts(path: Path) -> list[str | bytes]:
     return texts
 
 
-def test_a_round_with_an_api_key_judge_leaks_it_nowhere(server, secret_key, tmp_path, tiny_model_dir, monkeypatch,
-                                                         caplog, capfd):
+def test_a_round_with_an_api_key_judge_leaks_it_nowhere(
+    server, secret_key, tmp_path, tiny_model_dir, monkeypatch, caplog, capfd
+):
     import dagster as dg
 
-    from tao_pipeline.runner import run_round
+    from tao_pipeline.cli.runner import run_round
 
     caplog.set_level(logging.DEBUG)
     config = write_tiny_config(tmp_path, tiny_model_dir)
-    config.write_text(config.read_text() + f"""
+    config.write_text(
+        config.read_text()
+        + f"""
 [scoring.scorers]
 default = {{ llm_judge = 1.0 }}
 short_answer = {{ self_consistency = 1.0, llm_judge = 1.0 }}
@@ -202,7 +212,8 @@ model = "judge-test"
 api_key_env = "{KEY_ENV}"
 max_retries = 1
 timeout_s = 10
-""")
+"""
+    )
     settings = load_settings(config)
     monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # restored after the test
     echoed: list[str] = []

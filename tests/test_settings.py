@@ -84,7 +84,9 @@ def test_assignment_is_validated():
 
 
 def test_values_come_from_the_toml_file(tmp_path):
-    config = write_config(tmp_path / "cfg" / "tao.toml", """
+    config = write_config(
+        tmp_path / "cfg" / "tao.toml",
+        """
 [generation]
 num_samples = 4
 temperature = 0.5
@@ -96,7 +98,8 @@ max_steps = 7
 [scoring.scorers.default]
 self_consistency = 1.0
 concise_format = 0.5
-""")
+""",
+    )
     settings = load_settings(config)
     assert settings.generation.num_samples == 4
     assert settings.generation.temperature == 0.5
@@ -116,7 +119,9 @@ def test_tao_config_variable_and_local_tao_toml(tmp_path, monkeypatch):
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     folder = tmp_path / "project"
-    config = write_config(folder / "tao.toml", """
+    config = write_config(
+        folder / "tao.toml",
+        """
 home = "state"
 
 [data]
@@ -125,7 +130,8 @@ labels = "labels/l.jsonl"
 
 [model]
 base = "./models/base"
-""")
+""",
+    )
     settings = load_settings(config)  # cwd is a different folder
     assert Path.cwd() != folder
     assert settings.home == (folder / "state").resolve()
@@ -136,13 +142,16 @@ base = "./models/base"
 
 def test_absolute_paths_and_hub_ids_are_kept(tmp_path):
     logs = tmp_path / "elsewhere" / "logs.jsonl"
-    config = write_config(tmp_path / "project" / "tao.toml", f"""
-home = "{tmp_path / 'abs-home'}"
+    config = write_config(
+        tmp_path / "project" / "tao.toml",
+        f"""
+home = "{tmp_path / "abs-home"}"
 [data]
 logs = ["{logs}"]
 [model]
 base = "HuggingFaceTB/SmolLM2-135M-Instruct"
-""")
+""",
+    )
     settings = load_settings(config)
     assert settings.home == (tmp_path / "abs-home").resolve()
     assert settings.data.logs == [logs]
@@ -168,13 +177,16 @@ def test_overrides_without_a_file():
     assert settings.data.split_salt == "x y"
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("training.max_steps=3", (["training", "max_steps"], 3)),
-    ("evaluation.min_win_rate = 0.6", (["evaluation", "min_win_rate"], 0.6)),
-    ("training.use_lora=true", (["training", "use_lora"], True)),
-    ("model.base=some/model", (["model", "base"], "some/model")),
-    ("data.logs=['a.jsonl', 'b.jsonl']", (["data", "logs"], ["a.jsonl", "b.jsonl"])),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("training.max_steps=3", (["training", "max_steps"], 3)),
+        ("evaluation.min_win_rate = 0.6", (["evaluation", "min_win_rate"], 0.6)),
+        ("training.use_lora=true", (["training", "use_lora"], True)),
+        ("model.base=some/model", (["model", "base"], "some/model")),
+        ("data.logs=['a.jsonl', 'b.jsonl']", (["data", "logs"], ["a.jsonl", "b.jsonl"])),
+    ],
+)
 def test_parse_override(item, expected):
     assert parse_override(item) == expected
 
@@ -205,19 +217,22 @@ def test_unknown_section_override():
         load_settings(None, ["generaton.num_samples=4"])
 
 
-@pytest.mark.parametrize("override, name", [
-    ("generation.num_samples=0", "generation.num_samples"),
-    ("generation.num_samples=65", "generation.num_samples"),
-    ("generation.temperature=0", "generation.temperature"),
-    ("data.heldout_fraction=1.0", "data.heldout_fraction"),
-    ("evaluation.min_win_rate=1.5", "evaluation.min_win_rate"),
-    ("pairs.min_margin=7", "pairs.min_margin"),
-    ("scoring.min_agreement=-0.5", "scoring.min_agreement"),
-    ("training.lora_dropout=-0.1", "training.lora_dropout"),
-    ("model.dtype=float16", "model.dtype"),
-    ("generation.backend=tpu", "generation.backend"),
-    ("training.max_steps=many", "training.max_steps"),
-])
+@pytest.mark.parametrize(
+    "override, name",
+    [
+        ("generation.num_samples=0", "generation.num_samples"),
+        ("generation.num_samples=65", "generation.num_samples"),
+        ("generation.temperature=0", "generation.temperature"),
+        ("data.heldout_fraction=1.0", "data.heldout_fraction"),
+        ("evaluation.min_win_rate=1.5", "evaluation.min_win_rate"),
+        ("pairs.min_margin=7", "pairs.min_margin"),
+        ("scoring.min_agreement=-0.5", "scoring.min_agreement"),
+        ("training.lora_dropout=-0.1", "training.lora_dropout"),
+        ("model.dtype=float16", "model.dtype"),
+        ("generation.backend=tpu", "generation.backend"),
+        ("training.max_steps=many", "training.max_steps"),
+    ],
+)
 def test_out_of_range_value_names_the_setting(override, name):
     with pytest.raises(SettingsError) as info:
         load_settings(None, [override])
@@ -225,12 +240,15 @@ def test_out_of_range_value_names_the_setting(override, name):
 
 
 def test_unknown_scorer_is_named(tmp_path):
-    config = write_config(tmp_path / "tao.toml", """
+    config = write_config(
+        tmp_path / "tao.toml",
+        """
 [scoring.scorers.default]
 self_consistency = 1.0
 [scoring.scorers.arithmetic]
 telepathy = 1.0
-""")
+""",
+    )
     with pytest.raises(SettingsError) as info:
         load_settings(config)
     message = str(info.value)

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from tao_pipeline.scoring.base import Failed, PromptContext
-from tao_pipeline.scoring.registry import SCORER_CLASSES
+from tao_pipeline.scoring.catalog import SCORER_CLASSES
 from tao_pipeline.scoring.sql import SANDBOX_SETTINGS, SqlExecutionVerifier, extract_sql, results_agree
 
 CONTEXT = PromptContext(prompt="How many employees does each department have?", task="sql")
@@ -32,8 +32,10 @@ def database(tmp_path):
         connection.execute("CREATE TABLE departments (id INTEGER, name VARCHAR)")
         connection.execute("INSERT INTO departments VALUES (1, 'sales'), (2, 'research'), (3, 'support')")
         connection.execute("CREATE TABLE employees (id INTEGER, name VARCHAR, dept_id INTEGER, salary DOUBLE)")
-        connection.execute("INSERT INTO employees VALUES (1, 'ada', 1, 100.1), (2, 'bob', 1, 90.2), "
-                           "(3, 'cy', 2, 120.3), (4, 'di', 3, 80.4), (5, 'ed', 2, 110.5)")
+        connection.execute(
+            "INSERT INTO employees VALUES (1, 'ada', 1, 100.1), (2, 'bob', 1, 90.2), "
+            "(3, 'cy', 2, 120.3), (4, 'di', 3, 80.4), (5, 'ed', 2, 110.5)"
+        )
     return path
 
 
@@ -65,8 +67,9 @@ def test_results_compare_rounded_and_in_order_only_when_both_queries_order(verif
     def outcome(sql):
         return verifier.run_candidate(sql)
 
-    assert results_agree(outcome("SELECT avg(salary) FROM employees"),
-                         outcome("SELECT sum(salary) / count(*) FROM employees"))
+    assert results_agree(
+        outcome("SELECT avg(salary) FROM employees"), outcome("SELECT sum(salary) / count(*) FROM employees")
+    )
     assert results_agree(outcome("SELECT 0.1 + 0.2"), outcome("SELECT 0.3::DOUBLE"))
     ascending = outcome("SELECT name FROM employees ORDER BY salary")
     descending = outcome("SELECT name FROM employees ORDER BY salary DESC")
@@ -85,12 +88,15 @@ def test_multiple_statements_and_missing_sql_are_refused(verifier):
     assert reasons[1] == reasons[2] == "no SQL query found in the response"
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("```SQL\nSELECT 1;\n```\nThen ```sql\nSELECT 2\n```", "SELECT 1"),
-    ("Try this:\n  select a\n  from t;\n\nIt counts rows.", "select a\n  from t"),
-    ("With the table below, run:\nWITH x AS (SELECT 1) SELECT * FROM x;", "WITH x AS (SELECT 1) SELECT * FROM x"),
-    ("With care, nothing to query.", None),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("```SQL\nSELECT 1;\n```\nThen ```sql\nSELECT 2\n```", "SELECT 1"),
+        ("Try this:\n  select a\n  from t;\n\nIt counts rows.", "select a\n  from t"),
+        ("With the table below, run:\nWITH x AS (SELECT 1) SELECT * FROM x;", "WITH x AS (SELECT 1) SELECT * FROM x"),
+        ("With care, nothing to query.", None),
+    ],
+)
 def test_extract_sql(response, expected):
     assert extract_sql(response) == expected
 
@@ -128,7 +134,7 @@ def test_sandbox_settings_are_locked(verifier):
             connection.execute("SET autoload_known_extensions = true")
     switched_off = [name for name, value in SANDBOX_SETTINGS.items() if value is False]
     assert "enable_external_access" in switched_off and "autoload_known_extensions" in switched_off
-    assert {name: settings[name] for name in switched_off} == {name: "false" for name in switched_off}
+    assert {name: settings[name] for name in switched_off} == dict.fromkeys(switched_off, "false")
     assert settings["max_temp_directory_size"] == "0 bytes"
     assert settings["lock_configuration"] == "true"
     assert settings["access_mode"] == "read_only"
@@ -137,11 +143,14 @@ def test_sandbox_settings_are_locked(verifier):
 
 def test_a_long_query_is_interrupted_near_the_time_limit(verifier):
     started = time.monotonic()
-    scores = verifier.score_group(CONTEXT, [
-        # CPU-bound but memory-light, so the time limit and not the memory limit stops it
-        "SELECT count(*) FROM range(1000000) a CROSS JOIN range(1000000) b WHERE a.range + b.range = -1",
-        COUNT_BY_DEPARTMENT[0],
-    ])
+    scores = verifier.score_group(
+        CONTEXT,
+        [
+            # CPU-bound but memory-light, so the time limit and not the memory limit stops it
+            "SELECT count(*) FROM range(1000000) a CROSS JOIN range(1000000) b WHERE a.range + b.range = -1",
+            COUNT_BY_DEPARTMENT[0],
+        ],
+    )
     assert time.monotonic() - started < verifier.timeout_s + 3.0
     assert scores[0] == 0.0 and scores[1] == pytest.approx(0.75)
     assert verifier.last_reasons()[0] == "timed out after 1.0 s"

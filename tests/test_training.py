@@ -8,36 +8,46 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from tao_pipeline.model_store import ModelStore
-from tao_pipeline.pairs import PAIR_COLUMNS
-from tao_pipeline.prompts import content_hash
+from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import ModelSettings, TaoSettings, TrainingSettings
-from tao_pipeline.training import (
-    ADAPTER_DIR,
-    TRAINING_LOG_FILE,
-    checkpoint_version_id,
-    preference_dataset,
-    train_dpo,
-    tune_checkpoint,
-)
+from tao_pipeline.training import ADAPTER_DIR, TRAINING_LOG_FILE, checkpoint_version_id, tune_checkpoint
+from tao_pipeline.training.dpo import preference_dataset, train_dpo
+from tao_pipeline.training.pairs import PAIR_COLUMNS
 
 
 def make_pairs(count: int = 4) -> pd.DataFrame:
     rows = []
     for i in range(count):
-        rows.append({
-            "pair_id": content_hash("pair", str(i)), "prompt_id": f"p{i}",
-            "prompt": f"What is {i} + 1? Reply with just the number.",
-            "system": "You are a concise assistant." if i % 2 else None, "task": "arithmetic",
-            "chosen_response_id": f"c{i}", "rejected_response_id": f"r{i}",
-            "chosen": str(i + 1), "rejected": "I am not sure, maybe 7 or 8 or 9.",
-            "chosen_score": 1.0, "rejected_score": 0.0, "margin": 1.0,
-        })
+        rows.append(
+            {
+                "pair_id": content_hash("pair", str(i)),
+                "prompt_id": f"p{i}",
+                "prompt": f"What is {i} + 1? Reply with just the number.",
+                "system": "You are a concise assistant." if i % 2 else None,
+                "task": "arithmetic",
+                "chosen_response_id": f"c{i}",
+                "rejected_response_id": f"r{i}",
+                "chosen": str(i + 1),
+                "rejected": "I am not sure, maybe 7 or 8 or 9.",
+                "chosen_score": 1.0,
+                "rejected_score": 0.0,
+                "margin": 1.0,
+            }
+        )
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
 def settings(**kwargs) -> TrainingSettings:
-    values = dict(max_steps=2, batch_size=2, bf16=False, learning_rate=1e-3, lora_r=4, lora_alpha=8, max_length=64)
+    values = {
+        "max_steps": 2,
+        "batch_size": 2,
+        "bf16": False,
+        "learning_rate": 1e-3,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "max_length": 64,
+    }
     values.update(kwargs)
     return TrainingSettings(**values)
 
@@ -66,7 +76,9 @@ def test_tune_checkpoint_with_lora(tiny_model_dir, tmp_path):
     config = settings()
     version, result = tune_checkpoint(store, parent, pairs, TaoSettings(training=config), "round-0001", progress=False)
 
-    assert version.version_id == checkpoint_version_id("round-0001", parent.version_id, pairs["pair_id"].tolist(), config)
+    assert version.version_id == checkpoint_version_id(
+        "round-0001", parent.version_id, pairs["pair_id"].tolist(), config
+    )
     assert version.parent_version == parent.version_id
     assert version.round == "round-0001"
     assert version.method == "dpo+lora"
@@ -101,8 +113,9 @@ def test_tune_checkpoint_with_lora(tiny_model_dir, tmp_path):
 
 def test_full_fine_tuning(tiny_model_dir, tmp_path):
     out = tmp_path / "full"
-    result = train_dpo(tiny_model_dir, make_pairs(2), settings(use_lora=False, max_steps=1, learning_rate=1e-4),
-                       out, progress=False)
+    result = train_dpo(
+        tiny_model_dir, make_pairs(2), settings(use_lora=False, max_steps=1, learning_rate=1e-4), out, progress=False
+    )
     assert result.steps == 1
     assert (out / "model.safetensors").is_file()
     assert not (out / ADAPTER_DIR).exists()

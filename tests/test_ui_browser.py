@@ -31,10 +31,9 @@ import psutil
 import pytest
 import requests
 
-from tao_pipeline import assets as round_assets
-from tao_pipeline.lake import Lake
+from tao_pipeline.data.lake import Lake
 from tao_pipeline.settings import TaoSettings, load_settings
-from tests.helpers import write_tiny_config
+from tests.helpers import ingest_assets, round_assets, write_tiny_config
 
 pytestmark = [pytest.mark.ui, pytest.mark.timeout(600)]
 
@@ -42,10 +41,18 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused on a closed network.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ROUND_ASSETS = [asset.key.to_user_string() for asset in round_assets.ROUND_ASSETS]
-INGEST_ASSETS = [asset.key.to_user_string() for asset in round_assets.INGEST_ASSETS]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROUND_ASSETS = [asset.key.to_user_string() for asset in round_assets()]
+INGEST_ASSETS = [asset.key.to_user_string() for asset in ingest_assets()]
 CHECK = "challenger_beats_champion"  # the blocking promotion gate on checkpoint_evaluation
 UI_RUN_CONFIG = """\
 resources:
@@ -62,6 +69,7 @@ if not CHROMIUM.exists():
 
 
 # --- the server -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Dagster:
@@ -97,10 +105,14 @@ def _ui_config(directory: Path, tiny_model_dir: Path) -> Path:
     champion: win rate 0.5), quick sensors, rounds only by hand, every round taking every prompt."""
     config = write_tiny_config(directory, tiny_model_dir)
     text = config.read_text()
-    text = _with_section(text, "evaluation", ["min_win_rate = 0.0", "max_accuracy_drop = 1.0",
-                                              "max_length_ratio = 1000.0"])
-    text = _with_section(text, "flywheel", ["sensor_interval_s = 5", "min_new_prompts = 100000",
-                                            "replay_fraction = 1.0", 'schedule_cron = "0 0 1 1 *"'])
+    text = _with_section(
+        text, "evaluation", ["min_win_rate = 0.0", "max_accuracy_drop = 1.0", "max_length_ratio = 1000.0"]
+    )
+    text = _with_section(
+        text,
+        "flywheel",
+        ["sensor_interval_s = 5", "min_new_prompts = 100000", "replay_fraction = 1.0", 'schedule_cron = "0 0 1 1 *"'],
+    )
     config.write_text(text)
     return config
 
@@ -161,8 +173,10 @@ def _wait_until(predicate, timeout: float, what: str, server: subprocess.Popen, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"`tao ui` exited ({server.returncode}) while waiting for {what}:\n"
-                                 + log.read_text(errors="replace")[-4000:])
+            raise AssertionError(
+                f"`tao ui` exited ({server.returncode}) while waiting for {what}:\n"
+                + log.read_text(errors="replace")[-4000:]
+            )
         try:
             value = predicate()
         except requests.RequestException:
@@ -170,7 +184,9 @@ def _wait_until(predicate, timeout: float, what: str, server: subprocess.Popen, 
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}:\n" + log.read_text(errors="replace")[-4000:])
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}:\n" + log.read_text(errors="replace")[-4000:]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -181,21 +197,44 @@ def dagster(tmp_path_factory, tiny_model_dir) -> Iterator[Dagster]:
     settings = load_settings(config)
     port = _free_port()
     log = directory / "tao-ui.log"
-    env = {**os.environ, "TAO_CONFIG": str(config), "TAO_HOME": str(settings.home),
-           "DAGSTER_HOME": str(settings.dagster_home), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TAO_CONFIG": str(config),
+        "TAO_HOME": str(settings.home),
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "PYTHONUNBUFFERED": "1",
+    }
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "tao_pipeline.cli", "ui", "--config", str(config), "--port", str(port),
-             "--host", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tao_pipeline.cli",
+                "ui",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server.pid)],
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server.pid)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_until(lambda: requests.get(f"{url}/server_info", timeout=5).ok, STARTUP_TIMEOUT_S,
-                    "the webserver", server, log)
+        _wait_until(
+            lambda: requests.get(f"{url}/server_info", timeout=5).ok, STARTUP_TIMEOUT_S, "the webserver", server, log
+        )
         probe = Dagster(url, "", settings, log, server)
         location = _wait_until(lambda: _loaded_location(probe), STARTUP_TIMEOUT_S, "the code location", server, log)
         ready = Dagster(url, location, settings, log, server)
@@ -223,15 +262,24 @@ def _loaded_location(server: Dagster) -> str | None:
 
 
 def _runs(server: Dagster, **filters) -> list[dict]:
-    data = server.gql("""query($filter: RunsFilter) { runsOrError(filter: $filter) { __typename
-        ... on Runs { results { runId jobName status tags { key value } } } } }""", filter=filters)
+    data = server.gql(
+        """query($filter: RunsFilter) { runsOrError(filter: $filter) { __typename
+        ... on Runs { results { runId jobName status tags { key value } } } } }""",
+        filter=filters,
+    )
     return data["runsOrError"]["results"]
 
 
 def _wait_for_ingestion(server: Dagster) -> None:
     """The usage-log sensor ingests data.logs on the daemon's first tick, as it would for a user."""
-    _wait_until(lambda: _ingest_succeeded(server), RUN_TIMEOUT_S, "the sensor's ingest run", server.process,
-                server.log, every=2.0)
+    _wait_until(
+        lambda: _ingest_succeeded(server),
+        RUN_TIMEOUT_S,
+        "the sensor's ingest run",
+        server.process,
+        server.log,
+        every=2.0,
+    )
 
 
 def _ingest_succeeded(server: Dagster) -> bool:
@@ -242,20 +290,27 @@ def _ingest_succeeded(server: Dagster) -> bool:
 
 
 def _run_errors(server: Dagster, run_id: str) -> str:
-    data = server.gql("""query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events {
-        __typename ... on MessageEvent { message } ... on ErrorEvent { error { message } } } } } }""", id=run_id)
+    data = server.gql(
+        """query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events {
+        __typename ... on MessageEvent { message } ... on ErrorEvent { error { message } } } } } }""",
+        id=run_id,
+    )
     events = data["logsForRun"].get("events", [])
-    lines = [f"{e['__typename']}: {e.get('message', '')} {(e.get('error') or {}).get('message', '')}".strip()
-             for e in events if e["__typename"] in ("ExecutionStepFailureEvent", "RunFailureEvent", "EngineEvent",
-                                                    "AssetCheckEvaluationEvent")]
+    lines = [
+        f"{e['__typename']}: {e.get('message', '')} {(e.get('error') or {}).get('message', '')}".strip()
+        for e in events
+        if e["__typename"]
+        in ("ExecutionStepFailureEvent", "RunFailureEvent", "EngineEvent", "AssetCheckEvaluationEvent")
+    ]
     return "\n".join(lines[-15:])
 
 
 def _wait_for_run(server: Dagster, run_id: str) -> str:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
-        status = server.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }",
-                            id=run_id)["runOrError"]["status"]
+        status = server.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id)[
+            "runOrError"
+        ]["status"]
         if status in TERMINAL:
             return status
         time.sleep(2)
@@ -263,8 +318,11 @@ def _wait_for_run(server: Dagster, run_id: str) -> str:
 
 
 def _run(server: Dagster, run_id: str) -> dict:
-    return server.gql("""query($id: ID!) { runOrError(runId: $id) { ... on Run {
-        status runConfigYaml stepStats { stepKey status } } } }""", id=run_id)["runOrError"]
+    return server.gql(
+        """query($id: ID!) { runOrError(runId: $id) { ... on Run {
+        status runConfigYaml stepStats { stepKey status } } } }""",
+        id=run_id,
+    )["runOrError"]
 
 
 def _assert_candidates_per_prompt(server: Dagster, partition: str, samples: int) -> None:
@@ -276,11 +334,15 @@ def _assert_candidates_per_prompt(server: Dagster, partition: str, samples: int)
 
 def _round_outcome(server: Dagster, partition: str) -> tuple[set[str], str | None]:
     """The round assets materialized for `partition`, and the status of the promotion check's execution."""
-    data = server.gql("""query($keys: [AssetKeyInput!], $partitions: [String!], $check: String!) {
+    data = server.gql(
+        """query($keys: [AssetKeyInput!], $partitions: [String!], $check: String!) {
         assetNodes(assetKeys: $keys) { assetKey { path } assetMaterializations(partitions: $partitions) { partition }
           assetCheckOrError(checkName: $check) { __typename ... on AssetCheck {
             executionForLatestMaterialization { status } } } } }""",
-                      keys=[{"path": [name]} for name in ROUND_ASSETS], partitions=[partition], check=CHECK)
+        keys=[{"path": [name]} for name in ROUND_ASSETS],
+        partitions=[partition],
+        check=CHECK,
+    )
     materialized, check = set(), None
     for node in data["assetNodes"]:
         name = node["assetKey"]["path"][-1]
@@ -293,6 +355,7 @@ def _round_outcome(server: Dagster, partition: str) -> tuple[set[str], str | Non
 
 
 # --- the browser ----------------------------------------------------------------------------------
+
 
 @contextmanager
 def _browser_page(name: str):
@@ -307,8 +370,9 @@ def _browser_page(name: str):
             page = browser.new_page(viewport={"width": 2400, "height": 1100})
             page.set_default_timeout(30_000)
             # Should the newsletter dialog show anyway (see the fixture), skip it whenever it does.
-            page.add_locator_handler(page.get_by_text("Join the Dagster community"),
-                                     lambda: page.get_by_role("button", name="Skip").click())
+            page.add_locator_handler(
+                page.get_by_text("Join the Dagster community"), lambda: page.get_by_role("button", name="Skip").click()
+            )
             try:
                 yield page
             except BaseException:
@@ -389,8 +453,13 @@ def test_a_round_launched_from_the_asset_graph_runs_to_success(dagster: Dagster)
         expect(dialog).to_be_hidden()
 
         # The launched run: one, for the partition, with that config; wait for it to finish.
-        runs = _wait_until(lambda: _runs(dagster, tags=[{"key": "dagster/partition", "value": partition}]), 30,
-                           f"the run for {partition}", dagster.process, dagster.log)
+        runs = _wait_until(
+            lambda: _runs(dagster, tags=[{"key": "dagster/partition", "value": partition}]),
+            30,
+            f"the run for {partition}",
+            dagster.process,
+            dagster.log,
+        )
         assert len(runs) == 1, runs
         run_id = runs[0]["runId"]
         status = _wait_for_run(dagster, run_id)
@@ -432,20 +501,27 @@ def test_a_round_launched_through_graphql_runs_to_success(dagster: Dagster):
     assert all(by_name[name]["partitionDefinition"]["name"] == "rounds" for name in ROUND_ASSETS)
     assert all("tao_round" in by_name[name]["jobNames"] for name in ROUND_ASSETS)
 
-    added = dagster.gql("""mutation($repo: RepositorySelector!, $key: String!) {
+    added = dagster.gql(
+        """mutation($repo: RepositorySelector!, $key: String!) {
         addDynamicPartition(repositorySelector: $repo, partitionsDefName: "rounds", partitionKey: $key) {
-          __typename ... on PythonError { message } } }""", repo=dagster.repository, key=partition)
+          __typename ... on PythonError { message } } }""",
+        repo=dagster.repository,
+        key=partition,
+    )
     assert added["addDynamicPartition"]["__typename"] == "AddDynamicPartitionSuccess", added
     _wait_for_ingestion(dagster)
 
     # The round's job for the partition, with the config file's settings.
-    launched = dagster.gql("""mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+    launched = dagster.gql(
+        """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
         __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
-        ... on RunConfigValidationInvalid { errors { message } } } }""", params={
-        "selector": {**dagster.repository, "jobName": "tao_round"},
-        "runConfigData": {},
-        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
-    })["launchRun"]
+        ... on RunConfigValidationInvalid { errors { message } } } }""",
+        params={
+            "selector": {**dagster.repository, "jobName": "tao_round"},
+            "runConfigData": {},
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
+        },
+    )["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     run_id = launched["run"]["runId"]
     status = _wait_for_run(dagster, run_id)

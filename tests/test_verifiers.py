@@ -6,7 +6,7 @@ import pytest
 
 from tao_pipeline.scoring import PromptContext, build_scorer
 from tao_pipeline.scoring.base import Failed
-from tao_pipeline.scoring.registry import build_named_scorer
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.verifiers import (
     ArithmeticConsistencyVerifier,
     JsonVerifier,
@@ -31,13 +31,16 @@ def context(**constraints) -> PromptContext:
 # -- count_words --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Hello, world!", 2),
-    ("Don't panic: it's well-known.", 4),
-    ("naïve café", 2),
-    ("  - * 3.14 --  ", 2),
-    ("", 0),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Hello, world!", 2),
+        ("Don't panic: it's well-known.", 4),
+        ("naïve café", 2),
+        ("  - * 3.14 --  ", 2),
+        ("", 0),
+    ],
+)
 def test_count_words(text, expected):
     assert count_words(text) == expected
 
@@ -195,47 +198,53 @@ def test_length_bad_per_prompt_limit_gives_failed():
 # -- ArithmeticConsistencyVerifier --------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, claims", [
-    ("We know 2 + 3 = 5, so the total is 5.", ["2 + 3 = 5"]),
-    ("3 × 4 = 12 and 12 ÷ 4 = 3.", ["3 × 4 = 12", "12 ÷ 4 = 3"]),
-    ("1,200 * 3 = 3,600", ["1,200 * 3 = 3,600"]),
-    ("5 + 3 = 8 + 2 = 10", ["5 + 3 = 8", "8 + 2 = 10"]),
-    ("x = 10 - 4 = 6", ["10 - 4 = 6"]),
-    ("2 + 3 + 4 = 9", ["2 + 3 + 4 = 9"]),
-    ("(2 + 3) * 4 = 20", []),
-    ("2^3 + 1 = 9", []),
-    ("2x + 3 = 7", []),
-    ("2 + 3 = 5x", []),
-    ("In 2023, 2 + 2 = 4.", ["2 + 2 = 4"]),
-    ("12 x\n  3 = 36", ["12 x 3 = 36"]),
-    ("No maths here, just 42.", []),
-])
+@pytest.mark.parametrize(
+    "text, claims",
+    [
+        ("We know 2 + 3 = 5, so the total is 5.", ["2 + 3 = 5"]),
+        ("3 × 4 = 12 and 12 ÷ 4 = 3.", ["3 × 4 = 12", "12 ÷ 4 = 3"]),
+        ("1,200 * 3 = 3,600", ["1,200 * 3 = 3,600"]),
+        ("5 + 3 = 8 + 2 = 10", ["5 + 3 = 8", "8 + 2 = 10"]),
+        ("x = 10 - 4 = 6", ["10 - 4 = 6"]),
+        ("2 + 3 + 4 = 9", ["2 + 3 + 4 = 9"]),
+        ("(2 + 3) * 4 = 20", []),
+        ("2^3 + 1 = 9", []),
+        ("2x + 3 = 7", []),
+        ("2 + 3 = 5x", []),
+        ("In 2023, 2 + 2 = 4.", ["2 + 2 = 4"]),
+        ("12 x\n  3 = 36", ["12 x 3 = 36"]),
+        ("No maths here, just 42.", []),
+    ],
+)
 def test_arithmetic_claims_found(text, claims):
     assert arithmetic_claims(text) == claims
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("2 + 3 = 5", 1.0),
-    ("2 + 3 = 6", 0.0),
-    ("First 7 * 8 = 56, then 56 - 6 = 51.", 0.5),
-    ("0.1 * 3 = 0.3", 1.0),
-    ("1.1 + 2.2 = 3.3", 1.0),
-    ("0.1 + 0.2 = 0.3000001", 0.0),
-    ("7 * 8 = 56.5", 0.0),
-    ("2.5 x 4 = 10", 1.0),
-    ("7 - 10 = -3", 1.0),
-    ("5-3-1=1", 1.0),
-    ("10 - -3 = 13", 1.0),
-    ("−4 × −2 = 8", 1.0),
-    ("3 * $4 = $12", 1.0),
-    ("2 + 3 * 4 = 14", 1.0),
-    ("2 + 3 * 4 = 20", 0.0),
-    ("10 / 4 = 2.5", 1.0),
-    ("10 / 3 = 3.3333333", 1.0),
-    ("10 / 3 = 3.33", 0.0),
-    ("10 / 0 = 0", 0.0),
-    ("Half of it: 9 ÷ 0 = 4.5 and 1 + 1 = 2", 0.5),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("2 + 3 = 5", 1.0),
+        ("2 + 3 = 6", 0.0),
+        ("First 7 * 8 = 56, then 56 - 6 = 51.", 0.5),
+        ("0.1 * 3 = 0.3", 1.0),
+        ("1.1 + 2.2 = 3.3", 1.0),
+        ("0.1 + 0.2 = 0.3000001", 0.0),
+        ("7 * 8 = 56.5", 0.0),
+        ("2.5 x 4 = 10", 1.0),
+        ("7 - 10 = -3", 1.0),
+        ("5-3-1=1", 1.0),
+        ("10 - -3 = 13", 1.0),
+        ("−4 × −2 = 8", 1.0),
+        ("3 * $4 = $12", 1.0),
+        ("2 + 3 * 4 = 14", 1.0),
+        ("2 + 3 * 4 = 20", 0.0),
+        ("10 / 4 = 2.5", 1.0),
+        ("10 / 3 = 3.3333333", 1.0),
+        ("10 / 3 = 3.33", 0.0),
+        ("10 / 0 = 0", 0.0),
+        ("Half of it: 9 ÷ 0 = 4.5 and 1 + 1 = 2", 0.5),
+    ],
+)
 def test_arithmetic_scores_the_share_of_true_claims(response, expected):
     assert ArithmeticConsistencyVerifier().score_group(context(), [response]) == [expected]
 
@@ -257,12 +266,15 @@ def test_arithmetic_accept_rounded_division():
 # -- registration and gating end to end ------------------------------------------------
 
 
-@pytest.mark.parametrize("name, options, verifier_class", [
-    ("json_valid", {"schema": PERSON_SCHEMA, "require_whole_response": True}, JsonVerifier),
-    ("regex_format", {"pattern": r"^\d+$", "mode": "fullmatch"}, RegexVerifier),
-    ("length_limit", {"max_words": 50}, LengthVerifier),
-    ("arithmetic_consistency", {"no_claims_score": 0.25}, ArithmeticConsistencyVerifier),
-])
+@pytest.mark.parametrize(
+    "name, options, verifier_class",
+    [
+        ("json_valid", {"schema": PERSON_SCHEMA, "require_whole_response": True}, JsonVerifier),
+        ("regex_format", {"pattern": r"^\d+$", "mode": "fullmatch"}, RegexVerifier),
+        ("length_limit", {"max_words": 50}, LengthVerifier),
+        ("arithmetic_consistency", {"no_claims_score": 0.25}, ArithmeticConsistencyVerifier),
+    ],
+)
 def test_verifiers_are_registered(name, options, verifier_class):
     scorer = build_named_scorer(name, ScoringSettings(options={name: options}), None)
     assert isinstance(scorer, verifier_class)

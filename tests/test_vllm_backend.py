@@ -13,11 +13,17 @@ import sys
 import pandas as pd
 import pytest
 
+from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.generation.base import (
-    RESPONSE_COLUMNS, SamplingParams, eos_token_ids, response_id, response_row, sampling_json, split_at_stop,
+    RESPONSE_COLUMNS,
+    SamplingParams,
+    eos_token_ids,
+    response_id,
+    response_row,
+    sampling_json,
+    split_at_stop,
 )
 from tao_pipeline.generation.vllm_backend import request_seed, vllm_available
-from tao_pipeline.prompts import content_hash
 from tests.helpers import three_prompts
 
 MAX_NEW = 6
@@ -39,13 +45,29 @@ def test_shared_row_builder_keeps_the_response_id_recipe():
     params = sampling(4, seed=7)
     stored = json.dumps(params.describe(), sort_keys=True)  # the recipe every stored response id was made with
     assert sampling_json(params) == stored
-    row = response_row(prompt_id="p-a", model_version="v1", sampling=stored, sample_index=2, text="5",
-                       prompt_tokens=11, kept_tokens=3, stopped=True)
+    row = response_row(
+        prompt_id="p-a",
+        model_version="v1",
+        sampling=stored,
+        sample_index=2,
+        text="5",
+        prompt_tokens=11,
+        kept_tokens=3,
+        stopped=True,
+    )
     assert list(row) == RESPONSE_COLUMNS
     assert row["response_id"] == content_hash("p-a", "v1", stored, "2") == response_id("p-a", "v1", stored, 2)
     assert (row["completion_tokens"], row["finish_reason"]) == (4, "stop")  # the stop token counts as generated
-    capped = response_row(prompt_id="p-a", model_version="v1", sampling=stored, sample_index=2, text="5 6",
-                          prompt_tokens=11, kept_tokens=MAX_NEW, stopped=False)
+    capped = response_row(
+        prompt_id="p-a",
+        model_version="v1",
+        sampling=stored,
+        sample_index=2,
+        text="5 6",
+        prompt_tokens=11,
+        kept_tokens=MAX_NEW,
+        stopped=False,
+    )
     assert (capped["completion_tokens"], capped["finish_reason"]) == (MAX_NEW, "length")
     assert capped["response_id"] == row["response_id"]  # the id names the sample, not what was sampled
     assert response_id("p-a", "v1", sampling_json(sampling(4, seed=8)), 2) != row["response_id"]
@@ -66,8 +88,9 @@ def test_transformers_rows_use_the_shared_ids(tiny_model_dir, prompts):
     params = sampling(2, seed=3)
     frame = generator.generate(prompts, params, progress=False)
     assert (frame["sampling"] == sampling_json(params)).all()
-    expected = [response_id(p, "tiny-v0", sampling_json(params), i)
-                for p, i in zip(frame["prompt_id"], frame["sample_index"])]
+    expected = [
+        response_id(p, "tiny-v0", sampling_json(params), i) for p, i in zip(frame["prompt_id"], frame["sample_index"])
+    ]
     assert frame["response_id"].tolist() == expected
 
 
@@ -169,5 +192,7 @@ def test_auto_backend_falls_back_to_transformers_without_a_gpu(tiny_model_dir):
     from tao_pipeline.generation.vllm_backend import vllm_available
     from tao_pipeline.settings import GenerationSettings, ModelSettings
 
-    generator = build_generator(tiny_model_dir, "tiny", GenerationSettings(backend="auto"), ModelSettings(dtype="float32"))
+    generator = build_generator(
+        tiny_model_dir, "tiny", GenerationSettings(backend="auto"), ModelSettings(dtype="float32")
+    )
     assert isinstance(generator, TransformersGenerator) == (not vllm_available())

@@ -23,7 +23,7 @@ reproduces the files byte for byte. Standard library only.
 import json
 import operator
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 SEED = 1234
@@ -277,7 +277,7 @@ def arithmetic_items(rng, n):
 def main():
     rng = random.Random(SEED)
     items = list(fact_items(rng)) + list(arithmetic_items(rng, N_ARITHMETIC + len(CORRUPTIONS)))
-    held_out, items = items[-len(CORRUPTIONS):], items[: -len(CORRUPTIONS)]
+    held_out, items = items[-len(CORRUPTIONS) :], items[: -len(CORRUPTIONS)]
 
     # entries: (row fields without id/ts, corruption or None)
     entries = []
@@ -288,7 +288,7 @@ def main():
     entries += [({"prompt": p, "task": t}, bad) for (p, _, _, t), bad in zip(held_out, CORRUPTIONS)]
     rng.shuffle(entries)
 
-    ts = datetime(2024, 6, 3, 8, 0, tzinfo=timezone.utc)
+    ts = datetime(2024, 6, 3, 8, 0, tzinfo=UTC)
     lines = []
     for i, (fields, corrupt) in enumerate(entries, start=1):
         ts += timedelta(seconds=rng.randint(5, 900))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import pandas as pd
 
-from tao_pipeline.prompts import content_hash
+from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.data.prompts import build_chat
 
 RESPONSE_COLUMNS = [
-    "response_id", "prompt_id", "sample_index", "response", "model_version",
-    "prompt_tokens", "completion_tokens", "finish_reason", "sampling",
+    "response_id",
+    "prompt_id",
+    "sample_index",
+    "response",
+    "model_version",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "sampling",
 ]
 
 
@@ -85,20 +94,29 @@ def split_at_stop(tokens: Sequence[int], stop_ids: Iterable[int]) -> tuple[list[
 
 def encode_chat_prompts(tokenizer, prompts: pd.DataFrame, max_prompt_tokens: int) -> list[list[int]]:
     """Each row's (system, prompt) through the model's chat template, truncated to ``max_prompt_tokens``."""
-    from tao_pipeline.modeling import build_chat
-
     return [
         tokenizer.apply_chat_template(
-            build_chat(row.prompt, row.system), add_generation_prompt=True, tokenize=True,
-            truncation=True, max_length=max_prompt_tokens, return_dict=False,
+            build_chat(row.prompt, row.system),
+            add_generation_prompt=True,
+            tokenize=True,
+            truncation=True,
+            max_length=max_prompt_tokens,
+            return_dict=False,
         )
         for row in prompts.itertuples()
     ]
 
 
 def response_row(
-    *, prompt_id: str, model_version: str, sampling: str, sample_index: int, text: str,
-    prompt_tokens: int, kept_tokens: int, stopped: bool,
+    *,
+    prompt_id: str,
+    model_version: str,
+    sampling: str,
+    sample_index: int,
+    text: str,
+    prompt_tokens: int,
+    kept_tokens: int,
+    stopped: bool,
 ) -> dict:
     """One RESPONSE_COLUMNS row. ``kept_tokens`` excludes the stop token; it counts as generated when ``stopped``."""
     return {

@@ -16,17 +16,17 @@ moment it finishes. So:
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from tao_pipeline.common.atomic import atomic_path
+from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams, sampling_json
-from tao_pipeline.prompts import content_hash
 
 CACHE_FOLDER = "generations"
 
@@ -82,7 +82,11 @@ class GenerationCache:
         return self.root / _safe(model_version) / digest
 
     def generate(
-        self, model: LazyGenerator, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True,
+        self,
+        model: LazyGenerator,
+        prompts: pd.DataFrame,
+        params: SamplingParams,
+        progress: bool = True,
     ) -> tuple[pd.DataFrame, CacheStats]:
         """One row per (prompt, sample) for ``prompts``: cached rows plus newly generated shards."""
         folder = self.folder(model.model_version, params)
@@ -96,8 +100,11 @@ class GenerationCache:
             _write_atomically(table, folder / shard_name(shard))
             tables.append(table)
             stats.shards_written += 1
-        combined = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
+        combined = (
+            pd.concat([t for t in tables if len(t)], ignore_index=True)
+            if any(len(t) for t in tables)
             else pd.DataFrame(columns=RESPONSE_COLUMNS)
+        )
         return combined.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True), stats
 
 
@@ -125,10 +132,8 @@ def _cached_rows(folder: Path, wanted: set[str]) -> pd.DataFrame:
 
 
 def _write_atomically(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_parquet(staging, index=False)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        table.to_parquet(staging, index=False)
 
 
 def _safe(name: str) -> str:

@@ -10,10 +10,17 @@ import torch
 from tqdm.auto import tqdm
 
 from tao_pipeline.generation.base import (
-    RESPONSE_COLUMNS, GenerationStats, SamplingParams, account, encode_chat_prompts, eos_token_ids, response_row,
-    sampling_json, split_at_stop,
+    RESPONSE_COLUMNS,
+    GenerationStats,
+    SamplingParams,
+    account,
+    encode_chat_prompts,
+    eos_token_ids,
+    response_row,
+    sampling_json,
+    split_at_stop,
 )
-from tao_pipeline.modeling import load_model, load_tokenizer
+from tao_pipeline.registry.loading import load_model, load_tokenizer
 
 
 class TransformersGenerator:
@@ -60,9 +67,16 @@ class TransformersGenerator:
     ) -> list[dict]:
         inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         torch.manual_seed(seed)
-        sampling = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0,
-        }
+        sampling = (
+            {"do_sample": False}
+            if params.greedy
+            else {
+                "do_sample": True,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": 0,
+            }
+        )
         n = 1 if params.greedy else params.num_samples
         output = self.model.generate(
             input_ids=inputs["input_ids"].to(self.model.device),
@@ -74,16 +88,24 @@ class TransformersGenerator:
             **sampling,
         )
         completions = output[:, inputs["input_ids"].shape[1] :].cpu()
-        return [self._row(prompts.iloc[batch[k // n]], encoded[batch[k // n]], k % n, completions[k], params)
-                for k in range(completions.shape[0])]
+        return [
+            self._row(prompts.iloc[batch[k // n]], encoded[batch[k // n]], k % n, completions[k], params)
+            for k in range(completions.shape[0])
+        ]
 
-    def _row(self, prompt: pd.Series, prompt_ids: list[int], sample_index: int, tokens: torch.Tensor,
-             params: SamplingParams) -> dict:
+    def _row(
+        self, prompt: pd.Series, prompt_ids: list[int], sample_index: int, tokens: torch.Tensor, params: SamplingParams
+    ) -> dict:
         kept, stopped = split_at_stop(tokens.tolist(), self.eos_ids)
         return response_row(
-            prompt_id=prompt["prompt_id"], model_version=self.model_version, sampling=sampling_json(params),
-            sample_index=sample_index, text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-            prompt_tokens=len(prompt_ids), kept_tokens=len(kept), stopped=stopped,
+            prompt_id=prompt["prompt_id"],
+            model_version=self.model_version,
+            sampling=sampling_json(params),
+            sample_index=sample_index,
+            text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            prompt_tokens=len(prompt_ids),
+            kept_tokens=len(kept),
+            stopped=stopped,
         )
 
 

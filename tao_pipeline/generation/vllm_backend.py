@@ -18,11 +18,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.generation.base import (
-    RESPONSE_COLUMNS, GenerationStats, SamplingParams, account, encode_chat_prompts, eos_token_ids, response_row,
-    sampling_json, split_at_stop,
+    RESPONSE_COLUMNS,
+    GenerationStats,
+    SamplingParams,
+    account,
+    encode_chat_prompts,
+    eos_token_ids,
+    response_row,
+    sampling_json,
+    split_at_stop,
 )
-from tao_pipeline.prompts import content_hash
+from tao_pipeline.registry.loading import load_tokenizer
 
 
 @functools.cache
@@ -63,8 +71,6 @@ class VLLMGenerator:
                 "the vLLM backend needs the 'gpu' extra (pip install -e '.[gpu]') on a machine with a CUDA GPU"
             ) from error
         from transformers import GenerationConfig
-
-        from tao_pipeline.modeling import load_tokenizer
 
         self.model_version = model_version
         # The same tokenizer load as the transformers backend, so prompts tokenize identically on both.
@@ -110,12 +116,18 @@ class VLLMGenerator:
                 kept, stopped = split_at_stop(completion.token_ids, self.eos_ids)
                 # A stop the engine reports without the token in token_ids still counts as one generated token.
                 stopped = stopped or completion.finish_reason == "stop"
-                rows.append(response_row(
-                    prompt_id=prompt_id, model_version=self.model_version, sampling=sampling,
-                    sample_index=completion.index,
-                    text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    prompt_tokens=len(ids), kept_tokens=len(kept), stopped=stopped,
-                ))
+                rows.append(
+                    response_row(
+                        prompt_id=prompt_id,
+                        model_version=self.model_version,
+                        sampling=sampling,
+                        sample_index=completion.index,
+                        text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                        prompt_tokens=len(ids),
+                        kept_tokens=len(kept),
+                        stopped=stopped,
+                    )
+                )
         account(self.stats, len(prompt_ids), rows, time.perf_counter() - started)
         frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
@@ -132,8 +144,12 @@ class VLLMGenerator:
         if params.greedy:
             return EngineSamplingParams(n=1, temperature=0.0, **common)
         return EngineSamplingParams(
-            n=params.num_samples, temperature=params.temperature, top_p=params.top_p, top_k=0,
-            seed=request_seed(params.seed, prompt_id), **common,
+            n=params.num_samples,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            seed=request_seed(params.seed, prompt_id),
+            **common,
         )
 
     def close(self) -> None:

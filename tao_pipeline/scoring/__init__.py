@@ -3,32 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tao_pipeline.prompts import content_hash
-from tao_pipeline.scoring.base import PromptContext, Scorer
+from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.scoring.base import PromptContext, Scorer, prompt_constraints
+from tao_pipeline.scoring.cache import SCORE_COLUMNS, ScoreCache
+from tao_pipeline.scoring.catalog import build_named_scorer
 from tao_pipeline.scoring.composite import CompositeScorer, TaskRecipe
-from tao_pipeline.scoring.extractors import get_extractor
-from tao_pipeline.scoring.registry import build_named_scorer
+from tao_pipeline.scoring.extractors import answer_matches, get_extractor
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
 from tao_pipeline.settings import ScoringSettings
 
 SCORE_SHARD_PROMPTS = 64  # prompts scored between two cache writes
 
-def prompt_constraints(row) -> dict:
-    """The per-prompt constraints column (JSON text) as a dict; absent or empty -> {}."""
-    raw = row.get("constraints") if hasattr(row, "get") else None
-    return json.loads(raw) if isinstance(raw, str) and raw else {}
-
-
-SCORE_COLUMNS = ["response_id", "prompt_id", "task", "answer", "score", "score_parts", "failures"]
-
 __all__ = [
-    "CompositeScorer", "PromptContext", "ScoreCache", "Scorer", "SCORE_COLUMNS", "build_scorer", "group_key",
+    "CompositeScorer",
+    "PromptContext",
+    "ScoreCache",
+    "Scorer",
+    "SCORE_COLUMNS",
+    "TaoScorer",
+    "build_scorer",
+    "group_key",
+    "prompt_constraints",
+    "score_candidates",
     "score_responses",
 ]
 
@@ -42,8 +43,9 @@ class TaoScorer(CompositeScorer):
     def __init__(self, settings: ScoringSettings, cache_dir: Path | None = None):
         extractors = {task: get_extractor(name) for task, name in settings.extractors.items()}
         self.consistency = SelfConsistencyScorer(extractors, settings.min_agreement)
-        recipes = {task: TaskRecipe(weights, tuple(settings.gates.get(task, ())))
-                   for task, weights in settings.scorers.items()}
+        recipes = {
+            task: TaskRecipe(weights, tuple(settings.gates.get(task, ()))) for task, weights in settings.scorers.items()
+        }
         used = {name for recipe in recipes.values() for name in (*recipe.weights, *recipe.gates)}
         scorers: dict[str, Scorer] = {"self_consistency": self.consistency}
         for name in sorted(used - {"self_consistency"}):
@@ -53,6 +55,10 @@ class TaoScorer(CompositeScorer):
     def answers(self, context: PromptContext, responses: list[str]) -> list[str | None]:
         return self.consistency.answers(context, responses)
 
+    def matches_label(self, context: PromptContext, answer: str | None, accepted: list[str]) -> bool:
+        """Does an extracted answer agree with an accepted label, extracted and normalised the same way?"""
+        return answer_matches(answer, accepted, self.consistency.extractor(context.task), context.prompt)
+
 
 def build_scorer(settings: ScoringSettings, cache_dir: Path | None = None) -> TaoScorer:
     """The composite scorer the settings describe; cache_dir holds caches such as the judge's."""
@@ -60,7 +66,10 @@ def build_scorer(settings: ScoringSettings, cache_dir: Path | None = None) -> Ta
 
 
 def score_responses(
-    candidates: pd.DataFrame, prompts: pd.DataFrame, scorer: TaoScorer, progress: bool = True,
+    candidates: pd.DataFrame,
+    prompts: pd.DataFrame,
+    scorer: TaoScorer,
+    progress: bool = True,
     cache: ScoreCache | None = None,
 ) -> pd.DataFrame:
     """One score row per candidate, with the per-scorer parts kept so lineage shows why it won.
@@ -71,7 +80,7 @@ def score_responses(
     """
     columns = [c for c in ["prompt_id", "prompt", "system", "task", "constraints"] if c in prompts.columns]
     merged = candidates.merge(prompts[columns], on="prompt_id", how="left")
-    groups = {prompt_id: group for prompt_id, group in merged.groupby("prompt_id", sort=True)}
+    groups = dict(iter(merged.groupby("prompt_id", sort=True)))
     keys = {prompt_id: group_key(group) for prompt_id, group in groups.items()}
     cached = cache.load(set(keys.values())) if cache else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
     todo = [prompt_id for prompt_id, key in keys.items() if key not in set(cached["group_key"])]
@@ -87,10 +96,21 @@ def score_responses(
             cache.save(shard)
         tables.append(shard)
     bar.close()
-    table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
+    table = (
+        pd.concat([t for t in tables if len(t)], ignore_index=True)
+        if any(len(t) for t in tables)
         else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
+    )
     order = candidates[["response_id"]].reset_index(drop=True)
     return order.merge(table, on="response_id", how="left")[SCORE_COLUMNS]
+
+
+def score_candidates(
+    candidates: pd.DataFrame, prompts: pd.DataFrame, settings: ScoringSettings, cache_dir: Path
+) -> tuple[pd.DataFrame, ScoreCache]:
+    """A round's scores with the configured scorer, through the score cache (which says what it reused)."""
+    cache = ScoreCache(cache_dir, settings)
+    return score_responses(candidates, prompts, build_scorer(settings, cache_dir), cache=cache), cache
 
 
 def group_key(group: pd.DataFrame) -> str:
@@ -106,35 +126,16 @@ def _score_group(group: pd.DataFrame, scorer: TaoScorer, key: str) -> list[dict]
     responses = group["response"].tolist()
     result = scorer.score(context, responses)
     answers = scorer.answers(context, responses)
-    return [{
-        "response_id": response_id, "prompt_id": first["prompt_id"], "task": context.task, "answer": answers[i],
-        "score": result.scores[i], "score_parts": result.parts_json(i),
-        "failures": json.dumps(result.failures[i]) if result.failures[i] else None, "group_key": key,
-    } for i, response_id in enumerate(group["response_id"])]
-
-
-class ScoreCache:
-    """Scored prompt groups under one scoring configuration, as atomically written Parquet shards."""
-
-    def __init__(self, root: Path, settings: ScoringSettings):
-        self.folder = Path(root) / "scores" / content_hash(settings.model_dump_json())[:16]
-        self.cached_groups = 0  # prompt groups found in the cache by the last load
-        self.scored_groups = 0  # prompt groups scored and saved since this cache was opened
-
-    def load(self, keys: set[str]) -> pd.DataFrame:
-        frames = [pd.read_parquet(p) for p in sorted(self.folder.glob("*.parquet"))] if self.folder.is_dir() else []
-        frames = [f[f["group_key"].isin(keys)] for f in frames]
-        table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
-            else pd.DataFrame(columns=[*SCORE_COLUMNS, "group_key"])
-        self.cached_groups = int(table["group_key"].nunique())
-        return table.drop_duplicates("response_id")
-
-    def save(self, shard: pd.DataFrame) -> None:
-        if shard.empty:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = content_hash(*shard["group_key"].unique()) + ".parquet"
-        staging = self.folder / f".{name}.{os.getpid()}.tmp"
-        shard.to_parquet(staging, index=False)
-        os.replace(staging, self.folder / name)
-        self.scored_groups += int(shard["group_key"].nunique())
+    return [
+        {
+            "response_id": response_id,
+            "prompt_id": first["prompt_id"],
+            "task": context.task,
+            "answer": answers[i],
+            "score": result.scores[i],
+            "score_parts": result.parts_json(i),
+            "failures": json.dumps(result.failures[i]) if result.failures[i] else None,
+            "group_key": key,
+        }
+        for i, response_id in enumerate(group["response_id"])
+    ]

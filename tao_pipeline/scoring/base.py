@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,3 +48,9 @@ def score_each(scorer_name: str, responses: list[str], score_one) -> list[Score]
         except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
             results.append(Failed(f"{scorer_name}: {type(error).__name__}: {error}"[:300]))
     return results
+
+
+def prompt_constraints(row) -> dict:
+    """The per-prompt constraints column (JSON text) as a dict; absent or empty -> {}."""
+    raw = row.get("constraints") if hasattr(row, "get") else None
+    return json.loads(raw) if isinstance(raw, str) and raw else {}

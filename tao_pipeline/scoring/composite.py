@@ -36,8 +36,13 @@ class CompositeScorer:
 
     name = "composite"
 
-    def __init__(self, scorers: dict[str, Scorer], recipes: dict[str, TaskRecipe],
-                 gate_threshold: float = 1.0, length_penalty: float = 0.0):
+    def __init__(
+        self,
+        scorers: dict[str, Scorer],
+        recipes: dict[str, TaskRecipe],
+        gate_threshold: float = 1.0,
+        length_penalty: float = 0.0,
+    ):
         self.scorers = scorers
         self.recipes = recipes
         self.gate_threshold = gate_threshold

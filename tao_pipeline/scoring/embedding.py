@@ -26,12 +26,15 @@ class EmbeddingConsensusScorer:
 
     name = "embedding_consensus"
 
-    def __init__(self, *, model: str | Path | None = None, batch_size: int = 32, max_length: int = 256,
-                 device: str = "cpu"):
+    def __init__(
+        self, *, model: str | Path | None = None, batch_size: int = 32, max_length: int = 256, device: str = "cpu"
+    ):
         self.model_dir = _checked_model_dir(model)
         if batch_size < 1 or max_length < 1:
-            raise ValueError(f"scoring.options.embedding_consensus: need batch_size >= 1 and max_length >= 1, "
-                             f"got {batch_size} and {max_length}")
+            raise ValueError(
+                f"scoring.options.embedding_consensus: need batch_size >= 1 and max_length >= 1, "
+                f"got {batch_size} and {max_length}"
+            )
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
@@ -43,8 +46,9 @@ class EmbeddingConsensusScorer:
             from transformers import AutoModel, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-            model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True, use_safetensors=True,
-                                              trust_remote_code=False)
+            model = AutoModel.from_pretrained(
+                str(self.model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False
+            )
             self._encoder = (tokenizer, model.to(self.device).eval())
         return self._encoder
 
@@ -65,8 +69,10 @@ class EmbeddingConsensusScorer:
     def embed(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings, one row per text; identical texts are encoded once."""
         unique = list(dict.fromkeys(texts))
-        batches = [self._embed_batch(unique[start:start + self.batch_size])
-                   for start in range(0, len(unique), self.batch_size)]
+        batches = [
+            self._embed_batch(unique[start : start + self.batch_size])
+            for start in range(0, len(unique), self.batch_size)
+        ]
         by_text = dict(zip(unique, torch.cat(batches)))
         return torch.stack([by_text[text] for text in texts])
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Callable
+
+from tao_pipeline.settings.vocabulary import parse_extractor_spec
 
 Extractor = Callable[[str, str], "str | None"]  # (response, prompt) -> answer
 
@@ -79,7 +81,7 @@ def boxed(response: str, prompt: str = "") -> str | None:
     if start < 0:
         return None
     depth, chars = 1, []
-    for char in response[start + len("\\boxed{"):]:
+    for char in response[start + len("\\boxed{") :]:
         depth += {"{": 1, "}": -1}.get(char, 0)
         if depth == 0:
             content = "".join(chars).strip()
@@ -153,16 +155,8 @@ PARAMETERISED_EXTRACTORS: dict[str, Callable[[str], Extractor]] = {
 
 def get_extractor(spec: str) -> Extractor:
     """'last_number', or a parameterised one: 'regex:<pattern>', 'json_field:<dotted.path>'."""
-    name, sep, argument = spec.partition(":")
-    if sep and name in PARAMETERISED_EXTRACTORS:
-        try:
-            return PARAMETERISED_EXTRACTORS[name](argument)
-        except re.error as error:
-            raise ValueError(f"extractor {spec!r}: bad regular expression: {error}") from None
-    if spec in EXTRACTORS:
-        return EXTRACTORS[spec]
-    known = sorted(EXTRACTORS) + [f"{n}:<arg>" for n in PARAMETERISED_EXTRACTORS]
-    raise ValueError(f"unknown answer extractor {spec!r}; known: {known}")
+    name, argument = parse_extractor_spec(spec)
+    return EXTRACTORS[name] if argument is None else PARAMETERISED_EXTRACTORS[name](argument)
 
 
 def answer_matches(extracted: str | None, accepted: list[str], extractor: Extractor, prompt: str = "") -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tao_pipeline.scoring.base import Failed, PromptContext, Score, score_each
 from tao_pipeline.scoring.verifiers import count_words
@@ -46,6 +47,7 @@ def _phrase_finder(phrase: str) -> re.Pattern:
 
 # -- value checking: each raises ValueError naming the key --------------------------------
 
+
 def _count_value(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
@@ -67,10 +69,12 @@ def _text_value(key: str, value: Any) -> str:
 
 # -- check builders: (key, declared value) -> a predicate on the response, or None for no check
 
+
 def _minimum(measure: Callable[[str], int]):
     def build(key: str, value: Any) -> Check:
         limit = _count_value(key, value)
         return lambda response: measure(response) >= limit
+
     return build
 
 
@@ -78,6 +82,7 @@ def _maximum(measure: Callable[[str], int]):
     def build(key: str, value: Any) -> Check:
         limit = _count_value(key, value)
         return lambda response: measure(response) <= limit
+
     return build
 
 
@@ -85,6 +90,7 @@ def _exactly(measure: Callable[[str], int]):
     def build(key: str, value: Any) -> Check:
         count = _count_value(key, value)
         return lambda response: measure(response) == count
+
     return build
 
 
@@ -101,9 +107,11 @@ def _forbidden_words(key: str, value: Any) -> Check | None:
 def _case(key: str, value: Any) -> Check:
     if value not in _CASES:
         raise ValueError(f"{key} must be one of {list(_CASES)}, got {value!r}")
-    return {"lower": lambda response: response == response.lower(),
-            "upper": lambda response: response == response.upper(),
-            "title": _is_title_case}[value]
+    return {
+        "lower": lambda response: response == response.lower(),
+        "upper": lambda response: response == response.upper(),
+        "title": _is_title_case,
+    }[value]
 
 
 def _starts_with(key: str, value: Any) -> Check:
@@ -178,8 +186,7 @@ class InstructionVerifier:
 
     name = "instruction_following"
 
-    def __init__(self, *, constraints: dict[str, Any] | None = None,
-                 by_task: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, *, constraints: dict[str, Any] | None = None, by_task: dict[str, dict[str, Any]] | None = None):
         self.constraints = dict(constraints or {})
         self.by_task = {task: dict(declared) for task, declared in (by_task or {}).items()}
         try:

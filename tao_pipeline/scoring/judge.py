@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tao_pipeline.model_store import ModelNotFoundError
-from tao_pipeline.modeling import build_chat
+import pandas as pd
+
+from tao_pipeline.common.atomic import atomic_path
+from tao_pipeline.common.hashing import text_digest
+from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.generation.base import SamplingParams
+from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.scoring.base import Failed, PromptContext, Score
 
 OPTION = "scoring.options.llm_judge"
@@ -72,11 +75,25 @@ class LLMJudgeScorer:
 
     name = "llm_judge"
 
-    def __init__(self, *, backend: str = "transformers", model: str | None = None, mode: str = "pointwise",
-                 rubric: str = DEFAULT_RUBRIC, max_new_tokens: int = 256, cache_dir: str | Path | None = None,
-                 base_url: str | None = None, api_key_env: str | None = None, timeout_s: float = 60.0,
-                 max_retries: int = 2, max_concurrency: int = 8, batch_size: int = 8, dtype: str = "auto",
-                 max_prompt_tokens: int = 4096, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        *,
+        backend: str = "transformers",
+        model: str | None = None,
+        mode: str = "pointwise",
+        rubric: str = DEFAULT_RUBRIC,
+        max_new_tokens: int = 256,
+        cache_dir: str | Path | None = None,
+        base_url: str | None = None,
+        api_key_env: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        max_concurrency: int = 8,
+        batch_size: int = 8,
+        dtype: str = "auto",
+        max_prompt_tokens: int = 4096,
+        trust_remote_code: bool = False,
+    ):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("mode", mode, MODES)
         if not model:
@@ -88,12 +105,24 @@ class LLMJudgeScorer:
         self.max_new_tokens = max_new_tokens
         self.cache = JudgeCache(Path(cache_dir)) if cache_dir else None
         if backend == "openai":
-            self.backend = OpenAIBackend(base_url, model, api_key_env, max_new_tokens=max_new_tokens,
-                                         timeout_s=timeout_s, max_retries=max_retries, max_concurrency=max_concurrency)
+            self.backend = OpenAIBackend(
+                base_url,
+                model,
+                api_key_env,
+                max_new_tokens=max_new_tokens,
+                timeout_s=timeout_s,
+                max_retries=max_retries,
+                max_concurrency=max_concurrency,
+            )
         else:
-            self.backend = TransformersBackend(_existing_model_dir(model), max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size, dtype=dtype,
-                                               max_prompt_tokens=max_prompt_tokens, trust_remote_code=trust_remote_code)
+            self.backend = TransformersBackend(
+                _existing_model_dir(model),
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                dtype=dtype,
+                max_prompt_tokens=max_prompt_tokens,
+                trust_remote_code=trust_remote_code,
+            )
 
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
         if not responses:
@@ -117,9 +146,15 @@ class LLMJudgeScorer:
 
     def _cache_key(self, call: JudgeCall) -> str:
         # The messages hold the rubric, prompt, system and response(s): everything the output depends on.
-        identity = {"backend": self.backend.name, "model": self.backend.model, "mode": self.mode,
-                    "max_new_tokens": self.max_new_tokens, "system": call.system, "user": call.user}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+        identity = {
+            "backend": self.backend.name,
+            "model": self.backend.model,
+            "mode": self.mode,
+            "max_new_tokens": self.max_new_tokens,
+            "system": call.system,
+            "user": call.user,
+        }
+        return text_digest(json.dumps(identity, sort_keys=True))
 
 
 # -- prompts and parsing ------------------------------------------------------------------
@@ -236,14 +271,8 @@ class JudgeCache:
     def put(self, key: str, output: str) -> None:
         path = self.path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                    json.dump({"output": output}, file)
-                os.replace(temporary, path)
-            finally:
-                Path(temporary).unlink(missing_ok=True)
+            with atomic_path(path) as staging:
+                staging.write_text(json.dumps({"output": output}), encoding="utf-8")
         except OSError as error:  # a cache that cannot be written costs a repeat call, not the score
             logger.warning("llm_judge: cannot write cache entry %s: %s", path, error)
 
@@ -256,8 +285,17 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, base_url: str | None, model: str, api_key_env: str | None, *, max_new_tokens: int,
-                 timeout_s: float, max_retries: int, max_concurrency: int):
+    def __init__(
+        self,
+        base_url: str | None,
+        model: str,
+        api_key_env: str | None,
+        *,
+        max_new_tokens: int,
+        timeout_s: float,
+        max_retries: int,
+        max_concurrency: int,
+    ):
         if not base_url:
             raise ValueError(f"{OPTION}.base_url is required for backend 'openai'")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -297,8 +335,12 @@ class OpenAIBackend:
     def _post(self, call: JudgeCall) -> str:
         import requests
 
-        payload = {"model": self.model, "messages": call.messages(), "max_tokens": self.max_new_tokens,
-                   "temperature": 0.0}
+        payload = {
+            "model": self.model,
+            "messages": call.messages(),
+            "max_tokens": self.max_new_tokens,
+            "temperature": 0.0,
+        }
         headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
         try:
             response = requests.post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
@@ -358,8 +400,10 @@ def _read_api_key(api_key_env: str | None) -> ApiKey | None:
         raise ValueError(f"{OPTION}.api_key_env: environment variable {api_key_env!r} is not set")
     if not key.isprintable() or not key.isascii() or " " in key:
         # The message never shows the value: only that it cannot go in an HTTP header.
-        raise ValueError(f"{OPTION}.api_key_env: environment variable {api_key_env!r} holds characters an "
-                         "API key cannot have (whitespace, control or non-ASCII characters)")
+        raise ValueError(
+            f"{OPTION}.api_key_env: environment variable {api_key_env!r} holds characters an "
+            "API key cannot have (whitespace, control or non-ASCII characters)"
+        )
     return ApiKey(key)
 
 
@@ -368,8 +412,16 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, model_path: Path, *, max_new_tokens: int, batch_size: int, dtype: str,
-                 max_prompt_tokens: int, trust_remote_code: bool):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        dtype: str,
+        max_prompt_tokens: int,
+        trust_remote_code: bool,
+    ):
         self.model = str(model_path)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -393,29 +445,33 @@ class TransformersBackend:
             from tao_pipeline.generation.transformers_backend import TransformersGenerator
 
             self._generator = TransformersGenerator(
-                self.model, "llm-judge", dtype=self.dtype, batch_size=self.batch_size,
-                max_prompt_tokens=self.max_prompt_tokens, trust_remote_code=self.trust_remote_code,
+                self.model,
+                "llm-judge",
+                dtype=self.dtype,
+                batch_size=self.batch_size,
+                max_prompt_tokens=self.max_prompt_tokens,
+                trust_remote_code=self.trust_remote_code,
             )
         return self._generator
 
     def _too_long(self, generator, call: JudgeCall) -> Failed | None:
         # The generator cuts long prompts at the end, which would drop the answer format: fail instead.
-        length = len(generator.tokenizer.apply_chat_template(
-            call.messages(), add_generation_prompt=True, tokenize=True, return_dict=False))
+        length = len(
+            generator.tokenizer.apply_chat_template(
+                call.messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         if length <= self.max_prompt_tokens:
             return None
         return Failed(f"llm_judge: judge prompt has {length} tokens > max_prompt_tokens={self.max_prompt_tokens}")
 
     def _generate(self, generator, calls: list[JudgeCall]) -> list[str | Failed]:
-        import pandas as pd
-
-        from tao_pipeline.generation.base import SamplingParams
-
         if not calls:
             return []
         ids = [f"{i:08d}" for i in range(len(calls))]
-        prompts = pd.DataFrame({"prompt_id": ids, "prompt": [c.user for c in calls],
-                                "system": [c.system for c in calls]})
+        prompts = pd.DataFrame(
+            {"prompt_id": ids, "prompt": [c.user for c in calls], "system": [c.system for c in calls]}
+        )
         params = SamplingParams(num_samples=1, max_new_tokens=self.max_new_tokens, greedy=True)
         try:
             frame = generator.generate(prompts, params, progress=False)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from tao_pipeline.model_store import ModelNotFoundError
-from tao_pipeline.modeling import build_chat, load_tokenizer, resolve_dtype
+from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.registry.errors import ModelNotFoundError
+from tao_pipeline.registry.loading import load_tokenizer, resolve_dtype
 from tao_pipeline.scoring.base import Failed, PromptContext, Score
 
 NORMALIZATIONS = ("sigmoid", "group_minmax")
@@ -31,8 +32,16 @@ class RewardModelScorer:
 
     name = "reward_model"
 
-    def __init__(self, *, model: str | None = None, batch_size: int = 16, max_length: int = 1024,
-                 normalize: str = "sigmoid", dtype: str = "auto", trust_remote_code: bool = False):
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        batch_size: int = 16,
+        max_length: int = 1024,
+        normalize: str = "sigmoid",
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+    ):
         self.model_path = _existing_model_dir(model)
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"{OPTION}.normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
@@ -65,12 +74,15 @@ class RewardModelScorer:
         tokenizer = load_tokenizer(self.model_path, trust_remote_code=self.trust_remote_code, padding_side="right")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                str(self.model_path), dtype=resolve_dtype(self.dtype), use_safetensors=True,
+                str(self.model_path),
+                dtype=resolve_dtype(self.dtype),
+                use_safetensors=True,
                 trust_remote_code=self.trust_remote_code,
             )
         except (OSError, ValueError) as error:
-            raise ModelNotFoundError(f"{OPTION}.model: cannot load reward model {str(self.model_path)!r} "
-                                     f"(safetensors only): {error}") from error
+            raise ModelNotFoundError(
+                f"{OPTION}.model: cannot load reward model {str(self.model_path)!r} (safetensors only): {error}"
+            ) from error
         if model.config.num_labels != 1:
             raise ValueError(f"{OPTION}.model: a reward model has one output, this one has {model.config.num_labels}")
         if model.config.pad_token_id is None:  # the model finds each text's last token by the pad id
@@ -87,9 +99,15 @@ class RewardModelScorer:
     def _encode(self, context: PromptContext, response: str) -> list[int]:
         if self._tokenizer.chat_template:
             messages = [*build_chat(context.prompt, context.system), {"role": "assistant", "content": response}]
-            return list(self._tokenizer.apply_chat_template(
-                messages, tokenize=True, truncation=True, max_length=self.max_length, return_dict=False,
-            ))
+            return list(
+                self._tokenizer.apply_chat_template(
+                    messages,
+                    tokenize=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_dict=False,
+                )
+            )
         text = f"{context.prompt}\n\n{response}"
         return self._tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
 

@@ -78,12 +78,21 @@ class SqlExecutionVerifier:
 
     name = "sql_execution"
 
-    def __init__(self, *, database: str | Path | None = None, timeout_s: float = 2.0, max_rows: int = 1000,
-                 execution_weight: float = 0.5, memory_limit: str = "1GB"):
+    def __init__(
+        self,
+        *,
+        database: str | Path | None = None,
+        timeout_s: float = 2.0,
+        max_rows: int = 1000,
+        execution_weight: float = 0.5,
+        memory_limit: str = "1GB",
+    ):
         self.database = _existing_database(database)
         if timeout_s <= 0 or max_rows < 1 or not 0.0 <= execution_weight <= 1.0:
-            raise ValueError("scoring.options.sql_execution: need timeout_s > 0, max_rows >= 1, "
-                             f"0 <= execution_weight <= 1; got {timeout_s}, {max_rows}, {execution_weight}")
+            raise ValueError(
+                "scoring.options.sql_execution: need timeout_s > 0, max_rows >= 1, "
+                f"0 <= execution_weight <= 1; got {timeout_s}, {max_rows}, {execution_weight}"
+            )
         self.timeout_s = timeout_s
         self.max_rows = max_rows
         self.execution_weight = execution_weight
@@ -183,7 +192,7 @@ def extract_sql(response: str) -> str | None:
         start = _STATEMENT_START.search(response)
         if start is None:
             return None
-        text = _BLANK_LINE.split(response[start.start():], maxsplit=1)[0]
+        text = _BLANK_LINE.split(response[start.start() :], maxsplit=1)[0]
     text = text.strip().rstrip(";").strip()
     return text or None
 

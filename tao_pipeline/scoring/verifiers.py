@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 
@@ -272,8 +273,14 @@ class LengthVerifier:
 
     name = "length_limit"
 
-    def __init__(self, *, min_words: int | None = None, max_words: int | None = None,
-                 min_chars: int | None = None, max_chars: int | None = None):
+    def __init__(
+        self,
+        *,
+        min_words: int | None = None,
+        max_words: int | None = None,
+        min_chars: int | None = None,
+        max_chars: int | None = None,
+    ):
         limits = {"min_words": min_words, "max_words": max_words, "min_chars": min_chars, "max_chars": max_chars}
         try:
             self.limits = _validated_limits(limits)
@@ -399,7 +406,8 @@ class ArithmeticConsistencyVerifier:
         if not any(op in "/÷" for op in tokens[1:-2:2]):
             return actual == stated
         return abs(actual - stated) <= Fraction(1, 10**6) * max(abs(actual), abs(stated)) or (
-            self.accept_rounded_division and _rounds_to(actual, stated_text))
+            self.accept_rounded_division and _rounds_to(actual, stated_text)
+        )
 
 
 def _rounds_to(actual: Fraction, stated_text: str) -> bool:

@@ -1,0 +1,3 @@
+from tao_pipeline.cli.commands import main
+
+main()

@@ -1,0 +1,218 @@
+"""The `tao` command: run a round through Dagster, inspect and manage model versions, open the UI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.registry import ModelNotFoundError, ModelStore
+from tao_pipeline.settings import SettingsError, SettingsSource, TaoSettings, load_settings
+
+_USER_ERRORS = (SettingsError, ModelNotFoundError, FileNotFoundError)
+
+
+def _settings_options(command):
+    command = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one setting, e.g. --set generation.num_samples=4",
+    )(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        help="TOML settings file (default: ./tao.toml or $TAO_CONFIG).",
+    )(command)
+
+
+def _load(config_file: str | None, overrides: tuple[str, ...]) -> TaoSettings:
+    try:
+        return load_settings(config_file, list(overrides))
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _store(config_file: str | None, overrides: tuple[str, ...]) -> ModelStore:
+    return ModelStore(_load(config_file, overrides).models_dir)
+
+
+@click.group()
+def main() -> None:
+    """tao-pipeline: improve your LLM from the prompts its users already send."""
+
+
+@main.command("round")
+@_settings_options
+@click.option("--rerun", metavar="ROUND", help="Re-materialize an existing round (new prompts join it; caches reused).")
+def round_command(config_file: str | None, overrides: tuple[str, ...], rerun: str | None) -> None:
+    """Ingest new usage logs and run one full TAO round through Dagster; print what improved."""
+    from tao_pipeline.cli.runner import NothingNewError
+
+    try:
+        _run_and_report(config_file, list(overrides), rerun=rerun)
+    except NothingNewError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@_settings_options
+def demo(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """`tao round`; once every prompt has been used, rerun all of them from the current champion."""
+    from tao_pipeline.cli.runner import NothingNewError
+
+    try:
+        _run_and_report(config_file, list(overrides))
+    except NothingNewError:
+        click.echo("every prompt was used by an earlier round: replaying them all from the current champion")
+        _run_and_report(config_file, [*overrides, "flywheel.replay_fraction=1.0"])
+
+
+def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | None = None) -> None:
+    from tao_pipeline.cli.runner import RoundWaitingError, run_round
+
+    settings = _load(config_file, tuple(overrides))
+    try:
+        report = run_round(config_file, overrides, echo=click.echo, rerun=rerun)
+    except (*_USER_ERRORS, RoundWaitingError) as error:
+        raise click.ClickException(str(error)) from None
+    if not report.completed:
+        raise click.ClickException(
+            f"{report.round_id} failed before its evaluation: {report.failure or 'see the run'}\n"
+            f"`tao ui` shows the run {report.run_id} with every step's log"
+        )
+    click.echo(f"\n{report.round_id} finished in {report.seconds / 60:.1f} min\n")
+    before_after = report.before_after.dropna(axis=1, how="all")  # no control column when the control is off
+    table = before_after.astype(object).where(before_after.notna(), "-")
+    click.echo(table.to_markdown(index=False, floatfmt=".3f"))
+    if report.test_time is not None and len(report.test_time):
+        click.echo("\nlabeled accuracy: the base model with k samples vs one greedy pass of each model\n")
+        test_time = report.test_time.dropna(axis=1, how="all")
+        test_time = test_time.astype(object).where(test_time.notna(), "-")
+        click.echo(test_time.to_markdown(index=False, floatfmt=".3f"))
+    click.echo(f"\ncontrol arm: {report.control}")
+    if report.stages is not None and len(report.stages):
+        stages = report.stages.dropna(axis=1, how="all")  # no error column when every step succeeded
+        stages = stages.astype(object).where(stages.notna(), "-")
+        click.echo("\nstages (wall time, peak resident memory of the process):\n")
+        click.echo(stages.to_markdown(index=False))
+    click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
+    click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb -readonly {settings.lake_dir / 'catalog.duckdb'})")
+    click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")
+    click.echo(f"report:      {report.report_path}")
+    click.echo("UI:          tao ui")
+
+
+@main.command()
+@_settings_options
+def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Fetch and convert the configured base model (the embedded one by default)."""
+    settings = _load(config_file, overrides)
+    version = ModelStore(settings.models_dir).champion(settings.model, log=click.echo)
+    click.echo(f"champion: {version.version_id} at {version.path}")
+
+
+@main.command()
+@_settings_options
+def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """List every model version in the registry, and the promotion history."""
+    store = _store(config_file, overrides)
+    table = store.versions()
+    if table.empty:
+        click.echo("no versions yet: run `tao round`")
+        return
+    click.echo(table.drop(columns=["hyperparameters", "path"]).to_markdown(index=False))
+    click.echo("\npromotions:\n" + store.promotions().to_markdown(index=False))
+
+
+@main.command()
+@click.argument("version")
+@_settings_options
+@click.option("--rows", is_flag=True, help="Also print every usage-log row behind the version.")
+def lineage(version: str, config_file: str | None, overrides: tuple[str, ...], rows: bool) -> None:
+    """Show the rounds, pairs, prompts, usage logs and source files that produced VERSION."""
+    from tao_pipeline.registry.lineage import version_lineage
+
+    settings = _load(config_file, overrides)
+    try:
+        found = version_lineage(ModelStore(settings.models_dir), Lake(settings.lake_dir), version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("versions:\n" + found.chain.to_markdown(index=False))
+    click.echo("\nrounds:\n" + found.rounds.to_markdown(index=False))
+    if rows and not found.usage_logs.empty:
+        columns = ["round", "log_id", "external_id", "source_file", "line_number", "prompt"]
+        click.echo("\nusage logs:\n" + found.usage_logs[columns].to_markdown(index=False))
+
+
+@main.command()
+@click.argument("version")
+@click.option("--reason", required=True, help="Recorded in the registry.")
+@_settings_options
+def promote(version: str, reason: str, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Make VERSION the champion by hand (recorded with the reason)."""
+    store = _store(config_file, overrides)
+    try:
+        store.get(version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    store.record_promotion(version, "promote", f"manual: {reason}")
+    click.echo(f"champion: {version}")
+
+
+@main.command()
+@click.option("--reason", required=True, help="Recorded in the registry.")
+@click.option("--to", "to_version", help="Version to restore (default: the champion's parent).")
+@_settings_options
+def rollback(reason: str, to_version: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Roll the champion back to its parent (or --to a version), recorded with the reason."""
+    try:
+        version = _store(config_file, overrides).rollback(reason, to_version)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"champion: {version.version_id}")
+
+
+@main.command()
+@click.argument("destination", type=click.Path(file_okay=False))
+@click.option("--version", "version_id", help="Version to export (default: the champion).")
+@_settings_options
+def export(destination: str, version_id: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Export a version as a merged model folder that transformers and vLLM load directly."""
+    settings = _load(config_file, overrides)
+    store = ModelStore(settings.models_dir)
+    try:
+        version = version_id or store.champion(settings.model).version_id
+        path = store.export(version, Path(destination))
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"exported {version} to {path}")
+
+
+@main.command()
+@_settings_options
+@click.option("--port", default=3000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; localhost by default.")
+def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str) -> None:
+    """Start `dagster dev` (webserver + daemon, so sensors and schedules run) on the home's instance.
+
+    --config and --set reach every run, sensor tick and schedule tick of that code location.
+    """
+    from tao_pipeline.cli.runner import prepare_dagster_home
+
+    settings = _load(config_file, overrides)
+    home = prepare_dagster_home(settings)
+    environment = {**os.environ, **SettingsSource(config_file, overrides).environment(), "DAGSTER_HOME": str(home)}
+    command = [sys.executable, "-m", "dagster", "dev", "-m", "tao_pipeline.definitions", "-h", host, "-p", str(port)]
+    click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={settings.dagster_home})")
+    sys.exit(subprocess.call(command, env=environment))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Running the flywheel headlessly through Dagster: ingest new log files, then one round.
+
+The CLI and the tests drive Dagster here exactly as the daemon would: the same code location
+(its jobs, assets, checks and resources), the same round rule, and the same instance
+(``<home>/dagster``), so every run shows up in the UI. The CLI's settings reach the runs the way
+a launchpad's do: as the settings resource's config in the run config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from tao_pipeline.data.ingest import pending_log_files
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.data.rounds import decide_next_round
+from tao_pipeline.definitions import load_definitions
+from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
+from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
+from tao_pipeline.registry.store import ModelStore
+from tao_pipeline.settings import SettingsSource, TaoSettings
+
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# No pool limit here: a run killed in-process (SIGKILL, power loss) would keep its "gpu" slot
+# claimed and block every later run. Rounds are serialized by the round sensor instead; a
+# deployment sets the limit with `dagster instance concurrency set gpu 1` (docs/deployment.md).
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+"""
+
+
+class NothingNewError(RuntimeError):
+    """No prompt is left that a round has not used."""
+
+
+class RoundWaitingError(RuntimeError):
+    """An open round has not taken its prompts yet; another would count them twice."""
+
+
+@dataclass
+class RoundReport:
+    round_id: str
+    completed: bool
+    seconds: float
+    promoted: bool = False
+    before_after: pd.DataFrame | None = None
+    test_time: pd.DataFrame | None = None
+    control: str = ""
+    verdict: str = ""
+    report_path: str = ""
+    champion: str = ""
+    checkpoint: str = ""
+    ingested: list[str] = field(default_factory=list)
+    stages: pd.DataFrame | None = None
+    run_id: str = ""
+
+    @property
+    def failure(self) -> str | None:
+        """The first failed stage and its error, e.g. "tuned_checkpoint: ValueError: no preference pairs ..."."""
+        if self.stages is None:
+            return None
+        failed = self.stages[self.stages["status"] == "failure"]
+        return None if failed.empty else f"{failed['stage'].iloc[0]}: {failed['error'].iloc[0]}"
+
+
+def stage_timings(instance: dg.DagsterInstance, run_id: str) -> pd.DataFrame:
+    """Wall time per step of a run (from the event log), each asset's recorded peak memory, and the
+    error of a step that failed."""
+    wanted = {
+        dg.DagsterEventType.STEP_START,
+        dg.DagsterEventType.STEP_SUCCESS,
+        dg.DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.ASSET_MATERIALIZATION,
+    }
+    started, rows = {}, {}
+    for record in instance.all_logs(run_id, of_type=wanted):
+        event, step = record.dagster_event, record.step_key
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            started[step] = record.timestamp
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            memory = event.event_specific_data.materialization.metadata.get("peak_rss_mb")
+            rows.setdefault(step, {})["peak_rss_mb"] = memory.value if memory is not None else None
+        elif step in started:
+            rows.setdefault(step, {}).update(
+                seconds=round(record.timestamp - started[step], 1), status=event.event_type.value.split("_")[-1].lower()
+            )
+            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
+                rows[step]["error"] = _root_cause(event.event_specific_data.error)
+    table = pd.DataFrame(
+        [{"stage": step, **values} for step, values in rows.items()],
+        columns=["stage", "seconds", "peak_rss_mb", "status", "error"],
+    )
+    return table.sort_values("stage", key=lambda s: s.map(list(started).index)).reset_index(drop=True)
+
+
+def _root_cause(error) -> str:
+    """The user's own exception inside Dagster's wrapping errors, as "Type: message" on one line."""
+    while error.cause is not None:
+        error = error.cause
+    return " ".join(error.message.split()) or error.cls_name
+
+
+def prepare_dagster_home(settings: TaoSettings) -> Path:
+    """Runs launched from here land in <home>/dagster, the same instance `tao ui` opens."""
+    home = settings.dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def code_location() -> dg.Definitions:
+    """The code location, loaded as Dagster's own processes load it: inside an instance's context, which
+    the loader consults (never a stale one left behind by an earlier instance in this process)."""
+    with dg.DagsterInstance.ephemeral():
+        return load_definitions()
+
+
+def run_config(source: SettingsSource, **extra) -> dict:
+    """Run config that hands ``source`` to the settings resource, as a launchpad run would."""
+    settings = {"config": {"config_file": source.config_file, "overrides": list(source.overrides)}}
+    return {**QUIET_RUN_CONFIG, "resources": {"settings": settings}, **extra}
+
+
+def ingest_new_files(
+    instance: dg.DagsterInstance,
+    settings: TaoSettings,
+    source: SettingsSource,
+    echo: Callable[[str], None],
+    definitions: dg.Definitions | None = None,
+) -> list[str]:
+    """Materialize a usage_logs partition for every new inbox, table-source or data.logs file."""
+    job = (definitions or code_location()).resolve_job_def(INGEST_JOB)
+    new = pending_log_files(settings, set(instance.get_dynamic_partitions(LOG_BATCHES)))
+    for key, path in new.items():
+        instance.add_dynamic_partitions(LOG_BATCHES, [key])
+        echo(f"ingesting {path} as {key}")
+        job.execute_in_process(
+            instance=instance,
+            partition_key=key,
+            run_config=run_config(source, ops={"usage_logs": {"config": {"path": str(path)}}}),
+        )
+    return list(new)
+
+
+def run_round(
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+    rerun: str | None = None,
+) -> RoundReport:
+    """Ingest what is new, open the next round (a dynamic partition) and materialize all its stages.
+
+    ``rerun`` re-materializes an existing round instead: it takes in any newly ingested prompts no
+    other round used, keeps its starting model, and reuses every cached response and score.
+    """
+    source = SettingsSource(config_file, tuple(overrides or ()))
+    settings = source.load()
+    prepare_dagster_home(settings)
+    champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
+    started = time.perf_counter()
+    definitions = code_location()
+    with dg.DagsterInstance.get() as instance:
+        ingested = ingest_new_files(instance, settings, source, echo, definitions)
+        round_id = rerun or _open_round(instance, settings)
+        if rerun and rerun not in instance.get_dynamic_partitions(ROUNDS):
+            raise NothingNewError(f"there is no round {rerun!r} to rerun")
+        echo(f"{round_id}: " + ("re-materializing" if rerun else f"tuning {champion.version_id}"))
+        result = definitions.resolve_job_def(ROUND_JOB).execute_in_process(
+            instance=instance, partition_key=round_id, run_config=run_config(source), raise_on_error=False
+        )
+        stages = stage_timings(instance, result.run_id)
+    report = RoundReport(
+        round_id,
+        Lake(settings.lake_dir).exists(VERDICTS_TABLE, round_id),
+        time.perf_counter() - started,
+        ingested=ingested,
+        stages=stages,
+        run_id=result.run_id,
+    )
+    if report.completed:
+        _fill_report(report, settings)
+    return report
+
+
+def _open_round(instance: dg.DagsterInstance, settings: TaoSettings) -> str:
+    """The next round by the rule the round sensor follows; by hand, one new prompt is enough (none when replaying)."""
+    min_unused = 0 if settings.flywheel.replay_fraction > 0 else 1
+    decision = decide_next_round(Lake(settings.lake_dir), instance.get_dynamic_partitions(ROUNDS), min_unused)
+    if decision.waiting_round is not None:
+        raise RoundWaitingError(f"{decision.reason}: rerun it with `tao round --rerun {decision.waiting_round}`")
+    if decision.round_id is None:
+        raise NothingNewError(
+            f"every ingested prompt was used by an earlier round: drop new logs into {settings.inbox_dir} "
+            "or set flywheel.replay_fraction"
+        )
+    instance.add_dynamic_partitions(ROUNDS, [decision.round_id])
+    return decision.round_id
+
+
+def _fill_report(report: RoundReport, settings: TaoSettings) -> None:
+    lake = Lake(settings.lake_dir)
+    rows = lake.read("checkpoint_evaluation", report.round_id)
+    verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, report.round_id))
+    report.before_after = summarize(rows)
+    report.test_time = tuned_vs_sampling_table(rows)
+    report.control = verdict.control.message
+    report.report_path = str(settings.reports_dir / report.round_id / "report.md")
+    report.champion = ModelStore(settings.models_dir).champion(settings.model).version_id
+    report.checkpoint = str(lake.read("tuned_checkpoint", report.round_id)["path"].iloc[0])
+    report.promoted = report.champion == verdict.challenger_version
+    report.verdict = ("promoted: " if report.promoted else "not promoted: ") + verdict.promotion.reason

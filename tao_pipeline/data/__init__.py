@@ -1,0 +1,1 @@
+"""Data: the lake (Parquet + DuckDB catalog), usage-log ingestion, prompts and which round takes which."""

@@ -1,0 +1,56 @@
+"""Usage-log files (JSONL, JSON arrays, Parquet, CSV) and table rows -> the usage_logs table, plus quarantine.
+
+- ``inbox``: which files are new (a file is keyed by the hash of its content, so the same file
+  is ingested once however often it is seen) and where a handled file goes;
+- ``table_source``: rows an app appends to a DuckDB table, exported into files for ingestion;
+- ``readers``: each format's records; ``validation``: a record -> a valid row or its reason;
+- ``writer``: a file's rows streamed into the lake in bounded memory;
+- ``offline``: files straight into prompts, without a lake (notebooks, benchmarks).
+"""
+
+from tao_pipeline.data.ingest.inbox import archive_file, batch_key, discover_log_files, new_log_files, pending_log_files
+from tao_pipeline.data.ingest.offline import PromptBatch, load_prompts
+from tao_pipeline.data.ingest.readers import LOG_SUFFIXES, UnreadableLogFile, read_jsonl, read_records
+from tao_pipeline.data.ingest.table_source import export_new_table_rows
+from tao_pipeline.data.ingest.validation import QUARANTINE_COLUMNS, LogRow, RowRejected, parse_record
+from tao_pipeline.data.ingest.writer import (
+    CHUNK_ROWS,
+    QUARANTINE_PREVIEW_ROWS,
+    QUARANTINE_TABLE,
+    USAGE_LOG_COLUMNS,
+    USAGE_TABLE,
+    IngestSummary,
+    ingest_file,
+    ingest_to_lake,
+    quarantine_unreadable_file,
+    read_log_chunks,
+)
+
+__all__ = [
+    "CHUNK_ROWS",
+    "LOG_SUFFIXES",
+    "QUARANTINE_COLUMNS",
+    "QUARANTINE_PREVIEW_ROWS",
+    "QUARANTINE_TABLE",
+    "USAGE_LOG_COLUMNS",
+    "USAGE_TABLE",
+    "IngestSummary",
+    "LogRow",
+    "PromptBatch",
+    "RowRejected",
+    "UnreadableLogFile",
+    "archive_file",
+    "batch_key",
+    "discover_log_files",
+    "export_new_table_rows",
+    "ingest_file",
+    "ingest_to_lake",
+    "load_prompts",
+    "new_log_files",
+    "parse_record",
+    "pending_log_files",
+    "quarantine_unreadable_file",
+    "read_jsonl",
+    "read_log_chunks",
+    "read_records",
+]

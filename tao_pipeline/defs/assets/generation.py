@@ -1,0 +1,57 @@
+"""Stage 2: N sampled candidate responses per train prompt from the round's starting model."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from tao_pipeline.common.profiling import PeakMemory
+from tao_pipeline.defs.constants import HEAVY_POOL
+from tao_pipeline.defs.metadata import md_table
+from tao_pipeline.defs.partitions import ROUND_STAGE
+from tao_pipeline.defs.resources import LakeResource, ModelStoreResource, TaoSettingsResource
+from tao_pipeline.generation import Candidates, generate_candidates
+from tao_pipeline.registry.policy import round_starting_model
+
+
+@dg.asset(**ROUND_STAGE, deps=["raw_prompts"], kinds={"pytorch", "parquet"}, pool=HEAVY_POOL)
+def candidate_responses(
+    context: dg.AssetExecutionContext,
+    settings: TaoSettingsResource,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Sample generation.num_samples responses per train prompt from the round's starting model: the
+    champion when the round first generates, the same model when it is re-materialized (cached responses
+    are not generated again)."""
+    config, store, round_id = settings.get(), lake.get(), context.partition_key
+    prompts = store.read("raw_prompts", round_id)
+    train = prompts[prompts["split"] == "train"]
+    start = round_starting_model(model_store.get(), store, round_id, config.model, log=context.log.info)
+    context.log.info(f"generating with {start.version_id} for {len(train)} prompts")
+    with PeakMemory() as memory:
+        candidates = generate_candidates(train, start.path, start.version_id, config)
+    path = store.write("candidate_responses", round_id, candidates.responses.assign(round=round_id))
+    metadata = {"model_version": start.version_id, "prompts": len(train), **_metadata(candidates)}
+    return dg.MaterializeResult(metadata={**metadata, **memory.metadata(), **_previews(candidates, path)})
+
+
+def _metadata(candidates: Candidates) -> dict:
+    cache, stats = candidates.cache, candidates.stats
+    return {
+        "prompts_from_cache": cache.cached_prompts,
+        "prompts_generated": cache.generated_prompts,
+        "shards_written": cache.shards_written,
+        "responses": len(candidates.responses),
+        "new_tokens": stats.new_tokens,
+        "tokens_per_second": round(stats.tokens_per_second, 1),
+        "generation_seconds": round(stats.seconds, 1),
+    }
+
+
+def _previews(candidates: Candidates, path: Path) -> dict:
+    responses = candidates.responses
+    return {
+        "finish_reasons": md_table(responses["finish_reason"].value_counts().rename("responses").reset_index()),
+        "preview": md_table(responses[["prompt_id", "sample_index", "response", "finish_reason"]]),
+        "path": dg.MetadataValue.path(str(path)),
+    }

@@ -1,0 +1,38 @@
+"""The promotion: the round's challenger becomes champion when its stored verdict says so."""
+
+import dagster as dg
+
+from tao_pipeline.defs.partitions import ROUND_STAGE
+from tao_pipeline.defs.resources import LakeResource, ModelStoreResource, TaoSettingsResource
+from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict
+from tao_pipeline.registry import ModelVersion
+from tao_pipeline.registry.policy import apply_verdict
+
+
+@dg.asset(**ROUND_STAGE, deps=["checkpoint_evaluation"], kinds={"duckdb"})
+def champion(
+    context: dg.AssetExecutionContext,
+    settings: TaoSettingsResource,
+    lake: LakeResource,
+    model_store: ModelStoreResource,
+) -> dg.MaterializeResult:
+    """Promote the round's challenger in the registry when its stored verdict says so. The blocking check
+    challenger_beats_champion gates this asset on the same verdict, and it is applied here too, so a
+    hand-started materialization cannot promote a loser."""
+    round_id = context.partition_key
+    verdict = RoundVerdict.from_frame(lake.get().read(VERDICTS_TABLE, round_id))
+    reason = verdict.promotion.reason
+    current = apply_verdict(
+        model_store.get(), settings.get().model, round_id, verdict.challenger_version, verdict.promote, reason
+    )
+    context.log.info(f"champion after {round_id}: {current.version_id} ({reason})")
+    return dg.MaterializeResult(metadata=_metadata(current, verdict))
+
+
+def _metadata(current: ModelVersion, verdict: RoundVerdict) -> dict:
+    return {
+        "champion": current.version_id,
+        "promoted": verdict.promote,
+        "reason": verdict.promotion.reason,
+        "champion_path": dg.MetadataValue.path(str(current.path)),
+    }

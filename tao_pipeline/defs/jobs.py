@@ -1,0 +1,26 @@
+"""The two jobs the automation launches, and the code location's executor."""
+
+import dagster as dg
+
+from tao_pipeline.defs.constants import INGEST_JOB, INGESTION_GROUP, ROUND_GROUP, ROUND_JOB
+from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
+
+tao_round_job = dg.define_asset_job(
+    ROUND_JOB,
+    selection=dg.AssetSelection.groups(ROUND_GROUP),
+    partitions_def=rounds_partitions,
+    description="One TAO round: prompts -> candidates -> scores -> pairs -> DPO -> evaluation -> promotion.",
+)
+ingest_job = dg.define_asset_job(
+    INGEST_JOB,
+    selection=dg.AssetSelection.groups(INGESTION_GROUP),
+    partitions_def=log_batches_partitions,
+    description="Ingest one usage-log file into the usage_logs table.",
+)
+
+
+@dg.definitions
+def jobs() -> dg.Definitions:
+    # One process per run, as `tao round` does: with Dagster's default (a process per step) every
+    # step would import torch and load a model again. Heavy steps are serialized by the gpu pool.
+    return dg.Definitions(jobs=[tao_round_job, ingest_job], executor=dg.in_process_executor)

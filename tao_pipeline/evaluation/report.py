@@ -1,0 +1,62 @@
+"""The round's report: ``<home>/reports/<round>/report.md`` with its plots beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tao_pipeline.common.atomic import atomic_path
+from tao_pipeline.evaluation.tables import summarize, tuned_vs_sampling_table
+from tao_pipeline.evaluation.verdict import ControlVerdict, Verdict
+
+
+def write_round_report(
+    folder: Path,
+    round_id: str,
+    rows: pd.DataFrame,
+    verdict: Verdict,
+    control: ControlVerdict,
+    history: pd.DataFrame,
+    alerts: list[str],
+    plots: dict[str, bytes],
+) -> Path:
+    """<folder>/report.md with the plots beside it; returns the report's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, png in plots.items():
+        (folder / f"{name}.png").write_bytes(png)
+    lines = [
+        f"# TAO {round_id}",
+        "",
+        f"**Verdict:** {'promoted' if verdict.promote else 'not promoted'}: {verdict.reason}",
+        "",
+        f"**Control arm:** {control.message}",
+        "",
+        "**Collapse guard:** " + ("; ".join(alerts) if alerts else "no round where reward rose while accuracy fell"),
+        "",
+        "## Champion vs challenger (held-out)",
+        "",
+        _markdown(summarize(rows)),
+        "",
+    ]
+    test_time = tuned_vs_sampling_table(rows)
+    if len(test_time) and test_time["base maj@k"].notna().any():
+        k = int(rows["k"].iloc[0])
+        lines += [
+            f"## Test-time compute: base model with k={k} samples vs one tuned greedy pass",
+            "",
+            _markdown(test_time),
+            "",
+        ]
+    if len(history):
+        lines += ["## Rounds so far", "", _markdown(history), ""]
+    lines += [f"![{name}]({name}.png)" for name in plots]
+    path = folder / "report.md"
+    with atomic_path(path) as staging:
+        staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    shown = table.dropna(axis=1, how="all")
+    return shown.astype(object).where(shown.notna(), "-").to_markdown(index=False)

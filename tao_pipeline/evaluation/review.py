@@ -1,0 +1,96 @@
+"""A round's evaluation, end to end: the held-out comparison, its verdict, the plots and the report.
+
+:func:`evaluate_round` is what the ``checkpoint_evaluation`` asset calls: it finds the models
+to compare (the round's starting model, its tuned checkpoint, the base model at the root of the
+lineage and the control arm), evaluates them on the held-out prompts, and reviews the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.evaluation.evaluate import Contender, evaluate
+from tao_pipeline.evaluation.history import collapse_alerts, round_history
+from tao_pipeline.evaluation.labels import load_labels
+from tao_pipeline.evaluation.plots import round_plots
+from tao_pipeline.evaluation.report import write_round_report
+from tao_pipeline.evaluation.verdict import ControlVerdict, RoundVerdict, Verdict, compare_control, decide
+from tao_pipeline.registry.store import ModelStore
+from tao_pipeline.scoring import build_scorer
+from tao_pipeline.settings import TaoSettings
+
+
+@dataclass
+class RoundReview:
+    """What a round's evaluation concludes, and where its report was written."""
+
+    verdict: Verdict
+    control: ControlVerdict
+    history: pd.DataFrame  # every evaluated round so far, this one included
+    alerts: list[str]  # the collapse guard's
+    plots: dict[str, bytes]
+    report: Path
+
+    @property
+    def warnings(self) -> list[str]:
+        return ([self.control.message] if self.control.alarm else []) + self.alerts
+
+    def round_verdict(self, round_id: str, champion: str, challenger: str) -> RoundVerdict:
+        return RoundVerdict(round_id, champion, challenger, self.verdict, self.control, self.alerts, len(self.history))
+
+
+@dataclass
+class RoundEvaluation:
+    rows: pd.DataFrame  # one per held-out prompt
+    review: RoundReview
+    verdict: RoundVerdict  # stored beside the rows; what the promotion check and `champion` act on
+
+
+def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
+    """Judge a round from its evaluation rows: promotion verdict, control arm, collapse guard across
+    rounds (this one's rows replace any the lake holds for it), plots, and ``<reports>/<round>/report.md``."""
+    verdict, control = decide(rows, settings.evaluation), compare_control(rows, settings.evaluation)
+    history = round_history(lake, current=(round_id, rows))
+    alerts = collapse_alerts(history)
+    plots = round_plots(lake, round_id, rows, history)
+    report = write_round_report(
+        settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots
+    )
+    return RoundReview(verdict, control, history, alerts, plots, report)
+
+
+def evaluate_round(
+    lake: Lake,
+    models: ModelStore,
+    round_id: str,
+    heldout: pd.DataFrame,
+    tuned: Mapping[str, Any],
+    control: Mapping[str, Any] | None,
+    settings: TaoSettings,
+    progress: bool = True,
+) -> RoundEvaluation:
+    """The tuned checkpoint (a tuned_checkpoint row) against the model it started from on ``heldout``,
+    with the base model's test-time baselines and the control arm (a control_checkpoint row, if enabled)."""
+    parent = models.get(tuned["parent_version"])
+    base = models.ancestors(parent.version_id)[-1]
+    rows = evaluate(
+        heldout,
+        Contender(parent.version_id, parent.path),
+        Contender(tuned["version_id"], tuned["path"]),
+        build_scorer(settings.scoring, settings.cache_dir),
+        load_labels(settings.data.labels),
+        settings,
+        progress,
+        base=Contender(base.version_id, base.path),
+        control=Contender(control["version_id"], control["path"])
+        if control is not None and control["enabled"]
+        else None,
+    )
+    review = review_round(lake, round_id, rows, settings)
+    return RoundEvaluation(rows, review, review.round_verdict(round_id, parent.version_id, tuned["version_id"]))

@@ -1,0 +1,258 @@
+"""The model store: base models, every checkpoint, and the registry of versions.
+
+Layout under ``<home>/models``::
+
+    base/<name>/                 the embedded base model, converted once to safetensors
+    checkpoints/<version_id>/    merged weights (loadable by transformers/vLLM) + adapter/
+    registry.duckdb              one row per version: parent, round, method, metrics, promoted
+
+Weights are saved as safetensors only. Every directory is written to a temp folder
+first and renamed into place, so a killed process never leaves a half checkpoint.
+
+The registry is opened for one short transaction at a time (waiting while another process,
+e.g. a concurrent round, holds its lock) and never held open across a download or training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from tao_pipeline.common.atomic import atomic_directory
+from tao_pipeline.data.lake import connect_duckdb
+from tao_pipeline.registry.embedded import EMBEDDED_NAME, convert_embedded_model
+from tao_pipeline.registry.errors import ModelNotFoundError
+from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
+
+_NOT_EXPORTED = {"training_log.json"}
+_REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    version_id VARCHAR PRIMARY KEY,
+    parent_version VARCHAR,
+    round VARCHAR,
+    method VARCHAR,
+    path VARCHAR,
+    hyperparameters VARCHAR,
+    metrics VARCHAR,
+    promoted BOOLEAN DEFAULT FALSE,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS promotions (
+    version_id VARCHAR,
+    action VARCHAR,
+    reason VARCHAR,
+    decided_at TIMESTAMP
+);
+"""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version_id: str
+    path: Path
+    parent_version: str | None
+    round: str | None
+    method: str
+    promoted: bool
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class ModelStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry.duckdb"
+
+    def checkpoint_dir(self, version_id: str) -> Path:
+        return self.root / "checkpoints" / version_id
+
+    # -- base models ---------------------------------------------------------------
+
+    def resolve_base(self, model: ModelSettings, log: Callable[[str], None] = print) -> tuple[str, Path | str]:
+        """Return (version_id, loadable path or hub id) of the configured base model."""
+        if model.base == EMBEDDED_MODEL:
+            path = self.root / "base" / EMBEDDED_NAME
+            if not (path / "model.safetensors").is_file():
+                convert_embedded_model(path, log=log)
+            return f"base-{EMBEDDED_NAME}", path
+        local = Path(model.base).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise ModelNotFoundError(f"model.base={model.base!r} is a folder without config.json")
+            return f"base-{local.name}", local.resolve()
+        if model.base.startswith((".", "/", "~")) or model.base.count("/") > 1:
+            raise ModelNotFoundError(f"model.base={model.base!r}: no such model directory")
+        return f"base-{model.base.replace('/', '--')}", model.base  # a hub id
+
+    # -- registry -------------------------------------------------------------------
+
+    def _registry(self, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run ``work`` in one transaction on the registry; other processes wait for its lock meanwhile."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with connect_duckdb(self.registry_path) as con:
+            con.execute(_REGISTRY_SCHEMA)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                result = work(con)
+            except BaseException:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # the transaction is gone already; the original error is the one to see
+                raise
+            con.execute("COMMIT")
+            return result
+
+    def register(
+        self,
+        version_id: str,
+        path: Path | str,
+        *,
+        parent_version: str | None,
+        round_id: str | None,
+        method: str,
+        hyperparameters: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        promoted: bool = False,
+    ) -> ModelVersion:
+        row = [
+            version_id,
+            parent_version,
+            round_id,
+            method,
+            str(path),
+            json.dumps(hyperparameters or {}, default=str),
+            json.dumps(metrics or {}, default=str),
+            promoted,
+            _now(),
+        ]
+        self._registry(
+            lambda con: con.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        )
+        return self.get(version_id)
+
+    def add_metrics(self, version_id: str, metrics: dict[str, Any]) -> None:
+        """Merge metrics (e.g. evaluation results) into a version's registry row."""
+
+        def merge(con: duckdb.DuckDBPyConnection) -> None:
+            row = con.execute("SELECT metrics FROM versions WHERE version_id = ?", [version_id]).fetchone()
+            if row is None:
+                raise ModelNotFoundError(f"model version {version_id!r} is not in the registry")
+            merged = {**json.loads(row[0] or "{}"), **metrics}
+            con.execute(
+                "UPDATE versions SET metrics = ? WHERE version_id = ?", [json.dumps(merged, default=str), version_id]
+            )
+
+        self._registry(merge)
+
+    def get(self, version_id: str) -> ModelVersion:
+        row = self._registry(
+            lambda con: con.execute(
+                "SELECT version_id, path, parent_version, round, method, promoted FROM versions WHERE version_id = ?",
+                [version_id],
+            ).fetchone()
+        )
+        if row is None:
+            raise ModelNotFoundError(f"model version {version_id!r} is not in the registry {self.registry_path}")
+        vid, path, parent, round_id, method, promoted = row
+        return ModelVersion(vid, Path(path) if Path(path).exists() else path, parent, round_id, method, bool(promoted))
+
+    def versions(self) -> pd.DataFrame:
+        return self._registry(lambda con: con.execute("SELECT * FROM versions ORDER BY created_at").df())
+
+    def champion(self, model: ModelSettings, log: Callable[[str], None] = print) -> ModelVersion:
+        """The newest promoted version; the configured base model is the first champion."""
+        current = self._current_champion_id()
+        if current is not None:
+            return self.get(current)
+        version_id, path = self.resolve_base(model, log=log)  # may download and convert: no lock held
+
+        def register_first(con: duckdb.DuckDBPyConnection) -> str:
+            # Checked again under the lock: a process started at the same moment may have registered it.
+            current = _champion_id(con)
+            if current is not None:
+                return current
+            con.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [version_id, None, None, "base", str(path), "{}", "{}", True, _now()],
+            )
+            _promote(con, version_id, "promote", "configured base model")
+            return version_id
+
+        return self.get(self._registry(register_first))
+
+    def record_promotion(self, version_id: str, action: str, reason: str) -> None:
+        self._registry(lambda con: _promote(con, version_id, action, reason))
+
+    def ancestors(self, version_id: str) -> list[ModelVersion]:
+        """The version, its parent, grandparent, ... down to the base model."""
+        chain = [self.get(version_id)]
+        while chain[-1].parent_version is not None:
+            chain.append(self.get(chain[-1].parent_version))
+        return chain
+
+    def rollback(self, reason: str, to_version: str | None = None) -> ModelVersion:
+        """Make an earlier version champion again (default: the current champion's parent)."""
+
+        def roll_back(con: duckdb.DuckDBPyConnection) -> str:
+            # One transaction: a promotion by a concurrent round cannot slip in between.
+            current = _champion_id(con)
+            if current is None:
+                raise ModelNotFoundError("there is no champion to roll back")
+            target = to_version
+            if target is None:
+                parent = "SELECT parent_version FROM versions WHERE version_id = ?"
+                target = con.execute(parent, [current]).fetchone()[0]
+            if target is None:
+                raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
+            if con.execute("SELECT 1 FROM versions WHERE version_id = ?", [target]).fetchone() is None:
+                raise ModelNotFoundError(f"model version {target!r} is not in the registry {self.registry_path}")
+            _promote(con, current, "rollback", reason)
+            _promote(con, target, "promote", f"rollback from {current}: {reason}")
+            return target
+
+        return self.get(self._registry(roll_back))
+
+    def export(self, version_id: str, destination: Path) -> Path:
+        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly."""
+        version = self.get(version_id)
+        if not isinstance(version.path, Path):
+            raise ModelNotFoundError(f"{version_id} is a hub id ({version.path}); nothing local to export")
+
+        def copy(staging: Path) -> None:
+            for item in version.path.iterdir():
+                if item.is_file() and item.name not in _NOT_EXPORTED:
+                    shutil.copy2(item, staging / item.name)
+
+        return atomic_directory(Path(destination), copy)
+
+    def _current_champion_id(self) -> str | None:
+        return self._registry(_champion_id)
+
+    def promotions(self) -> pd.DataFrame:
+        return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
+
+
+def _champion_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    row = con.execute(
+        "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _promote(con: duckdb.DuckDBPyConnection, version_id: str, action: str, reason: str) -> None:
+    con.execute("INSERT INTO promotions VALUES (?, ?, ?, ?)", [version_id, action, reason, _now()])
+    con.execute("UPDATE versions SET promoted = ? WHERE version_id = ?", [action == "promote", version_id])

@@ -1,0 +1,48 @@
+"""How each scorer named in settings is built.
+
+The names themselves are the settings' vocabulary (:mod:`tao_pipeline.settings.vocabulary`);
+this maps each one to its class. A factory takes the scorer's options
+(``[scoring.options.<name>]`` in tao.toml) plus the scoring settings; heavy imports (models,
+databases) happen only for scorers a task uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from tao_pipeline.scoring.base import Scorer
+from tao_pipeline.settings import ScoringSettings
+
+# name -> "module:Class"; every class takes its options as keyword arguments. self_consistency
+# is built by the composite itself (it also extracts the answers).
+SCORER_CLASSES = {
+    "concise_format": "tao_pipeline.scoring.verifiers:ConciseFormatVerifier",
+    "number_format": "tao_pipeline.scoring.verifiers:NumberFormatVerifier",
+    "json_valid": "tao_pipeline.scoring.verifiers:JsonVerifier",
+    "regex_format": "tao_pipeline.scoring.verifiers:RegexVerifier",
+    "length_limit": "tao_pipeline.scoring.verifiers:LengthVerifier",
+    "instruction_following": "tao_pipeline.scoring.instructions:InstructionVerifier",
+    "arithmetic_consistency": "tao_pipeline.scoring.verifiers:ArithmeticConsistencyVerifier",
+    "sql_execution": "tao_pipeline.scoring.sql:SqlExecutionVerifier",
+    "embedding_consensus": "tao_pipeline.scoring.embedding:EmbeddingConsensusScorer",
+    "reward_model": "tao_pipeline.scoring.reward_model:RewardModelScorer",
+    "llm_judge": "tao_pipeline.scoring.judge:LLMJudgeScorer",
+}
+
+
+def build_named_scorer(name: str, settings: ScoringSettings, cache_dir: Path | None) -> Scorer:
+    """Instantiate one scorer (not self_consistency, which the composite owns) from its options."""
+    options = dict(settings.options.get(name, {}))
+    defaults = {
+        "concise_format": {"max_words": settings.concise_max_words},
+        "number_format": {"max_words": settings.concise_max_words},
+        "llm_judge": {"cache_dir": str(cache_dir / "judge") if cache_dir else None},
+    }
+    options = {**defaults.get(name, {}), **options}
+    module_name, class_name = SCORER_CLASSES[name].split(":")
+    scorer_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        return scorer_class(**options)
+    except TypeError as error:
+        raise ValueError(f"scoring.options.{name}: {error}") from None

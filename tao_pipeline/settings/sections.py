@@ -1,0 +1,235 @@
+"""The settings' sections and their defaults: one typed object, ``TaoSettings``, for the whole pipeline.
+
+Each section is checked when it is built, so a bad value fails at load time with its name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
+from tao_pipeline.settings.vocabulary import check_scoring_names
+
+EMBEDDED_MODEL = "embedded"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    logs: list[Path] = Field(default_factory=lambda: [DEMO_LOGS], description="JSONL usage-log files.")
+    labels: Path | None = Field(DEMO_LABELS, description="Optional labels file, read only by evaluation.")
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many train prompts per round.")
+    max_heldout: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
+    min_prompt_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(8000, ge=1)
+    split_salt: str = "tao"
+
+
+class ModelSettings(_Section):
+    base: str = Field(EMBEDDED_MODEL, description="'embedded', a local model directory or a hub id.")
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class GenerationSettings(_Section):
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="auto: vLLM when a CUDA GPU and the gpu extra are present, else transformers.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
+    num_samples: int = Field(8, ge=1, le=64)
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    temperature: float = Field(0.8, gt=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1, description="Prompts per generate() call; each yields num_samples rows.")
+    max_prompt_tokens: int = Field(512, ge=8)
+    shard_prompts: int = Field(64, ge=1, description="Prompts per crash-safe shard; a killed run resumes by shard.")
+    seed: int = 0
+
+
+class ScoringSettings(_Section):
+    scorers: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: {
+            "short_answer": {"self_consistency": 1.0, "concise_format": 0.25},
+            "arithmetic": {"self_consistency": 1.0, "number_format": 0.25},
+            "default": {"self_consistency": 1.0},
+        },
+        description="Per task: scorer name -> weight. 'default' is used for tasks not listed.",
+    )
+    extractors: dict[str, str] = Field(
+        default_factory=lambda: {
+            "arithmetic": "last_number",
+            "short_answer": "short_phrase",
+            "default": "short_phrase",
+        },
+        description="Per task: the answer extractor self-consistency votes over.",
+    )
+    gates: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per task: scorers a response must pass before the weighted ones rank it.",
+    )
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per scorer: its options, e.g. options.sql_execution.database.",
+    )
+    gate_threshold: float = Field(1.0, ge=0.0, le=1.0)
+    length_penalty: float = Field(0.0, ge=0.0, description="> 0 discounts responses longer than their group's median.")
+    concise_max_words: int = Field(8, ge=1)
+    min_agreement: float = Field(0.25, ge=0.0, le=1.0, description="Below this top vote share a prompt gives no pair.")
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ScoringSettings:
+        check_scoring_names(self.scorers, self.extractors, self.gates, self.options)
+        return self
+
+
+class PairSettings(_Section):
+    min_margin: float = Field(
+        0.25, ge=0.0, le=1.0, description="Minimum chosen-minus-rejected score (scores are in [0, 1])."
+    )
+
+
+class GrpoSettings(_Section):
+    num_generations: int = Field(4, ge=2, description="Completions per prompt; the batch must divide by it.")
+    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(0.8, gt=0.0, le=2.0)
+    beta: float = Field(0.04, ge=0.0, description="KL penalty towards the starting model.")
+    use_vllm: bool = Field(False, description="Generate with vLLM (colocated) during training; GPU only.")
+
+
+class TrainingSettings(_Section):
+    method: Literal["dpo", "grpo"] = Field("dpo", description="dpo on the round's pairs, or grpo on its prompts.")
+    use_lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    learning_rate: float = Field(5e-5, gt=0.0)
+    beta: float = Field(0.1, gt=0.0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    epochs: float = Field(2.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    max_length: int = Field(256, ge=16)
+    bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
+    seed: int = 0
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
+    accelerate_config: Path | None = Field(
+        None,
+        description="Train under `accelerate launch --config_file` (configs/accelerate/*.yaml); None: in-process.",
+    )
+
+
+class EvaluationSettings(_Section):
+    pool_samples: int = Field(4, ge=1, le=32, description="Samples per model pooled as the consensus reference.")
+    max_new_tokens: int = Field(32, ge=1)
+    min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
+    max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
+    max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
+    test_time_k: int = Field(8, ge=0, le=64, description="Base-model samples for maj@k and best-of-k (0: skip).")
+    control_arm: bool = Field(False, description="Also train on shuffled preference directions, as a control.")
+    control_margin: float = Field(
+        0.02, ge=0.0, le=1.0, description="Alarm when the control's gain comes within this of the real gain."
+    )
+
+
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
+_CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly"}
+
+
+class TableSourceSettings(_Section):
+    """A DuckDB table the app appends usage logs to (same columns as a log file: prompt, task, ...)."""
+
+    database: Path
+    table: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    order_column: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="A column that only grows: an autoincrement id or insert timestamp.",
+    )
+
+
+class FlywheelSettings(_Section):
+    inbox: Path | None = Field(None, description="Folder the app drops usage-log files into; default <home>/inbox.")
+    min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
+    schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
+    replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
+    sensor_interval_s: int = Field(30, ge=5)
+    table_source: TableSourceSettings | None = None
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if value.strip() in _CRON_MACROS or (len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields)):
+            return value
+        raise ValueError(f"{value!r} is not a cron expression like '0 3 * * 1'")
+
+
+class TaoSettings(_Section):
+    home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")), validate_default=True)
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    pairs: PairSettings = Field(default_factory=PairSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
+
+    @model_validator(mode="after")
+    def _control_needs_pairs(self) -> TaoSettings:
+        if self.evaluation.control_arm and self.training.method != "dpo":
+            raise ValueError("evaluation.control_arm shuffles preference pairs, so it needs training.method='dpo'")
+        return self
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @property
+    def lake_dir(self) -> Path:
+        return self.home / "lake"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def inbox_dir(self) -> Path:
+        return (self.flywheel.inbox or self.home / "inbox").expanduser().resolve()
+
+    @property
+    def table_exports_dir(self) -> Path:
+        """Where rows pulled from flywheel.table_source land as Parquet before ingestion."""
+        return self.inbox_dir / "from_table"
+
+    @property
+    def log_folders(self) -> list[Path]:
+        return [self.inbox_dir, self.table_exports_dir]
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.home / "reports"
+
+    @property
+    def controls_dir(self) -> Path:
+        """Control-arm checkpoints: kept out of the registry, so they can never be promoted."""
+        return self.models_dir / "controls"

@@ -1,0 +1,64 @@
+"""DPO (TRL's DPOTrainer) on a round's preference pairs: chosen = best-scored candidate, rejected = worst."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.settings import TrainingSettings
+from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+
+
+def preference_dataset(pairs: pd.DataFrame):
+    """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    return Dataset.from_list(
+        [
+            {
+                "prompt": build_chat(row.prompt, row.system),
+                "chosen": [{"role": "assistant", "content": row.chosen}],
+                "rejected": [{"role": "assistant", "content": row.rejected}],
+            }
+            for row in pairs.itertuples()
+        ]
+    )
+
+
+def dpo_config(settings: TrainingSettings, output_dir: str):
+    from trl import DPOConfig
+
+    return DPOConfig(beta=settings.beta, max_length=settings.max_length, **trainer_arguments(settings, output_dir))
+
+
+def train_dpo(
+    parent_path: Path | str,
+    pairs: pd.DataFrame,
+    settings: TrainingSettings,
+    output_dir: Path,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> TrainingResult:
+    """Tune the parent model on the pairs and save merged weights (+ adapter) into output_dir."""
+    from trl import DPOTrainer
+
+    if pairs.empty:
+        raise ValueError("no preference pairs to train on: lower pairs.min_margin or add prompts")
+    return fit_and_save(
+        lambda model, tokenizer, peft_config, scratch: DPOTrainer(
+            model=model,
+            args=dpo_config(settings, scratch),
+            train_dataset=preference_dataset(pairs),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        ),
+        parent_path,
+        settings,
+        output_dir,
+        bar=LossProgressBar() if progress else None,
+        trust_remote_code=trust_remote_code,
+    )

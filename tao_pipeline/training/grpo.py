@@ -1,0 +1,176 @@
+"""Online preference tuning with TRL's GRPO: the policy samples, the label-free scorer rewards.
+
+GRPO samples ``num_generations`` completions per prompt and scores them against their siblings,
+which is what the round's composite scorer already does, so the reward is that scorer applied
+to each prompt's group. The result is saved exactly like DPO's: merged safetensors + ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tao_pipeline.data.prompts import DEFAULT_TASK, build_chat
+from tao_pipeline.scoring import TaoScorer
+from tao_pipeline.scoring.base import PromptContext, prompt_constraints
+from tao_pipeline.settings import TrainingSettings
+from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+
+REWARD_NAME = "tao_score"  # TRL logs the per-function reward as rewards/<name>/mean
+
+
+def scorer_reward_function(scorer: TaoScorer, prompts: pd.DataFrame) -> Callable[..., list[float]]:
+    """A TRL reward function: each prompt's completions are scored together, as one round group."""
+    contexts = prompt_contexts(prompts)
+
+    def tao_score(prompts, completions, prompt_id, **kwargs) -> list[float]:
+        rewards = [0.0] * len(completions)
+        for pid, indices in _indices_by_prompt(prompt_id).items():
+            group = [completion_text(completions[i]) for i in indices]
+            scores = scorer.score(_context(contexts, pid), group).scores
+            for index, score in zip(indices, scores, strict=True):
+                rewards[index] = _as_reward(score)
+        return rewards
+
+    tao_score.__name__ = REWARD_NAME
+    return tao_score
+
+
+def prompt_contexts(prompts: pd.DataFrame) -> dict[str, PromptContext]:
+    contexts = {}
+    for row in prompts.drop_duplicates("prompt_id").to_dict("records"):
+        system = row.get("system")
+        contexts[row["prompt_id"]] = PromptContext(
+            row["prompt"],
+            row.get("task") or DEFAULT_TASK,
+            system if isinstance(system, str) else None,
+            prompt_constraints(row),
+        )
+    return contexts
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """Standard completions are strings; conversational ones are a list of assistant messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message.get("content") or "" for message in completion)
+
+
+def _indices_by_prompt(prompt_ids: list[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for index, pid in enumerate(prompt_ids):
+        groups.setdefault(pid, []).append(index)
+    return groups
+
+
+def _context(contexts: dict[str, PromptContext], prompt_id: str) -> PromptContext:
+    if prompt_id not in contexts:
+        raise KeyError(f"reward for unknown prompt_id {prompt_id!r}: it is not in the prompts table")
+    return contexts[prompt_id]
+
+
+def _as_reward(score) -> float:
+    # A failed or non-finite score must not become a NaN reward, which TRL would treat as "no reward".
+    if isinstance(score, (int, float)) and math.isfinite(score):
+        return float(score)
+    return 0.0
+
+
+def prompt_dataset(prompts: pd.DataFrame):
+    """Conversational prompts, so TRL applies the model's chat template; prompt_id reaches the reward."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    return Dataset.from_list(
+        [
+            {"prompt": build_chat(row.prompt, getattr(row, "system", None)), "prompt_id": row.prompt_id}
+            for row in prompts.itertuples()
+        ]
+    )
+
+
+def check_grpo_batch(settings: TrainingSettings) -> None:
+    options = settings.grpo
+    if options.num_generations < 2:
+        raise ValueError(
+            f"training.grpo.num_generations must be at least 2, got {options.num_generations}: "
+            "GRPO compares each completion with its siblings"
+        )
+    completions_per_step = settings.batch_size * settings.gradient_accumulation_steps
+    if completions_per_step % options.num_generations:
+        raise ValueError(
+            f"training.batch_size ({settings.batch_size}) x training.gradient_accumulation_steps "
+            f"({settings.gradient_accumulation_steps}) = {completions_per_step} completions per step must be "
+            f"divisible by training.grpo.num_generations ({options.num_generations})"
+        )
+
+
+def grpo_config(settings: TrainingSettings, output_dir: str):
+    from trl import GRPOConfig
+
+    options = settings.grpo
+    # TRL's GRPO defaults (beta 0, temperature 1, 512-token completions) are set from our settings,
+    # and the loss and reward scaling are pinned because TRL has changed their defaults before.
+    return GRPOConfig(
+        num_generations=options.num_generations,
+        max_completion_length=options.max_completion_length,
+        temperature=options.temperature,
+        top_p=1.0,
+        beta=options.beta,
+        loss_type="dapo",
+        scale_rewards="group",
+        use_vllm=options.use_vllm,
+        vllm_mode="colocate",
+        use_transformers_continuous_batching=False,
+        remove_unused_columns=False,
+        log_completions=False,
+        **trainer_arguments(settings, output_dir),
+    )
+
+
+def train_grpo(
+    parent_path: Path | str,
+    prompts: pd.DataFrame,
+    scorer: TaoScorer,
+    settings: TrainingSettings,
+    output_dir: Path,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> TrainingResult:
+    """Tune the parent model with GRPO on the prompts and save merged weights (+ adapter) into output_dir."""
+    from trl import GRPOTrainer
+
+    if prompts.empty:
+        raise ValueError("no prompts to train on: GRPO needs at least one train prompt")
+    check_grpo_batch(settings)
+    return fit_and_save(
+        lambda model, tokenizer, peft_config, scratch: GRPOTrainer(
+            model=model,
+            reward_funcs=scorer_reward_function(scorer, prompts),
+            args=grpo_config(settings, scratch),
+            train_dataset=prompt_dataset(prompts),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        ),
+        parent_path,
+        settings,
+        output_dir,
+        bar=RewardProgressBar() if progress else None,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+class RewardProgressBar(LossProgressBar):
+    """The DPO progress bar, showing GRPO's mean reward instead of the DPO margin."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="grpo", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", reward=f"{logs.get('reward') or 0.0:.3f}")

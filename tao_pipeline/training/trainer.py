@@ -1,0 +1,164 @@
+"""What every TRL trainer here shares: arguments, progress bars, and the fit-and-save of a merged checkpoint.
+
+The result is always a merged, standalone model directory (safetensors) so every version
+loads the same way, rounds can chain, and transformers or vLLM can serve it directly.
+With LoRA the adapter is saved beside it in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
+
+from tao_pipeline.registry.loading import bf16_supported, load_model, load_tokenizer
+from tao_pipeline.settings import TrainingSettings
+
+ADAPTER_DIR = "adapter"
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    seconds: float
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else 0.0
+
+    def series(self, key: str) -> list[float]:
+        return [entry[key] for entry in self.log_history if key in entry]
+
+    def metrics(self) -> dict[str, float]:
+        summary: dict[str, float] = {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "seconds_per_step": round(self.seconds_per_step, 2),
+        }
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl"):
+            values = self.series(key)
+            if values:
+                summary[f"first_{key}"] = round(values[0], 4)
+                summary[f"last_{key}"] = round(values[-1], 4)
+        return summary
+
+
+def trainer_arguments(settings: TrainingSettings, output_dir: str) -> dict[str, Any]:
+    """The TrainingArguments every TRL trainer here shares, with TRL's risky defaults set explicitly.
+
+    TRL defaults to bf16 and gradient checkpointing on and a 1e-6 learning rate; we decide each.
+    """
+    # TRL still passes the deprecated name; the warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    return {
+        "output_dir": output_dir,
+        "learning_rate": settings.learning_rate,
+        "per_device_train_batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "num_train_epochs": settings.epochs,
+        "max_steps": settings.max_steps or -1,
+        "bf16": bf16_supported() if settings.bf16 is None else settings.bf16,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": settings.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0,
+    }
+
+
+def fit_and_save(
+    make_trainer: Callable[[Any, Any, Any, str], Any],
+    parent_path: Path | str,
+    settings: TrainingSettings,
+    output_dir: Path,
+    *,
+    bar: TrainerCallback | None,
+    trust_remote_code: bool,
+) -> TrainingResult:
+    """Load the parent, train with the trainer ``make_trainer(model, tokenizer, peft_config, scratch)`` builds, save."""
+    from peft import LoraConfig
+
+    tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
+    model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
+    peft_config = (
+        LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        if settings.use_lora
+        else None
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = make_trainer(model, tokenizer, peft_config, scratch)
+        trainer.remove_callback(ProgressCallback)
+        if bar is not None:
+            trainer.add_callback(bar)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
+    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora, result.log_history)
+    return result
+
+
+class LossProgressBar(TrainerCallback):
+    """A progress bar with the live DPO loss and reward margin, instead of a printed dict per step."""
+
+    def __init__(self):
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="dpo", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", margin=f"{logs.get('rewards/margins', 0.0):.3f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in history if "loss" in entry]
+
+
+def is_main_process() -> bool:
+    """True outside `accelerate launch`, and on rank 0 inside it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_checkpoint(model, tokenizer, output_dir: Path, use_lora: bool, log_history: list[dict[str, Any]]) -> None:
+    """Merged safetensors (+ the LoRA adapter in adapter/) and the per-step training log; rank 0 only."""
+    if not is_main_process():
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(log_history, indent=1))
+    if use_lora:
+        model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
