@@ -18,13 +18,12 @@ new_prompts_round_sensor = build_round_sensor(interval_s=30)
 periodic_round_schedule = build_periodic_round_schedule("0 3 * * 1")
 
 
-def sensor_context(**kwargs) -> dg.SensorEvaluationContext:
-    """A tick's context with the resource the code location gives its sensors (settings from $TAO_CONFIG)."""
-    return dg.build_sensor_context(resources={"settings": TaoSettingsResource()}, **kwargs)
-
-
-def schedule_context(**kwargs) -> dg.ScheduleEvaluationContext:
-    return dg.build_schedule_context(resources={"settings": TaoSettingsResource()}, **kwargs)
+def tick(definition: dg.SensorDefinition | dg.ScheduleDefinition, **context):
+    """One evaluation of a sensor or the schedule, with the resource the code location gives them
+    (settings from $TAO_CONFIG); the context is closed after the tick, as the daemon closes it."""
+    build = dg.build_schedule_context if isinstance(definition, dg.ScheduleDefinition) else dg.build_sensor_context
+    with build(resources={"settings": TaoSettingsResource()}, **context) as evaluation:
+        return definition(evaluation)
 
 
 @pytest.fixture
@@ -64,11 +63,11 @@ def apply(instance, result: dg.SensorResult) -> None:
 
 def test_ingestion_sensor_requests_each_new_file_exactly_once(flywheel):
     settings, instance = flywheel
-    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
 
     write_logs(settings.inbox_dir / "monday.jsonl", sample_logs(6))
     write_logs(settings.inbox_dir / "tuesday.jsonl", sample_logs(12)[6:])
-    result = usage_log_sensor(sensor_context(instance=instance))
+    result = tick(usage_log_sensor, instance=instance)
     assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 2
     keys = [r.partition_key for r in result.run_requests]
     assert [r.run_key for r in result.run_requests] == keys
@@ -76,10 +75,10 @@ def test_ingestion_sensor_requests_each_new_file_exactly_once(flywheel):
     assert list(result.dynamic_partitions_requests[0].partition_keys) == keys
 
     apply(instance, result)  # the tick's partitions exist now, as after a real tick
-    again = usage_log_sensor(sensor_context(instance=instance, cursor=result.cursor))
+    again = tick(usage_log_sensor, instance=instance, cursor=result.cursor)
     assert isinstance(again, dg.SkipReason)
     (settings.inbox_dir / "monday-copy.jsonl").write_bytes((settings.inbox_dir / "monday.jsonl").read_bytes())
-    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
 
 
 def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
@@ -88,7 +87,7 @@ def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
         settings.inbox_dir / "mixed.jsonl",
         sample_logs(4) + ["{broken", {"prompt": 42}, {"prompt": "  "}, {"task": "arithmetic"}],
     )
-    result = usage_log_sensor(sensor_context(instance=instance))
+    result = tick(usage_log_sensor, instance=instance)
     apply(instance, result)
     [request] = result.run_requests
     assert ingest(instance, request).success
@@ -109,21 +108,21 @@ def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
 def test_an_unreadable_file_is_reported_once_not_retried(flywheel):
     settings, instance = flywheel
     (settings.inbox_dir / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
-    result = usage_log_sensor(sensor_context(instance=instance))
+    result = tick(usage_log_sensor, instance=instance)
     apply(instance, result)
     [request] = result.run_requests
     assert ingest(instance, request).success
     quarantine = pd.read_parquet(settings.lake_dir / "quarantined_rows" / f"{request.partition_key}.parquet")
     assert "not a readable Parquet file" in quarantine["reason"].iloc[0]
     assert (settings.inbox_dir / "failed" / "corrupt.parquet").exists()
-    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
 
 
 def test_parquet_and_csv_logs_are_ingested(flywheel):
     settings, instance = flywheel
     pd.DataFrame(sample_logs(5)).to_parquet(settings.inbox_dir / "app.parquet")
     pd.DataFrame(sample_logs(3)).to_csv(settings.inbox_dir / "app.csv", index=False)
-    result = usage_log_sensor(sensor_context(instance=instance))
+    result = tick(usage_log_sensor, instance=instance)
     apply(instance, result)
     counts = {}
     for request in result.run_requests:
@@ -135,7 +134,7 @@ def test_parquet_and_csv_logs_are_ingested(flywheel):
 
 
 def ingest_all(instance) -> None:
-    result = usage_log_sensor(sensor_context(instance=instance))
+    result = tick(usage_log_sensor, instance=instance)
     apply(instance, result)
     for request in result.run_requests:
         assert ingest(instance, request).success
@@ -149,7 +148,7 @@ def test_round_sensor_opens_one_round_per_threshold_exactly_once(flywheel):
     settings, instance = flywheel
     write_logs(settings.inbox_dir / "few.jsonl", sample_logs(6))
     ingest_all(instance)
-    below = new_prompts_round_sensor(sensor_context(instance=instance))
+    below = tick(new_prompts_round_sensor, instance=instance)
     assert isinstance(below, dg.SkipReason) and "6 unused prompts" in below.skip_message
 
     write_logs(
@@ -157,20 +156,20 @@ def test_round_sensor_opens_one_round_per_threshold_exactly_once(flywheel):
         [{"prompt": f"Spell the number {i}.", "task": "short_answer"} for i in range(6)],
     )
     ingest_all(instance)
-    opened = new_prompts_round_sensor(sensor_context(instance=instance))
+    opened = tick(new_prompts_round_sensor, instance=instance)
     assert isinstance(opened, dg.SensorResult)
     [request] = opened.run_requests
     assert request.partition_key == request.run_key == "round-0001"
     apply(instance, opened)
 
     # Re-evaluated before the round took its prompts: no second round for the same prompts.
-    waiting = new_prompts_round_sensor(sensor_context(instance=instance, cursor=opened.cursor))
+    waiting = tick(new_prompts_round_sensor, instance=instance, cursor=opened.cursor)
     assert isinstance(waiting, dg.SkipReason) and "round-0001" in waiting.skip_message
 
     take_prompts(instance, "round-0001")
     taken = pd.read_parquet(settings.lake_dir / "raw_prompts" / "round-0001.parquet")
     assert len(taken) == 12  # nothing lost: every ingested prompt is in the round
-    assert isinstance(new_prompts_round_sensor(sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(tick(new_prompts_round_sensor, instance=instance), dg.SkipReason)
 
     write_logs(
         settings.inbox_dir / "next.jsonl",
@@ -180,7 +179,7 @@ def test_round_sensor_opens_one_round_per_threshold_exactly_once(flywheel):
         ],
     )
     ingest_all(instance)
-    second = new_prompts_round_sensor(sensor_context(instance=instance))
+    second = tick(new_prompts_round_sensor, instance=instance)
     assert second.run_requests[0].partition_key == "round-0002"
     apply(instance, second)
     take_prompts(instance, "round-0002")
@@ -202,12 +201,12 @@ def test_rematerializing_a_round_takes_the_same_prompts(flywheel):
 
 def test_schedule_opens_a_round_only_when_something_is_new(flywheel):
     settings, instance = flywheel
-    skipped = periodic_round_schedule(schedule_context(instance=instance))
+    skipped = tick(periodic_round_schedule, instance=instance)
     assert isinstance(skipped, dg.SkipReason)
 
     write_logs(settings.inbox_dir / "one.jsonl", [{"prompt": "What is 1 + 1?", "task": "arithmetic"}])
     ingest_all(instance)
-    request = periodic_round_schedule(schedule_context(instance=instance))
+    request = tick(periodic_round_schedule, instance=instance)
     assert isinstance(request, dg.RunRequest) and request.partition_key == "round-0001"
     assert "round-0001" in instance.get_dynamic_partitions("rounds")
 
@@ -237,7 +236,7 @@ def test_no_new_round_while_one_is_running(flywheel):
             tags={"dagster/partition": "round-0007"},
         )
     )
-    skipped = new_prompts_round_sensor(sensor_context(instance=instance))
+    skipped = tick(new_prompts_round_sensor, instance=instance)
     assert isinstance(skipped, dg.SkipReason) and "round-0007 is still running" in skipped.skip_message
 
 
@@ -261,15 +260,15 @@ table = "requests"
 order_column = "seq"
 """
     )
-    first = usage_log_sensor(sensor_context(instance=instance))
+    first = tick(usage_log_sensor, instance=instance)
     apply(instance, first)
     [request] = first.run_requests
     assert ingest(instance, request).success
-    assert isinstance(usage_log_sensor(sensor_context(instance=instance)), dg.SkipReason)
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
 
     with duckdb.connect(str(database)) as con:
         con.execute("INSERT INTO requests VALUES (3, 'What is 5 * 5?', 'arithmetic')")
-    second = usage_log_sensor(sensor_context(instance=instance))
+    second = tick(usage_log_sensor, instance=instance)
     apply(instance, second)
     [request] = second.run_requests
     assert ingest(instance, request).success

@@ -119,10 +119,12 @@ def prepare_dagster_home(settings: TaoSettings) -> Path:
 
 
 def code_location() -> dg.Definitions:
-    """The code location, loaded as Dagster's own processes load it: inside an instance's context, which
-    the loader consults (never a stale one left behind by an earlier instance in this process)."""
+    """The code location, loaded and resolved as Dagster's own processes do it: inside an instance's
+    context, which the loader consults (never one an earlier instance of this process left behind)."""
     with dg.DagsterInstance.ephemeral():
-        return load_definitions()
+        definitions = load_definitions()
+        definitions.get_repository_def()  # resolved here, once; later lookups reuse it
+        return definitions
 
 
 def run_config(source: SettingsSource, **extra) -> dict:
