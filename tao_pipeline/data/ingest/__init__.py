@@ -5,9 +5,11 @@
 - ``table_source``: rows an app appends to a DuckDB table, exported into files for ingestion;
 - ``readers``: each format's records; ``validation``: a record -> a valid row or its reason;
 - ``writer``: a file's rows streamed into the lake in bounded memory;
+- ``batch``: one file end to end (streamed in, or quarantined when unreadable, then archived);
 - ``offline``: files straight into prompts, without a lake (notebooks, benchmarks).
 """
 
+from tao_pipeline.data.ingest.batch import BatchOutcome, ingest_log_batch
 from tao_pipeline.data.ingest.inbox import archive_file, batch_key, discover_log_files, new_log_files, pending_log_files
 from tao_pipeline.data.ingest.offline import PromptBatch, load_prompts
 from tao_pipeline.data.ingest.readers import LOG_SUFFIXES, UnreadableLogFile, read_jsonl, read_records
@@ -27,6 +29,7 @@ from tao_pipeline.data.ingest.writer import (
 )
 
 __all__ = [
+    "BatchOutcome",
     "CHUNK_ROWS",
     "LOG_SUFFIXES",
     "QUARANTINE_COLUMNS",
@@ -44,6 +47,7 @@ __all__ = [
     "discover_log_files",
     "export_new_table_rows",
     "ingest_file",
+    "ingest_log_batch",
     "ingest_to_lake",
     "load_prompts",
     "new_log_files",

@@ -4,14 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from tao_pipeline.data.ingest import (
-    QUARANTINE_PREVIEW_ROWS,
-    IngestSummary,
-    UnreadableLogFile,
-    archive_file,
-    ingest_to_lake,
-    quarantine_unreadable_file,
-)
+from tao_pipeline.data.ingest import QUARANTINE_PREVIEW_ROWS, BatchOutcome, ingest_log_batch
 from tao_pipeline.defs.constants import INGESTION_GROUP
 from tao_pipeline.defs.metadata import md_table
 from tao_pipeline.defs.partitions import log_batches_partitions
@@ -30,26 +23,21 @@ def usage_logs(
     lake: LakeResource,
 ) -> dg.MaterializeResult:
     """Validate one usage-log file (JSONL, JSON array, Parquet or CSV) in chunks, streamed into the lake:
-    good rows in, bad rows quarantined with a reason."""
-    tao, path, store, batch = settings.get(), Path(config.path), lake.get(), context.partition_key
-    try:
-        ingested = ingest_to_lake(path, tao.data, store, batch)
-    except UnreadableLogFile as error:
-        # Reported once and archived, so the sensor never retries the file forever.
-        quarantine_unreadable_file(store, batch, path, error)
-        archive_file(path, tao.inbox_dir, "failed")
-        context.log.error(str(error))
-        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": str(error)})
-    archived = archive_file(path, tao.inbox_dir, "processed")
-    if ingested.quarantined:
-        context.log.warning(f"quarantined {ingested.quarantined} rows of {path.name}")
-    return dg.MaterializeResult(metadata=_metadata(path, archived, ingested))
+    good rows in, bad rows quarantined with a reason; then archive it out of the inbox."""
+    outcome = ingest_log_batch(Path(config.path), settings.get(), lake.get(), context.partition_key)
+    if outcome.unreadable is not None:
+        context.log.error(outcome.unreadable)  # quarantined and archived once: never retried forever
+        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": outcome.unreadable})
+    if outcome.summary.quarantined:
+        context.log.warning(f"quarantined {outcome.summary.quarantined} rows of {outcome.path.name}")
+    return dg.MaterializeResult(metadata=_metadata(outcome))
 
 
-def _metadata(path: Path, archived: Path | None, ingested: IngestSummary) -> dict:
+def _metadata(outcome: BatchOutcome) -> dict:
+    ingested = outcome.summary
     return {
-        "source_file": str(path),
-        "archived_to": str(archived) if archived else "left in place (configured file)",
+        "source_file": str(outcome.path),
+        "archived_to": str(outcome.archived_to) if outcome.archived_to else "left in place (configured file)",
         "rows": ingested.rows,
         "distinct_prompts": ingested.distinct_prompts,
         "quarantined": ingested.quarantined,
