@@ -11,6 +11,7 @@ import click
 
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.registry import ModelNotFoundError, ModelStore
+from tao_pipeline.registry.export import ExportRefused
 from tao_pipeline.settings import SettingsError, SettingsSource, TaoSettings, load_settings
 
 _USER_ERRORS = (SettingsError, ModelNotFoundError, FileNotFoundError)
@@ -159,7 +160,7 @@ def promote(version: str, reason: str, config_file: str | None, overrides: tuple
     """Make VERSION the champion by hand (recorded with the reason)."""
     store = _store(config_file, overrides)
     try:
-        store.get(version)
+        store.require_complete(version)
     except ModelNotFoundError as error:
         raise click.ClickException(str(error)) from None
     store.record_promotion(version, "promote", f"manual: {reason}")
@@ -172,8 +173,10 @@ def promote(version: str, reason: str, config_file: str | None, overrides: tuple
 @_settings_options
 def rollback(reason: str, to_version: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Roll the champion back to its parent (or --to a version), recorded with the reason."""
+    store = _store(config_file, overrides)
     try:
-        version = _store(config_file, overrides).rollback(reason, to_version)
+        target = store.require_complete(store.rollback_target(to_version)).version_id
+        version = store.rollback(reason, target)
     except ModelNotFoundError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"champion: {version.version_id}")
@@ -190,7 +193,7 @@ def export(destination: str, version_id: str | None, config_file: str | None, ov
     try:
         version = version_id or store.champion(settings.model).version_id
         path = store.export(version, Path(destination))
-    except ModelNotFoundError as error:
+    except (ModelNotFoundError, ExportRefused) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"exported {version} to {path}")
 

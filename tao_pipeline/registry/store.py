@@ -16,7 +16,6 @@ e.g. a concurrent round, holds its lock) and never held open across a download o
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,10 +25,10 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from tao_pipeline.common.atomic import atomic_directory
 from tao_pipeline.data.lake import connect_duckdb
 from tao_pipeline.registry.embedded import EMBEDDED_NAME, convert_embedded_model
 from tao_pipeline.registry.errors import ModelNotFoundError
+from tao_pipeline.registry.export import export_files
 from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
 
 _NOT_EXPORTED = {"training_log.json"}
@@ -226,24 +225,55 @@ class ModelStore:
 
         return self.get(self._registry(roll_back))
 
-    def export(self, version_id: str, destination: Path) -> Path:
-        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly."""
+    def require_complete(self, version_id: str) -> ModelVersion:
+        """The version, if its weights are there to load; ModelNotFoundError naming what is missing."""
         version = self.get(version_id)
+        problem = checkpoint_problem(version)
+        if problem:
+            raise ModelNotFoundError(f"model version {version_id}: {problem}")
+        return version
+
+    def rollback_target(self, to_version: str | None = None) -> str:
+        """The version a rollback would make champion: ``to_version``, else the champion's parent."""
+        current = self._current_champion_id()
+        if current is None:
+            raise ModelNotFoundError("there is no champion to roll back")
+        target = to_version or self.get(current).parent_version
+        if target is None:
+            raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
+        return target
+
+    def export(self, version_id: str, destination: Path) -> Path:
+        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly.
+
+        The destination must be new, empty, or an earlier export's folder (whose files alone are
+        replaced); see :mod:`tao_pipeline.registry.export`.
+        """
+        version = self.require_complete(version_id)
         if not isinstance(version.path, Path):
             raise ModelNotFoundError(f"{version_id} is a hub id ({version.path}); nothing local to export")
-
-        def copy(staging: Path) -> None:
-            for item in version.path.iterdir():
-                if item.is_file() and item.name not in _NOT_EXPORTED:
-                    shutil.copy2(item, staging / item.name)
-
-        return atomic_directory(Path(destination), copy)
+        files = [item for item in sorted(version.path.iterdir()) if item.is_file() and item.name not in _NOT_EXPORTED]
+        return export_files(files, Path(destination), self.root.parent, version_id)
 
     def _current_champion_id(self) -> str | None:
         return self._registry(_champion_id)
 
     def promotions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
+
+
+def checkpoint_problem(version: ModelVersion) -> str | None:
+    """Why a version's weights cannot be loaded (a deleted or half-written folder), or None.
+
+    A path the registry holds as absolute is a local folder; anything else is a hub id."""
+    path = Path(version.path)
+    if not path.is_absolute():
+        return None
+    if not path.is_dir():
+        return f"its checkpoint folder {path} is missing (deleted or moved?)"
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return f"its checkpoint folder {path} is incomplete (no config.json or no *.safetensors)"
+    return None
 
 
 def _champion_id(con: duckdb.DuckDBPyConnection) -> str | None:

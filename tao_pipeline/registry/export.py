@@ -1,0 +1,97 @@
+"""Exporting a version as a model folder, without ever removing anything the export did not write.
+
+An export writes a manifest (``.tao-export.json``) listing its files. Exporting again into the
+same folder replaces exactly those files; any other destination must be missing or empty.
+Folders whose replacement would destroy something else are refused outright: the filesystem
+root, the user's home, the working directory, any folder that contains one of those or the
+pipeline's home, and the pipeline's own data (lake, models, caches, Dagster instance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+MANIFEST = ".tao-export.json"
+_PIPELINE_DATA = ("lake", "models", "cache", "dagster", "reports", "inbox")
+
+
+class ExportRefused(ValueError):
+    """The destination is not one an export may write into; the message says why and what to do."""
+
+
+def check_destination(destination: Path, tao_home: Path) -> Path:
+    """The destination as an absolute path, or ExportRefused naming the problem."""
+    target = Path(os.path.abspath(Path(destination).expanduser()))
+    if target.is_symlink():
+        raise ExportRefused(f"export destination {target} is a symbolic link; give a real folder")
+    resolved = target.resolve()
+    guarded = {Path("/"), Path.home().resolve(), Path.cwd().resolve(), tao_home.resolve()}
+    for place in guarded:
+        if resolved == place or place.is_relative_to(resolved):
+            raise ExportRefused(
+                f"refusing to export into {target}: it is or contains {place}; give a new folder, e.g. ./served-model"
+            )
+    for folder in _PIPELINE_DATA:
+        if resolved.is_relative_to(tao_home.resolve() / folder):
+            raise ExportRefused(f"refusing to export into {target}: it is inside the pipeline's own {folder}/ data")
+    if resolved.exists() and not resolved.is_dir():
+        raise ExportRefused(f"export destination {target} is a file, not a folder")
+    if resolved.is_dir() and not _written_by_an_export(resolved):
+        raise ExportRefused(
+            f"export destination {target} is not empty and was not written by `tao export`; "
+            "give a new or empty folder (nothing there was touched)"
+        )
+    return resolved
+
+
+def export_files(files: list[Path], destination: Path, tao_home: Path, version_id: str) -> Path:
+    """Copy ``files`` into ``destination`` (checked first), replacing only a previous export's own files."""
+    target = check_destination(destination, tao_home)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.export-"))
+    try:
+        for item in files:
+            shutil.copy2(item, staging / item.name)
+        manifest = {"version_id": version_id, "files": sorted(item.name for item in files)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        staging.chmod(0o755)
+        _swap_into_place(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _written_by_an_export(folder: Path) -> bool:
+    """True for an empty folder, or one holding nothing but a previous export's listed files."""
+    names = {entry.name for entry in folder.iterdir()}
+    if not names:
+        return True
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return names <= listed | {MANIFEST}
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename the new export into place; a previous one is moved aside first and then emptied of its
+    own listed files only (a file someone added meanwhile keeps the old folder, renamed, beside it)."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.previous-"))
+    aside.rmdir()
+    target.rename(aside)
+    staging.rename(target)
+    listed = json.loads((aside / MANIFEST).read_text())["files"] if (aside / MANIFEST).exists() else []
+    for name in [*listed, MANIFEST]:
+        (aside / name).unlink(missing_ok=True)
+    try:
+        aside.rmdir()
+    except OSError:
+        pass  # something not ours appeared there: it stays, in the renamed folder
