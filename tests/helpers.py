@@ -119,6 +119,9 @@ bf16 = false
 pool_samples = 2
 max_new_tokens = 8
 test_time_k = 4
+
+[flywheel]
+settle_seconds = 0  # files the tests drop into the inbox are complete; tests/test_inbox.py covers settling
 """)
     return config
 

@@ -38,6 +38,7 @@ logs = []
 base = "{tiny_model_dir}"
 [flywheel]
 min_new_prompts = 10
+settle_seconds = 0
 """)
     monkeypatch.setenv("TAO_CONFIG", str(config))
     settings = load_settings()

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from tao_pipeline.data.ingest import pending_log_files
+from tao_pipeline.data.ingest import InboxScan, archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import decide_next_round
 from tao_pipeline.definitions import load_definitions
@@ -140,18 +140,41 @@ def ingest_new_files(
     echo: Callable[[str], None],
     definitions: dg.Definitions | None = None,
 ) -> list[str]:
-    """Materialize a usage_logs partition for every new inbox, table-source or data.logs file."""
+    """Materialize a usage_logs partition for every inbox, table-source or data.logs file not in the lake
+    yet, once the inbox files still being written have settled (waiting for them a little)."""
     job = (definitions or code_location()).resolve_job_def(INGEST_JOB)
-    new = pending_log_files(settings, set(instance.get_dynamic_partitions(LOG_BATCHES)))
-    for key, path in new.items():
-        instance.add_dynamic_partitions(LOG_BATCHES, [key])
+    known = set(instance.get_dynamic_partitions(LOG_BATCHES))
+    scan = settled_scan(settings, known, echo)
+    archive_ingested(scan, settings.inbox_dir)
+    for path, why in scan.refused:
+        echo(f"not reading {path}: {why}")
+    for key, path in scan.ready.items():
+        if key not in known:
+            instance.add_dynamic_partitions(LOG_BATCHES, [key])
         echo(f"ingesting {path} as {key}")
         job.execute_in_process(
             instance=instance,
             partition_key=key,
             run_config=run_config(source, ops={"usage_logs": {"config": {"path": str(path)}}}),
         )
-    return list(new)
+    return list(scan.ready)
+
+
+def settled_scan(settings: TaoSettings, known: set[str], echo: Callable[[str], None]) -> InboxScan:
+    """The inbox, after waiting (at most flywheel.settle_seconds, plus a second) for files still changing;
+    a file still changing after that is left for the next run."""
+    lake = Lake(settings.lake_dir)
+    scan = pending_log_files(settings, lake, known)
+    if scan.settling:
+        wait_s = settings.flywheel.settle_seconds + 1
+        echo(f"waiting up to {wait_s:.0f}s for {len(scan.settling)} inbox file(s) still being written")
+        deadline = time.monotonic() + wait_s
+        while scan.settling and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            scan = pending_log_files(settings, lake, known)
+    for path in scan.settling:
+        echo(f"{path} is still changing: left for a later run (see the inbox contract in the README)")
+    return scan
 
 
 def run_round(

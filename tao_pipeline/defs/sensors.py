@@ -6,9 +6,11 @@ was started with). The tick interval itself is read when the code location loads
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
-from tao_pipeline.data.ingest import pending_log_files
+from tao_pipeline.data.ingest import archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import RoundDecision, decide_next_round
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
@@ -16,6 +18,7 @@ from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitio
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 from tao_pipeline.settings import TaoSettings
 
+PARTITION_TAG = "dagster/partition"
 _IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -34,25 +37,26 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
     def usage_log_sensor(
         context: dg.SensorEvaluationContext, settings: TaoSettingsResource
     ) -> dg.SensorResult | dg.SkipReason:
-        """One log-batch partition and one ingest run per new file in the inbox (or in data.logs),
+        """One log-batch partition and one ingest run per file ready in the inbox (or in data.logs),
         after pulling rows appended to flywheel.table_source (if set) into a file.
 
-        A file is keyed by its content hash, so a file seen again (same bytes, any name) is never
-        ingested twice; the run key makes a re-evaluated tick harmless.
+        A file is ready once unchanged for flywheel.settle_seconds, and new until its rows are
+        committed to the lake (keyed by its content hash, so a copy under another name is not new):
+        a file whose run failed is requested again on a later tick, one that is in flight is not.
         """
         config = settings.get()
-        new = pending_log_files(config, set(context.instance.get_dynamic_partitions(LOG_BATCHES)))
-        if not new:
-            return dg.SkipReason(f"no new usage-log files in {config.inbox_dir}")
+        known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
+        scan = pending_log_files(config, Lake(config.lake_dir), known)
+        archive_ingested(scan, config.inbox_dir)
+        for path, why in scan.refused:
+            context.log.warning(f"not reading {path}: {why}")
+        ready = {key: path for key, path in scan.ready.items() if key not in known or _failed(context.instance, key)}
+        if not ready:
+            return dg.SkipReason(scan.describe(config.inbox_dir))
         return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(
-                    run_key=key, partition_key=key, run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}}
-                )
-                for key, path in new.items()
-            ],
-            dynamic_partitions_requests=[log_batches_partitions.build_add_request(list(new))],
-            cursor=max(new),
+            run_requests=[_ingest_request(context.instance, key, path) for key, path in ready.items()],
+            dynamic_partitions_requests=[log_batches_partitions.build_add_request(sorted(set(ready) - known))],
+            cursor=max(ready),
         )
 
     return usage_log_sensor
@@ -82,12 +86,29 @@ def build_round_sensor(interval_s: int) -> dg.SensorDefinition:
     return new_prompts_round_sensor
 
 
+def _failed(instance: dg.DagsterInstance, key: str) -> bool:
+    """Whether the last ingest run of a known batch failed (or was canceled): then it is retried.
+    A batch whose run is on its way or still running is left alone."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, tags={PARTITION_TAG: key}), limit=1)
+    return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def _ingest_request(instance: dg.DagsterInstance, key: str, path: Path) -> dg.RunRequest:
+    """The run for one file; a retry gets its own run key (Dagster runs a run key once)."""
+    attempts = instance.get_runs_count(dg.RunsFilter(job_name=INGEST_JOB, tags={PARTITION_TAG: key}))
+    return dg.RunRequest(
+        run_key=key if attempts == 0 else f"{key}#retry-{attempts}",
+        partition_key=key,
+        run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}},
+    )
+
+
 def round_decision(instance: dg.DagsterInstance, settings: TaoSettings, min_unused: int) -> RoundDecision:
     """The round rule (:func:`decide_next_round`), after waiting for a round run still in flight.
     Shared by the sensor and the schedule."""
     running = instance.get_runs(dg.RunsFilter(job_name=ROUND_JOB, statuses=_IN_FLIGHT), limit=1)
     if running:
-        return RoundDecision(None, f"{running[0].tags.get('dagster/partition', 'a round')} is still running")
+        return RoundDecision(None, f"{running[0].tags.get(PARTITION_TAG, 'a round')} is still running")
     return decide_next_round(Lake(settings.lake_dir), instance.get_dynamic_partitions(ROUNDS), min_unused)
 
 

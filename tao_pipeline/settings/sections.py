@@ -163,6 +163,9 @@ class FlywheelSettings(_Section):
     schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
     replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
     sensor_interval_s: int = Field(30, ge=5)
+    settle_seconds: float = Field(
+        10.0, ge=0.0, description="An inbox file is read once unchanged this long (see the inbox contract)."
+    )
     table_source: TableSourceSettings | None = None
 
     @field_validator("schedule_cron")

@@ -1,7 +1,8 @@
 """Usage-log files (JSONL, JSON arrays, Parquet, CSV) and table rows -> the usage_logs table, plus quarantine.
 
-- ``inbox``: which files are new (a file is keyed by the hash of its content, so the same file
-  is ingested once however often it is seen) and where a handled file goes;
+- ``inbox``: the inbox contract: which files may be read, which are ready (unchanged for
+  ``flywheel.settle_seconds``) and new (a file is keyed by the hash of its content and counts
+  as ingested once its rows are committed to the lake), and where a handled file goes;
 - ``table_source``: rows an app appends to a DuckDB table, exported into files for ingestion;
 - ``readers``: each format's records; ``validation``: a record -> a valid row or its reason;
 - ``writer``: a file's rows streamed into the lake in bounded memory;
@@ -10,7 +11,14 @@
 """
 
 from tao_pipeline.data.ingest.batch import BatchOutcome, ingest_log_batch
-from tao_pipeline.data.ingest.inbox import archive_file, batch_key, discover_log_files, new_log_files, pending_log_files
+from tao_pipeline.data.ingest.inbox import (
+    InboxScan,
+    archive_file,
+    archive_ingested,
+    batch_key,
+    pending_log_files,
+    scan_inbox,
+)
 from tao_pipeline.data.ingest.offline import PromptBatch, load_prompts
 from tao_pipeline.data.ingest.readers import LOG_SUFFIXES, UnreadableLogFile, read_jsonl, read_records
 from tao_pipeline.data.ingest.table_source import export_new_table_rows
@@ -37,22 +45,23 @@ __all__ = [
     "QUARANTINE_TABLE",
     "USAGE_LOG_COLUMNS",
     "USAGE_TABLE",
+    "InboxScan",
     "IngestSummary",
     "LogRow",
     "PromptBatch",
     "RowRejected",
     "UnreadableLogFile",
     "archive_file",
+    "archive_ingested",
     "batch_key",
-    "discover_log_files",
     "export_new_table_rows",
     "ingest_file",
     "ingest_log_batch",
     "ingest_to_lake",
     "load_prompts",
-    "new_log_files",
     "parse_record",
     "pending_log_files",
+    "scan_inbox",
     "quarantine_unreadable_file",
     "read_jsonl",
     "read_log_chunks",

@@ -2,7 +2,8 @@
 
 A file that cannot be read at all is quarantined once (one row naming the problem) and moved to
 ``inbox/failed/``, so nobody retries it forever; a file that was read goes to ``inbox/processed/``.
-Configured files outside the inbox (``data.logs``) stay where they are.
+Configured files outside the inbox (``data.logs``) stay where they are. A batch another process
+has already committed (the same file, ingested twice at once) is a no-op.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tao_pipeline.data.ingest.inbox import archive_file
+from tao_pipeline.data.ingest.inbox import archive_file, still_a_regular_file
 from tao_pipeline.data.ingest.readers import UnreadableLogFile
-from tao_pipeline.data.ingest.writer import IngestSummary, ingest_to_lake, quarantine_unreadable_file
+from tao_pipeline.data.ingest.writer import USAGE_TABLE, IngestSummary, ingest_to_lake, quarantine_unreadable_file
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.settings import TaoSettings
 
@@ -20,16 +21,24 @@ from tao_pipeline.settings import TaoSettings
 @dataclass
 class BatchOutcome:
     path: Path
-    archived_to: Path | None  # None: a configured file, left in place
-    summary: IngestSummary | None  # None when the file could not be read at all
-    unreadable: str | None = None  # why not
+    archived_to: Path | None  # None: a configured file, left in place, or archived by another process
+    summary: IngestSummary | None  # None when the file could not be read at all, or was not read
+    unreadable: str | None = None  # why it could not be read
+    skipped: str | None = None  # why it was not read: another process ingested it
 
 
 def ingest_log_batch(path: Path, settings: TaoSettings, lake: Lake, batch: str) -> BatchOutcome:
     """Ingest one file as partition ``batch`` of usage_logs and quarantined_rows, then archive it."""
+    in_inbox = path.parent.resolve() == settings.inbox_dir.resolve()
     try:
+        if in_inbox and not still_a_regular_file(path):
+            raise FileNotFoundError(f"{path} is gone or no longer a regular file")
         summary = ingest_to_lake(path, settings.data, lake, batch)
     except UnreadableLogFile as error:
         quarantine_unreadable_file(lake, batch, path, error)
         return BatchOutcome(path, archive_file(path, settings.inbox_dir, "failed"), None, str(error))
+    except FileNotFoundError:
+        if not lake.exists(USAGE_TABLE, batch):
+            raise
+        return BatchOutcome(path, None, None, skipped=f"{path.name} was ingested by another process as {batch}")
     return BatchOutcome(path, archive_file(path, settings.inbox_dir, "processed"), summary)

@@ -27,7 +27,7 @@ from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import content_hash, file_digest
 from tao_pipeline.data.ingest.readers import UnreadableLogFile, read_records
 from tao_pipeline.data.ingest.validation import LogRow
-from tao_pipeline.data.lake import Lake
+from tao_pipeline.data.lake import DuckDBLockTimeout, Lake
 from tao_pipeline.data.prompts import prompt_id_for
 from tao_pipeline.settings import DataSettings
 
@@ -77,6 +77,7 @@ class IngestSummary:
     quarantined: int = 0
     distinct_prompts: int = 0
     rows_per_task: Counter[str] = field(default_factory=Counter)
+    catalog_warning: str | None = None  # the rows are in, but the catalog was locked
     quarantine_preview: list[tuple[int | None, str]] = field(default_factory=list)
 
     def add(self, chunk: IngestChunk) -> None:
@@ -100,10 +101,15 @@ def ingest_to_lake(
 ) -> IngestSummary:
     """Stream one usage-log file into partition ``batch`` of usage_logs and quarantined_rows.
 
-    An UnreadableLogFile halfway (a corrupt Parquet page) leaves the lake as it was.
+    The two partitions are written whole to temp files, then renamed into place, the quarantined
+    rows first and the usage rows last: the usage_logs partition is the commit, so a batch is in
+    the lake with both its kept and its quarantined rows, or not at all (and is read again). An
+    UnreadableLogFile halfway (a corrupt Parquet page) leaves the lake as it was. The catalog's
+    views are refreshed afterwards; a catalog locked by someone else delays only that.
     """
     summary = IngestSummary()
     rows_path = lake.path(USAGE_TABLE, batch)
+    # The context that exits last renames last: the usage rows, the commit.
     with (
         _partition_writer(rows_path, USAGE_LOG_SCHEMA, batch) as rows_out,
         _partition_writer(lake.path(QUARANTINE_TABLE, batch), QUARANTINE_SCHEMA, batch) as quarantine_out,
@@ -112,23 +118,27 @@ def ingest_to_lake(
             rows_out.write(chunk.rows)
             quarantine_out.write(chunk.quarantine)
             summary.add(chunk)
-    lake.refresh_view(USAGE_TABLE)
-    lake.refresh_view(QUARANTINE_TABLE)
+    summary.catalog_warning = _refresh_views(lake)
     summary.distinct_prompts = count_distinct_prompts(rows_path)
     return summary
+
+
+def _refresh_views(lake: Lake, tables: tuple[str, ...] | list[str] = (USAGE_TABLE, QUARANTINE_TABLE)) -> str | None:
+    try:
+        for table in tables:
+            lake.refresh_view(table)
+    except DuckDBLockTimeout as error:
+        return f"rows committed; the catalog's views wait for a later write: {error}"
+    return None
 
 
 def quarantine_unreadable_file(lake: Lake, batch: str, path: Path, error: UnreadableLogFile) -> Path:
     """The one quarantine row of a file that could not be read at all (no line number, no raw text)."""
     target = lake.path(QUARANTINE_TABLE, batch)
     with _partition_writer(target, QUARANTINE_SCHEMA, batch) as out:
-        out.write(
-            pa.table(
-                {"source_file": [str(path)], "line_number": [None], "reason": [str(error)], "raw": [""]},
-                schema=QUARANTINE_SCHEMA,
-            )
-        )
-    lake.refresh_view(QUARANTINE_TABLE)
+        row = {"source_file": [str(path)], "line_number": [None], "reason": [str(error)], "raw": [""]}
+        out.write(pa.table(row, schema=QUARANTINE_SCHEMA))
+    _refresh_views(lake, [QUARANTINE_TABLE])
     return target
 
 
