@@ -72,12 +72,12 @@ def test_reward_groups_completions_by_prompt_and_keeps_their_order():
     assert rewards == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1 / 3, 1 / 3, 2 / 3])
 
 
-def test_reward_accepts_standard_completions_and_zeroes_failed_scores():
+def test_reward_accepts_standard_completions_and_gives_failed_scores_no_reward():
     prompts = pd.concat([make_prompts(1), make_prompts(2, '{"max_words": -1}').iloc[[1]]])
     reward = scorer_reward_function(length_scorer(), prompts)
     texts = ["Blue.", "one two three four five six", "Blue.", "Red."]
     rewards = reward(prompts=["q"] * 4, completions=texts, prompt_id=["p0", "p0", "p1", "p1"], trainer_state=None)
-    assert rewards == [1.0, 0.0, 0.0, 0.0]  # p1's constraint is invalid: Failed, so 0
+    assert rewards == [1.0, 0.0, None, None]  # p1's constraint is invalid: Failed, so no reward (not 0)
 
 
 def test_prompt_dataset_is_conversational_with_prompt_ids():

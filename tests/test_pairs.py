@@ -56,7 +56,7 @@ def test_chosen_is_best_and_rejected_is_worst():
     assert pair["system"] == "Be brief."
     assert pair["task"] == "arithmetic"
     assert stats.prompts == 1 and stats.pairs == 1
-    assert stats.dropped == {"all_equal": 0, "below_margin": 0, "single_candidate": 0}
+    assert stats.dropped == {"all_equal": 0, "below_margin": 0, "single_candidate": 0, "unscored": 0}
 
 
 def test_lineage_ids():
@@ -89,7 +89,7 @@ def test_all_equal_and_below_margin_groups_are_dropped_and_counted():
     assert sorted(pairs["prompt_id"]) == ["clear", "edge"]
     assert stats.prompts == 5
     assert stats.pairs == 2
-    assert stats.dropped == {"all_equal": 1, "below_margin": 1, "single_candidate": 1}
+    assert stats.dropped == {"all_equal": 1, "below_margin": 1, "single_candidate": 1, "unscored": 0}
 
 
 def test_zero_margin_still_drops_all_equal_groups():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -222,17 +223,32 @@ def test_a_failing_scorer_is_recorded_not_fatal():
     scorers = {"good": FixedScorer("good", [1.0, 0.5]), "broken": BrokenScorer()}
     composite = CompositeScorer(scorers, recipes(default={"good": 1.0, "broken": 1.0}))
     result = composite.score(PromptContext("q", "any"), ["x", "y"])
-    assert result.scores == pytest.approx([0.5, 0.25])  # the broken part counts 0 but keeps its weight
+    assert all(math.isnan(score) for score in result.scores)  # a part that counts failed: unknown, not 0
     assert result.parts == [{"good": 1.0, "broken": None}, {"good": 0.5, "broken": None}]
     assert result.failures == [{"broken": "RuntimeError: judge unavailable"}] * 2
     assert json.loads(result.parts_json(1)) == {"broken": None, "good": 0.5}
 
 
-def test_composite_none_values_count_zero():
-    composite = CompositeScorer({"a": FixedScorer("a", [None, 1.0])}, recipes(default={"a": 2.0}))
-    result = composite.score(PromptContext("q", "t"), ["x", "y"])
-    assert result.scores == [0.0, 1.0]
-    assert result.failures == [{}, {}]
+def test_composite_values_that_are_no_score_are_unknown_and_recorded():
+    values = [None, 1.0, float("nan"), float("inf"), "0.5", True]
+    composite = CompositeScorer({"a": FixedScorer("a", values)}, recipes(default={"a": 2.0}))
+    result = composite.score(PromptContext("q", "t"), ["x"] * len(values))
+    assert result.scores[1] == 1.0 and all(math.isnan(result.scores[i]) for i in (0, 2, 3, 4, 5))
+    assert result.failures[1] == {} and "not a score" in result.failures[0]["a"]
+    assert "non-finite" in result.failures[2]["a"] and "non-finite" in result.failures[3]["a"]
+
+
+def test_a_failed_part_with_zero_weight_does_not_count():
+    scorers = {"good": FixedScorer("good", [1.0, 0.5]), "broken": BrokenScorer()}
+    composite = CompositeScorer(scorers, recipes(default={"good": 1.0, "broken": 0.0}))
+    assert composite.score(PromptContext("q", "any"), ["x", "y"]).scores == [1.0, 0.5]
+
+
+def test_a_failed_gate_is_unknown_not_a_fail():
+    scorers = {"valid": FixedScorer("valid", [Failed("valid: timeout"), 0.0]), "rank": FixedScorer("rank", [0.9, 1.0])}
+    composite = CompositeScorer(scorers, {"default": TaskRecipe({"rank": 1.0}, gates=("valid",))})
+    scores = composite.score(PromptContext("q", "any"), ["x", "y"]).scores
+    assert math.isnan(scores[0]) and scores[1] == 0.0
 
 
 def test_gate_zeroes_responses_that_fail_it():
@@ -246,7 +262,7 @@ def test_gate_zeroes_responses_that_fail_it():
 def test_per_response_failure_is_recorded_with_its_reason():
     scorers = {"a": FixedScorer("a", [Failed("a: timeout after 2s"), 1.0])}
     result = CompositeScorer(scorers, recipes(default={"a": 1.0})).score(PromptContext("q", "t"), ["x", "y"])
-    assert result.scores == [0.0, 1.0]
+    assert math.isnan(result.scores[0]) and result.scores[1] == 1.0
     assert result.failures == [{"a": "a: timeout after 2s"}, {}]
     assert result.parts[0] == {"a": None}
 
@@ -321,7 +337,7 @@ def test_score_responses_records_failures():
     scorer = build_scorer(ScoringSettings(scorers={"default": {"self_consistency": 1.0}}))
     scorer.scorers["self_consistency"] = BrokenScorer()
     scores = score_responses(candidates, prompts, scorer, progress=False)
-    assert scores["score"].tolist() == [0.0, 0.0]
+    assert scores["score"].isna().all()
     assert [json.loads(f) for f in scores["failures"]] == [{"self_consistency": "RuntimeError: judge unavailable"}] * 2
     assert json.loads(scores["score_parts"].iloc[0]) == {"self_consistency": None}
 

@@ -17,6 +17,7 @@ model's samples are drawn once across rounds.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,8 @@ def _test_time_answers(
     extracted = scorer.answers(context, [base.greedy[pid], *samples])
     votes = Counter(a for a in extracted[1:] if a is not None)
     scores = scorer.score(context, samples).scores
-    best = max(range(len(samples)), key=lambda i: (scores[i], -i))
+    # An unknown score never wins best-of-k.
+    best = max(range(len(samples)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
     answers = {
         "base_greedy": extracted[0],
         "base_majority": votes.most_common(1)[0][0] if votes else None,
@@ -186,7 +188,10 @@ def _test_time_answers(
     return answers, extracted[1:]
 
 
-def _outcome(challenger_score: float, champion_score: float) -> str:
+def _outcome(challenger_score: float, champion_score: float) -> str | None:
+    """win / loss / tie for the challenger; None when either score is unknown (it counts for neither)."""
+    if math.isnan(challenger_score) or math.isnan(champion_score):
+        return None
     if abs(challenger_score - champion_score) < 1e-9:
         return "tie"
     return "win" if challenger_score > champion_score else "loss"

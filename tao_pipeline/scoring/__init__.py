@@ -25,8 +25,10 @@ __all__ = [
     "ScoreCache",
     "Scorer",
     "SCORE_COLUMNS",
+    "ScoringOutage",
     "TaoScorer",
     "build_scorer",
+    "check_unscored_share",
     "group_key",
     "prompt_constraints",
     "score_candidates",
@@ -92,8 +94,8 @@ def score_responses(
             rows.extend(_score_group(groups[prompt_id], scorer, keys[prompt_id]))
             bar.update(1)
         shard = pd.DataFrame(rows, columns=[*SCORE_COLUMNS, "group_key"])
-        if cache:
-            cache.save(shard)
+        if cache:  # a group with a failure is scored again next time (the judge may be back)
+            cache.save(shard[~shard["group_key"].isin(shard.loc[shard["failures"].notna(), "group_key"])])
         tables.append(shard)
     bar.close()
     table = (
@@ -108,9 +110,32 @@ def score_responses(
 def score_candidates(
     candidates: pd.DataFrame, prompts: pd.DataFrame, settings: ScoringSettings, cache_dir: Path
 ) -> tuple[pd.DataFrame, ScoreCache]:
-    """A round's scores with the configured scorer, through the score cache (which says what it reused)."""
+    """A round's scores with the configured scorer, through the score cache (which says what it reused).
+
+    Raises ScoringOutage when more than ``scoring.max_unscored_share`` of the responses have no score:
+    a round does not train on a scorer outage.
+    """
     cache = ScoreCache(cache_dir, settings)
-    return score_responses(candidates, prompts, build_scorer(settings, cache_dir), cache=cache), cache
+    scores = score_responses(candidates, prompts, build_scorer(settings, cache_dir), cache=cache)
+    check_unscored_share(scores, settings.max_unscored_share)
+    return scores, cache
+
+
+class ScoringOutage(RuntimeError):
+    """Most responses could not be scored (a judge or reward model down, a database missing)."""
+
+
+def check_unscored_share(scores: pd.DataFrame, max_share: float) -> None:
+    unscored = scores["score"].isna()
+    if not len(scores) or unscored.mean() <= max_share:
+        return
+    reasons = scores.loc[unscored, "failures"].dropna().map(lambda text: "; ".join(json.loads(text).values()))
+    common = reasons.value_counts().index[0] if len(reasons) else "no reason recorded"
+    raise ScoringOutage(
+        f"{int(unscored.sum())} of {len(scores)} responses have no score (most common: {common[:200]}), more than "
+        f"scoring.max_unscored_share={max_share}: not training on a scorer outage. Fix the scorer and "
+        "materialize the round again; the scores that succeeded are cached."
+    )
 
 
 def group_key(group: pd.DataFrame) -> str:

@@ -22,7 +22,9 @@ class ScoreCache:
     """Scored prompt groups under one scoring configuration, as atomically written Parquet shards."""
 
     def __init__(self, root: Path, settings: ScoringSettings):
-        self.folder = Path(root) / "scores" / content_hash(settings.model_dump_json())[:16]
+        # Keyed by everything that changes a score (not by what only judges the scores afterwards).
+        identity = settings.model_dump_json(exclude={"max_unscored_share"})
+        self.folder = Path(root) / "scores" / content_hash(identity)[:16]
         self.cached_groups = 0  # prompt groups found in the cache by the last load
         self.scored_groups = 0  # prompt groups scored and saved since this cache was opened
 

@@ -1,8 +1,14 @@
-"""Composite scorer: routes by the prompt's task; gates, then a weighted mean of the other scorers."""
+"""Composite scorer: routes by the prompt's task; gates, then a weighted mean of the other scorers.
+
+A scorer that fails on a response (or returns no finite score) leaves that part unknown, never 0,
+and a response with an unknown part that counts (a gate, or a positive weight) has an unknown
+score: NaN. Unknown is never a preference signal: pairs, best-of-k and win rates skip it.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 
@@ -28,8 +34,9 @@ class TaskRecipe:
 class CompositeScorer:
     """Per task: every gate scorer must reach ``gate_threshold``, then the weighted mean of the others ranks.
 
-    A response that fails a gate scores 0. A scorer that fails on a response contributes 0
-    and the reason is recorded; a scorer that raises outright fails every response of the group.
+    A response that fails a gate scores 0. A scorer that fails on a response leaves its part
+    unknown (None) with the reason recorded, and the response's score unknown (NaN); a scorer that
+    raises outright fails every response of the group.
     ``length_penalty`` > 0 divides a score by 1 + penalty x (how much longer than the group's
     median the response is), a guard against judges and consensus that favour long answers.
     """
@@ -58,10 +65,11 @@ class CompositeScorer:
         failures: list[dict[str, str]] = [{} for _ in responses]
         for name in names:
             for i, value in enumerate(self._run(name, context, responses)):
-                if isinstance(value, Failed):
-                    parts[i][name], failures[i][name] = None, value.reason
+                problem = _problem(value)
+                if problem:
+                    parts[i][name], failures[i][name] = None, problem
                 else:
-                    parts[i][name] = value
+                    parts[i][name] = float(value)
         scores = [self._combine(recipe, part) for part in parts]
         if self.length_penalty > 0:
             scores = self._penalise_length(scores, responses)
@@ -77,12 +85,15 @@ class CompositeScorer:
         return values
 
     def _combine(self, recipe: TaskRecipe, part: dict[str, float | None]) -> float:
-        if any((part.get(gate) or 0.0) < self.gate_threshold for gate in recipe.gates):
+        counted = [*recipe.gates, *(name for name, weight in recipe.weights.items() if weight > 0)]
+        if any(part.get(name) is None for name in counted):
+            return math.nan  # unknown: a part that counts failed
+        if any(part[gate] < self.gate_threshold for gate in recipe.gates):
             return 0.0
         total = sum(recipe.weights.values())
         if not total:
             return 1.0 if recipe.gates else 0.0  # gates alone: passing them is the score
-        return sum(weight * (part.get(name) or 0.0) for name, weight in recipe.weights.items()) / total
+        return sum(weight * part[name] for name, weight in recipe.weights.items() if weight > 0) / total
 
     def _penalise_length(self, scores: list[float], responses: list[str]) -> list[float]:
         median = statistics.median(len(r) for r in responses) or 1
@@ -90,3 +101,14 @@ class CompositeScorer:
 
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]:
         return self.score(context, responses).scores
+
+
+def _problem(value: Score | None) -> str | None:
+    """Why a scorer's value is no score, or None when it is one."""
+    if isinstance(value, Failed):
+        return value.reason
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"returned {value!r}, not a score"
+    if not math.isfinite(value):
+        return f"returned a non-finite score ({value})"
+    return None

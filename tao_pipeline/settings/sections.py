@@ -86,6 +86,9 @@ class ScoringSettings(_Section):
     length_penalty: float = Field(0.0, ge=0.0, description="> 0 discounts responses longer than their group's median.")
     concise_max_words: int = Field(8, ge=1)
     min_agreement: float = Field(0.25, ge=0.0, le=1.0, description="Below this top vote share a prompt gives no pair.")
+    max_unscored_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="A round stops, untrained, when more responses than this have no score."
+    )
 
     @model_validator(mode="after")
     def _known_names(self) -> ScoringSettings:

@@ -7,6 +7,7 @@ implement exactly these names (a test keeps the two in step).
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -60,8 +61,8 @@ def check_scoring_names(
     for task, weights in scorers.items():
         for scorer, weight in weights.items():
             _check_name(scorer, f"scoring.scorers.{task}")
-            if weight < 0:
-                raise ValueError(f"scoring.scorers.{task}.{scorer}: weight must be >= 0, got {weight}")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"scoring.scorers.{task}.{scorer}: weight must be a finite number >= 0, got {weight}")
     for task, names in (gates or {}).items():
         for scorer in names:
             _check_name(scorer, f"scoring.gates.{task}")

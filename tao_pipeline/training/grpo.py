@@ -27,8 +27,8 @@ def scorer_reward_function(scorer: TaoScorer, prompts: pd.DataFrame) -> Callable
     """A TRL reward function: each prompt's completions are scored together, as one round group."""
     contexts = prompt_contexts(prompts)
 
-    def tao_score(prompts, completions, prompt_id, **kwargs) -> list[float]:
-        rewards = [0.0] * len(completions)
+    def tao_score(prompts, completions, prompt_id, **kwargs) -> list[float | None]:
+        rewards: list[float | None] = [None] * len(completions)
         for pid, indices in _indices_by_prompt(prompt_id).items():
             group = [completion_text(completions[i]) for i in indices]
             scores = scorer.score(_context(contexts, pid), group).scores
@@ -73,11 +73,12 @@ def _context(contexts: dict[str, PromptContext], prompt_id: str) -> PromptContex
     return contexts[prompt_id]
 
 
-def _as_reward(score) -> float:
-    # A failed or non-finite score must not become a NaN reward, which TRL would treat as "no reward".
+def _as_reward(score) -> float | None:
+    # A failed or non-finite score is no reward at all (None): TRL leaves such a completion out of its
+    # group's baseline and gives it no advantage, instead of learning from a scorer's failure.
     if isinstance(score, (int, float)) and math.isfinite(score):
         return float(score)
-    return 0.0
+    return None
 
 
 def prompt_dataset(prompts: pd.DataFrame):

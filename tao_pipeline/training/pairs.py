@@ -1,4 +1,8 @@
-"""Scores -> preference pairs: best vs worst candidate of a prompt, when the margin is clear."""
+"""Scores -> preference pairs: best vs worst candidate of a prompt, when the margin is clear.
+
+A response whose score is unknown (a scorer failed on it) is never chosen or rejected: a judge
+outage must not turn into training data.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ PAIR_COLUMNS = [
 class PairStats:
     prompts: int = 0
     pairs: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"all_equal": 0, "below_margin": 0, "single_candidate": 0})
+    unscored_responses: int = 0  # left out: their score is unknown
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {"all_equal": 0, "below_margin": 0, "single_candidate": 0, "unscored": 0}
+    )
 
 
 def build_pairs(
@@ -43,9 +50,11 @@ def build_pairs(
     table["length"] = table["response"].str.len()
     stats = PairStats()
     rows = []
-    for prompt_id, group in table.groupby("prompt_id", sort=True):
+    stats.unscored_responses = int(table["score"].isna().sum())
+    for prompt_id, everything in table.groupby("prompt_id", sort=True):
         stats.prompts += 1
-        reason = _drop_reason(group, min_margin)
+        group = everything[everything["score"].notna()]
+        reason = "unscored" if len(group) < min(2, len(everything)) else _drop_reason(group, min_margin)
         if reason:
             stats.dropped[reason] += 1
             continue

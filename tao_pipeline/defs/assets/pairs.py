@@ -29,6 +29,7 @@ def _metadata(pairs: pd.DataFrame, stats: PairStats) -> dict:
     return {
         "prompts": stats.prompts,
         "pairs": stats.pairs,
+        "unscored_responses": stats.unscored_responses,
         **{f"dropped_{reason}": count for reason, count in stats.dropped.items()},
         "margin_histogram": histogram(pairs["margin"]),
         "per_task": md_table(pairs.groupby("task").size().rename("pairs").reset_index()),

@@ -40,6 +40,7 @@ def _metadata(scores: pd.DataFrame, candidates: pd.DataFrame, cache: ScoreCache)
         "mean_score": round(float(scores["score"].mean()), 3),
         "score_length_correlation": round(float(length_corr), 3) if length_corr == length_corr else 0.0,
         "failures": int(scores["failures"].notna().sum()),
+        "unscored": int(scores["score"].isna().sum()),  # a failed part that counts: never paired
         "prompts_from_cache": cache.cached_groups,
         "prompts_scored": cache.scored_groups,
     }
