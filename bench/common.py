@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry.embedded import EMBEDDED_NAME
+
+DEMO = str(DEMO_CONFIG)  # the benchmarks run on the demo, with the demo's settings
 
 
 def fresh_home(name: str, base_model_from: str | None) -> Path:

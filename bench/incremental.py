@@ -13,7 +13,7 @@ checkpoint. Prints both runs' per-stage wall time side by side and the cache cou
 from __future__ import annotations
 
 import pandas as pd
-from common import bench_parser, fresh_home, run_metadata, show
+from common import DEMO, bench_parser, fresh_home, run_metadata, show
 
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.common.hashing import content_hash
@@ -38,13 +38,13 @@ def main() -> None:
     home = fresh_home("incremental", args.base_model_from)
     first_logs, late_logs, late_count, total = split_logs(home, args.new_fraction)
     overrides = [f'data.logs=["{first_logs}"]']
-    settings = load_settings(None, overrides)
+    settings = load_settings(DEMO, overrides)
     print(f"home {home}: {total - late_count} log lines now, {late_count} later ({late_count / total:.1%})")
 
-    first = run_round(None, overrides, echo=print)
+    first = run_round(DEMO, overrides, echo=print)
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
     late_logs.rename(settings.inbox_dir / late_logs.name)
-    rerun = run_round(None, overrides, echo=print, rerun=first.round_id)
+    rerun = run_round(DEMO, overrides, echo=print, rerun=first.round_id)
     if not (first.completed and rerun.completed):
         raise SystemExit("a run failed; see `tao ui`")
 

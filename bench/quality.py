@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from common import bench_parser, fresh_home, show
+from common import DEMO, bench_parser, fresh_home, show
 
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.lake import Lake
@@ -38,18 +38,18 @@ def main() -> None:
     started = time.perf_counter()
     for number in range(1, args.rounds + 1):
         round_overrides = overrides + (["flywheel.replay_fraction=1.0"] if number > 1 else [])
-        report = run_round(None, round_overrides, echo=print)
+        report = run_round(DEMO, round_overrides, echo=print)
         if not report.completed:
             raise SystemExit(f"{report.round_id} failed; see `TAO_HOME={home} tao ui`")
-        rows = Lake(load_settings(None, round_overrides).lake_dir).read("checkpoint_evaluation", report.round_id)
+        rows = Lake(load_settings(DEMO, round_overrides).lake_dir).read("checkpoint_evaluation", report.round_id)
         print(f"\n=== {report.round_id}: {report.verdict} ({report.seconds / 60:.1f} min)")
         show(
             "labeled held-out accuracy (base model with k=8 samples vs one greedy pass)", tuned_vs_sampling_table(rows)
         )
         show("stages", report.stages)
-        print(f"\ncontrol: {compare_control(rows, load_settings(None, overrides).evaluation).message}")
+        print(f"\ncontrol: {compare_control(rows, load_settings(DEMO, overrides).evaluation).message}")
     print(f"\nall rounds: {(time.perf_counter() - started) / 60:.1f} min")
-    summarize_against_targets(load_settings(None, overrides))
+    summarize_against_targets(load_settings(DEMO, overrides))
 
 
 def summarize_against_targets(settings) -> None:

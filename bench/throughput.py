@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import bench_parser, fresh_home, run_metadata, show
+from common import DEMO, bench_parser, fresh_home, run_metadata, show
 
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.ingest import load_prompts
@@ -72,10 +72,10 @@ def generation_speedup(settings, prompt_count: int, naive_count: int, samples: i
 
 
 def round_stages() -> None:
-    report = run_round(None, [], echo=print)
+    report = run_round(DEMO, [], echo=print)
     if not report.completed:
         raise SystemExit(f"{report.round_id} failed; see `tao ui`")
-    settings = load_settings()
+    settings = load_settings(DEMO)
     show(f"{report.round_id}: per stage ({report.seconds / 60:.1f} min in all)", report.stages)
     training = run_metadata(settings.dagster_home, report.run_id, "tuned_checkpoint")
     generated = run_metadata(settings.dagster_home, report.run_id, "candidate_responses")
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--skip-round", action="store_true", help="Only the generation comparison.")
     args = parser.parse_args()
     fresh_home("throughput", args.base_model_from)
-    settings = load_settings()
+    settings = load_settings(DEMO)
     generation_speedup(settings, args.prompts, args.naive_prompts, args.samples)
     if not args.skip_round:
         round_stages()

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from tao_pipeline.data.ingest import load_prompts
+from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.generation import SamplingParams
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
 from tao_pipeline.generation.vllm_backend import VLLMGenerator, vllm_available
@@ -33,7 +34,7 @@ def main() -> None:
         print("no CUDA GPU with vLLM here: install the gpu extra on a GPU machine (see docs/deployment.md)")
         sys.exit(0)
 
-    settings = load_settings()
+    settings = load_settings(DEMO_CONFIG)  # the demo's prompts and sampling settings
     if args.model:
         model_path, version = args.model, "bench"
     else:

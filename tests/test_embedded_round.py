@@ -1,4 +1,5 @@
-"""The real thing: the `tao round` command on the embedded SmolLM2-135M model, end to end (slow)."""
+"""The real thing: the `tao demo` command (a round on the bundled logs with the demo's settings) on the
+embedded SmolLM2-135M model, end to end, made smaller (slow)."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tao_pipeline.data.lake import Lake
+from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
@@ -24,7 +26,7 @@ SMALL_ROUND = [
 
 def test_tao_round_with_the_embedded_model(tmp_path):
     home = tmp_path / "home"
-    command = [sys.executable, "-m", "tao_pipeline.cli", "round"]
+    command = [sys.executable, "-m", "tao_pipeline.cli", "demo"]
     for override in SMALL_ROUND:
         command += ["--set", override]
     env = {**os.environ, "TAO_HOME": str(home)}
@@ -33,7 +35,7 @@ def test_tao_round_with_the_embedded_model(tmp_path):
     assert "round-0001 finished" in result.stdout
     assert "labeled accuracy (all)" in result.stdout and "challenger win rate (all)" in result.stdout
 
-    settings = load_settings(overrides=[f"home='{home}'", *SMALL_ROUND])
+    settings = load_settings(DEMO_CONFIG, overrides=[f"home='{home}'", *SMALL_ROUND])
     lake = Lake(settings.lake_dir)
     candidates = lake.read("candidate_responses", "round-0001")
     assert len(candidates) == 16 * 4

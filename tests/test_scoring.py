@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.scoring import SCORE_COLUMNS, CompositeScorer, PromptContext, build_scorer, score_responses
 from tao_pipeline.scoring.base import Failed
 from tao_pipeline.scoring.composite import TaskRecipe
@@ -22,7 +23,7 @@ from tao_pipeline.scoring.extractors import (
 )
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
 from tao_pipeline.scoring.verifiers import ConciseFormatVerifier, NumberFormatVerifier
-from tao_pipeline.settings import ScoringSettings
+from tao_pipeline.settings import ScoringSettings, load_settings
 
 # -- extractors -------------------------------------------------------------------------
 
@@ -275,7 +276,7 @@ def test_length_penalty_discounts_long_responses_only():
 
 
 def test_build_scorer_uses_the_settings():
-    scorer = build_scorer(ScoringSettings())
+    scorer = build_scorer(load_settings(DEMO_CONFIG).scoring)  # the demo's recipes for its two tasks
     context = PromptContext("What is 2 + 3? Reply with just the number.", "arithmetic")
     responses = ["5", "5", "The answer is 6 because I added wrongly and then kept going on and on"]
     result = scorer.score(context, responses)
@@ -313,7 +314,8 @@ def test_score_responses_table():
             "response": ["5", "It is 5.", "6", "Paris.", "Lyon"],
         }
     )
-    scores = score_responses(candidates, prompts, build_scorer(ScoringSettings()), progress=False)
+    scorer = build_scorer(load_settings(DEMO_CONFIG).scoring)  # the demo's recipes for its two tasks
+    scores = score_responses(candidates, prompts, scorer, progress=False)
     assert list(scores.columns) == SCORE_COLUMNS
     assert len(scores) == 5
     by_id = scores.set_index("response_id")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
+from tao_pipeline.demo import DEMO_CONFIG, DEMO_LABELS, DEMO_LOGS
 from tao_pipeline.settings import (
     DataSettings,
     GenerationSettings,
@@ -44,8 +44,7 @@ def test_defaults_without_any_config(tmp_path):
     assert settings.home == (tmp_path / "env-home").resolve()
     assert settings.lake_dir == settings.home / "lake"
     assert settings.models_dir == settings.home / "models"
-    assert settings.data.logs == [DEMO_LOGS]
-    assert settings.data.labels == DEMO_LABELS
+    assert settings.data.logs == [] and settings.data.labels is None  # the demo's are in demo.toml
     assert settings.data.heldout_fraction == 0.2
     assert settings.data.max_prompts is None
     assert settings.model.base == "embedded"
@@ -55,8 +54,20 @@ def test_defaults_without_any_config(tmp_path):
     assert settings.training.max_steps is None
     assert settings.pairs.min_margin == 0.25
     assert settings.evaluation.min_win_rate == 0.5
-    assert "default" in settings.scoring.scorers
+    assert settings.scoring.scorers == {"default": {"self_consistency": 1.0}}
     assert settings.scoring.extractors["arithmetic"] == "last_number"
+    # Lengths for a real instruction model, not the demo's 32 tokens.
+    assert settings.generation.max_new_tokens == 512 and settings.evaluation.max_new_tokens == 512
+    assert settings.training.max_length == 1024 and settings.training.grpo.max_completion_length == 256
+
+
+def test_the_demo_config_is_the_old_defaults_and_the_bundled_data():
+    demo = load_settings(DEMO_CONFIG)
+    assert demo.data.logs == [DEMO_LOGS] and demo.data.labels == DEMO_LABELS
+    assert demo.generation.max_new_tokens == 32 and demo.evaluation.max_new_tokens == 32
+    assert demo.training.max_length == 256 and demo.training.grpo.max_completion_length == 32
+    assert demo.scoring.scorers["short_answer"] == {"self_consistency": 1.0, "concise_format": 0.25}
+    assert demo.scoring.extractors["default"] == "short_phrase"
 
 
 def test_default_home_is_expanded_when_tao_home_unset(monkeypatch):
@@ -103,7 +114,7 @@ concise_format = 0.5
     settings = load_settings(config)
     assert settings.generation.num_samples == 4
     assert settings.generation.temperature == 0.5
-    assert settings.generation.max_new_tokens == 32  # untouched default
+    assert settings.generation.max_new_tokens == 512  # untouched default
     assert settings.training.use_lora is False
     assert settings.training.max_steps == 7
     assert settings.scoring.scorers == {"default": {"self_consistency": 1.0, "concise_format": 0.5}}
@@ -263,9 +274,27 @@ def test_unknown_extractor_is_named():
     assert "magic" in str(info.value)
 
 
-def test_missing_default_and_negative_weight():
-    with pytest.raises(SettingsError, match=r"scoring\.scorers needs a 'default'"):
-        load_settings(None, ["scoring.scorers={arithmetic={self_consistency=1.0}}"])
+def test_a_config_naming_its_own_tasks_keeps_the_built_in_ones(tmp_path):
+    config = write_config(
+        tmp_path / "tao.toml",
+        """
+[scoring.scorers.mytask]
+self_consistency = 1.0
+length_limit = 0.5
+[scoring.extractors]
+mytask = "boxed"
+""",
+    )
+    scoring = load_settings(config).scoring
+    assert scoring.scorers == {
+        "default": {"self_consistency": 1.0},
+        "mytask": {"self_consistency": 1.0, "length_limit": 0.5},
+    }
+    assert scoring.extractors["mytask"] == "boxed" and scoring.extractors["default"] == "final_line"
+    assert load_settings(None, ["scoring.scorers={arithmetic={self_consistency=1.0}}"]).scoring.scorers["default"]
+
+
+def test_negative_weight():
     with pytest.raises(SettingsError, match=r"scoring\.scorers\.default\.self_consistency: weight"):
         load_settings(None, ["scoring.scorers.default.self_consistency=-1"])
 
@@ -273,7 +302,7 @@ def test_missing_default_and_negative_weight():
 def test_scoring_section_validates_directly():
     with pytest.raises(ValidationError, match="unknown scorer 'nope'"):
         ScoringSettings(scorers={"default": {"nope": 1.0}})
-    assert ScoringSettings(extractors={"default": "first_line_number"}).extractors == {"default": "first_line_number"}
+    assert ScoringSettings(extractors={"default": "first_line_number"}).extractors["default"] == "first_line_number"
 
 
 def test_missing_config_file(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from tao_pipeline.data.lake import Lake
+from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelNotFoundError, ModelStore
 from tao_pipeline.registry.export import ExportRefused
 from tao_pipeline.settings import SettingsError, SettingsSource, TaoSettings, load_settings
@@ -65,9 +66,11 @@ def round_command(config_file: str | None, overrides: tuple[str, ...], rerun: st
 @main.command()
 @_settings_options
 def demo(config_file: str | None, overrides: tuple[str, ...]) -> None:
-    """`tao round`; once every prompt has been used, rerun all of them from the current champion."""
+    """`tao round` on the bundled demo logs with the demo's settings (tao_pipeline/demo/demo.toml, unless
+    --config names another file); once every prompt has been used, rerun all of them from the current champion."""
     from tao_pipeline.cli.runner import NothingNewError
 
+    config_file = config_file or str(DEMO_CONFIG)
     try:
         _run_and_report(config_file, list(overrides))
     except NothingNewError:

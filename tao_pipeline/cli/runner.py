@@ -223,6 +223,11 @@ def _open_round(instance: dg.DagsterInstance, settings: TaoSettings) -> str:
     decision = decide_next_round(Lake(settings.lake_dir), instance.get_dynamic_partitions(ROUNDS), min_unused)
     if decision.waiting_round is not None:
         raise RoundWaitingError(f"{decision.reason}: rerun it with `tao round --rerun {decision.waiting_round}`")
+    if decision.round_id is None and not Lake(settings.lake_dir).partitions("usage_logs"):
+        raise NothingNewError(
+            f"no usage logs yet: drop log files into {settings.inbox_dir} or list them in data.logs "
+            "(`tao demo` runs a round on the bundled demo logs)"
+        )
     if decision.round_id is None:
         raise NothingNewError(
             f"every ingested prompt was used by an earlier round: drop new logs into {settings.inbox_dir} "

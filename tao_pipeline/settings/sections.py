@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tao_pipeline.demo import DEMO_LABELS, DEMO_LOGS
 from tao_pipeline.settings.vocabulary import check_scoring_names
 
 EMBEDDED_MODEL = "embedded"
@@ -23,8 +22,8 @@ class _Section(BaseModel):
 
 
 class DataSettings(_Section):
-    logs: list[Path] = Field(default_factory=lambda: [DEMO_LOGS], description="JSONL usage-log files.")
-    labels: Path | None = Field(DEMO_LABELS, description="Optional labels file, read only by evaluation.")
+    logs: list[Path] = Field(default_factory=list, description="Usage-log files read where they are (and the inbox).")
+    labels: Path | None = Field(None, description="Optional labels file, read only by evaluation.")
     heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many train prompts per round.")
     max_heldout: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
@@ -48,7 +47,7 @@ class GenerationSettings(_Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
     num_samples: int = Field(8, ge=1, le=64)
-    max_new_tokens: int = Field(32, ge=1, le=4096)
+    max_new_tokens: int = Field(512, ge=1, le=4096)
     temperature: float = Field(0.8, gt=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     batch_size: int = Field(16, ge=1, description="Prompts per generate() call; each yields num_samples rows.")
@@ -57,22 +56,19 @@ class GenerationSettings(_Section):
     seed: int = 0
 
 
+DEFAULT_SCORERS = {"default": {"self_consistency": 1.0}}
+DEFAULT_EXTRACTORS = {"default": "final_line", "arithmetic": "last_number", "math": "last_number"}
+
+
 class ScoringSettings(_Section):
     scorers: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: {
-            "short_answer": {"self_consistency": 1.0, "concise_format": 0.25},
-            "arithmetic": {"self_consistency": 1.0, "number_format": 0.25},
-            "default": {"self_consistency": 1.0},
-        },
-        description="Per task: scorer name -> weight. 'default' is used for tasks not listed.",
+        default_factory=lambda: dict(DEFAULT_SCORERS),
+        description="Per task: scorer name -> weight. 'default' is used for tasks not listed. "
+        "Tasks given in a config are added to these (or replace one of the same name).",
     )
     extractors: dict[str, str] = Field(
-        default_factory=lambda: {
-            "arithmetic": "last_number",
-            "short_answer": "short_phrase",
-            "default": "short_phrase",
-        },
-        description="Per task: the answer extractor self-consistency votes over.",
+        default_factory=lambda: dict(DEFAULT_EXTRACTORS),
+        description="Per task: the answer extractor self-consistency votes over; merged over these defaults.",
     )
     gates: dict[str, list[str]] = Field(
         default_factory=dict,
@@ -90,6 +86,13 @@ class ScoringSettings(_Section):
         0.5, ge=0.0, le=1.0, description="A round stops, untrained, when more responses than this have no score."
     )
 
+    @field_validator("scorers", "extractors", mode="before")
+    @classmethod
+    def _merged_over_defaults(cls, value: Any, info) -> Any:
+        """A config naming its own tasks keeps the built-in ones (and 'default') unless it redefines them."""
+        defaults = DEFAULT_SCORERS if info.field_name == "scorers" else DEFAULT_EXTRACTORS
+        return {**defaults, **value} if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _known_names(self) -> ScoringSettings:
         check_scoring_names(self.scorers, self.extractors, self.gates, self.options)
@@ -104,7 +107,7 @@ class PairSettings(_Section):
 
 class GrpoSettings(_Section):
     num_generations: int = Field(4, ge=2, description="Completions per prompt; the batch must divide by it.")
-    max_completion_length: int = Field(32, ge=1)
+    max_completion_length: int = Field(256, ge=1)
     temperature: float = Field(0.8, gt=0.0, le=2.0)
     beta: float = Field(0.04, ge=0.0, description="KL penalty towards the starting model.")
     use_vllm: bool = Field(False, description="Generate with vLLM (colocated) during training; GPU only.")
@@ -122,7 +125,7 @@ class TrainingSettings(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     epochs: float = Field(2.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
-    max_length: int = Field(256, ge=16)
+    max_length: int = Field(1024, ge=16, description="Prompt plus response tokens a training example may hold.")
     bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
     seed: int = 0
     grpo: GrpoSettings = Field(default_factory=GrpoSettings)
@@ -134,7 +137,7 @@ class TrainingSettings(_Section):
 
 class EvaluationSettings(_Section):
     pool_samples: int = Field(4, ge=1, le=32, description="Samples per model pooled as the consensus reference.")
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
     min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
     max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
     max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
