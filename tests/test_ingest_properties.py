@@ -26,6 +26,7 @@ import re
 import tempfile
 import time
 import tracemalloc
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from tao_pipeline.data.prompts import DEFAULT_TASK, prompt_id_for
 from tao_pipeline.settings import DataSettings
 
 MAX_CHARS = 200
+LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # where a JSONL line ends
 LIMITS = DataSettings(max_prompt_chars=MAX_CHARS, min_prompt_chars=1)
 _SCALE = float(os.environ.get("TAO_FUZZ_SCALE", "1"))
 CASES: Counter[str] = Counter()
@@ -105,8 +107,22 @@ def texts(min_size: int = 0, max_size: int = 30) -> st.SearchStrategy[str]:
     return st.text(UNICODE, min_size=min_size, max_size=max_size)
 
 
+INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control, format (zero-width, BOM), separators
+
+
+def shows_something(text: str) -> bool:
+    """The spec of a non-empty prompt: at least one character that is not invisible."""
+    return any(unicodedata.category(char) not in INVISIBLE_CATEGORIES for char in text)
+
+
+def invisible(max_size: int = 8) -> st.SearchStrategy[str]:
+    """Prompts that look like text to a naive check (not all whitespace) but show nothing."""
+    chars = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\x00", "\x01", "\x7f", "\u202e"])
+    return st.text(chars, min_size=1, max_size=max_size).map(lambda s: " " + s)
+
+
 good_prompts = st.one_of(
-    texts(1, MAX_CHARS).filter(lambda s: s.strip()),
+    texts(1, MAX_CHARS).filter(lambda s: s.strip() and shows_something(s)),
     st.sampled_from(["a" * MAX_CHARS, " " + "é" * (MAX_CHARS - 1), "What is 2 + 2?"]),  # at the limits
 )
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts(max_size=10))
@@ -228,7 +244,7 @@ def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
     )
     base = draw(good_records())
     if kind == "random_bytes":
-        raw = draw(st.binary(min_size=1, max_size=300)).replace(b"\n", b"")
+        raw = draw(st.binary(min_size=1, max_size=300)).replace(b"\n", b"").replace(b"\r", b"")
         raw = raw if raw.strip() and b"prompt" not in raw else b"\x00garbage"
         return kind, raw, ("",)
     if kind == "invalid_utf8":
@@ -257,7 +273,7 @@ def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
         base.pop("prompt")
         return kind, dumps(draw, base), ("missing required field 'prompt'",)
     if kind == "empty_prompt":
-        base["prompt"] = draw(st.none() | whitespace())
+        base["prompt"] = draw(st.none() | whitespace() | invisible())
         return kind, dumps(draw, base), ("prompt is empty",)
     if kind == "too_long":
         base["prompt"] = draw(long_prompts())
@@ -280,7 +296,7 @@ def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
 jsonl_items = st.one_of(
     good_records().map(lambda record: ("good", record)),
     bad_jsonl_lines().map(lambda bad: ("bad", bad)),
-    st.sampled_from([b"", b" ", b"\t \r", b"\x0b\x0c"]).map(lambda blank: ("blank", blank)),
+    st.sampled_from([b"", b" ", b"\t ", b"\x0b\x0c"]).map(lambda blank: ("blank", blank)),
 )
 
 
@@ -339,7 +355,7 @@ def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
         base.pop("prompt")
         return base, ("missing required field 'prompt'",)
     if kind == "empty_prompt":
-        base["prompt"] = draw(st.none() | whitespace())
+        base["prompt"] = draw(st.none() | whitespace() | invisible())
         return base, ("prompt is empty",)
     if kind == "too_long":
         base["prompt"] = draw(long_prompts())
@@ -570,7 +586,12 @@ def parquet_files(draw):
         values = []
         for i in range(n):
             choice = draw(st.sampled_from(["good", "good", "good", "null", "empty", "long"]))
-            value = {"good": good_prompts, "null": st.none(), "empty": whitespace(), "long": long_prompts()}[choice]
+            value = {
+                "good": good_prompts,
+                "null": st.none(),
+                "empty": whitespace() | invisible(),
+                "long": long_prompts(),
+            }[choice]
             values.append(draw(value))
             if choice != "good":
                 problems[i]["prompt"] = {
@@ -664,14 +685,15 @@ def test_random_bytes_never_crash_ingestion(data, suffix):
     try:
         _, batch = ingest(suffix, data)
     except UnreadableLogFile as error:
-        assert suffix in (".csv", ".parquet"), "a JSONL file is read line by line, never unreadable as a whole"
+        gzip_magic = data.startswith(b"\x1f\x8b")  # read as gzip, whatever the name: may be corrupt as a whole
+        assert suffix in (".csv", ".parquet") or gzip_magic, "a JSONL file is read line by line, never unreadable"
         assert "not a readable" in str(error)
         return
     assert suffix != ".parquet", "random bytes are not a Parquet file"
     assert_lake_writable(batch)
     if suffix in (".jsonl", ".json"):
         array = whole_json_array(data) if suffix == ".json" else None
-        rows = len(array) if array is not None else sum(1 for line in data.split(b"\n") if line.strip())
+        rows = len(array) if array is not None else sum(1 for line in LINE_BREAK.split(data) if line.strip())
         assert len(batch.rows) + len(batch.quarantine) == rows
 
 
@@ -747,7 +769,7 @@ def test_a_jsonl_file_of_only_random_bytes_quarantines_every_line(tmp_path):
     path.write_bytes(data)
     batch = ingest_file(path, LIMITS)
     assert batch.rows.empty
-    assert len(batch.quarantine) == sum(1 for line in data.split(b"\n") if line.strip()) > 100
+    assert len(batch.quarantine) == sum(1 for line in LINE_BREAK.split(data) if line.strip()) > 100
     assert_lake_writable(batch)
 
 

@@ -26,6 +26,14 @@ class BatchOutcome:
     unreadable: str | None = None  # why it could not be read
     skipped: str | None = None  # why it was not read: another process ingested it
 
+    def warnings(self) -> list[str]:
+        """What a person should hear about a batch that was read."""
+        summary, name = self.summary, self.path.name
+        found = [f"quarantined {summary.quarantined} rows of {name}"] if summary.quarantined else []
+        if summary.conflicting_ids:
+            found.append(f"{summary.conflicting_ids} external ids of {name} name more than one different prompt")
+        return found + ([summary.catalog_warning] if summary.catalog_warning else [])
+
 
 def ingest_log_batch(path: Path, settings: TaoSettings, lake: Lake, batch: str) -> BatchOutcome:
     """Ingest one file as partition ``batch`` of usage_logs and quarantined_rows, then archive it."""

@@ -7,24 +7,36 @@
   (``3.0``, as pandas writes an integer column with nulls) is the id ``"3"``;
 * ``.csv`` with a header line: row by row, rows numbered by row (blank lines skipped).
 
-A file that cannot be read at all raises UnreadableLogFile.
+Lines end at ``\n``, ``\r\n`` or a lone ``\r``. Any of these compressed with gzip (``.jsonl.gz``,
+``.csv.gz``, ..., or a gzip file under a plain name: it is recognised by its first bytes) is
+read through the decompressor, still streaming. A file that cannot be read at all raises
+UnreadableLogFile.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import gzip
+import io
 import json
+import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow.parquet as pq
 
 from tao_pipeline.data.ingest.validation import LogRow, RowRejected, parse_record, quarantine_record, validated
 from tao_pipeline.settings import DataSettings
 
-LOG_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+LOG_SUFFIXES = (*FORMATS, *(f"{suffix}.gz" for suffix in FORMATS))
+GZIP_MAGIC = b"\x1f\x8b"
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 PARQUET_BATCH_ROWS = 5_000  # Parquet rows decoded into Python dicts at a time
 MAX_JSON_ARRAY_BYTES = 64 * 2**20  # a JSON array file is parsed whole; bigger ones must be JSONL
 _PARQUET_READ_BUFFER = 1 << 20
@@ -35,26 +47,58 @@ class UnreadableLogFile(ValueError):
     """The whole file could not be parsed (wrong format, corrupt Parquet, unknown suffix)."""
 
 
+def log_format(path: Path) -> str:
+    """The format a file's name says (``.jsonl`` for ``app.jsonl.gz``), or UnreadableLogFile."""
+    name = path.name.lower().removesuffix(".gz")
+    suffix = next((s for s in FORMATS if name.endswith(s)), None)
+    if suffix is None:
+        raise UnreadableLogFile(f"{path}: unsupported log format {path.suffix!r}; use one of {LOG_SUFFIXES}")
+    return suffix
+
+
+def is_gzip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
+@contextmanager
+def open_log(path: Path) -> Iterator[IO[bytes]]:
+    """The file's bytes, decompressed when it is gzip (whatever its name)."""
+    if is_gzip(path):
+        with gzip.open(path, "rb") as handle:
+            yield handle
+    else:
+        with path.open("rb") as handle:
+            yield handle
+
+
 def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     """Every record of a log file in order: a LogRow per good row, a quarantine record per bad one."""
-    suffix = path.suffix.lower()
+    suffix = log_format(path)
+    try:
+        yield from _records(path, suffix, limits)
+    except (gzip.BadGzipFile, EOFError, OSError) as error:
+        if isinstance(error, FileNotFoundError) or not is_gzip(path):
+            raise
+        raise UnreadableLogFile(f"{path}: not a readable gzip file: {error}") from error
+
+
+def _records(path: Path, suffix: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     if suffix == ".json" and (array := _json_array(path)) is not None:
         yield from _array_records(array, str(path), limits)
     elif suffix in (".jsonl", ".json"):
         yield from read_jsonl(path, limits)
     elif suffix == ".parquet":
         yield from _parquet_records(path, limits)
-    elif suffix == ".csv":
-        yield from _csv_records(path, limits)
     else:
-        raise UnreadableLogFile(f"{path}: unsupported log format {suffix!r}; use one of {LOG_SUFFIXES}")
+        yield from _csv_records(path, limits)
 
 
 def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     """Yield a LogRow per good line and a quarantine record per bad one."""
     source = str(path)
-    with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
+    with open_log(path) as handle:
+        for line_number, raw in enumerate(_lines(handle), start=1):
             if not raw.strip():
                 continue
             try:
@@ -72,6 +116,22 @@ def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, 
                 yield quarantine_record(source, line_number, f"not valid JSON: {error}", raw)
 
 
+def _lines(handle: IO[bytes], block: int = _SCAN_BLOCK) -> Iterator[bytes]:
+    """The lines of a binary stream, without their ends, split at \\n, \\r\\n or a lone \\r."""
+    pending = b""
+    while chunk := handle.read(block):
+        pending += chunk
+        # A \r at the very end may be the first half of a \r\n: it waits for the next block.
+        cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+        parts = _LINE_BREAK.split(pending[:cut])
+        pending = parts.pop() + pending[cut:]
+        yield from parts
+    if pending.endswith(b"\r"):
+        yield pending[:-1]  # a last line ended by a lone \r
+    elif pending:
+        yield pending  # a last line without an end
+
+
 def _json_array(path: Path) -> list[Any] | None:
     """The elements of a .json file whose whole content is one JSON array, or None (then it is read as JSONL).
 
@@ -79,14 +139,15 @@ def _json_array(path: Path) -> list[Any] | None:
     """
     if _first_json_byte(path) != b"[":
         return None
-    size = path.stat().st_size
-    if size > MAX_JSON_ARRAY_BYTES:
+    with open_log(path) as handle:
+        content = handle.read(MAX_JSON_ARRAY_BYTES + 1)
+    if len(content) > MAX_JSON_ARRAY_BYTES:
         raise UnreadableLogFile(
-            f"{path}: a JSON array file is read whole and this one is {size / 2**20:.0f} MiB, over the "
+            f"{path}: a JSON array file is read whole and this one is over the "
             f"{MAX_JSON_ARRAY_BYTES / 2**20:.0f} MiB limit; write it as JSONL (one object per line) instead"
         )
     try:
-        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+        value = json.loads(content.decode("utf-8-sig"))
     except (ValueError, RecursionError):  # invalid UTF-8 or JSON, a huge integer, deep nesting: JSONL
         return None
     return value if isinstance(value, list) else None
@@ -94,7 +155,7 @@ def _json_array(path: Path) -> list[Any] | None:
 
 def _first_json_byte(path: Path) -> bytes:
     """The file's first byte that is not a byte order mark or whitespace (b"" if there is none)."""
-    with path.open("rb") as handle:
+    with open_log(path) as handle:
         pending = handle.read(3).removeprefix(codecs.BOM_UTF8)
         while True:
             text = pending.lstrip()
@@ -111,6 +172,17 @@ def _array_records(records: list[Any], source: str, limits: DataSettings) -> Ite
 
 
 def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    if is_gzip(path):  # Parquet needs to seek: decompressed into a temp file first
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as plain:
+            with gzip.open(path, "rb") as compressed:
+                shutil.copyfileobj(compressed, plain)
+            plain.flush()
+            yield from _parquet_rows(Path(plain.name), str(path), limits)
+        return
+    yield from _parquet_rows(path, str(path), limits)
+
+
+def _parquet_rows(path: Path, source: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     try:  # read through a small buffer, one thread: a row group's column chunks are never all in memory
         parquet = pq.ParquetFile(path, buffer_size=_PARQUET_READ_BUFFER, pre_buffer=False)
     except Exception as error:  # pyarrow raises several types for corrupt files
@@ -127,7 +199,7 @@ def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict
             return
         for record in records:
             number += 1
-            yield validated(_whole_float_id(_drop_nulls(record)), str(path), number, limits)
+            yield validated(_whole_float_id(_drop_nulls(record)), source, number, limits)
 
 
 def _whole_float_id(record: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +222,10 @@ def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
     """
     source = str(path)
     # newline="": lines end at \n, \r\n or \r, and csv sees line breaks inside quoted fields unchanged
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+    with (
+        open_log(path) as binary,
+        io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle,
+    ):
         lines = _PushbackLines(handle)
         reader = csv.reader(lines, strict=True)
         header: list[str] | None = None

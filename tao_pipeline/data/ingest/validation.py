@@ -7,6 +7,7 @@ a preview of the raw text, and the good rows go on.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,14 @@ from tao_pipeline.settings import DataSettings
 
 QUARANTINE_COLUMNS = ["source_file", "line_number", "reason", "raw"]
 _RAW_PREVIEW_CHARS = 500
+# Control (Cc: NUL, ...), format (Cf: zero-width spaces and joiners, the BOM, bidi marks) and
+# separator characters show nothing: a prompt made only of them is empty.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible_text(text: str) -> str:
+    """The characters of ``text`` that show something."""
+    return "".join(char for char in text if unicodedata.category(char) not in _INVISIBLE)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
         raise RowRejected("prompt is empty")
     if len(prompt) > limits.max_prompt_chars:
         raise RowRejected(f"prompt too long: {len(prompt)} chars > data.max_prompt_chars={limits.max_prompt_chars}")
+    if len(visible_text(prompt)) < limits.min_prompt_chars:
+        raise RowRejected("prompt is empty once invisible characters are removed (zero-width, BOM, control)")
     system = _optional_text(record, "system")
     task = (_optional_text(record, "task") or DEFAULT_TASK).strip() or DEFAULT_TASK
     raw_id = record.get("id")

@@ -76,6 +76,7 @@ class IngestSummary:
     rows: int = 0
     quarantined: int = 0
     distinct_prompts: int = 0
+    conflicting_ids: int = 0  # external ids given to more than one distinct prompt in the file
     rows_per_task: Counter[str] = field(default_factory=Counter)
     catalog_warning: str | None = None  # the rows are in, but the catalog was locked
     quarantine_preview: list[tuple[int | None, str]] = field(default_factory=list)
@@ -119,7 +120,7 @@ def ingest_to_lake(
             quarantine_out.write(chunk.quarantine)
             summary.add(chunk)
     summary.catalog_warning = _refresh_views(lake)
-    summary.distinct_prompts = count_distinct_prompts(rows_path)
+    summary.distinct_prompts, summary.conflicting_ids = count_distinct_prompts(rows_path)
     return summary
 
 
@@ -169,14 +170,21 @@ def read_log_chunks(path: Path, limits: DataSettings, chunk_rows: int = CHUNK_RO
     yield IngestChunk(good.take(), bad.take())
 
 
-def count_distinct_prompts(usage_log_file: Path) -> int:
-    """Distinct prompt ids in a usage_logs Parquet file, counted exactly by DuckDB in bounded memory
-    (one thread, a small memory limit, spilling to a temp folder beyond it)."""
+def count_distinct_prompts(usage_log_file: Path) -> tuple[int, int]:
+    """Distinct prompt ids in a usage_logs Parquet file, and the external ids that name more than one
+    distinct prompt there: counted exactly by DuckDB in bounded memory (one thread, a small memory
+    limit, spilling to a temp folder beyond it)."""
     with tempfile.TemporaryDirectory(prefix="tao-distinct-") as spill:
         config = {"memory_limit": _DISTINCT_MEMORY_LIMIT, "threads": 1, "temp_directory": spill}
         with duckdb.connect(config=config) as con:
-            query = "SELECT count(DISTINCT prompt_id) FROM read_parquet(?)"
-            return int(con.execute(query, [str(usage_log_file)]).fetchone()[0])
+            prompts = con.execute("SELECT count(DISTINCT prompt_id) FROM read_parquet(?)", [str(usage_log_file)])
+            distinct = int(prompts.fetchone()[0])
+            conflicts = con.execute(
+                "SELECT count(*) FROM (SELECT external_id FROM read_parquet(?) GROUP BY external_id "
+                "HAVING count(DISTINCT prompt_id) > 1)",
+                [str(usage_log_file)],
+            )
+            return distinct, int(conflicts.fetchone()[0])
 
 
 class _ColumnBuffer:

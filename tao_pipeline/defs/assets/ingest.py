@@ -25,11 +25,11 @@ def usage_logs(
     """Validate one usage-log file (JSONL, JSON array, Parquet or CSV) in chunks, streamed into the lake:
     good rows in, bad rows quarantined with a reason; then archive it out of the inbox."""
     outcome = ingest_log_batch(Path(config.path), settings.get(), lake.get(), context.partition_key)
-    if outcome.unreadable is not None:
-        context.log.error(outcome.unreadable)  # quarantined and archived once: never retried forever
-        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": outcome.unreadable})
-    if outcome.summary.quarantined:
-        context.log.warning(f"quarantined {outcome.summary.quarantined} rows of {outcome.path.name}")
+    if outcome.summary is None:  # unreadable (quarantined and archived once: never retried), or done elsewhere
+        context.log.warning(outcome.unreadable or outcome.skipped)
+        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": outcome.unreadable, "skipped": outcome.skipped})
+    for warning in outcome.warnings():
+        context.log.warning(warning)
     return dg.MaterializeResult(metadata=_metadata(outcome))
 
 
@@ -40,7 +40,9 @@ def _metadata(outcome: BatchOutcome) -> dict:
         "archived_to": str(outcome.archived_to) if outcome.archived_to else "left in place (configured file)",
         "rows": ingested.rows,
         "distinct_prompts": ingested.distinct_prompts,
+        "conflicting_external_ids": ingested.conflicting_ids,  # one id, several different prompts
         "quarantined": ingested.quarantined,
         "quarantine_reasons": md_table(ingested.quarantine_reasons(), rows=QUARANTINE_PREVIEW_ROWS),
         "per_task": md_table(ingested.per_task()),
+        "catalog": ingested.catalog_warning or "views up to date",
     }
