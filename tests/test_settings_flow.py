@@ -88,7 +88,7 @@ def test_the_environment_source_reaches_the_code_location_its_sensors_and_the_sc
 def test_tao_ui_hands_its_config_and_overrides_to_dagster_dev(tmp_path, monkeypatch):
     config = write_home_config(tmp_path / "a")
     calls = []
-    monkeypatch.setattr(commands.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(commands, "run_tied_to_this_process", lambda command, env: calls.append((command, env)) or 0)
     result = CliRunner().invoke(
         commands.main, ["ui", "--config", config, "--set", "flywheel.min_new_prompts=3", "--port", "3999"]
     )
@@ -102,7 +102,7 @@ def test_tao_ui_hands_its_config_and_overrides_to_dagster_dev(tmp_path, monkeypa
 
 def test_tao_ui_refuses_a_bad_override_before_starting_anything(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(commands.subprocess, "call", lambda *args, **kwargs: calls.append(args) or 0)
+    monkeypatch.setattr(commands, "run_tied_to_this_process", lambda *args, **kwargs: calls.append(args) or 0)
     result = CliRunner().invoke(commands.main, ["ui", "--set", "flywheel.min_new_prompts=0"])
     assert result.exit_code != 0 and "flywheel.min_new_prompts" in result.output and not calls
 

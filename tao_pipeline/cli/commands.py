@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import click
 
+from tao_pipeline.cli.child import run_tied_to_this_process
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelNotFoundError, ModelStore
@@ -217,7 +217,7 @@ def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str
     environment = {**os.environ, **SettingsSource(config_file, overrides).environment(), "DAGSTER_HOME": str(home)}
     command = [sys.executable, "-m", "dagster", "dev", "-m", "tao_pipeline.definitions", "-h", host, "-p", str(port)]
     click.echo(f"Dagster UI on http://{host}:{port} (DAGSTER_HOME={settings.dagster_home})")
-    sys.exit(subprocess.call(command, env=environment))
+    sys.exit(run_tied_to_this_process(command, environment))
 
 
 if __name__ == "__main__":
