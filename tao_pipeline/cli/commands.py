@@ -7,15 +7,28 @@ import sys
 from pathlib import Path
 
 import click
+import pandas as pd
 
 from tao_pipeline.cli.child import run_tied_to_this_process
-from tao_pipeline.data.lake import Lake
+from tao_pipeline.data.lake import DuckDBLockTimeout, Lake, LakeFileError
 from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelNotFoundError, ModelStore
 from tao_pipeline.registry.export import ExportRefused
+from tao_pipeline.scoring import check_scorers
+from tao_pipeline.scoring.catalog import ScorerOptionsError
 from tao_pipeline.settings import SettingsError, SettingsSource, TaoSettings, load_settings
 
-_USER_ERRORS = (SettingsError, ModelNotFoundError, FileNotFoundError)
+_USER_ERRORS = (
+    SettingsError,
+    ScorerOptionsError,
+    ModelNotFoundError,
+    FileNotFoundError,
+    DuckDBLockTimeout,
+    LakeFileError,
+)
+# How long a command a person waits on waits for a registry another process holds (a round writes
+# for milliseconds; only a stuck process or a read-write `duckdb` shell holds it longer).
+COMMAND_LOCK_TIMEOUT_S = 10.0
 
 
 def _settings_options(command):
@@ -42,7 +55,7 @@ def _load(config_file: str | None, overrides: tuple[str, ...]) -> TaoSettings:
 
 
 def _store(config_file: str | None, overrides: tuple[str, ...]) -> ModelStore:
-    return ModelStore(_load(config_file, overrides).models_dir)
+    return ModelStore(_load(config_file, overrides).models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
 
 
 @click.group()
@@ -115,10 +128,69 @@ def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | 
 
 @main.command()
 @_settings_options
+def ingest(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Ingest what is new now (the inbox, data.logs, the table source) without starting a round."""
+    import dagster as dg
+
+    from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
+
+    settings = _load(config_file, overrides)
+    prepare_dagster_home(settings)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            batches = ingest_new_files(instance, settings, SettingsSource(config_file, overrides), echo=click.echo)
+    except _USER_ERRORS as error:
+        raise click.ClickException(str(error)) from None
+    if not batches:
+        click.echo(f"nothing new to ingest in {settings.inbox_dir} or data.logs")
+        return
+    click.echo("\n" + ingested_table(Lake(settings.lake_dir), batches).to_markdown(index=False))
+
+
+def ingested_table(lake: Lake, batches: list[str]) -> pd.DataFrame:
+    """Kept and quarantined rows per ingested batch, as the lake holds them."""
+    rows = []
+    for batch in batches:
+        kept, quarantined = (_partition(lake, table, batch) for table in ("usage_logs", "quarantined_rows"))
+        sources = [*kept.get("source_file", []), *quarantined.get("source_file", [])]
+        rows.append(
+            {"file": sources[0] if sources else "", "batch": batch, "kept": len(kept), "quarantined": len(quarantined)}
+        )
+    return pd.DataFrame(rows, columns=["file", "batch", "kept", "quarantined"])
+
+
+def _partition(lake: Lake, table: str, batch: str) -> pd.DataFrame:
+    return lake.read(table, batch) if lake.exists(table, batch) else pd.DataFrame()
+
+
+@main.command()
+@_settings_options
+@click.option("--fix", is_flag=True, help="Repair what is safe to repair (the catalog's views); never moves a file.")
+def doctor(config_file: str | None, overrides: tuple[str, ...], fix: bool) -> None:
+    """Check this home: settings and scorers, lake files, catalog views, registry, checkpoints, inbox."""
+    from tao_pipeline.cli.doctor import diagnose
+
+    findings = diagnose(_load(config_file, overrides), fix=fix)
+    for finding in findings:
+        mark = "ok " if finding.ok else "!! "
+        click.echo(
+            f"{mark}{finding.area:9} {finding.detail}" + (f"\n             fix: {finding.fix}" if finding.fix else "")
+        )
+    problems = sum(not finding.ok for finding in findings)
+    click.echo(f"\n{problems} problem(s)" if problems else "\nall good")
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@_settings_options
 def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Fetch and convert the configured base model (the embedded one by default)."""
     settings = _load(config_file, overrides)
-    version = ModelStore(settings.models_dir).champion(settings.model, log=click.echo)
+    try:
+        version = ModelStore(settings.models_dir).champion(settings.model, log=click.echo)
+    except _USER_ERRORS as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"champion: {version.version_id} at {version.path}")
 
 
@@ -127,12 +199,16 @@ def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
 def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """List every model version in the registry, and the promotion history."""
     store = _store(config_file, overrides)
-    table = store.versions()
+    try:
+        table, promotions, champion = store.versions(), store.promotions(), store.champion_id()
+    except DuckDBLockTimeout as error:
+        raise click.ClickException(f"the registry is locked by another process: {error}") from None
     if table.empty:
         click.echo("no versions yet: run `tao round`")
         return
+    click.echo(f"champion: {champion}\n")
     click.echo(table.drop(columns=["hyperparameters", "path"]).to_markdown(index=False))
-    click.echo("\npromotions:\n" + store.promotions().to_markdown(index=False))
+    click.echo("\npromotions:\n" + promotions.to_markdown(index=False))
 
 
 @main.command()
@@ -213,6 +289,10 @@ def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str
     from tao_pipeline.cli.runner import prepare_dagster_home
 
     settings = _load(config_file, overrides)
+    try:
+        check_scorers(settings.scoring, settings.cache_dir)  # what the code location would refuse to load with
+    except ScorerOptionsError as error:
+        raise click.ClickException(str(error)) from None
     home = prepare_dagster_home(settings)
     environment = {**os.environ, **SettingsSource(config_file, overrides).environment(), "DAGSTER_HOME": str(home)}
     command = [sys.executable, "-m", "dagster", "dev", "-m", "tao_pipeline.definitions", "-h", host, "-p", str(port)]

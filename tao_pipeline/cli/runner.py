@@ -24,6 +24,7 @@ from tao_pipeline.definitions import load_definitions
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
 from tao_pipeline.registry.store import ModelStore
+from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -190,6 +191,7 @@ def run_round(
     """
     source = SettingsSource(config_file, tuple(overrides or ()))
     settings = source.load()
+    check_scorers(settings.scoring, settings.cache_dir)  # a bad scorer option fails now, not after generation
     prepare_dagster_home(settings)
     champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
     started = time.perf_counter()

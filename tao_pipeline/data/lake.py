@@ -49,6 +49,18 @@ class LakeReadConflict(RuntimeError):
     """A query's partitions were rewritten during every attempt to read them."""
 
 
+class LakeFileError(OSError):
+    """A lake file exists but cannot be read (truncated, corrupt); the message names it."""
+
+
+def unreadable(path: Path, error: Exception) -> LakeFileError:
+    reason = " ".join(str(error).split())[:200]
+    return LakeFileError(
+        f"lake file {path} cannot be read ({reason}): move it away and materialize that partition again "
+        "(`tao doctor` lists every such file)"
+    )
+
+
 class DuckDBLockTimeout(TimeoutError):
     """Another process kept a DuckDB file locked for longer than the wait allowed."""
 
@@ -128,6 +140,8 @@ class Lake:
                 return pq.read_table(file).to_pandas()
         except FileNotFoundError:
             raise FileNotFoundError(f"lake table {table!r} has no partition {partition!r} (expected {path})") from None
+        except (pa.ArrowException, OSError) as error:
+            raise unreadable(path, error) from error
 
     def partitions(self, table: str) -> list[str]:
         folder = self.root / table
@@ -152,7 +166,7 @@ class Lake:
 
     def refresh_view(self, table: str) -> None:
         """Make sure the catalog has the view over the table's Parquet glob (a no-op when it has)."""
-        source = f"read_parquet({_sql_string((self.root / table / '*.parquet').as_posix())}, union_by_name = true)"
+        source = self._view_source(table)
         if self._view_comment(table) == source:
             return  # the view already reads every partition, new ones included: no write lock needed
 
@@ -165,6 +179,13 @@ class Lake:
 
         # Creating the view reads every partition's schema, so it too must not race a rewrite.
         self._read_consistently(f'"{table}"', lambda: self._with_catalog(create))
+
+    def view_is_current(self, table: str) -> bool:
+        """Whether the catalog has the view that reads every partition of the table."""
+        return self._view_comment(table) == self._view_source(table)
+
+    def _view_source(self, table: str) -> str:
+        return f"read_parquet({_sql_string((self.root / table / '*.parquet').as_posix())}, union_by_name = true)"
 
     def _view_comment(self, table: str) -> str | None:
         if not self.catalog_path.exists():
@@ -195,7 +216,7 @@ class Lake:
             changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
             if not changed:
                 if error is not None:
-                    raise error
+                    raise self._named(tables, error)
                 return result
             if time.monotonic() >= deadline:
                 raise LakeReadConflict(
@@ -204,6 +225,27 @@ class Lake:
                 ) from error
             time.sleep(wait * random.uniform(0.5, 1.5))
             wait = min(wait * 2, _MAX_WAIT_S)
+
+    def unreadable_files(self, folders: list[Path] | None = None) -> list[tuple[Path, str]]:
+        """Every partition file (of the given table folders, or of the whole lake) whose footer cannot be read."""
+        if folders is None:
+            folders = [path for path in self.root.iterdir() if path.is_dir()] if self.root.is_dir() else []
+        found = []
+        for folder in folders:
+            for path in sorted(folder.glob("*.parquet")):
+                try:
+                    pq.read_metadata(path)
+                except (pa.ArrowException, OSError) as error:
+                    found.append((path, " ".join(str(error).split())[:200]))
+        return found
+
+    def _named(self, tables: list[Path], error: duckdb.Error) -> Exception:
+        """A query's error, naming the lake file behind it when one of its files is unreadable."""
+        broken = self.unreadable_files(tables)
+        if not broken:
+            return error
+        path, reason = broken[0]
+        return unreadable(path, RuntimeError(reason))
 
     def _tables_named_in(self, sql: str) -> list[Path]:
         """Table folders whose name (a view) or path (a scan) appears in the SQL; more is only slower."""

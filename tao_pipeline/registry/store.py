@@ -68,8 +68,11 @@ def _now() -> datetime:
 
 
 class ModelStore:
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, lock_timeout_s: float | None = None):
+        """``lock_timeout_s``: how long to wait for another process's lock on the registry (None: the
+        lake's default, long enough for any step; a command a person waits on passes less)."""
         self.root = Path(root)
+        self.lock_timeout_s = lock_timeout_s
 
     @property
     def registry_path(self) -> Path:
@@ -101,7 +104,7 @@ class ModelStore:
     def _registry(self, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         """Run ``work`` in one transaction on the registry; other processes wait for its lock meanwhile."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with connect_duckdb(self.registry_path) as con:
+        with connect_duckdb(self.registry_path, timeout_s=self.lock_timeout_s) as con:
             con.execute(_REGISTRY_SCHEMA)
             con.execute("BEGIN TRANSACTION")
             try:
@@ -178,6 +181,8 @@ class ModelStore:
         if current is not None:
             return self.get(current)
         version_id, path = self.resolve_base(model, log=log)  # may download and convert: no lock held
+        if isinstance(path, str):
+            _check_hub_model(path, model)  # never register a champion that cannot be loaded
 
         def register_first(con: duckdb.DuckDBPyConnection) -> str:
             # Checked again under the lock: a process started at the same moment may have registered it.
@@ -255,11 +260,28 @@ class ModelStore:
         files = [item for item in sorted(version.path.iterdir()) if item.is_file() and item.name not in _NOT_EXPORTED]
         return export_files(files, Path(destination), self.root.parent, version_id)
 
+    def champion_id(self) -> str | None:
+        """The champion's version id, or None before the first round (nothing registered yet)."""
+        return self._current_champion_id()
+
     def _current_champion_id(self) -> str | None:
         return self._registry(_champion_id)
 
     def promotions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
+
+
+def _check_hub_model(hub_id: str, model: ModelSettings) -> None:
+    """A hub id names a model only if its config can be read (from the local cache or the hub)."""
+    from transformers import AutoConfig  # heavy; only for a base model given as a hub id
+
+    try:
+        AutoConfig.from_pretrained(hub_id, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ModelNotFoundError(
+            f"model.base={hub_id!r} is neither a local model folder nor a model the hub serves here ({reason})"
+        ) from None
 
 
 def checkpoint_problem(version: ModelVersion) -> str | None:

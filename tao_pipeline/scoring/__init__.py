@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.scoring.base import PromptContext, Scorer, prompt_constraints
 from tao_pipeline.scoring.cache import SCORE_COLUMNS, ScoreCache
-from tao_pipeline.scoring.catalog import build_named_scorer
+from tao_pipeline.scoring.catalog import ScorerOptionsError, build_named_scorer
 from tao_pipeline.scoring.composite import CompositeScorer, TaskRecipe
 from tao_pipeline.scoring.extractors import answer_matches, get_extractor
 from tao_pipeline.scoring.self_consistency import SelfConsistencyScorer
@@ -25,9 +25,11 @@ __all__ = [
     "ScoreCache",
     "Scorer",
     "SCORE_COLUMNS",
+    "ScorerOptionsError",
     "ScoringOutage",
     "TaoScorer",
     "build_scorer",
+    "check_scorers",
     "check_unscored_share",
     "group_key",
     "prompt_constraints",
@@ -60,6 +62,12 @@ class TaoScorer(CompositeScorer):
     def matches_label(self, context: PromptContext, answer: str | None, accepted: list[str]) -> bool:
         """Does an extracted answer agree with an accepted label, extracted and normalised the same way?"""
         return answer_matches(answer, accepted, self.consistency.extractor(context.task), context.prompt)
+
+
+def check_scorers(settings: ScoringSettings, cache_dir: Path | None = None) -> None:
+    """Build every scorer the settings use, so a bad option fails now, named (ScorerOptionsError), and
+    not when a round reaches scoring. Loads no model."""
+    build_scorer(settings, cache_dir)
 
 
 def build_scorer(settings: ScoringSettings, cache_dir: Path | None = None) -> TaoScorer:

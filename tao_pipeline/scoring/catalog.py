@@ -9,6 +9,7 @@ databases) happen only for scorers a task uses.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from tao_pipeline.scoring.base import Scorer
@@ -31,8 +32,17 @@ SCORER_CLASSES = {
 }
 
 
+class ScorerOptionsError(ValueError):
+    """A scorer's options are wrong (an unknown name, a bad value, a missing database or model); the
+    message names the option."""
+
+
 def build_named_scorer(name: str, settings: ScoringSettings, cache_dir: Path | None) -> Scorer:
-    """Instantiate one scorer (not self_consistency, which the composite owns) from its options."""
+    """Instantiate one scorer (not self_consistency, which the composite owns) from its options.
+
+    Construction checks every option and the files they name without loading any model, so it is
+    cheap enough to run when settings load; a problem raises ScorerOptionsError naming the option.
+    """
     options = dict(settings.options.get(name, {}))
     defaults = {
         "concise_format": {"max_words": settings.concise_max_words},
@@ -42,7 +52,14 @@ def build_named_scorer(name: str, settings: ScoringSettings, cache_dir: Path | N
     options = {**defaults.get(name, {}), **options}
     module_name, class_name = SCORER_CLASSES[name].split(":")
     scorer_class = getattr(importlib.import_module(module_name), class_name)
+    known = sorted(inspect.signature(scorer_class).parameters)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ScorerOptionsError(f"scoring.options.{name}: unknown option {unknown[0]!r}; known: {known}")
     try:
         return scorer_class(**options)
-    except TypeError as error:
-        raise ValueError(f"scoring.options.{name}: {error}") from None
+    except (TypeError, ValueError, OSError) as error:  # OSError: a database or model folder that is not there
+        message = str(error)
+        raise ScorerOptionsError(
+            message if message.startswith("scoring.options.") else f"scoring.options.{name}: {message}"
+        ) from None

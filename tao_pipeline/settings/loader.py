@@ -89,7 +89,7 @@ def _describe(error: ValidationError) -> str:
     for problem in error.errors():
         name = ".".join(str(part) for part in problem["loc"]) or "settings"
         lines.append(f"setting {name!r}: {problem['msg']} (got {problem.get('input')!r:.80})")
-    return "invalid settings:\n  " + "\n  ".join(lines)
+    return "invalid settings: " + "; ".join(lines)  # one line, however many problems
 
 
 def default_config_file() -> Path | None:

@@ -6,10 +6,10 @@ Each section is checked when it is built, so a bad value fails at load time with
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tao_pipeline.settings.vocabulary import check_scoring_names
@@ -148,8 +148,20 @@ class EvaluationSettings(_Section):
     )
 
 
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
-_CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly"}
+_CRON_MACROS = {"@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually"}
+
+
+def is_valid_cron(value: str) -> bool:
+    """Whether Dagster's scheduler accepts the cron string: 5 fields (or a macro), every value in
+    range, no day-of-month that February never has, no 'W' (nearest weekday), which it cannot run."""
+    value = value.strip()
+    if value.startswith("@"):
+        return value in _CRON_MACROS
+    fields = value.split()
+    if len(fields) != 5 or "W" in fields[2].upper() or not croniter.is_valid(value):
+        return False
+    days, months = croniter.expand(value)[0][2:4]
+    return not (months == [2] and set(days) <= {30, 31})
 
 
 class TableSourceSettings(_Section):
@@ -177,10 +189,9 @@ class FlywheelSettings(_Section):
     @field_validator("schedule_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        fields = value.split()
-        if value.strip() in _CRON_MACROS or (len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields)):
-            return value
-        raise ValueError(f"{value!r} is not a cron expression like '0 3 * * 1'")
+        if is_valid_cron(value):
+            return value.strip()
+        raise ValueError(f"{value!r} is not a cron expression Dagster can schedule, like '0 3 * * 1' or '@daily'")
 
 
 class TaoSettings(_Section):
@@ -200,10 +211,20 @@ class TaoSettings(_Section):
             raise ValueError("evaluation.control_arm shuffles preference pairs, so it needs training.method='dpo'")
         return self
 
+    @field_validator("home", mode="before")
+    @classmethod
+    def _not_empty(cls, home: Any) -> Any:
+        if isinstance(home, str) and not home.strip():
+            raise ValueError("home is empty: give the folder everything lives in, e.g. '~/.tao'")
+        return home
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, home: Path) -> Path:
-        return home.expanduser().resolve()
+        home = home.expanduser().resolve()
+        if home.exists() and not home.is_dir():
+            raise ValueError(f"{home} is a file, not a folder: home is the folder everything lives in")
+        return home
 
     @property
     def lake_dir(self) -> Path:

@@ -13,6 +13,7 @@ from pydantic import PrivateAttr
 
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.registry.store import ModelStore
+from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
 
 
@@ -25,6 +26,8 @@ class TaoSettingsResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._settings = self.source.load()  # once per run or sensor tick; a bad setting fails here, named
+        if context.dagster_run is not None:  # a run (not a tick): its scorer options too, before any step
+            check_scorers(self._settings.scoring, self._settings.cache_dir)
 
     @property
     def source(self) -> SettingsSource:
@@ -69,8 +72,11 @@ def build_resources(config_file: str | None = None, overrides: list[str] | None 
 
 def startup_settings() -> TaoSettings:
     """The settings this process was started with: what Dagster needs to build definitions (the sensor
-    interval, the schedule's cron). Loaded when the code location loads, never at import."""
-    return SettingsSource.from_environment().load()
+    interval, the schedule's cron). Loaded when the code location loads, never at import; the scorers'
+    options are checked then too, so a bad one keeps the code location from loading, named."""
+    settings = SettingsSource.from_environment().load()
+    check_scorers(settings.scoring, settings.cache_dir)
+    return settings
 
 
 @dg.definitions

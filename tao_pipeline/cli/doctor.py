@@ -1,0 +1,107 @@
+"""`tao doctor`: is this home healthy? Every problem comes with what to do about it.
+
+It checks the settings (and every scorer's options), the lake (each Parquet file readable, a
+catalog view per table), the registry (reachable, a champion, every checkpoint folder complete),
+the Dagster instance and the inbox. ``fix=True`` repairs what is safe to repair (missing or stale
+catalog views); it never moves or deletes a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tao_pipeline.data.ingest import scan_inbox
+from tao_pipeline.data.ingest.inbox import ingested_digests
+from tao_pipeline.data.lake import DuckDBLockTimeout, Lake
+from tao_pipeline.registry import ModelStore
+from tao_pipeline.registry.store import checkpoint_problem
+from tao_pipeline.scoring import check_scorers
+from tao_pipeline.scoring.catalog import ScorerOptionsError
+from tao_pipeline.settings import TaoSettings
+
+REGISTRY_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    area: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def diagnose(settings: TaoSettings, fix: bool = False) -> list[Finding]:
+    return [
+        *_scorers(settings),
+        *_lake(settings, fix),
+        *_registry(settings),
+        *_instance(settings),
+        *_inbox(settings),
+    ]
+
+
+def _scorers(settings: TaoSettings) -> list[Finding]:
+    try:
+        check_scorers(settings.scoring, settings.cache_dir)
+    except ScorerOptionsError as error:
+        return [Finding("settings", False, str(error), "correct the option in your tao.toml (or --set)")]
+    return [Finding("settings", True, f"valid; home {settings.home}")]
+
+
+def _lake(settings: TaoSettings, fix: bool) -> list[Finding]:
+    lake = Lake(settings.lake_dir)
+    if not lake.root.is_dir():
+        return [Finding("lake", True, "empty: nothing ingested yet")]
+    findings = [
+        Finding("lake", False, f"{path} cannot be read: {reason}", f"mv '{path}' '{path}.bad' and materialize it again")
+        for path, reason in lake.unreadable_files()
+    ]
+    tables = [path.name for path in sorted(lake.root.iterdir()) if path.is_dir() and lake.partitions(path.name)]
+    try:
+        stale = [table for table in tables if not lake.view_is_current(table)]
+        if stale and fix:
+            for table in stale:
+                lake.refresh_view(table)
+            findings.append(Finding("catalog", True, f"recreated the views of {', '.join(stale)}"))
+        elif stale:
+            findings.append(
+                Finding("catalog", False, f"no current view for {', '.join(stale)}", "run `tao doctor --fix`")
+            )
+    except DuckDBLockTimeout as error:
+        findings.append(Finding("catalog", False, str(error), "close the read-write `duckdb` shell on the catalog"))
+    files = sum(len(lake.partitions(table)) for table in tables)
+    return findings or [Finding("lake", True, f"{len(tables)} tables, {files} partitions, all readable, views current")]
+
+
+def _registry(settings: TaoSettings) -> list[Finding]:
+    store = ModelStore(settings.models_dir, lock_timeout_s=REGISTRY_WAIT_S)
+    try:
+        versions, champion = store.versions(), store.champion_id()
+    except DuckDBLockTimeout as error:
+        return [Finding("registry", False, str(error), "close whatever holds the registry (a `duckdb` shell?)")]
+    if versions.empty:
+        return [Finding("registry", True, "no versions yet: `tao bootstrap` or `tao round` registers the base model")]
+    findings = []
+    for version_id in versions["version_id"]:
+        problem = checkpoint_problem(store.get(version_id))
+        if problem:
+            advice = "`tao rollback` first" if version_id == champion else "nothing uses it unless you promote it"
+            findings.append(Finding("registry", False, f"{version_id}: {problem}", advice))
+    summary = f"{len(versions)} versions, every checkpoint complete; champion {champion}"
+    return findings or [Finding("registry", True, summary)]
+
+
+def _instance(settings: TaoSettings) -> list[Finding]:
+    if (settings.dagster_home / "dagster.yaml").is_file():
+        return [Finding("dagster", True, f"instance at {settings.dagster_home}")]
+    return [Finding("dagster", True, f"no instance yet at {settings.dagster_home}: `tao ui` or `tao round` makes it")]
+
+
+def _inbox(settings: TaoSettings) -> list[Finding]:
+    scan = scan_inbox(settings, ingested_digests(Lake(settings.lake_dir)))
+    findings = [
+        Finding("inbox", False, f"{path} is refused: {why}", "replace it with a regular file in the inbox")
+        for path, why in scan.refused
+    ]
+    waiting = f"; {len(scan.settling)} still being written" if scan.settling else ""
+    return findings or [Finding("inbox", True, f"{settings.inbox_dir}: {len(scan.ready)} files ready{waiting}")]
