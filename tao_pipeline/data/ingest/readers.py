@@ -35,7 +35,7 @@ from tao_pipeline.settings import DataSettings
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 LOG_SUFFIXES = (*FORMATS, *(f"{suffix}.gz" for suffix in FORMATS))
-GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b\x08"  # gzip's two magic bytes and its one compression method (deflate)
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 PARQUET_BATCH_ROWS = 5_000  # Parquet rows decoded into Python dicts at a time
 MAX_JSON_ARRAY_BYTES = 64 * 2**20  # a JSON array file is parsed whole; bigger ones must be JSONL
@@ -58,7 +58,7 @@ def log_format(path: Path) -> str:
 
 def is_gzip(path: Path) -> bool:
     with path.open("rb") as handle:
-        return handle.read(2) == GZIP_MAGIC
+        return handle.read(len(GZIP_MAGIC)) == GZIP_MAGIC
 
 
 @contextmanager
