@@ -188,3 +188,65 @@ def test_registry_names_this_class():
     module_name, class_name = SCORER_CLASSES["sql_execution"].split(":")
     scorer_class = getattr(importlib.import_module(module_name), class_name)
     assert scorer_class is SqlExecutionVerifier and scorer_class.name == "sql_execution"
+
+
+# -- queries that escape DuckDB's own limits: the operating system stops them ------------------------
+
+ESCAPES_DUCKDB = [
+    "SELECT len(list(range(400000000)))",  # a huge list: allocated outside the buffer manager
+    "SELECT length(repeat('x', 4000000000))",  # a 4 GB string
+    "SELECT length(string_agg(repeat('x', 100000), '')) FROM range(100000)",  # 10 GB by aggregation
+    "SELECT regexp_matches(repeat('ab', 300000000), '(a|b)*c')",  # a regex over a 600 MB string
+    "SELECT count(*) FROM range(200000000) t(i) WHERE regexp_matches(i::VARCHAR, '9{5}')",  # long, CPU
+]
+
+
+@pytest.mark.parametrize("sql", ESCAPES_DUCKDB)
+def test_memory_and_time_are_enforced_by_the_operating_system(database, sql):
+    import psutil
+
+    verifier = SqlExecutionVerifier(database=str(database), timeout_s=1.0, memory_limit="256MB")
+    before = psutil.Process().memory_info().rss
+    started = time.monotonic()
+    [score] = verifier.score_group(CONTEXT, [f"```sql\n{sql}\n```"])
+    elapsed = time.monotonic() - started
+    [reason] = verifier.last_reasons()
+    assert score == 0.0 and reason, reason  # the candidate's query failed: 0, with why (not a scorer failure)
+    assert any(word in reason for word in ("timed out", "memory", "Out of Memory", "died")), reason
+    assert elapsed < verifier.timeout_s + 4.0, (elapsed, reason)  # not "40 s past a 2 s limit"
+    assert psutil.Process().memory_info().rss - before < 100 * 2**20  # none of it in this process
+    # The verifier goes on: the next query runs (in a fresh worker if that one was killed).
+    assert verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]]) == [1.0]
+    verifier.close()
+
+
+def test_the_worker_runs_under_hard_limits(database):
+    import psutil
+
+    verifier = SqlExecutionVerifier(database=str(database), timeout_s=1.0, memory_limit="256MB")
+    verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]])
+    worker = psutil.Process(verifier._sandbox._process.pid)
+    data_soft, data_hard = worker.rlimit(psutil.RLIMIT_DATA)
+    assert data_soft == data_hard == 256 * 10**6 + 512 * 2**20
+    assert worker.rlimit(psutil.RLIMIT_CPU)[0] > 0
+    assert worker.num_threads() <= 4  # one DuckDB thread (plus the interpreter's own)
+    verifier.close()
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_bad_memory_limit_is_named(database):
+    with pytest.raises(ValueError, match="scoring.options.sql_execution.memory_limit"):
+        SqlExecutionVerifier(database=str(database), memory_limit="lots")
+
+
+def test_a_query_that_ignores_the_interrupt_is_killed_with_its_process(database):
+    """One regular-expression call over a 100 MB string does not look at DuckDB's interrupt for ~12 s here."""
+    verifier = SqlExecutionVerifier(database=str(database), timeout_s=1.0, memory_limit="1GB")
+    verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]])  # the worker is up
+    started = time.monotonic()
+    sql = "SELECT length(regexp_replace(repeat('ab', 50000000), '(a|b)', 'xyz', 'g'))"
+    assert verifier.score_group(CONTEXT, [f"```sql\n{sql}\n```"]) == [0.0]
+    assert time.monotonic() - started < verifier.timeout_s + 3.0
+    assert verifier.last_reasons()[0] == "timed out after 1.0 s (killed: it did not stop when asked)"
+    assert verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]]) == [1.0]  # a fresh worker
+    verifier.close()
