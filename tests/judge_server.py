@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def chat_completion(content: str) -> str:
 
 
 class FakeJudgeServer:
-    """Answers with ``reply(body, headers) -> (status, text)``; keeps every (body, headers) it received."""
+    """Answers with ``reply(body, headers) -> (status, text)`` (or ``(status, text, seconds)`` to send the
+    body one byte at a time, that many seconds apart); keeps every (body, headers) it received."""
 
     def __init__(self, reply):
         self.reply = reply
@@ -53,19 +55,24 @@ class FakeJudgeServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = dict(self.headers.items())
+                # HTTP header names are case-insensitive (clients send "authorization" or "Authorization").
+                headers = {name.title(): value for name, value in self.headers.items()}
                 with server._lock:
                     server.requests.append((body, headers))
-                status, text = (
-                    server.reply(body, headers) if self.path == "/v1/chat/completions" else (404, "not found")
-                )
+                answer = server.reply(body, headers) if self.path == "/v1/chat/completions" else (404, "not found")
+                status, text, trickle_s = (*answer, 0.0)[:3]  # a third item: seconds between the body's bytes
                 data = text.encode("utf-8")
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not trickle_s:
+                        self.wfile.write(data)
+                    for index in range(len(data)) if trickle_s else ():
+                        self.wfile.write(data[index : index + 1])
+                        self.wfile.flush()
+                        time.sleep(trickle_s)
                 except OSError:
                     pass  # the client gave up (the timeout tests)
 

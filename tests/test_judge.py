@@ -286,3 +286,13 @@ def test_local_judge_prompt_too_long_is_failed(tiny_model_dir, tmp_path):
 def test_missing_local_judge_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"scoring\.options\.llm_judge\.model"):
         LLMJudgeScorer(backend="transformers", model=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_a_server_trickling_its_answer_is_abandoned_at_the_deadline(server, status):
+    """One byte every 0.1 s: every read succeeds, so only a total deadline stops it (was 25 s for 1 s)."""
+    server.reply = lambda body, headers: (status, chat_completion("Score: 7") + " " * 400, 0.1)
+    started = time.perf_counter()
+    scores = openai_judge(server, timeout_s=1.0, max_retries=2).score_group(CONTEXT, ["a"])
+    assert time.perf_counter() - started < 2.5
+    assert isinstance(scores[0], Failed) and "within 1.0s" in scores[0].reason

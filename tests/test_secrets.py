@@ -11,11 +11,14 @@ searched for the key and for any 10-character piece of it.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
+import html
 import json
 import logging
 import sqlite3
+import urllib.parse
 from pathlib import Path
 
 import duckdb
@@ -31,10 +34,36 @@ from tests.helpers import write_tiny_config
 from tests.judge_server import FakeJudgeServer, chat_completion
 
 KEY_ENV = "TAO_SECRETS_TEST_JUDGE_KEY"
-SECRET = "sk-tao-Zq8wXvR2mKp5LtN9bYc3HdJ7fGs4Wq6E"
+# '/', '+' and '\\' change under JSON, URL and HTML escaping: the key must not survive any of them.
+SECRET = "sk-tao-Zq8w/XvR2+mKp5\\LtN9bYc3HdJ7fGs4Wq6E"
 FRAGMENT = 10
-# Any 10 characters of the key in a row count as a leak; "sk-tao-Zq8" is as bad as the whole.
-PIECES = sorted({SECRET[i : i + FRAGMENT] for i in range(len(SECRET) - FRAGMENT + 1)})
+
+
+def encodings(text: str) -> dict[str, str]:
+    """The forms a server may echo a header in."""
+    raw = text.encode()
+    return {
+        "raw": text,
+        "json": json.dumps(text)[1:-1],
+        "json-slash": json.dumps(text)[1:-1].replace("/", "\\/"),
+        "url": urllib.parse.quote(text, safe=""),
+        "html": html.escape(text),
+        "unicode": "".join(f"\\u{ord(c):04x}" for c in text),
+        "base64": base64.b64encode(raw).decode(),
+        "hex": raw.hex(),
+    }
+
+
+def _pieces(form: str, skip: int = 0) -> set[str]:
+    return {form[i : i + FRAGMENT] for i in range(skip, len(form) - FRAGMENT + 1)}
+
+
+# Any 10 characters in a row of the key, or of an encoded form of it, count as a leak ("sk-tao-Zq8" is as
+# bad as the whole). Base64 of the whole header: its first 12 characters carry "Bearer ", not the key.
+PIECES = sorted(
+    set().union(*(_pieces(form) for name, form in encodings(SECRET).items() if name != "base64"))
+    | _pieces(encodings("Bearer " + SECRET)["base64"][:-4], skip=12)
+)
 CONTEXT = PromptContext("Name a colour. Answer with one word.", "short_answer", "You are a concise assistant.")
 
 
@@ -61,6 +90,9 @@ def echoing_judge(body: dict, headers: dict) -> tuple[int, str]:
         return 200, f"<html>upstream proxy saw {authorization}</html>"  # not JSON
     if kind == 2:
         return 503, f"overloaded, retry later ({authorization})"
+    if kind in (3, 4, 5):  # the header echoed escaped or encoded, in an error body or in the judge's text
+        form = encodings(authorization)[["json-slash", "url", "base64"][kind - 3]]
+        return (400, f"bad header {form}") if kind == 3 else (200, chat_completion(f"Saw {form}. Score: 5"))
     score = 1 + len(user) % 10
     return 200, chat_completion(f"Request carried {authorization}. Score: {score}")
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
 import os
 import re
+import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import openai
 import pandas as pd
+from openai import OpenAI
 
 from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import text_digest
@@ -25,6 +32,7 @@ BACKENDS = ("transformers", "openai")
 MODES = ("pointwise", "group")
 LOWEST, HIGHEST = 1, 10
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MIN_REDACTED_FORM = 8  # shorter encoded pieces would redact ordinary words; a real key's forms are longer
 DEFAULT_RUBRIC = (
     "Judge how well the response answers the user's prompt. Correctness matters most, then following "
     "every instruction in the prompt (format, length, constraints), then clarity. Do not reward length, "
@@ -68,7 +76,8 @@ class LLMJudgeScorer:
 
     Options: backend, model, mode, rubric, max_new_tokens (256), cache_dir (None disables the
     on-disk cache of judge outputs; the registry defaults it to <home>/cache/judge), base_url,
-    api_key_env, timeout_s (60, per request), max_retries (2), max_concurrency (8 parallel requests),
+    api_key_env, timeout_s (60, a total deadline per judge call, retries included), max_retries (2),
+    max_concurrency (8 parallel requests),
     batch_size (8), dtype ("auto"), max_prompt_tokens (4096; longer judge prompts fail rather than
     being cut), trust_remote_code (False); the last four apply to the transformers backend.
     """
@@ -281,7 +290,12 @@ class JudgeCache:
 
 
 class OpenAIBackend:
-    """POST {base_url}/chat/completions on an OpenAI-compatible server, greedy, with bounded retries."""
+    """Chat completions from an OpenAI-compatible server through the official ``openai`` client, greedy.
+
+    ``timeout_s`` is a total deadline for a judge call: the first attempt and every retry (after
+    408/409/429/5xx, a timeout or a dropped connection) share it, and a server that trickles its
+    answer byte by byte is abandoned at the deadline, not kept waiting per byte.
+    """
 
     name = "openai"
 
@@ -298,7 +312,8 @@ class OpenAIBackend:
     ):
         if not base_url:
             raise ValueError(f"{OPTION}.base_url is required for backend 'openai'")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.timeout_s = timeout_s
@@ -322,45 +337,64 @@ class OpenAIBackend:
             return Failed(f"llm_judge: {self._redact(str(error))}"[:300])
 
     def _complete(self, call: JudgeCall) -> str:
+        deadline = time.monotonic() + self.timeout_s
         error = JudgeError("no attempt made")
         for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+            pause = min(0.5 * 2 ** (attempt - 1), 8.0) if attempt else 0.0
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
             try:
-                return self._post(call)
+                return self._request(call, deadline)
             except RetryableJudgeError as retryable:
                 error = retryable
         raise error
 
-    def _post(self, call: JudgeCall) -> str:
-        import requests
+    def _request(self, call: JudgeCall, deadline: float) -> str:
+        """One attempt, in a thread the deadline abandons (its client closed) if the server is too slow."""
+        client = OpenAI(
+            base_url=self.base_url, api_key=self._api_key.reveal() if self._api_key else "none",
+            max_retries=0, timeout=max(deadline - time.monotonic(), 0.001),
+        )  # fmt: skip
+        outcome: dict[str, Any] = {}
 
-        payload = {
-            "model": self.model,
-            "messages": call.messages(),
-            "max_tokens": self.max_new_tokens,
-            "temperature": 0.0,
-        }
-        headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
-        try:
-            response = requests.post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
-        except requests.Timeout:
-            raise RetryableJudgeError(f"timeout after {self.timeout_s}s waiting for {self.url}") from None
-        except requests.RequestException as error:
-            raise RetryableJudgeError(f"request to {self.url} failed: {type(error).__name__}") from None
-        if response.status_code in RETRYABLE_STATUS:
-            raise RetryableJudgeError(f"HTTP {response.status_code} from {self.url}")
-        if response.status_code >= 400:
+        def attempt() -> None:
+            try:
+                outcome["completion"] = client.chat.completions.create(
+                    model=self.model, messages=call.messages(), max_tokens=self.max_new_tokens, temperature=0.0
+                )
+            except Exception as error:  # noqa: BLE001 - handed to the caller's thread below
+                outcome["error"] = error
+
+        worker = threading.Thread(target=attempt, daemon=True)
+        worker.start()
+        worker.join(max(deadline - time.monotonic(), 0.0))
+        if worker.is_alive():
+            client.close()  # drops its connection; the thread ends when its read fails
+            raise RetryableJudgeError(f"timeout: no complete answer within {self.timeout_s}s from {self.url}")
+        client.close()
+        if "error" in outcome:
+            raise self._judge_error(outcome["error"])
+        return self._message_content(outcome["completion"])
+
+    def _judge_error(self, error: Exception) -> JudgeError:
+        if isinstance(error, openai.APITimeoutError):
+            return RetryableJudgeError(f"timeout after {self.timeout_s}s waiting for {self.url}")
+        if isinstance(error, openai.APIStatusError):
             # Servers echo the Authorization header back in error bodies: redact, then cut short, so the
             # cut can never leave a piece of the key behind.
-            raise JudgeError(f"HTTP {response.status_code} from {self.url}: {self._excerpt(response.text)}")
-        return self._message_content(response)
+            kind = RetryableJudgeError if error.status_code in RETRYABLE_STATUS else JudgeError
+            return kind(f"HTTP {error.status_code} from {self.url}: {self._excerpt(_body_text(error))}")
+        if isinstance(error, openai.APIConnectionError):
+            return RetryableJudgeError(f"request to {self.url} failed: {type(error).__name__}")
+        body = error.doc if isinstance(error, json.JSONDecodeError) else str(error)  # a 200 that is not JSON
+        return JudgeError(f"not an OpenAI chat completion: {self._excerpt(body)}")
 
-    def _message_content(self, response) -> str:
+    def _message_content(self, completion) -> str:
         try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"not an OpenAI chat completion: {self._excerpt(response.text)}") from None
+            content = completion.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            raise JudgeError(f"not an OpenAI chat completion: {self._excerpt(str(completion))}") from None
         if not isinstance(content, str):
             raise JudgeError(f"not an OpenAI chat completion: content is {type(content).__name__}")
         return content
@@ -372,24 +406,62 @@ class OpenAIBackend:
         return self._api_key.redact(text) if self._api_key else text
 
 
-class ApiKey:
-    """A judge endpoint's key, read from the environment; it shows up in no repr, str or f-string."""
+def _body_text(error: openai.APIStatusError) -> str:
+    try:
+        return error.response.text
+    except Exception:  # noqa: BLE001 - a body that cannot be read: the client's own message
+        return str(error.message)
 
-    __slots__ = ("_value",)
+
+class ApiKey:
+    """A judge endpoint's key, read from the environment; it shows up in no repr, str or f-string.
+
+    ``redact`` removes it from text in every form a server might echo it in: as is, JSON-escaped,
+    URL-encoded, HTML-escaped, with backslashes doubled, \\u-escaped, in hex, and in base64 (at each
+    of the three alignments it can have inside a longer encoded string).
+    """
+
+    __slots__ = ("_forms", "_value")
 
     def __init__(self, value: str):
         self._value = value
+        self._forms = sorted(_encoded_forms(value), key=len, reverse=True)  # longest first
 
     def reveal(self) -> str:
         return self._value
 
     def redact(self, text: str) -> str:
-        return text.replace(self._value, "[api key]")
+        for form in self._forms:
+            text = text.replace(form, "[api key]")
+        return text
 
     def __repr__(self) -> str:
         return "ApiKey('[api key]')"
 
     __str__ = __repr__
+
+
+def _encoded_forms(key: str) -> set[str]:
+    raw = key.encode()
+    forms = {
+        key,
+        json.dumps(key)[1:-1],
+        json.dumps(key)[1:-1].replace("/", "\\/"),
+        urllib.parse.quote(key, safe=""),
+        urllib.parse.quote_plus(key),
+        html.escape(key),
+        key.replace("\\", "\\\\"),
+        "".join(f"\\u{ord(char):04x}" for char in key),
+        raw.hex(),
+        raw.hex().upper(),
+    }
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        for offset in range(3):  # the key's bytes start 0, 1 or 2 bytes into a 3-byte group
+            encoded = encode(b"\0" * offset + raw).decode()
+            start = (offset * 4 + 2) // 3  # characters that carry the padding bytes
+            end = len(encoded) - encoded.count("=") - (1 if (offset + len(raw)) % 3 else 0)
+            forms.add(encoded[start:end])
+    return {form for form in forms if len(form) >= MIN_REDACTED_FORM}
 
 
 def _read_api_key(api_key_env: str | None) -> ApiKey | None:
