@@ -24,7 +24,8 @@ def chat_completion(content: str) -> str:
 
 class FakeJudgeServer:
     """Answers with ``reply(body, headers) -> (status, text)`` (or ``(status, text, seconds)`` to send the
-    body one byte at a time, that many seconds apart); keeps every (body, headers) it received."""
+    body one byte at a time, that many seconds apart); keeps every (body, headers) it received.
+    GET /v1/models is answered by ``reply(None, headers)``."""
 
     def __init__(self, reply):
         self.reply = reply
@@ -60,6 +61,13 @@ class FakeJudgeServer:
                 with server._lock:
                     server.requests.append((body, headers))
                 answer = server.reply(body, headers) if self.path == "/v1/chat/completions" else (404, "not found")
+                self._answer(answer)
+
+            def do_GET(self):  # GET /v1/models: reply(None, headers)
+                headers = {name.title(): value for name, value in self.headers.items()}
+                self._answer(server.reply(None, headers) if self.path == "/v1/models" else (404, "not found"))
+
+            def _answer(self, answer):
                 status, text, trickle_s = (*answer, 0.0)[:3]  # a third item: seconds between the body's bytes
                 data = text.encode("utf-8")
                 try:

@@ -300,5 +300,38 @@ def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str
     sys.exit(run_tied_to_this_process(command, environment))
 
 
+@main.command()
+@_settings_options
+@click.option("--host", default=None, help="Bind address (serve.host; 127.0.0.1 by default).")
+@click.option("--port", default=None, type=int, help="Port (serve.port; 8000 by default).")
+@click.option("--engine", type=click.Choice(["local", "proxy"]), default=None, help="serve.engine.")
+@click.option("--upstream", default=None, metavar="URL", help="proxy: the upstream's base URL (serve.upstream_url).")
+def serve(
+    config_file: str | None,
+    overrides: tuple[str, ...],
+    host: str | None,
+    port: int | None,
+    engine: str | None,
+    upstream: str | None,
+) -> None:
+    """Serve the champion on an OpenAI-compatible API; log its traffic into the inbox; swap on promotion."""
+    import uvicorn
+
+    from tao_pipeline.serving.server import ServeRefused, build_server
+
+    flags = {"serve.host": host, "serve.port": port, "serve.engine": engine, "serve.upstream_url": upstream}
+    extra = tuple(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
+                  for key, value in flags.items() if value is not None)  # fmt: skip
+    settings = _load(config_file, (*overrides, *extra))
+    try:
+        app = build_server(settings)
+    except ServeRefused as error:
+        raise click.ClickException(str(error)) from None
+    where = f"http://{settings.serve.host}:{settings.serve.port}/v1"
+    logged = f"logging requests into {settings.inbox_dir}" if settings.serve.log_requests else "not logging requests"
+    click.echo(f"tao serve: OpenAI-compatible API on {where} (model {settings.serve.model_alias!r}); {logged}")
+    uvicorn.run(app, host=settings.serve.host, port=settings.serve.port, log_level="info")
+
+
 if __name__ == "__main__":
     main()

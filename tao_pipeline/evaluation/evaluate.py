@@ -57,11 +57,19 @@ class _Answers:
     samples: pd.Series  # prompt_id -> list of sampled responses
 
 
+def _evaluation_backend(settings: TaoSettings) -> TaoSettings:
+    """The settings evaluation generates with: generation's, with evaluation.backend if one is set."""
+    if settings.evaluation.backend is None:
+        return settings
+    generation = settings.generation.model_copy(update={"backend": settings.evaluation.backend})
+    return settings.model_copy(update={"generation": generation})
+
+
 class _Sampler:
     """Greedy answers and sample pools for any model, through the response cache."""
 
     def __init__(self, settings: TaoSettings, cache: GenerationCache, progress: bool):
-        self.settings, self.cache, self.progress = settings, cache, progress
+        self.settings, self.cache, self.progress = _evaluation_backend(settings), cache, progress
 
     def answers(self, contender: Contender, heldout: pd.DataFrame, samples: int, seed_offset: int = 1) -> _Answers:
         evaluation, generation = self.settings.evaluation, self.settings.generation

@@ -79,6 +79,21 @@ def build_generator(
             max_prompt_tokens=generation.max_prompt_tokens,
             trust_remote_code=model.trust_remote_code,
         )
+    if backend == "openai":
+        from tao_pipeline.generation.openai_backend import OpenAIGenerator
+
+        endpoint = generation.endpoint
+        return OpenAIGenerator(
+            model_path,
+            model_version,
+            base_url=endpoint.base_url,
+            api_key_env=endpoint.api_key_env,
+            served_name=endpoint.model_names.get(model_version),
+            concurrency=endpoint.concurrency,
+            timeout_s=endpoint.timeout_s,
+            max_retries=endpoint.max_retries,
+            load_lora_adapters=endpoint.load_lora_adapters,
+        )
     if backend == "transformers":
         from tao_pipeline.generation.transformers_backend import TransformersGenerator
 

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
-import os
 import re
-import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import openai
 import pandas as pd
 from openai import OpenAI
 
 from tao_pipeline.common.atomic import atomic_path
+from tao_pipeline.common.endpoints import (
+    RETRYABLE_STATUS,
+    DeadlinePassed,
+    call_before,
+    read_api_key,
+    retry_before_deadline,
+)
 from tao_pipeline.common.hashing import text_digest
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.generation.base import SamplingParams
@@ -31,8 +32,6 @@ OPTION = "scoring.options.llm_judge"
 BACKENDS = ("transformers", "openai")
 MODES = ("pointwise", "group")
 LOWEST, HIGHEST = 1, 10
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
-MIN_REDACTED_FORM = 8  # shorter encoded pieces would redact ordinary words; a real key's forms are longer
 DEFAULT_RUBRIC = (
     "Judge how well the response answers the user's prompt. Correctness matters most, then following "
     "every instruction in the prompt (format, length, constraints), then clarity. Do not reward length, "
@@ -319,7 +318,7 @@ class OpenAIBackend:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_concurrency = max(1, max_concurrency)
-        self._api_key = _read_api_key(api_key_env)  # an ApiKey: repr and str never show it
+        self._api_key = read_api_key(api_key_env, f"{OPTION}.api_key_env")  # an ApiKey: repr and str never show it
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(url={self.url!r}, model={self.model!r})"
@@ -337,45 +336,31 @@ class OpenAIBackend:
             return Failed(f"llm_judge: {self._redact(str(error))}"[:300])
 
     def _complete(self, call: JudgeCall) -> str:
-        deadline = time.monotonic() + self.timeout_s
-        error = JudgeError("no attempt made")
-        for attempt in range(self.max_retries + 1):
-            pause = min(0.5 * 2 ** (attempt - 1), 8.0) if attempt else 0.0
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(pause)
-            try:
-                return self._request(call, deadline)
-            except RetryableJudgeError as retryable:
-                error = retryable
-        raise error
+        return retry_before_deadline(
+            lambda deadline: self._request(call, deadline),
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            retryable=RetryableJudgeError,
+        )
 
     def _request(self, call: JudgeCall, deadline: float) -> str:
-        """One attempt, in a thread the deadline abandons (its client closed) if the server is too slow."""
+        """One attempt, abandoned (its client closed) at the deadline if the server is too slow."""
         client = OpenAI(
             base_url=self.base_url, api_key=self._api_key.reveal() if self._api_key else "none",
             max_retries=0, timeout=max(deadline - time.monotonic(), 0.001),
         )  # fmt: skip
-        outcome: dict[str, Any] = {}
-
-        def attempt() -> None:
-            try:
-                outcome["completion"] = client.chat.completions.create(
-                    model=self.model, messages=call.messages(), max_tokens=self.max_new_tokens, temperature=0.0
-                )
-            except Exception as error:  # noqa: BLE001 - handed to the caller's thread below
-                outcome["error"] = error
-
-        worker = threading.Thread(target=attempt, daemon=True)
-        worker.start()
-        worker.join(max(deadline - time.monotonic(), 0.0))
-        if worker.is_alive():
-            client.close()  # drops its connection; the thread ends when its read fails
-            raise RetryableJudgeError(f"timeout: no complete answer within {self.timeout_s}s from {self.url}")
-        client.close()
-        if "error" in outcome:
-            raise self._judge_error(outcome["error"])
-        return self._message_content(outcome["completion"])
+        request = lambda: client.chat.completions.create(  # noqa: E731
+            model=self.model, messages=call.messages(), max_tokens=self.max_new_tokens, temperature=0.0
+        )
+        try:
+            completion = call_before(deadline, request, client.close)
+        except DeadlinePassed:
+            raise RetryableJudgeError(f"timeout: no complete answer within {self.timeout_s}s from {self.url}") from None
+        except Exception as error:  # noqa: BLE001 - classified into retryable or not
+            raise self._judge_error(error) from None
+        finally:
+            client.close()
+        return self._message_content(completion)
 
     def _judge_error(self, error: Exception) -> JudgeError:
         if isinstance(error, openai.APITimeoutError):
@@ -411,72 +396,6 @@ def _body_text(error: openai.APIStatusError) -> str:
         return error.response.text
     except Exception:  # noqa: BLE001 - a body that cannot be read: the client's own message
         return str(error.message)
-
-
-class ApiKey:
-    """A judge endpoint's key, read from the environment; it shows up in no repr, str or f-string.
-
-    ``redact`` removes it from text in every form a server might echo it in: as is, JSON-escaped,
-    URL-encoded, HTML-escaped, with backslashes doubled, \\u-escaped, in hex, and in base64 (at each
-    of the three alignments it can have inside a longer encoded string).
-    """
-
-    __slots__ = ("_forms", "_value")
-
-    def __init__(self, value: str):
-        self._value = value
-        self._forms = sorted(_encoded_forms(value), key=len, reverse=True)  # longest first
-
-    def reveal(self) -> str:
-        return self._value
-
-    def redact(self, text: str) -> str:
-        for form in self._forms:
-            text = text.replace(form, "[api key]")
-        return text
-
-    def __repr__(self) -> str:
-        return "ApiKey('[api key]')"
-
-    __str__ = __repr__
-
-
-def _encoded_forms(key: str) -> set[str]:
-    raw = key.encode()
-    forms = {
-        key,
-        json.dumps(key)[1:-1],
-        json.dumps(key)[1:-1].replace("/", "\\/"),
-        urllib.parse.quote(key, safe=""),
-        urllib.parse.quote_plus(key),
-        html.escape(key),
-        key.replace("\\", "\\\\"),
-        "".join(f"\\u{ord(char):04x}" for char in key),
-        raw.hex(),
-        raw.hex().upper(),
-    }
-    for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        for offset in range(3):  # the key's bytes start 0, 1 or 2 bytes into a 3-byte group
-            encoded = encode(b"\0" * offset + raw).decode()
-            start = (offset * 4 + 2) // 3  # characters that carry the padding bytes
-            end = len(encoded) - encoded.count("=") - (1 if (offset + len(raw)) % 3 else 0)
-            forms.add(encoded[start:end])
-    return {form for form in forms if len(form) >= MIN_REDACTED_FORM}
-
-
-def _read_api_key(api_key_env: str | None) -> ApiKey | None:
-    if not api_key_env:
-        return None
-    key = os.environ.get(api_key_env, "").strip()  # a trailing newline from a secrets file is no part of it
-    if not key:
-        raise ValueError(f"{OPTION}.api_key_env: environment variable {api_key_env!r} is not set")
-    if not key.isprintable() or not key.isascii() or " " in key:
-        # The message never shows the value: only that it cannot go in an HTTP header.
-        raise ValueError(
-            f"{OPTION}.api_key_env: environment variable {api_key_env!r} holds characters an "
-            "API key cannot have (whitespace, control or non-ASCII characters)"
-        )
-    return ApiKey(key)
 
 
 class TransformersBackend:

@@ -38,11 +38,29 @@ class ModelSettings(_Section):
     trust_remote_code: bool = False
 
 
-class GenerationSettings(_Section):
-    backend: Literal["auto", "transformers", "vllm"] = Field(
-        "auto",
-        description="auto: vLLM when a CUDA GPU and the gpu extra are present, else transformers.",
+class EndpointSettings(_Section):
+    """An OpenAI-compatible server to generate with (generation.backend = 'openai')."""
+
+    base_url: str | None = Field(None, description="e.g. 'http://vllm-host:8000/v1' or a `tao serve` address.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
+    model_names: dict[str, str] = Field(
+        default_factory=dict, description="Version id -> the name the server serves it under (default: the id)."
     )
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(300.0, gt=0.0, description="Total time for one prompt's request, retries included.")
+    max_retries: int = Field(2, ge=0)
+    load_lora_adapters: bool = Field(
+        False, description="vLLM: load a LoRA checkpoint at run time (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING)."
+    )
+
+
+class GenerationSettings(_Section):
+    backend: Literal["auto", "transformers", "vllm", "openai"] = Field(
+        "auto",
+        description="auto: vLLM when a CUDA GPU and the gpu extra are present, else transformers; "
+        "openai: an OpenAI-compatible server (generation.endpoint), for candidates and evaluation alike.",
+    )
+    endpoint: EndpointSettings = Field(default_factory=EndpointSettings)
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
@@ -54,6 +72,14 @@ class GenerationSettings(_Section):
     max_prompt_tokens: int = Field(512, ge=8)
     shard_prompts: int = Field(64, ge=1, description="Prompts per crash-safe shard; a killed run resumes by shard.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _openai_needs_endpoint(self) -> GenerationSettings:
+        if self.backend == "openai" and not self.endpoint.base_url:
+            raise ValueError(
+                "generation.backend='openai' needs generation.endpoint.base_url, e.g. 'http://host:8000/v1'"
+            )
+        return self
 
 
 DEFAULT_SCORERS = {"default": {"self_consistency": 1.0}}
@@ -136,6 +162,11 @@ class TrainingSettings(_Section):
 
 
 class EvaluationSettings(_Section):
+    backend: Literal["transformers", "vllm", "openai"] | None = Field(
+        None,
+        description="The generation backend for held-out answers; default: generation.backend. With 'openai' the "
+        "server must serve the challenger too (vLLM: generation.endpoint.load_lora_adapters).",
+    )
     pool_samples: int = Field(4, ge=1, le=32, description="Samples per model pooled as the consensus reference.")
     max_new_tokens: int = Field(512, ge=1)
     min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
@@ -194,6 +225,46 @@ class FlywheelSettings(_Section):
         raise ValueError(f"{value!r} is not a cron expression Dagster can schedule, like '0 3 * * 1' or '@daily'")
 
 
+class ServeSettings(_Section):
+    """`tao serve`: the champion behind an OpenAI-compatible API, its traffic logged into the inbox."""
+
+    host: str = Field("127.0.0.1", description="Loopback by default; any other address needs api_keys_env set.")
+    port: int = Field(8000, ge=1, le=65535)
+    engine: Literal["local", "proxy"] = Field(
+        "local", description="local: transformers in this process; proxy: in front of upstream_url."
+    )
+    model_alias: str = Field("tao", min_length=1, description="The model name that always means the champion.")
+    api_keys_env: str = Field(
+        "TAO_SERVE_API_KEYS", description="Environment variable with the bearer keys clients send (comma-separated)."
+    )
+    default_task: str = Field("general", min_length=1, description="Task of a request without metadata.task.")
+    default_max_tokens: int = Field(512, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="Larger max_tokens in a request are refused (HTTP 400).")
+    max_batch_rows: int = Field(16, ge=1, description="local: rows (requests x n) decoded together.")
+    batch_window_ms: float = Field(20.0, ge=0.0, description="local: how long the first request waits for company.")
+    swap_poll_seconds: float = Field(2.0, gt=0.0, description="How often the registry is asked for a new champion.")
+    log_requests: bool = Field(True, description="Write every answered request into the inbox.")
+    log_responses: bool = Field(True, description="Keep the response text in the logged rows.")
+    drop_fields: list[str] = Field(default_factory=list, description="Fields left out of logged rows, e.g. ['system'].")
+    log_roll_rows: int = Field(1000, ge=1, description="A log file is handed to the inbox at this many rows...")
+    log_roll_seconds: float = Field(60.0, gt=0.0, description="...or at this age, whichever comes first.")
+    upstream_url: str | None = Field(
+        None, description="proxy: the OpenAI-compatible base URL, e.g. http://vllm:8000/v1."
+    )
+    upstream_api_key_env: str | None = None
+    upstream_model_names: dict[str, str] = Field(
+        default_factory=dict, description="proxy: version id -> the name the upstream serves it under."
+    )
+    load_lora_adapters: bool = Field(False, description="proxy: load a new champion's adapter on the upstream (vLLM).")
+    request_timeout_s: float = Field(120.0, gt=0.0, description="proxy: total time for one upstream request.")
+
+    @model_validator(mode="after")
+    def _proxy_needs_upstream(self) -> ServeSettings:
+        if self.engine == "proxy" and not self.upstream_url:
+            raise ValueError("serve.engine='proxy' needs serve.upstream_url, e.g. 'http://localhost:8001/v1'")
+        return self
+
+
 class TaoSettings(_Section):
     home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")), validate_default=True)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -204,6 +275,15 @@ class TaoSettings(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @model_validator(mode="after")
+    def _openai_evaluation_needs_endpoint(self) -> TaoSettings:
+        if self.evaluation.backend == "openai" and not self.generation.endpoint.base_url:
+            raise ValueError(
+                "evaluation.backend='openai' needs generation.endpoint.base_url, e.g. 'http://host:8000/v1'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _control_needs_pairs(self) -> TaoSettings:

@@ -1,0 +1,53 @@
+"""Prometheus metrics of `tao serve` (text format at /metrics), in a registry of its own per server."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tao_pipeline.serving.engine import Completion
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class ServeMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tao_serve_requests", "Requests answered or failed.", ["endpoint", "outcome"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "tao_serve_request_seconds", "Time from request to last token.", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.tokens = Counter("tao_serve_tokens", "Tokens read and written.", ["kind"], registry=self.registry)
+        self.model = Gauge("tao_serve_model_info", "The version answering now (value 1).", ["version"],
+                           registry=self.registry)  # fmt: skip
+        self.swaps = Counter("tao_serve_swaps", "Champion swaps.", registry=self.registry)
+        self.logged_rows = Counter("tao_serve_logged_rows", "Rows written to the inbox.", registry=self.registry)
+
+    def answered(self, endpoint: str, seconds: float, completion: Completion) -> None:
+        self.requests.labels(endpoint, "ok").inc()
+        self.latency.labels(endpoint).observe(seconds)
+        self.tokens.labels("prompt").inc(completion.prompt_tokens)
+        self.tokens.labels("completion").inc(completion.completion_tokens)
+
+    def failed(self, endpoint: str, seconds: float) -> None:
+        self.requests.labels(endpoint, "error").inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def logged(self, rows: int) -> None:
+        self.logged_rows.inc(rows)
+
+    def served_version(self, version: str) -> None:
+        self.model.clear()
+        self.model.labels(version).set(1)
+
+    def swapped(self, version: str, first: bool = False) -> None:
+        if not first:
+            self.swaps.inc()
+        self.served_version(version)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
