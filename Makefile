@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo lint test test-fast test-ui ui bench bench-quality bench-incremental bench-ingest clean
+.PHONY: setup browser demo lint test test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ test-ui: setup browser
 ui: setup
 	$(VENV)/bin/tao ui
 
+serve: setup
+	$(VENV)/bin/tao serve
+
 # Benchmarks print their figures (README "Results" says what each measured); none is a test.
 bench: setup            # generation vs a naive loop, then a default round: time and memory per stage, DPO steps/s
 	$(PY) bench/throughput.py
@@ -64,6 +67,9 @@ bench-incremental: setup  # a round, then a rerun after 10% new prompts
 
 bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streaming vs the whole file in memory
 	$(PY) bench/ingest_million.py --whole
+
+bench-flywheel: setup   # serve -> logs -> sensors -> round -> promotion -> swap, unattended, under faults (~15 min)
+	$(PY) bench/flywheel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -53,7 +53,8 @@ def test_candidates_come_from_the_server_n_per_prompt_through_the_cache(server, 
     assert responses["completion_tokens"].between(1, 7).all() and responses["prompt_tokens"].gt(0).all()
     assert first.cache.generated_prompts == 3 and first.stats.new_tokens > 0
     again = generate_candidates(PROMPTS, tiny_model_dir, version, settings)
-    assert again.cache.generated_prompts == 0 and again.responses["response_id"].tolist() == responses["response_id"].tolist()
+    assert again.cache.generated_prompts == 0
+    assert again.responses["response_id"].tolist() == responses["response_id"].tolist()
 
 
 def test_a_server_that_serves_another_model_is_refused(server, tiny_model_dir):
