@@ -184,11 +184,13 @@ def _round_runs(bench: Bench) -> pd.DataFrame:
                     "partition": r.dagster_run.tags.get("dagster/partition"),
                     "status": r.dagster_run.status.value,
                     "created": r.create_timestamp.timestamp(),
+                    "orphaned": "tao/orphaned" in r.dagster_run.tags,
+                    "resumed": "tao/resumed_from" in r.dagster_run.tags,
                     "ended": r.end_time,
                 }
                 for r in records
             ],
-            columns=["run_id", "partition", "status", "created", "ended"],
+            columns=["run_id", "partition", "status", "created", "ended", "orphaned", "resumed"],
         )
 
 
@@ -272,8 +274,8 @@ def run(args) -> dict:
             f"round opened: {runs['partition'].iloc[0]} ({time.time() - bench.events['sent']:.0f}s after the traffic)"
         )
         time.sleep(args.kill_after_s)
-        bench.kill("daemon")
-        print("daemon SIGKILLed in the middle of the round; restarting it in 5 s")
+        bench.kill("daemon")  # its whole process group: the code server and the round's run worker too
+        print("daemon SIGKILLed (with its process group) in the middle of the round; restarting it in 5 s")
         time.sleep(5)
         bench.start_daemon()
 
@@ -375,6 +377,7 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
         "rows quarantined (with a reason)": quarantined,
         "distinct ids ingested": distinct,
         "rounds completed": len(completed),
+        "round runs that lost their process / resumes": f"{int(runs['orphaned'].sum())} / {int(runs['resumed'].sum())}",
         "minutes from the round's start to promotion": round(
             (bench.events["promoted"] - runs["created"].min()) / 60, 1
         ),
