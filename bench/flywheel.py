@@ -40,9 +40,11 @@ from datetime import UTC
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import openai
 import pandas as pd
 import requests
+from scipy.stats import bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -346,21 +348,14 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
     runs = _round_runs(bench)
     completed = runs[runs["status"] == "SUCCESS"]
     first_new = ok[ok["model"] == version]["sent_at"].min()
-    labels = load_labels(settings.data.labels)
-    scorer = build_scorer(settings.scoring)
-
-    def accuracy(phase: str, served_by: str) -> tuple[float, int]:
-        rows = ok[(ok["phase"] == phase) & (ok["model"] == served_by)]
-        marks = []
-        for row in rows.itertuples():
-            accepted = labels.get(row.prompt["prompt"].strip())
-            if accepted:
-                context = PromptContext(row.prompt["prompt"], row.prompt["task"])
-                marks.append(scorer.matches_label(context, scorer.answers(context, [row.text])[0], accepted))
-        return (sum(marks) / len(marks) if marks else float("nan")), len(marks)
-
-    before, n_before = accuracy("before", base)
-    after, n_after = accuracy("after", version)
+    served = ok.assign(prompt_text=ok["prompt"].map(lambda p: p["prompt"]), task=ok["prompt"].map(lambda p: p["task"]))
+    before = served[(served["phase"] == "before") & (served["model"] == base)]
+    after = served[(served["phase"] == "after") & (served["model"] == version)]
+    paired = served_accuracy(before, after, settings)
+    with connect_duckdb(bench.home / "lake" / "catalog.duckdb", read_only=True, timeout_s=60) as con:
+        heldout = set(con.execute("SELECT prompt FROM raw_prompts WHERE split = 'heldout'").df()["prompt"])
+    unseen = served_accuracy(before[before["prompt_text"].isin(heldout)], after[after["prompt_text"].isin(heldout)],
+                             settings)  # fmt: skip
     outage = answers[answers["phase"] == "outage"]
     figures = {
         "requests sent": len(answers),
@@ -382,8 +377,10 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
             (bench.events["promoted"] - runs["created"].min()) / 60, 1
         ),
         "minutes from promotion to the first answer by it": round((first_new - bench.events["promoted"]) / 60, 2),
-        f"labeled accuracy served before the swap ({base})": f"{before:.3f} (n={n_before})",
-        f"labeled accuracy served after the swap ({version})": f"{after:.3f} (n={n_after})",
+        f"labeled accuracy served before the swap ({base})": paired["before"],
+        f"labeled accuracy served after the swap ({version})": paired["after"],
+        "after - before, same prompts (95% paired bootstrap CI)": paired["difference"],
+        "after - before, the round's held-out prompts only": f"{unseen['difference']} ({unseen['after']})",
     }
     print("\nthe live flywheel\n")
     print(pd.DataFrame({"figure": list(figures), "value": [str(v) for v in figures.values()]}).to_markdown(index=False))
@@ -394,6 +391,45 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
     assert (ok[ok["phase"] == "after"]["model"] == version).all(), ok[ok["phase"] == "after"]["model"].value_counts()
     print("\ninvariants hold: every logged row ingested exactly once, the round completed, the server switched")
     return figures
+
+
+def served_accuracy(before: pd.DataFrame, after: pd.DataFrame, settings) -> dict[str, str]:
+    """Labeled accuracy of the answers served before and after the swap, on the labeled prompts both
+    answered (columns prompt_text, task, text), with 95% bootstrap intervals; the difference is paired."""
+    labels = load_labels(settings.data.labels)
+    scorer = build_scorer(settings.scoring)
+
+    def marks(frame: pd.DataFrame) -> pd.Series:
+        frame = frame.drop_duplicates("prompt_text").set_index("prompt_text")
+        correct = {}
+        for prompt, row in frame.iterrows():
+            accepted = labels.get(prompt.strip())
+            if accepted:
+                context = PromptContext(prompt, row["task"])
+                correct[prompt] = scorer.matches_label(context, scorer.answers(context, [row["text"]])[0], accepted)
+        return pd.Series(correct, dtype=float)
+
+    first, second = marks(before), marks(after)
+    shared = first.index.intersection(second.index)
+    first, second = first[shared].to_numpy(), second[shared].to_numpy()
+    if len(shared) < 2:
+        return {"before": "-", "after": "-", "difference": "-"}
+
+    def interval(*samples, statistic) -> str:
+        result = bootstrap(samples, statistic, paired=True, confidence_level=0.95, n_resamples=5000,
+                           random_state=0, method="percentile")  # fmt: skip
+        low, high = result.confidence_interval
+        return (
+            f"{statistic(*samples):+.3f} [{low:+.3f}, {high:+.3f}]"
+            if len(samples) == 2
+            else (f"{statistic(*samples):.3f} [{low:.3f}, {high:.3f}] (n={len(shared)})")
+        )
+
+    return {
+        "before": interval(first, statistic=np.mean),
+        "after": interval(second, statistic=np.mean),
+        "difference": interval(second, first, statistic=lambda a, b: np.mean(a) - np.mean(b)),
+    }
 
 
 def main() -> None:
