@@ -130,6 +130,16 @@ def test_every_answer_is_logged_into_the_inbox_and_ingested(server, base):
     assert len(served) == len(all_rows)  # every logged row once, none lost
 
 
+def test_a_multi_turn_conversation_is_answered_but_not_logged_as_a_prompt(server):
+    conversation = [*CHAT, {"role": "assistant", "content": "5"}, {"role": "user", "content": "And times 2?"}]
+    before = len(inbox_rows(server))
+    answer = client_for(server).chat.completions.create(model="tao", messages=conversation, max_tokens=3)
+    assert answer.choices[0].message.content is not None
+    assert len(inbox_rows(server)) == before  # "And times 2?" alone is no prompt to learn from
+    text = requests.get(server.root + "/metrics", timeout=5).text
+    assert 'tao_serve_unlogged_requests_total{reason="multi_turn"}' in text
+
+
 def test_metrics_are_prometheus_text(server, base):
     client_for(server).chat.completions.create(model="tao", messages=CHAT, max_tokens=3)
     text = requests.get(server.root + "/metrics", timeout=5).text

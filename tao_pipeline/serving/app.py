@@ -75,6 +75,7 @@ class Served:
     prompt: str
     system: str | None
     started: float
+    unlogged_because: str | None = None  # why this request gives no training row
 
 
 def build_app(
@@ -150,6 +151,10 @@ def build_app(
         systems = [m["content"] for m in messages if m["role"] == "system"]
         request = _generation_request(body, settings, messages=messages, max_tokens=body.max_completion_tokens)
         served = Served("chat", _task(body, settings), users[-1], systems[0] if systems else None, time.perf_counter())
+        if len(users) > 1 or any(m["role"] == "assistant" for m in messages):
+            # A round replays a prompt on its own: the last turn without its conversation would teach
+            # the model to answer a question nobody asked in that form.
+            served.unlogged_because = "multi_turn"
         return await answer(request, served, body.stream, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
@@ -183,6 +188,9 @@ def build_app(
         seconds = time.perf_counter() - served.started
         metrics.answered(served.endpoint, seconds, completion)
         if request_log is None:
+            return
+        if served.unlogged_because is not None:
+            metrics.unlogged(served.unlogged_because)
             return
         for choice in completion.choices:
             request_log.write(

@@ -26,6 +26,12 @@ class ServeMetrics:
                            registry=self.registry)  # fmt: skip
         self.swaps = Counter("tao_serve_swaps", "Champion swaps.", registry=self.registry)
         self.logged_rows = Counter("tao_serve_logged_rows", "Rows written to the inbox.", registry=self.registry)
+        self.unlogged_requests = Counter(
+            "tao_serve_unlogged_requests",
+            "Answered requests not logged, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def answered(self, endpoint: str, seconds: float, completion: Completion) -> None:
         self.requests.labels(endpoint, "ok").inc()
@@ -39,6 +45,9 @@ class ServeMetrics:
 
     def logged(self, rows: int) -> None:
         self.logged_rows.inc(rows)
+
+    def unlogged(self, reason: str) -> None:
+        self.unlogged_requests.labels(reason).inc()
 
     def served_version(self, version: str) -> None:
         self.model.clear()
