@@ -167,3 +167,19 @@ def ingest_assets() -> list:
 
 def evaluation_checks() -> list:
     return list(code_location().asset_checks)
+
+
+def inbox_settings(tmp_path: Path, monkeypatch, **sections: str):
+    """Settings for a home under ``tmp_path`` with an empty inbox and no configured log files, made the
+    code location's ($TAO_CONFIG). ``sections`` adds TOML lines per section, e.g. flywheel="settle_seconds = 1.0"."""
+    from tao_pipeline.settings import load_settings
+
+    body = {"data": "logs = []", **{name: text for name, text in sections.items() if name != "data"}}
+    if "data" in sections:
+        body["data"] += "\n" + sections["data"]
+    config = tmp_path / "tao.toml"
+    config.write_text(f'home = "{tmp_path / "home"}"\n' + "".join(f"[{n}]\n{t}\n" for n, t in body.items()))
+    monkeypatch.setenv("TAO_CONFIG", str(config))
+    settings = load_settings()
+    settings.inbox_dir.mkdir(parents=True)
+    return settings

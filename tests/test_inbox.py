@@ -20,8 +20,8 @@ from tao_pipeline.data.ingest import archive_file, ingest_log_batch, pending_log
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.defs.resources import TaoSettingsResource
 from tao_pipeline.defs.sensors import build_usage_log_sensor
-from tao_pipeline.settings import SettingsSource, load_settings
-from tests.helpers import sample_logs, write_logs
+from tao_pipeline.settings import SettingsSource
+from tests.helpers import inbox_settings, sample_logs, write_logs
 
 SECRET = "sk-test-7d1e0c55"
 
@@ -29,12 +29,7 @@ SECRET = "sk-test-7d1e0c55"
 @pytest.fixture
 def inbox_home(tmp_path, monkeypatch):
     """A home with an inbox, no configured log files, and settle_seconds = 1."""
-    config = tmp_path / "tao.toml"
-    config.write_text(f'home = "{tmp_path / "home"}"\n[data]\nlogs = []\n[flywheel]\nsettle_seconds = 1.0\n')
-    monkeypatch.setenv("TAO_CONFIG", str(config))
-    settings = load_settings()
-    settings.inbox_dir.mkdir(parents=True)
-    return settings
+    return inbox_settings(tmp_path, monkeypatch, flywheel="settle_seconds = 1.0")
 
 
 def aged(path: Path, seconds: float = 60) -> Path:

@@ -32,8 +32,8 @@ from tao_pipeline.data.ingest import (
 from tao_pipeline.data.ingest import readers as ingest_readers
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.defs.resources import build_resources
-from tao_pipeline.settings import DataSettings, load_settings
-from tests.helpers import ingest_assets
+from tao_pipeline.settings import DataSettings
+from tests.helpers import inbox_settings, ingest_assets
 
 LIMITS = DataSettings(max_prompt_chars=200)
 
@@ -249,11 +249,7 @@ def test_parquet_ids_that_are_nan_or_fractions_are_quarantined(tmp_path):
 
 @pytest.fixture
 def ingest_home(tmp_path, monkeypatch):
-    config = tmp_path / "tao.toml"
-    config.write_text(f'home = "{tmp_path / "home"}"\n[data]\nlogs = []\nmax_prompt_chars = 200\n')
-    monkeypatch.setenv("TAO_CONFIG", str(config))
-    settings = load_settings()
-    settings.inbox_dir.mkdir(parents=True)
+    settings = inbox_settings(tmp_path, monkeypatch, data="max_prompt_chars = 200")
     with dg.instance_for_test() as instance:
         yield settings, instance
 

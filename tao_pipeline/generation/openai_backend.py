@@ -16,6 +16,7 @@ the adapter's own base model.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,7 @@ from tao_pipeline.generation.base import sampling_json as sampling_text
 from tao_pipeline.registry.loading import load_tokenizer
 
 SETTING = "generation.endpoint"
+logger = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
@@ -225,5 +227,6 @@ def _tokenizer_or_none(model_path: Path | str):
     """The model's tokenizer, to count each sample's tokens (the server reports only the sum over n)."""
     try:
         return load_tokenizer(model_path)
-    except Exception:  # noqa: BLE001 - a hub id not cached here: counts fall back to words
+    except Exception as error:  # noqa: BLE001 - a hub id not cached here: counts fall back to words
+        logger.warning("openai backend: no tokenizer at %s (%s); token counts are word counts", model_path, error)
         return None

@@ -26,7 +26,7 @@ class ChampionWatcher:
     def __init__(self, store: ModelStore, model: ModelSettings, poll_seconds: float):
         self.store, self.model, self.poll_seconds = store, model, poll_seconds
         self.on_swap: Callable[[str, bool], None] = lambda version, first: None  # (version, first load)
-        self.swaps: list[tuple[str, float]] = []  # (version, seconds the swap took)
+        self.swap_count = 0
         self.last_error: str | None = None
         self._known: set[str] = set()
         self._engine: Engine | None = None
@@ -68,7 +68,7 @@ class ChampionWatcher:
         return version_id in self._known
 
     def status(self) -> dict:
-        return {"ready": self._started, "swaps": len(self.swaps), "last_swap_error": self.last_error}
+        return {"ready": self._started, "swaps": self.swap_count, "last_swap_error": self.last_error}
 
     async def check_now(self) -> None:
         """One poll: swap if the registry names another champion."""
@@ -78,11 +78,12 @@ class ChampionWatcher:
         started = time.perf_counter()
         version: ModelVersion = await asyncio.to_thread(self.store.require_complete, current)
         await self._engine.switch_to(version)
-        self.swaps.append((current, time.perf_counter() - started))
+        self.swap_count += 1
+        seconds = time.perf_counter() - started
         self.last_error = None
         await asyncio.to_thread(self._refresh_known)
         self.on_swap(current, False)
-        logger.info("tao serve: now serving %s (swap took %.1f s)", current, self.swaps[-1][1])
+        logger.info("tao serve: now serving %s (swap took %.1f s)", current, seconds)
 
     async def _poll(self) -> None:
         while True:

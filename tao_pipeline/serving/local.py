@@ -17,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,29 +229,25 @@ class LocalEngine:
                     job.send(("error", f"{type(error).__name__}: {error}"))
 
     def _next_batch(self) -> list[_Job] | None:
+        """The first waiting job plus those with its sampling settings that arrive within the batch window."""
         first = self._waiting.popleft() if self._waiting else self._jobs.get()
         if first is None:
             return None
         batch, rows = [first], first.request.n
-        deadline = threading.Event()
-        timer = threading.Timer(self.batch_window_s, deadline.set)
-        timer.start()
-        try:
-            while rows < self.max_batch_rows and not deadline.is_set():
-                try:
-                    job = self._jobs.get(timeout=self.batch_window_s)
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)  # close after this batch
-                    break
-                if job.sampling_key == first.sampling_key and rows + job.request.n <= self.max_batch_rows:
-                    batch.append(job)
-                    rows += job.request.n
-                else:
-                    self._waiting.append(job)
-        finally:
-            timer.cancel()
+        deadline = time.monotonic() + self.batch_window_s
+        while rows < self.max_batch_rows and (left := deadline - time.monotonic()) > 0:
+            try:
+                job = self._jobs.get(timeout=left)
+            except queue.Empty:
+                break
+            if job is None:
+                self._jobs.put(None)  # close after this batch
+                break
+            if job.sampling_key == first.sampling_key and rows + job.request.n <= self.max_batch_rows:
+                batch.append(job)
+                rows += job.request.n
+            else:
+                self._waiting.append(job)
         return batch
 
     @torch.inference_mode()
