@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo lint test test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel clean
+.PHONY: setup browser demo lint test test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,47 @@ bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streamin
 
 bench-flywheel: setup   # serve -> logs -> sensors -> round -> promotion -> swap, unattended, under faults (~15 min)
 	$(PY) bench/flywheel.py
+
+bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with the control arm: do rounds compound?
+	$(PY) bench/rounds.py
+
+bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2): accuracy with intervals, the curve as a PNG
+	$(PY) bench/compute.py --set data.max_prompts=96
+
+# The GPU check (bench/gpu_check.py) on an offline CUDA machine whose Python 3.12 already has torch,
+# transformers, peft, accelerate and the rest of bench/gpu_image_packages.txt. `make gpu-wheels`, here, puts
+# the wheels it needs beyond those (the versions of this venv) and the embedded model's tokenizer into
+# $(WHEELS)/, and fails if they and the working tree would not travel in 64 MiB; `make gpu-check`, there,
+# installs them into $(GPU_SITE) with no network and runs the check. tests/test_gpu_check.py checks the list.
+WHEELS := .whl
+GPU_SITE ?= /tmp/site
+GPU_CHECK_JSON ?= $(or $(OUT),.)/gpu_check.json
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 duckdb==2.0.1 \
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+  typing-extensions==4.16.0 croniter==7.0.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+  manylinux1_x86_64
+TAO_HOME ?= $(HOME)/.tao
+EMBEDDED_DIR = $(TAO_HOME)/models/base/SmolLM2-135M-Instruct
+TRAVEL_LIMIT_MB := 64
+
+gpu-wheels: setup
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)/tokenizer
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(WHEELS) $(GPU_WHEELS)
+	test -f $(EMBEDDED_DIR)/tokenizer.json || TAO_HOME=$(TAO_HOME) $(VENV)/bin/tao bootstrap
+	cp $(EMBEDDED_DIR)/tokenizer.json $(EMBEDDED_DIR)/tokenizer_config.json $(EMBEDDED_DIR)/chat_template.jinja \
+	  $(WHEELS)/tokenizer/
+	@tree=$$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1); \
+	  wheels=$$(du -sb $(WHEELS) | cut -f1); total=$$(( (tree + wheels) / 1048576 )); \
+	  echo "$(WHEELS): $$(ls $(WHEELS)/*.whl | wc -l) wheels + tokenizer, $$((wheels / 1048576)) MiB;" \
+	    "with the working tree $$total MiB of $(TRAVEL_LIMIT_MB)"; \
+	  test $$total -lt $(TRAVEL_LIMIT_MB) || { echo "ERROR: over $(TRAVEL_LIMIT_MB) MiB: it will not travel"; exit 1; }
+
+gpu-check:
+	$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	  --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py --json $(GPU_CHECK_JSON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
