@@ -13,6 +13,20 @@ from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry.embedded import EMBEDDED_NAME
 
 DEMO = str(DEMO_CONFIG)  # the benchmarks run on the demo, with the demo's settings
+# A round smaller than `tao demo` (the promise-size round of tests/test_embedded_round.py), and a tiny one
+# that only checks the plumbing on a tiny random model.
+PROMISE_ROUND = [
+    "generation.num_samples=6",
+    "training.max_steps=30",
+    "evaluation.test_time_k=0",
+    "evaluation.pool_samples=2",
+]
+TINY_ROUND = [
+    "generation.num_samples=2",
+    "training.max_steps=2",
+    "generation.max_new_tokens=8",
+    "evaluation.max_new_tokens=8",
+]
 
 
 def fresh_home(name: str, base_model_from: str | None) -> Path:

@@ -191,7 +191,19 @@ def test_summarize_table():
         tasks=["arithmetic", "arithmetic", "short_answer", "short_answer"],
     )
     table = summarize(rows)
-    assert list(table.columns) == ["metric", "champion", "challenger", "control", "n"]
+    assert list(table.columns) == [
+        "metric",
+        "champion",
+        "challenger",
+        "difference",
+        "champion_ci",
+        "challenger_ci",
+        "difference_ci",
+        "control",
+        "control_ci",
+        "p_value",
+        "n",
+    ]
     assert table["control"].isna().all()  # no control arm in these rows
     by_metric = table.set_index("metric")
     assert table["metric"].tolist() == [
@@ -209,58 +221,130 @@ def test_summarize_table():
     ]
     assert by_metric.loc["label-free score (all)", "champion"] == 0.5
     assert by_metric.loc["label-free score (all)", "challenger"] == pytest.approx(0.625)
+    assert by_metric.loc["label-free score (all)", "difference"] == pytest.approx(0.125)
     assert by_metric.loc["labeled accuracy (all)", ["champion", "challenger", "n"]].tolist() == [0.5, 1.0, 2]
+    assert by_metric.loc["labeled accuracy (all)", "p_value"] == "1"  # one discordant prompt proves nothing
     assert by_metric.loc["challenger win rate (all)", "challenger"] == pytest.approx(0.625)
     assert by_metric.loc["challenger win rate (all)", "n"] == 4
     assert by_metric.loc["challenger win rate (arithmetic)", "challenger"] == 1.0
     assert by_metric.loc["challenger win rate (short_answer)", "challenger"] == 0.25
     assert by_metric.loc["mean response chars", ["champion", "challenger"]].tolist() == [10.0, 4.0]
+    # Every figure has its interval, and each interval holds its figure.
+    for row in table.itertuples():
+        for side in ("champion", "challenger", "difference"):
+            value, interval = getattr(row, side), getattr(row, f"{side}_ci")
+            if value == value and value is not None:
+                low, high = (float(x) for x in interval.strip("[]").split(","))
+                assert low <= value + 1e-9 and value <= high + 1e-9, (row.metric, side, value, interval)
 
 
-def test_decide_promotes_only_above_the_min_win_rate():
-    winning = result_rows(["win", "win", "win", "loss"])
-    verdict = decide(winning, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
-    assert verdict.promote is True
-    assert verdict.win_rate == 0.75
+def outcomes(wins: int, losses: int, ties: int) -> list[str]:
+    return ["win"] * wins + ["loss"] * losses + ["tie"] * ties
+
+
+DEFAULTS = EvaluationSettings()
+
+
+def test_decide_promotes_a_proven_winner_with_its_evidence():
+    verdict = decide(result_rows(outcomes(28, 4, 36)), DEFAULTS)  # the demo round's held-out outcomes
+    assert verdict.promote is True and verdict.evidence == "significant"
+    assert verdict.win_rate == pytest.approx(0.676, abs=1e-3)
+    assert 0.5 < verdict.win_rate_low < verdict.win_rate < verdict.win_rate_high < 1.0
+    assert (verdict.wins, verdict.losses, verdict.ties, verdict.heldout) == (28, 4, 36, 68)
+    assert verdict.sign_test_p < 0.001 and verdict.confidence == 0.95
     assert verdict.champion_accuracy is None and verdict.challenger_accuracy is None
-    assert (
-        decide(winning, EvaluationSettings(min_win_rate=0.75, max_accuracy_drop=0.0)).promote is False
-    )  # must exceed, not equal
-    even = decide(
-        result_rows(["win", "loss", "tie", "tie"]), EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0)
+    assert "clears evaluation.min_win_rate=0.5" in verdict.reason and "[0.6" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    "wins, losses, ties",
+    [
+        (3, 1, 0),  # ahead, far too few prompts
+        (3, 0, 0),  # a clean sweep of three: the bootstrap sees no spread, the sign test p = 0.125
+        (20, 14, 34),  # 0.544 on the demo's 68 prompts: noise
+    ],
+)
+def test_decide_keeps_the_champion_without_enough_evidence(wins, losses, ties):
+    verdict = decide(result_rows(outcomes(wins, losses, ties)), DEFAULTS)
+    assert verdict.promote is False and verdict.not_enough_evidence
+    assert verdict.win_rate > 0.5
+    n = wins + losses + ties
+    assert verdict.reason.startswith(f"not enough evidence (n = {n}, win rate")
+    assert "The champion stays" in verdict.reason
+    assert verdict.heldout_needed > n  # what it would take, printed
+    assert f"about {verdict.heldout_needed} held-out prompts" in verdict.reason
+
+
+def test_decide_refuses_below_the_bar_whatever_the_evidence():
+    winning = result_rows(outcomes(60, 10, 0))
+    assert decide(winning, DEFAULTS).promote is True
+    above_bar = decide(winning, EvaluationSettings(min_win_rate=0.86))  # must exceed, not equal
+    assert above_bar.promote is False and above_bar.evidence == "below the bar"
+    assert "does not exceed evaluation.min_win_rate=0.86" in above_bar.reason
+    ahead_not_proven = decide(winning, EvaluationSettings(min_win_rate=0.8))  # 0.857 > 0.8, interval is not
+    assert ahead_not_proven.promote is False and ahead_not_proven.not_enough_evidence
+    even = decide(result_rows(outcomes(30, 30, 8)), DEFAULTS)
+    assert even.promote is False and "evaluation.min_win_rate" in even.reason
+
+
+def test_a_bar_below_one_half_accepts_a_challenger_that_is_no_worse():
+    # min_win_rate < 0.5 says "promote unless proven worse": all ties clear 0.0, no sign test applies.
+    verdict = decide(result_rows(outcomes(0, 0, 6)), EvaluationSettings(min_win_rate=0.0))
+    assert verdict.promote is True
+
+
+def test_no_better_challengers_are_rarely_promoted():
+    """The gate's error rate: a challenger exactly as good as the champion, 200 simulated rounds of 68 prompts."""
+    rng = np.random.default_rng(7)
+    promoted = sum(
+        decide(result_rows(list(rng.choice(["win", "loss", "tie"], size=68, p=[0.3, 0.3, 0.4]))), DEFAULTS).promote
+        for _ in range(200)
     )
-    assert even.promote is False
-    assert "evaluation.min_win_rate" in even.reason
+    assert promoted <= 10, promoted  # at most ~2.5% expected; 10/200 would already be a broken gate
+    # and a clearly better one (P(win) 0.45 vs P(loss) 0.15) is promoted most of the time
+    better = sum(
+        decide(result_rows(list(rng.choice(["win", "loss", "tie"], size=68, p=[0.45, 0.15, 0.4]))), DEFAULTS).promote
+        for _ in range(50)
+    )
+    assert better >= 40, better
 
 
 def test_decide_refuses_on_a_labeled_accuracy_drop():
     rows = result_rows(
-        ["win", "win", "win", "win"],
-        champion_correct=[True, True, True, False],
-        challenger_correct=[True, True, False, False],
+        outcomes(40, 0, 0),
+        champion_correct=[True] * 30 + [False] * 10,
+        challenger_correct=[True] * 20 + [False] * 20,
     )
     verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
-    assert verdict.promote is False
+    assert verdict.promote is False and verdict.evidence == "guard"
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.75, 0.5)
-    assert "accuracy" in verdict.reason
-    assert (
-        decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.25)).promote is True
-    )  # within the allowed drop
-    assert decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.2)).promote is False
+    assert "labeled accuracy fell: 0.750 -> 0.500" in verdict.reason and "McNemar p = 0.002" in verdict.reason
+    assert verdict.accuracy_difference_high < 0  # a drop the interval is sure of
+    assert decide(rows, EvaluationSettings(max_accuracy_drop=0.25)).promote is True  # within the allowed drop
+    assert decide(rows, EvaluationSettings(max_accuracy_drop=0.2)).promote is False
 
 
 def test_decide_ignores_unlabeled_rows_for_accuracy():
     rows = result_rows(
-        ["win", "win", "win", "loss"],
-        champion_correct=[False, None, None, None],
-        challenger_correct=[True, None, None, None],
+        outcomes(30, 5, 5),
+        champion_correct=[False] + [None] * 39,
+        challenger_correct=[True] + [None] * 39,
     )
-    verdict = decide(rows, EvaluationSettings(min_win_rate=0.5, max_accuracy_drop=0.0))
+    verdict = decide(rows, DEFAULTS)
     assert verdict.promote is True
     assert (verdict.champion_accuracy, verdict.challenger_accuracy) == (0.0, 1.0)
+    assert "n = 1)" in verdict.reason
 
 
-# -- test-time compute and the control arm -------------------------------------------------
+def test_decide_reports_mcnemar_on_labeled_prompts():
+    # The demo round's labeled outcome: 1 prompt only the champion got right, 7 only the challenger.
+    champion = [True] * 21 + [True] * 1 + [False] * 7 + [False] * 39
+    challenger = [True] * 21 + [False] * 1 + [True] * 7 + [False] * 39
+    verdict = decide(result_rows(outcomes(28, 4, 36), champion, challenger), DEFAULTS)
+    assert verdict.promote is True
+    assert verdict.mcnemar_p == pytest.approx(0.0703, abs=1e-4)  # exact: 2 * P(X <= 1 | 8, 0.5) = 18/256
+    assert verdict.accuracy_difference_low < 6 / 68 < verdict.accuracy_difference_high
+    assert "labeled accuracy 0.324 -> 0.412, difference +0.088" in verdict.reason
 
 
 def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_path, heldout):

@@ -50,11 +50,11 @@ def test_a_refused_challenger_is_not_promoted_anywhere(tmp_path, tiny_model_dir,
 def test_the_length_guard_refuses_responses_that_grew():
     rows = pd.DataFrame(
         {
-            "outcome": ["win"] * 4,
-            "champion_correct": [None] * 4,
-            "challenger_correct": [None] * 4,
-            "champion_chars": [10, 10, 10, 10],
-            "challenger_chars": [25, 25, 25, 25],
+            "outcome": ["win"] * 12,  # enough wins to be proven: only the guard can refuse
+            "champion_correct": [None] * 12,
+            "challenger_correct": [None] * 12,
+            "champion_chars": [10] * 12,
+            "challenger_chars": [25] * 12,
         }
     )
     refused = decide(rows, EvaluationSettings(max_length_ratio=2.0))

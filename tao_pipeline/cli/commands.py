@@ -165,6 +165,25 @@ def _partition(lake: Lake, table: str, batch: str) -> pd.DataFrame:
 
 @main.command()
 @_settings_options
+def preflight(config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Is there signal for label-free tuning? Sample up to preflight.prompts_per_task of the next round's prompts
+    per task as the round will (it reuses the samples) and print, per task, agreement, pairs, accuracy and a verdict.
+
+    Exits 0 whatever the verdicts: it is a report."""
+    from tao_pipeline.cli.preflight import preflight as run_preflight
+    from tao_pipeline.cli.preflight import print_report
+    from tao_pipeline.evaluation.preflight import NoPromptsError
+
+    _load(config_file, overrides)  # a bad setting: one line, named
+    try:
+        report = run_preflight(SettingsSource(config_file, overrides), echo=click.echo)
+    except (*_USER_ERRORS, NoPromptsError) as error:
+        raise click.ClickException(str(error)) from None
+    print_report(report, click.echo)
+
+
+@main.command()
+@_settings_options
 @click.option("--fix", is_flag=True, help="Repair what is safe to repair (the catalog's views); never moves a file.")
 def doctor(config_file: str | None, overrides: tuple[str, ...], fix: bool) -> None:
     """Check this home: settings and scorers, lake files, catalog views, registry, checkpoints, inbox."""
@@ -197,7 +216,9 @@ def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
 @main.command()
 @_settings_options
 def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
-    """List every model version in the registry, and the promotion history."""
+    """List every model version in the registry (with its round's cost), and the promotion history."""
+    from tao_pipeline.evaluation.round_cost import versions_with_costs
+
     store = _store(config_file, overrides)
     try:
         table, promotions, champion = store.versions(), store.promotions(), store.champion_id()
@@ -207,7 +228,7 @@ def versions(config_file: str | None, overrides: tuple[str, ...]) -> None:
         click.echo("no versions yet: run `tao round`")
         return
     click.echo(f"champion: {champion}\n")
-    click.echo(table.drop(columns=["hyperparameters", "path"]).to_markdown(index=False))
+    click.echo(versions_with_costs(table.drop(columns=["hyperparameters", "path"])).to_markdown(index=False))
     click.echo("\npromotions:\n" + promotions.to_markdown(index=False))
 
 

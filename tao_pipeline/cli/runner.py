@@ -243,11 +243,14 @@ def _fill_report(report: RoundReport, settings: TaoSettings) -> None:
     lake = Lake(settings.lake_dir)
     rows = lake.read("checkpoint_evaluation", report.round_id)
     verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, report.round_id))
-    report.before_after = summarize(rows)
-    report.test_time = tuned_vs_sampling_table(rows)
+    confidence = verdict.promotion.confidence or settings.evaluation.confidence
+    report.before_after = summarize(rows, confidence)
+    report.test_time = tuned_vs_sampling_table(rows, confidence)
     report.control = verdict.control.message
     report.report_path = str(settings.reports_dir / report.round_id / "report.md")
     report.champion = ModelStore(settings.models_dir).champion(settings.model).version_id
     report.checkpoint = str(lake.read("tuned_checkpoint", report.round_id)["path"].iloc[0])
     report.promoted = report.champion == verdict.challenger_version
     report.verdict = ("promoted: " if report.promoted else "not promoted: ") + verdict.promotion.reason
+    if verdict.champion_collapse and settings.evaluation.auto_rollback:
+        report.verdict += f"\nauto-rollback to {report.champion}: {verdict.champion_collapse}"

@@ -14,7 +14,8 @@ EVALUATION = dg.AssetKey("checkpoint_evaluation")
 @dg.asset_check(
     asset=EVALUATION,
     blocking=True,
-    description="The challenger beats the champion on held-out prompts and no guard regresses.",
+    description="The challenger is proven better on held-out prompts (win-rate interval and sign test) and no "
+    "guard regresses.",
 )
 def challenger_beats_champion(context: dg.AssetCheckExecutionContext, lake: LakeResource) -> dg.AssetCheckResult:
     verdict = _stored_verdict(context, lake).promotion
@@ -22,7 +23,13 @@ def challenger_beats_champion(context: dg.AssetCheckExecutionContext, lake: Lake
         passed=verdict.promote,
         description=verdict.reason,
         metadata={
+            "evidence": verdict.evidence,
+            "heldout_prompts": verdict.heldout,
             "win_rate": verdict.win_rate,
+            "win_rate_low": verdict.win_rate_low,
+            "win_rate_high": verdict.win_rate_high,
+            "confidence": verdict.confidence,
+            "sign_test_p": verdict.sign_test_p,
             "champion_accuracy": verdict.champion_accuracy,
             "challenger_accuracy": verdict.challenger_accuracy,
             "length_ratio": verdict.length_ratio,

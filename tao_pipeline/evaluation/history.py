@@ -5,10 +5,12 @@ from __future__ import annotations
 import pandas as pd
 
 from tao_pipeline.data.lake import Lake
+from tao_pipeline.evaluation.significance import proportion_interval
 from tao_pipeline.evaluation.tables import has_labels
 
 EVALUATION_TABLE = "checkpoint_evaluation"
 COLLAPSE_TOLERANCE = 0.005  # smaller moves of reward or accuracy are noise, not a trend
+HISTORY_CONFIDENCE = 0.95  # the Wilson intervals of each round's held-out accuracy
 
 
 def round_history(lake: Lake, current: tuple[str, pd.DataFrame] | None = None) -> pd.DataFrame:
@@ -36,6 +38,8 @@ def _history_row(lake: Lake, round_id: str, subset: pd.DataFrame) -> dict:
         "reward_after": _mean(subset["challenger_score"]),
         "accuracy_before": _mean(subset["champion_correct"]) if labeled else None,
         "accuracy_after": _mean(subset["challenger_correct"]) if labeled else None,
+        "accuracy_before_ci": _interval(subset["champion_correct"]) if labeled else None,
+        "accuracy_after_ci": _interval(subset["challenger_correct"]) if labeled else None,
         "control_accuracy": _mean(subset["control_correct"]) if labeled else None,
         "base_greedy_accuracy": _mean(subset["base_greedy_correct"]) if labeled else None,
         "base_majority_accuracy": _mean(subset["base_majority_correct"]) if labeled else None,
@@ -45,6 +49,11 @@ def _history_row(lake: Lake, round_id: str, subset: pd.DataFrame) -> dict:
 def _train_reward(lake: Lake, round_id: str) -> float | None:
     """Mean score of the round's own candidates: the reward the starting model earns on its samples."""
     return _mean(lake.read("response_scores", round_id)["score"]) if lake.exists("response_scores", round_id) else None
+
+
+def _interval(column: pd.Series, confidence: float = HISTORY_CONFIDENCE) -> str:
+    values = column.dropna().astype(bool)
+    return str(proportion_interval(int(values.sum()), len(values), confidence))
 
 
 def _mean(column: pd.Series) -> float | None:
@@ -81,3 +90,19 @@ def _rose_fell(reward_then, reward_now, accuracy_then, accuracy_now) -> bool:
     if any(v is None or v != v for v in values):
         return False
     return reward_now > reward_then + COLLAPSE_TOLERANCE and accuracy_now < accuracy_then - COLLAPSE_TOLERANCE
+
+
+def champion_collapse(history: pd.DataFrame, round_id: str) -> str | None:
+    """The collapse alert that implicates ``round_id``'s starting model, a challenger promoted by the round
+    before: its own-sample reward rose over its parent's while its held-out accuracy fell. None otherwise."""
+    rounds = list(history.itertuples())
+    for before, after in zip(rounds, rounds[1:]):
+        promoted_then = after.starting_model == before.tuned_model
+        if after.round == round_id and promoted_then:
+            if _rose_fell(before.train_reward, after.train_reward, before.accuracy_before, after.accuracy_before):
+                return (
+                    f"{after.starting_model} (promoted by {before.round}): its own-sample reward rose "
+                    f"{before.train_reward:.3f} -> {after.train_reward:.3f} while held-out accuracy fell "
+                    f"{before.accuracy_before:.3f} -> {after.accuracy_before:.3f}"
+                )
+    return None

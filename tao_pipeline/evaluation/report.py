@@ -7,8 +7,11 @@ from pathlib import Path
 import pandas as pd
 
 from tao_pipeline.common.atomic import atomic_path
+from tao_pipeline.evaluation.significance import p_phrase
 from tao_pipeline.evaluation.tables import summarize, tuned_vs_sampling_table
 from tao_pipeline.evaluation.verdict import ControlVerdict, Verdict
+
+DEFAULT_CONFIDENCE = 0.95  # for a verdict stored before intervals existed
 
 
 def write_round_report(
@@ -34,12 +37,14 @@ def write_round_report(
         "",
         "**Collapse guard:** " + ("; ".join(alerts) if alerts else "no round where reward rose while accuracy fell"),
         "",
-        "## Champion vs challenger (held-out)",
+        f"## Champion vs challenger (held-out, {_percent(verdict)} intervals)",
         "",
-        _markdown(summarize(rows)),
+        _evidence(verdict),
+        "",
+        _markdown(summarize(rows, verdict.confidence or DEFAULT_CONFIDENCE)),
         "",
     ]
-    test_time = tuned_vs_sampling_table(rows)
+    test_time = tuned_vs_sampling_table(rows, verdict.confidence or DEFAULT_CONFIDENCE)
     if len(test_time) and test_time["base maj@k"].notna().any():
         k = int(rows["k"].iloc[0])
         lines += [
@@ -55,6 +60,30 @@ def write_round_report(
     with atomic_path(path) as staging:
         staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _percent(verdict: Verdict) -> str:
+    return f"{verdict.confidence or DEFAULT_CONFIDENCE:.0%}"
+
+
+def _evidence(verdict: Verdict) -> str:
+    """The paired evidence in one paragraph: counts, the win rate's interval and test, McNemar where labeled."""
+    if not verdict.heldout:
+        return "No held-out prompt could be judged."
+    text = (
+        f"**Evidence:** {verdict.heldout} held-out prompts: {verdict.wins} wins, {verdict.losses} losses, "
+        f"{verdict.ties} ties; win rate {verdict.win_rate:.3f} {verdict.win_rate_interval}, one-sided sign test "
+        f"{p_phrase(verdict.sign_test_p)}."
+    )
+    if verdict.mcnemar_p is not None:
+        text += (
+            f" Labeled accuracy {verdict.champion_accuracy:.3f} -> {verdict.challenger_accuracy:.3f}, difference "
+            f"[{verdict.accuracy_difference_low:+.3f}, {verdict.accuracy_difference_high:+.3f}], McNemar "
+            f"{p_phrase(verdict.mcnemar_p)}."
+        )
+    if verdict.heldout_needed:
+        text += f" About **{verdict.heldout_needed} held-out prompts** would show this effect."
+    return text
 
 
 def _markdown(table: pd.DataFrame) -> str:

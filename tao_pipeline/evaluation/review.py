@@ -8,7 +8,7 @@ lineage and the control arm), evaluates them on the held-out prompts, and review
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,20 @@ import pandas as pd
 
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.evaluation.evaluate import Contender, evaluate
-from tao_pipeline.evaluation.history import collapse_alerts, round_history
+from tao_pipeline.evaluation.history import EVALUATION_TABLE, champion_collapse, collapse_alerts, round_history
 from tao_pipeline.evaluation.labels import load_labels
 from tao_pipeline.evaluation.plots import round_plots
+from tao_pipeline.evaluation.pooling import heldout_prompts
 from tao_pipeline.evaluation.report import write_round_report
-from tao_pipeline.evaluation.verdict import ControlVerdict, RoundVerdict, Verdict, compare_control, decide
+from tao_pipeline.evaluation.verdict import (
+    VERDICTS_TABLE,
+    ControlVerdict,
+    RoundVerdict,
+    Verdict,
+    compare_control,
+    decide,
+)
+from tao_pipeline.registry.policy import roll_back_collapsed
 from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.settings import TaoSettings
@@ -36,13 +45,23 @@ class RoundReview:
     alerts: list[str]  # the collapse guard's
     plots: dict[str, bytes]
     report: Path
+    champion_collapse: str | None = None  # the alert that implicates this round's starting model
 
     @property
     def warnings(self) -> list[str]:
         return ([self.control.message] if self.control.alarm else []) + self.alerts
 
     def round_verdict(self, round_id: str, champion: str, challenger: str) -> RoundVerdict:
-        return RoundVerdict(round_id, champion, challenger, self.verdict, self.control, self.alerts, len(self.history))
+        return RoundVerdict(
+            round_id,
+            champion,
+            challenger,
+            self.verdict,
+            self.control,
+            self.alerts,
+            len(self.history),
+            self.champion_collapse or "",
+        )
 
 
 @dataclass
@@ -50,6 +69,7 @@ class RoundEvaluation:
     rows: pd.DataFrame  # one per held-out prompt
     review: RoundReview
     verdict: RoundVerdict  # stored beside the rows; what the promotion check and `champion` act on
+    pooled_from: list[str] = field(default_factory=list)  # earlier rounds whose held-out prompts joined
 
 
 def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
@@ -62,21 +82,25 @@ def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSet
     report = write_round_report(
         settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots
     )
-    return RoundReview(verdict, control, history, alerts, plots, report)
+    return RoundReview(verdict, control, history, alerts, plots, report, champion_collapse(history, round_id))
 
 
 def evaluate_round(
     lake: Lake,
     models: ModelStore,
     round_id: str,
-    heldout: pd.DataFrame,
+    prompts: pd.DataFrame,
     tuned: Mapping[str, Any],
     control: Mapping[str, Any] | None,
     settings: TaoSettings,
     progress: bool = True,
 ) -> RoundEvaluation:
-    """The tuned checkpoint (a tuned_checkpoint row) against the model it started from on ``heldout``,
-    with the base model's test-time baselines and the control arm (a control_checkpoint row, if enabled)."""
+    """The tuned checkpoint (a tuned_checkpoint row) against the model it started from on the round's
+    held-out ``prompts`` (pooled with earlier inconclusive rounds', evaluation.pool_heldout), with the
+    base model's test-time baselines and the control arm (a control_checkpoint row, if enabled)."""
+    heldout, pooled_from = heldout_prompts(
+        lake, round_id, prompts, tuned["parent_version"], pool=settings.evaluation.pool_heldout
+    )
     parent = models.get(tuned["parent_version"])
     base = models.ancestors(parent.version_id)[-1]
     rows = evaluate(
@@ -93,4 +117,24 @@ def evaluate_round(
         else None,
     )
     review = review_round(lake, round_id, rows, settings)
-    return RoundEvaluation(rows, review, review.round_verdict(round_id, parent.version_id, tuned["version_id"]))
+    verdict = review.round_verdict(round_id, parent.version_id, tuned["version_id"])
+    return RoundEvaluation(rows, review, verdict, pooled_from)
+
+
+def store_evaluation(lake: Lake, models: ModelStore, evaluated: RoundEvaluation, settings: TaoSettings):
+    """Write the round's rows and verdict, record the challenger's metrics, and apply the collapse brake
+    (evaluation.auto_rollback) here, where the alert is found: the promotion gate may hold back `champion`.
+
+    Returns the rows' path and the champion after a rollback (None when none happened).
+    """
+    verdict = evaluated.verdict
+    path = lake.write(EVALUATION_TABLE, verdict.round, evaluated.rows.assign(round=verdict.round))
+    lake.write(VERDICTS_TABLE, verdict.round, verdict.to_frame())
+    models.add_metrics(verdict.challenger_version, verdict.registry_metrics())
+    if not (settings.evaluation.auto_rollback and verdict.champion_collapse):
+        return path, None
+    before = models.champion(settings.model).version_id
+    after = roll_back_collapsed(
+        models, settings.model, verdict.round, verdict.champion_version, verdict.champion_collapse
+    )
+    return path, (after if after.version_id != before else None)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.common.profiling import record_usage
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams, sampling_json
 
 CACHE_FOLDER = "generations"
@@ -97,6 +98,7 @@ class GenerationCache:
         plan = shard_plan(missing, self.shard_prompts)
         for shard in tqdm(plan, desc="shards", unit="shard", disable=not progress or len(plan) < 2):
             table = model.generator.generate(shard, params, progress=progress)
+            record_usage(generated_tokens=int(table["completion_tokens"].sum()))  # cached rows cost nothing
             _write_atomically(table, folder / shard_name(shard))
             tables.append(table)
             stats.shards_written += 1

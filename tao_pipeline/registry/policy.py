@@ -22,13 +22,34 @@ def round_starting_model(
 
 
 def apply_verdict(
-    models: ModelStore, model: ModelSettings, round_id: str, challenger: str, promote: bool, reason: str
+    models: ModelStore,
+    model: ModelSettings,
+    round_id: str,
+    challenger: str,
+    promote: bool,
+    reason: str,
+    *,
+    champion_collapse: str | None = None,
 ) -> ModelVersion:
     """Promote the round's challenger when its verdict says so; return the champion afterwards.
 
     A re-materialized round whose challenger is already champion records nothing twice, and a
-    challenger whose verdict says no is never promoted, even when this is run by hand.
+    challenger whose verdict says no is never promoted, even when this is run by hand. Nor is one
+    whose starting model collapsed (``champion_collapse``): a descendant of a collapsing model is no cure.
     """
+    if champion_collapse:
+        return roll_back_collapsed(models, model, round_id, models.get(challenger).parent_version, champion_collapse)
     if promote and models.champion(model).version_id != challenger:
         models.record_promotion(challenger, "promote", f"{round_id}: {reason}")
     return models.champion(model)
+
+
+def roll_back_collapsed(
+    models: ModelStore, model: ModelSettings, round_id: str, collapsed: str | None, alert: str
+) -> ModelVersion:
+    """evaluation.auto_rollback: the collapse guard fired on ``collapsed``, the champion ``round_id`` started
+    from. If it is still champion, roll back to its parent with the alert as the reason; once only."""
+    current = models.champion(model)
+    if current.version_id == collapsed and current.parent_version is not None:
+        return models.rollback(f"auto-rollback after {round_id}: {alert}")
+    return current

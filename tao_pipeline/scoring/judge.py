@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from tao_pipeline.common.endpoints import (
     retry_before_deadline,
 )
 from tao_pipeline.common.hashing import text_digest
+from tao_pipeline.common.profiling import record_usage
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.generation.base import SamplingParams
 from tao_pipeline.registry.errors import ModelNotFoundError
@@ -327,7 +329,9 @@ class OpenAIBackend:
         if len(calls) <= 1:
             return [self._complete_or_fail(call) for call in calls]
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(calls))) as pool:
-            return list(pool.map(self._complete_or_fail, calls))
+            # Each call runs in a copy of this context, so the stage's meter (if any) counts it.
+            futures = [pool.submit(contextvars.copy_context().run, self._complete_or_fail, call) for call in calls]
+            return [future.result() for future in futures]
 
     def _complete_or_fail(self, call: JudgeCall) -> str | Failed:
         try:
@@ -360,7 +364,14 @@ class OpenAIBackend:
             raise self._judge_error(error) from None
         finally:
             client.close()
-        return self._message_content(completion)
+        content = self._message_content(completion)
+        usage = getattr(completion, "usage", None)  # a server may leave it out: the call still counts
+        record_usage(
+            judge_calls=1,
+            judge_prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
+            judge_completion_tokens=getattr(usage, "completion_tokens", None) or 0,
+        )
+        return content
 
     def _judge_error(self, error: Exception) -> JudgeError:
         if isinstance(error, openai.APITimeoutError):
@@ -468,6 +479,11 @@ class TransformersBackend:
             frame = generator.generate(prompts, params, progress=False)
         except Exception as error:  # noqa: BLE001 - a failed batch fails its responses, not the round
             return [Failed(f"llm_judge: generation failed: {type(error).__name__}: {error}"[:300])] * len(calls)
+        record_usage(
+            judge_calls=len(calls),
+            judge_prompt_tokens=int(frame["prompt_tokens"].sum()),
+            judge_completion_tokens=int(frame["completion_tokens"].sum()),
+        )
         outputs = dict(zip(frame["prompt_id"], frame["response"]))
         return [outputs[i] for i in ids]
 

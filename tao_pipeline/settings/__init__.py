@@ -17,6 +17,7 @@ from tao_pipeline.settings.loader import (
 )
 from tao_pipeline.settings.sections import (
     EMBEDDED_MODEL,
+    CostSettings,
     DataSettings,
     EndpointSettings,
     EvaluationSettings,
@@ -25,6 +26,7 @@ from tao_pipeline.settings.sections import (
     GrpoSettings,
     ModelSettings,
     PairSettings,
+    PreflightSettings,
     ScoringSettings,
     ServeSettings,
     TableSourceSettings,
@@ -36,6 +38,7 @@ __all__ = [
     "CONFIG_ENV",
     "EMBEDDED_MODEL",
     "OVERRIDES_ENV",
+    "CostSettings",
     "DataSettings",
     "EndpointSettings",
     "EvaluationSettings",
@@ -44,6 +47,7 @@ __all__ = [
     "GrpoSettings",
     "ModelSettings",
     "PairSettings",
+    "PreflightSettings",
     "ScoringSettings",
     "ServeSettings",
     "SettingsError",

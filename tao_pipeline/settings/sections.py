@@ -169,13 +169,78 @@ class EvaluationSettings(_Section):
     )
     pool_samples: int = Field(4, ge=1, le=32, description="Samples per model pooled as the consensus reference.")
     max_new_tokens: int = Field(512, ge=1)
-    min_win_rate: float = Field(0.5, ge=0.0, le=1.0, description="Challenger must exceed this to be promoted.")
+    min_win_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="The bar: the lower end of the challenger's win-rate interval must exceed it to be promoted "
+        "(ties count half). Below 0.5 accepts a challenger that is not proven better, and drops the sign test.",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Confidence of the intervals the verdict and the report give. 0.95: the interval's lower end is "
+        "a one-sided 97.5% bound, so a challenger no better than the champion is promoted in at most ~2.5% of rounds "
+        "(a promotion changes what every user gets; a missed one costs a round, whose held-out prompts are pooled).",
+    )
+    auto_rollback: bool = Field(
+        True,
+        description="When the collapse guard fires on the champion a round started from (its own-sample reward "
+        "rose over its parent's while held-out accuracy fell), roll back to the parent and record why; that "
+        "round's challenger is not promoted. Needs labels: without them the guard never fires.",
+    )
+    pool_heldout: bool = Field(
+        True,
+        description="A round after rounds that ended with 'not enough evidence' against the same champion also "
+        "evaluates on their held-out prompts (never trained on; the champion's answers come from the cache).",
+    )
     max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
     max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
     test_time_k: int = Field(8, ge=0, le=64, description="Base-model samples for maj@k and best-of-k (0: skip).")
     control_arm: bool = Field(False, description="Also train on shuffled preference directions, as a control.")
     control_margin: float = Field(
         0.02, ge=0.0, le=1.0, description="Alarm when the control's gain comes within this of the real gain."
+    )
+
+
+class PreflightSettings(_Section):
+    """`tao preflight` and the check before generation: is there label-free signal in each task at all?"""
+
+    prompts_per_task: int = Field(
+        300,
+        ge=1,
+        description="Train prompts sampled per task, with the round's own sampling (so the round reuses the "
+        "samples); 300 measures a share to about +-6 points.",
+    )
+    check_before_generation: bool = Field(
+        True,
+        description="Run the preflight as a non-blocking check on raw_prompts before candidate generation. It adds "
+        "no generation (the round reuses every sample), only one more load of the starting model and the scoring.",
+    )
+    min_clear_majority_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Without labels, self-consistency needs this share of prompts whose top answer holds more than "
+        "half the samples: below it, most pairs rank one minority answer over another.",
+    )
+    min_pairable_share: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of prompts whose scores spread by pairs.min_margin (each gives a preference pair); "
+        "below it a round has too little to train on.",
+    )
+    min_accuracy_gain: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="With labels: the scorer's pick among the samples (best-of-k) must be right this much more often "
+        "than one sample; a smaller gain is within the noise of a few hundred prompts.",
+    )
+    min_labeled_prompts: int = Field(
+        30, ge=1, description="Fewer labeled prompts in a task than this: its verdict rests on the label-free signals."
     )
 
 
@@ -265,6 +330,30 @@ class ServeSettings(_Section):
         return self
 
 
+class CostSettings(_Section):
+    """Prices that turn a round's measured cost into money; an unset price leaves its part out (none set: no money)."""
+
+    currency: str = Field("USD", min_length=1, description="Label shown beside money; prices are in this currency.")
+    per_1k_generated_tokens: float | None = Field(
+        None, ge=0.0, description="Price of 1,000 tokens the pipeline's models generate (candidates, evaluation)."
+    )
+    per_1k_judge_prompt_tokens: float | None = Field(
+        None, ge=0.0, description="Price of 1,000 prompt tokens sent to an LLM judge (cache hits cost nothing)."
+    )
+    per_1k_judge_completion_tokens: float | None = Field(
+        None, ge=0.0, description="Price of 1,000 tokens an LLM judge answers with."
+    )
+    per_cpu_hour: float | None = Field(None, ge=0.0, description="Price of one CPU core busy for an hour.")
+    per_gpu_hour: float | None = Field(None, ge=0.0, description="Price of one GPU held for an hour.")
+
+
+def _section_dict(section: Any) -> dict:
+    """A section given as a dict or a built model, as a dict to adjust."""
+    if isinstance(section, BaseModel):
+        return section.model_dump(exclude_unset=True)
+    return dict(section or {})
+
+
 class TaoSettings(_Section):
     home: Path = Field(default_factory=lambda: Path(os.environ.get("TAO_HOME", "~/.tao")), validate_default=True)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -274,8 +363,41 @@ class TaoSettings(_Section):
     pairs: PairSettings = Field(default_factory=PairSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    preflight: PreflightSettings = Field(default_factory=PreflightSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    costs: CostSettings = Field(default_factory=CostSettings)
+    compute_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=16.0,
+        description="One knob for tuning compute: multiplies generation.num_samples (at least 2) and the training "
+        "length (training.max_steps when set, else training.epochs). 0.5 halves a round's tuning compute, 2 doubles "
+        "it; `make bench-compute` measures what each setting buys.",
+    )
+    compute_scale_applied: bool = Field(
+        False, description="Set once compute_scale has been applied, so settings saved and loaded again scale once."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_compute_scale(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or values.get("compute_scale_applied"):
+            return values
+        scale = values.get("compute_scale", 1.0)
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0 or scale == 1.0:
+            return values  # field validation names a bad value
+        values = dict(values)
+        generation = _section_dict(values.get("generation"))
+        samples = generation.get("num_samples", GenerationSettings.model_fields["num_samples"].default)
+        generation["num_samples"] = max(2, round(samples * scale))
+        training = _section_dict(values.get("training"))
+        if training.get("max_steps") is not None:
+            training["max_steps"] = max(1, round(training["max_steps"] * scale))
+        else:
+            training["epochs"] = training.get("epochs", TrainingSettings.model_fields["epochs"].default) * scale
+        values.update(generation=generation, training=training, compute_scale_applied=True)
+        return values
 
     @model_validator(mode="after")
     def _openai_evaluation_needs_endpoint(self) -> TaoSettings:

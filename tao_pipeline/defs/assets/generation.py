@@ -4,8 +4,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from tao_pipeline.common.profiling import PeakMemory
+from tao_pipeline.common.profiling import StageMeter
 from tao_pipeline.defs.constants import HEAVY_POOL
+from tao_pipeline.defs.costs import stage_cost
 from tao_pipeline.defs.metadata import md_table
 from tao_pipeline.defs.partitions import ROUND_STAGE
 from tao_pipeline.defs.resources import LakeResource, ModelStoreResource, TaoSettingsResource
@@ -28,11 +29,12 @@ def candidate_responses(
     train = prompts[prompts["split"] == "train"]
     start = round_starting_model(model_store.get(), store, round_id, config.model, log=context.log.info)
     context.log.info(f"generating with {start.version_id} for {len(train)} prompts")
-    with PeakMemory() as memory:
+    with StageMeter() as meter:
         candidates = generate_candidates(train, start.path, start.version_id, config)
     path = store.write("candidate_responses", round_id, candidates.responses.assign(round=round_id))
     metadata = {"model_version": start.version_id, "prompts": len(train), **_metadata(candidates)}
-    return dg.MaterializeResult(metadata={**metadata, **memory.metadata(), **_previews(candidates, path)})
+    cost = stage_cost(store, round_id, "candidate_responses", meter, config.costs)
+    return dg.MaterializeResult(metadata={**metadata, **meter.metadata(), **cost, **_previews(candidates, path)})
 
 
 def _metadata(candidates: Candidates) -> dict:

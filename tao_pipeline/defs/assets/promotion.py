@@ -19,14 +19,15 @@ def champion(
     """Promote the round's challenger in the registry when its stored verdict says so. The blocking check
     challenger_beats_champion gates this asset on the same verdict, and it is applied here too, so a
     hand-started materialization cannot promote a loser."""
-    round_id = context.partition_key
+    round_id, config = context.partition_key, settings.get()
     verdict = RoundVerdict.from_frame(lake.get().read(VERDICTS_TABLE, round_id))
-    reason = verdict.promotion.reason
+    reason, collapse = verdict.promotion.reason, verdict.champion_collapse if config.evaluation.auto_rollback else None
     current = apply_verdict(
-        model_store.get(), settings.get().model, round_id, verdict.challenger_version, verdict.promote, reason
-    )
+        model_store.get(), config.model, round_id, verdict.challenger_version, verdict.promote, reason,
+        champion_collapse=collapse,
+    )  # fmt: skip
     context.log.info(f"champion after {round_id}: {current.version_id} ({reason})")
-    return dg.MaterializeResult(metadata=_metadata(current, verdict))
+    return dg.MaterializeResult(metadata={**_metadata(current, verdict), "auto_rollback": collapse or "no"})
 
 
 def _metadata(current: ModelVersion, verdict: RoundVerdict) -> dict:

@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from tao_pipeline.common.profiling import PeakMemory
+from tao_pipeline.common.profiling import StageMeter
+from tao_pipeline.defs.costs import stage_cost
 from tao_pipeline.defs.metadata import histogram, md_table, plot
 from tao_pipeline.defs.partitions import ROUND_STAGE
 from tao_pipeline.defs.resources import LakeResource, TaoSettingsResource
@@ -19,13 +20,14 @@ def response_scores(
     config, store, round_id = settings.get(), lake.get(), context.partition_key
     prompts = store.read("raw_prompts", round_id)
     candidates = store.read("candidate_responses", round_id)
-    with PeakMemory() as memory:
+    with StageMeter() as meter:
         scores, cache = score_candidates(candidates, prompts, config.scoring, config.cache_dir)
     path = store.write("response_scores", round_id, scores.assign(round=round_id))
     return dg.MaterializeResult(
         metadata={
             **_metadata(scores, candidates, cache),
-            **memory.metadata(),
+            **meter.metadata(),
+            **stage_cost(store, round_id, "response_scores", meter, config.costs),
             **_distributions(scores),
             "path": dg.MetadataValue.path(str(path)),
         }

@@ -3,8 +3,9 @@
 import dagster as dg
 import pandas as pd
 
-from tao_pipeline.common.profiling import PeakMemory
+from tao_pipeline.common.profiling import StageMeter
 from tao_pipeline.defs.constants import HEAVY_POOL
+from tao_pipeline.defs.costs import stage_cost
 from tao_pipeline.defs.metadata import md_table, plot, sparkline
 from tao_pipeline.defs.partitions import ROUND_STAGE
 from tao_pipeline.defs.resources import LakeResource, ModelStoreResource, TaoSettingsResource
@@ -24,13 +25,15 @@ def tuned_checkpoint(
     pairs = store.read("preference_pairs", round_id)
     prompts = store.read("raw_prompts", round_id)
     parent_version = store.read("candidate_responses", round_id)["model_version"].iloc[0]
-    with PeakMemory() as memory:
+    with StageMeter() as meter:
         tuned = tune_round(
             model_store.get(), parent_version, pairs, prompts[prompts["split"] == "train"], config, round_id
         )
     store.write("tuned_checkpoint", round_id, tuned.record)
+    cost = stage_cost(store, round_id, "tuned_checkpoint", meter, config.costs)
     grpo = config.training.method == "grpo"
-    return dg.MaterializeResult(metadata=_metadata(tuned, ["version_id", "parent_version", "method"], memory, grpo))
+    metadata = _metadata(tuned, ["version_id", "parent_version", "method"], meter, grpo)
+    return dg.MaterializeResult(metadata={**metadata, **cost})
 
 
 @dg.asset(**ROUND_STAGE, deps=["preference_pairs"], kinds={"pytorch", "safetensors"}, pool=HEAVY_POOL)
@@ -45,20 +48,22 @@ def control_checkpoint(
     config, store, round_id = settings.get(), lake.get(), context.partition_key
     pairs = store.read("preference_pairs", round_id)
     parent_version = store.read("candidate_responses", round_id)["model_version"].iloc[0]
-    with PeakMemory() as memory:
+    with StageMeter() as meter:
         control = control_round(model_store.get(), parent_version, pairs, config, round_id)
     store.write("control_checkpoint", round_id, control.record)
+    cost = stage_cost(store, round_id, "control_checkpoint", meter, config.costs)
     if control.result is None:
-        return dg.MaterializeResult(metadata={"enabled": False, "hint": "set evaluation.control_arm=true to train it"})
-    metadata = _metadata(control, ["version_id", "parent_version"], memory, grpo=False)
-    return dg.MaterializeResult(metadata={"enabled": True, **metadata})
+        hint = "set evaluation.control_arm=true to train it"
+        return dg.MaterializeResult(metadata={"enabled": False, "hint": hint, **cost})
+    metadata = _metadata(control, ["version_id", "parent_version"], meter, grpo=False)
+    return dg.MaterializeResult(metadata={"enabled": True, **metadata, **cost})
 
 
-def _metadata(checkpoint: RoundCheckpoint, columns: list[str], memory: PeakMemory, grpo: bool) -> dict:
+def _metadata(checkpoint: RoundCheckpoint, columns: list[str], meter: StageMeter, grpo: bool) -> dict:
     return {
         **_summary(checkpoint, columns),
         **checkpoint.result.metrics(),
-        **memory.metadata(),
+        **meter.metadata(),
         **_curves(checkpoint.result, grpo),
         **_checkpoint(checkpoint),
     }

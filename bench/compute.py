@@ -1,0 +1,141 @@
+"""Quality against tuning compute: one demo round at each setting of the compute_scale knob.
+
+compute_scale multiplies the samples per prompt and the DPO steps of a round (see the setting's
+description). Each setting runs one round in its own fresh home on the same prompts, from the
+same embedded base model, and is measured the same way: the tuned model's labeled accuracy on the
+round's held-out prompts (Wilson interval), its paired difference to the base model (bootstrap
+interval, McNemar p), the gate's win rate with its interval, wall minutes, and the tokens
+generated for tuning (candidates) and for evaluation. Writes a markdown report and the curve
+as a PNG (``--out``, default bench/results/compute).
+
+    .venv/bin/python bench/compute.py [--scales 0.25 0.5 1 2] [--set k=v ...] [--out DIR] [--base-model-from HOME]
+    .venv/bin/python bench/compute.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from common import DEMO, PROMISE_ROUND, TINY_ROUND, bench_parser, fresh_home, show  # noqa: E402
+
+from tao_pipeline.cli.runner import run_round  # noqa: E402
+from tao_pipeline.data.lake import Lake  # noqa: E402
+from tao_pipeline.evaluation.significance import accuracy_test, format_p, proportion_interval  # noqa: E402
+from tao_pipeline.evaluation.verdict import VERDICTS_TABLE, RoundVerdict  # noqa: E402
+from tao_pipeline.settings import load_settings  # noqa: E402
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compute"))
+    parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="another settings override")
+    args = parser.parse_args()
+    base = [*(TINY_ROUND if args.tiny else PROMISE_ROUND), *args.extra] + (
+        [f"model.base='{args.tiny}'"] if args.tiny else []
+    )
+    source = args.base_model_from
+    table = []
+    for scale in args.scales:
+        home = fresh_home(f"compute-{scale}", source)
+        overrides = [*base, f"compute_scale={scale}"]
+        settings = load_settings(DEMO, overrides)
+        print(
+            f"\n=== compute_scale {scale}: {settings.generation.num_samples} samples per prompt, "
+            f"{settings.training.max_steps} DPO steps (home {home})"
+        )
+        started = time.perf_counter()
+        report = run_round(DEMO, overrides, echo=print)
+        if not report.completed:
+            raise SystemExit(f"compute_scale {scale}: {report.round_id} failed: {report.failure}")
+        table.append(measure(settings, report.round_id, scale, time.perf_counter() - started))
+        show("quality against tuning compute so far", pd.DataFrame(table).drop(columns=_PLOT_ONLY))
+        if not args.tiny:  # later settings copy the converted base model instead of converting it again
+            source = source or str(home)
+    frame = pd.DataFrame(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compute_curve.png").write_bytes(curve(frame))
+    (out / "report.md").write_text(report_markdown(frame), encoding="utf-8")
+    print(f"\nreport: {out / 'report.md'}\nplot:   {out / 'compute_curve.png'}")
+
+
+_PLOT_ONLY = ["accuracy", "low", "high", "base_accuracy"]
+
+
+def measure(settings, round_id: str, scale: float, seconds: float) -> dict:
+    lake = Lake(settings.lake_dir)
+    rows = lake.read("checkpoint_evaluation", round_id)
+    verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, round_id)).promotion
+    confidence = settings.evaluation.confidence
+    test = accuracy_test(rows["champion_correct"], rows["challenger_correct"], confidence)
+    hits = int(rows["challenger_correct"].dropna().astype(bool).sum())
+    interval = proportion_interval(hits, test.n, confidence)
+    candidates = lake.read("candidate_responses", round_id)
+    tuned = lake.read("tuned_checkpoint", round_id).iloc[0]
+    return {
+        "compute_scale": scale,
+        "samples_per_prompt": settings.generation.num_samples,
+        "dpo_steps": int(tuned["steps"]),
+        "pairs": len(lake.read("preference_pairs", round_id)),
+        "tuning_tokens": int(candidates["completion_tokens"].sum()),
+        "minutes": round(seconds / 60, 1),
+        "base accuracy": f"{test.champion:.3f} {test.champion_interval}",
+        "tuned accuracy": f"{test.challenger:.3f} {interval}",
+        "tuned - base": f"{test.difference:+.3f} {test.difference_interval} p={format_p(test.mcnemar_p)}",
+        "win rate": f"{verdict.win_rate:.3f} {verdict.win_rate_interval}",
+        "gate": "promoted" if verdict.promote else verdict.evidence,
+        "accuracy": test.challenger,
+        "low": interval.low,
+        "high": interval.high,
+        "base_accuracy": test.champion,
+    }
+
+
+def curve(frame: pd.DataFrame) -> bytes:
+    import io
+
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    errors = [frame["accuracy"] - frame["low"], frame["high"] - frame["accuracy"]]
+    axis.errorbar(frame["tuning_tokens"], frame["accuracy"], yerr=errors, marker="o", capsize=4, label="tuned model")
+    for row in frame.itertuples():
+        axis.annotate(f"x{row.compute_scale:g}", (row.tuning_tokens, row.accuracy), textcoords="offset points",
+                      xytext=(6, -12), fontsize=8)  # fmt: skip
+    axis.axhline(frame["base_accuracy"].iloc[0], color="grey", linestyle="--", label="base model")
+    axis.set_xscale("log")
+    axis.set(
+        title="Held-out labeled accuracy vs tuning compute (95% intervals)",
+        xlabel="tokens generated for tuning (log scale)",
+        ylabel="accuracy",
+    )
+    axis.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def report_markdown(frame: pd.DataFrame) -> str:
+    shown = frame.drop(columns=_PLOT_ONLY)
+    return "\n".join(
+        [
+            "# Quality against tuning compute (bench/compute.py)",
+            "",
+            shown.to_markdown(index=False),
+            "",
+            "![accuracy against tuning compute](compute_curve.png)",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
