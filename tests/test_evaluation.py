@@ -377,19 +377,23 @@ def test_evaluate_compares_base_sampling_and_the_control(tiny_model_dir, tmp_pat
     # The base is the champion: its pass@1 answer is the champion's greedy answer.
     assert rows["base_greedy_answer"].tolist() == rows["champion_answer"].tolist()
     # maj@k is the most common extracted answer of the k cached base samples (read back without a model).
+    # The base is the champion, so its reference pool and its k samples are one draw: nothing generated twice.
     unloadable = LazyGenerator("base-tiny", lambda: pytest.fail("the base samples should all be cached"))
+    drawn = max(settings.evaluation.pool_samples, 4)
     params = SamplingParams(
-        4,
+        drawn,
         settings.evaluation.max_new_tokens,
         temperature=settings.generation.temperature,
         top_p=settings.generation.top_p,
-        seed=settings.generation.seed + 2,
+        seed=settings.generation.seed + 1,
     )
     cache = GenerationCache(
         settings.cache_dir, settings.generation.shard_prompts, settings.generation.max_prompt_tokens
     )
     samples, stats = cache.generate(unloadable, heldout, params, progress=False)
-    assert stats.generated_prompts == 0 and len(samples) == 4 * len(heldout)
+    assert stats.generated_prompts == 0 and len(samples) == drawn * len(heldout)
+    assert len(list((settings.cache_dir / "generations" / "base-tiny").iterdir())) == 2  # greedy + one sample draw
+    samples = samples[samples["sample_index"] < 4]
     for row in rows.itertuples():
         from tao_pipeline.scoring import PromptContext
 

@@ -56,6 +56,10 @@ class _Answers:
     greedy: pd.Series  # prompt_id -> response
     samples: pd.Series  # prompt_id -> list of sampled responses
 
+    def first(self, count: int) -> _Answers:
+        """The same answers with each prompt's first ``count`` samples."""
+        return _Answers(self.greedy, self.samples.apply(lambda samples: samples[:count]))
+
 
 def _evaluation_backend(settings: TaoSettings) -> TaoSettings:
     """The settings evaluation generates with: generation's, with evaluation.backend if one is set."""
@@ -110,15 +114,21 @@ def evaluate(
     """One row per held-out prompt: greedy answers, scores, outcomes, test-time baselines and label checks."""
     evaluation = settings.evaluation
     sampler = _Sampler(settings, cache or generation_cache(settings), progress)
+    base, k, pool = base or champion, evaluation.test_time_k, evaluation.pool_samples
+    # When the champion is the base model (round 1), one draw of max(pool, k) samples serves as both its
+    # reference pool and the test-time samples: nothing is generated twice.
+    shared = base.version_id == champion.version_id and k > 0
+    champion_answers = sampler.answers(champion, heldout, max(pool, k) if shared else pool)
     answers = {
-        "champion": sampler.answers(champion, heldout, evaluation.pool_samples),
-        "challenger": sampler.answers(challenger, heldout, evaluation.pool_samples),
+        "champion": champion_answers.first(pool),
+        "challenger": sampler.answers(challenger, heldout, pool),
     }
     if control is not None:
-        answers["control"] = sampler.answers(control, heldout, evaluation.pool_samples)
-    base = base or champion
-    k = evaluation.test_time_k
-    base_samples = sampler.answers(base, heldout, k, seed_offset=2) if k else None
+        answers["control"] = sampler.answers(control, heldout, pool)
+    if shared:
+        base_samples = champion_answers.first(k)
+    else:
+        base_samples = sampler.answers(base, heldout, k, seed_offset=2) if k else None
     versions = {"champion": champion, "challenger": challenger, "control": control}
     rows = [_row(prompt, answers, versions, base, base_samples, scorer, labels, k) for prompt in heldout.itertuples()]
     return pd.DataFrame(rows, columns=EVALUATION_COLUMNS)
