@@ -476,3 +476,20 @@ def test_control_without_labels_compares_win_rates():
     verdict = compare_control(rows, EvaluationSettings())
     assert verdict.measure == "label-free win rate" and not verdict.alarm
     assert verdict.tao_gain == 0.25 and verdict.control_gain == pytest.approx(-0.125, abs=1e-3)
+
+
+def test_the_paired_accuracy_interval_agrees_with_mcnemar_when_few_prompts_differ():
+    from tao_pipeline.evaluation.significance import accuracy_test
+
+    # Three prompts only the challenger gets right, none the other way, on 68: McNemar finds nothing,
+    # and the interval must not claim more (a bootstrap of the differences would exclude 0 here).
+    champion, challenger = [False] * 68, [True] * 3 + [False] * 65
+    test = accuracy_test(champion, challenger, 0.95)
+    assert test.mcnemar_p == pytest.approx(0.25)
+    assert test.difference == pytest.approx(3 / 68)
+    assert test.difference_interval.low < 0 < test.difference < test.difference_interval.high
+    # Identical answers: a symmetric interval around 0; a large one-sided change: an interval above 0.
+    same = accuracy_test([True] * 20 + [False] * 48, [True] * 20 + [False] * 48, 0.95).difference_interval
+    assert same.low == pytest.approx(-same.high) and same.low < 0
+    better = accuracy_test([False] * 68, [True] * 15 + [False] * 53, 0.95)
+    assert better.mcnemar_p < 0.001 and 0 < better.difference_interval.low < 15 / 68 < better.difference_interval.high

@@ -4,7 +4,7 @@
   interval, and a one-sided sign test of wins against losses (ties carry no information about
   which model is better, so the exact binomial test leaves them out);
 - :func:`accuracy_test`: labeled accuracy of both models with Wilson intervals, and the paired
-  difference with a bootstrap interval and McNemar's exact test on the discordant prompts;
+  difference with Newcombe's interval and McNemar's exact test on the discordant prompts;
 - :func:`mean_interval`: a bootstrap interval for any per-prompt figure (score, length, quantiles);
 - :func:`required_heldout`: how many held-out prompts would show an effect of a given size.
 
@@ -181,11 +181,58 @@ def accuracy_test(champion_correct, challenger_correct, confidence: float) -> Ac
         float(challenger.mean()),
         proportion_interval(int(champion.sum()), n, confidence),
         proportion_interval(int(challenger.sum()), n, confidence),
-        mean_interval(challenger - champion, confidence),
+        paired_difference_interval(champion, challenger, confidence),
         champion_only,
         challenger_only,
         float(p),
     )
+
+
+def paired_difference_interval(before: np.ndarray, after: np.ndarray, confidence: float) -> Interval:
+    """Newcombe's hybrid score interval (1998, method 10) for the difference of two paired proportions,
+    ``mean(after) - mean(before)``, from 0/1 outcomes on the same prompts.
+
+    The bootstrap is no good here: with a handful of discordant prompts it excludes 0 while McNemar's
+    exact test finds nothing. Newcombe's interval builds on the two Wilson intervals and the
+    correlation of the pairs, and agrees with McNemar. No maintained library here computes it.
+    """
+    n = len(before)
+    if n == 0:
+        return _unknown(confidence)
+    both = int(((before == 1) & (after == 1)).sum())
+    only_before = int(((before == 1) & (after == 0)).sum())
+    only_after = int(((before == 0) & (after == 1)).sum())
+    neither = n - both - only_before - only_after
+    p_before, p_after = (both + only_before) / n, (both + only_after) / n
+    low_b, high_b = _wilson(both + only_before, n, confidence)
+    low_a, high_a = _wilson(both + only_after, n, confidence)
+    phi = _pair_correlation(both, only_before, only_after, neither, n)
+    difference = p_after - p_before
+    low = difference - math.sqrt(
+        max((p_after - low_a) ** 2 - 2 * phi * (p_after - low_a) * (high_b - p_before) + (high_b - p_before) ** 2, 0)
+    )
+    high = difference + math.sqrt(
+        max((high_a - p_after) ** 2 - 2 * phi * (high_a - p_after) * (p_before - low_b) + (p_before - low_b) ** 2, 0)
+    )
+    return Interval(round(max(low, -1.0), 4), round(min(high, 1.0), 4), confidence)
+
+
+def _wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _pair_correlation(both: int, only_before: int, only_after: int, neither: int, n: int) -> float:
+    """The phi coefficient of the paired table, with Newcombe's continuity correction."""
+    denominator = math.sqrt(
+        (both + only_before) * (only_after + neither) * (both + only_after) * (only_before + neither)
+    )
+    if denominator == 0:
+        return 0.0
+    numerator = both * neither - only_before * only_after
+    if numerator > 0:
+        numerator = max(numerator - n / 2, 0.0)
+    return numerator / denominator
 
 
 def format_p(p: float) -> str:
