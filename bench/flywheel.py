@@ -455,7 +455,7 @@ def main() -> None:
                    "training.max_steps=2", "evaluation.test_time_k=0", "evaluation.pool_samples=2",
                    "evaluation.max_new_tokens=8", "evaluation.min_win_rate=0.0", "evaluation.max_accuracy_drop=1.0",
                    "evaluation.max_length_ratio=100.0", "pairs.min_margin=0.0",
-                   "scoring.min_agreement=0.0"]  # fmt: skip
+                   "scoring.min_agreement=0.0", "flywheel.run_start_timeout_s=60"]  # fmt: skip
     else:
         common += EMBEDDED_ROUND
     args.overrides = [*common, *args.extra]

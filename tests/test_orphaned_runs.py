@@ -28,12 +28,14 @@ def dead_pid() -> int:
     return process.pid
 
 
-def started_run(instance, pid: int, round_id: str = "round-0001", **tags) -> DagsterRun:
+def started_run(
+    instance, pid: int, round_id: str = "round-0001", status=dg.DagsterRunStatus.STARTED, **tags
+) -> DagsterRun:
     run = instance.add_run(
         DagsterRun(
             job_name="tao_round",
             run_id=str(uuid.uuid4()),
-            status=dg.DagsterRunStatus.STARTED,
+            status=status,
             tags={"dagster/partition": round_id, **tags},
         )
     )
@@ -49,6 +51,25 @@ def test_a_run_whose_process_is_gone_is_marked_failed_and_a_live_one_is_not(inst
     assert failed.status == dg.DagsterRunStatus.FAILURE and ORPHANED_TAG in failed.tags
     assert instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED
     assert fail_orphaned_runs(instance, "tao_round") == []  # once
+
+
+@pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED])
+def test_a_run_whose_launch_was_interrupted_is_failed_after_the_start_timeout(instance, status):
+    """The daemon killed between launching a run and its worker starting: no pid, no event, STARTING forever."""
+    run = instance.add_run(
+        DagsterRun(job_name="tao_round", run_id=str(uuid.uuid4()), status=status, tags={"dagster/partition": "r1"})
+    )
+    assert fail_orphaned_runs(instance, "tao_round", start_timeout_s=3600) == []  # it may still start
+    assert instance.get_run_by_id(run.run_id).status == status
+    assert [orphan.run_id for orphan in fail_orphaned_runs(instance, "tao_round", start_timeout_s=0.0)] == [run.run_id]
+    failed = instance.get_run_by_id(run.run_id)
+    assert failed.status == dg.DagsterRunStatus.FAILURE and failed.tags[ORPHANED_TAG] == "never started"
+    assert round_to_resume(instance, "tao_round").partition_key == "r1"
+
+
+def test_a_starting_run_whose_worker_died_is_failed_at_once(instance):
+    run = started_run(instance, dead_pid(), status=dg.DagsterRunStatus.STARTING)
+    assert [orphan.run_id for orphan in fail_orphaned_runs(instance, "tao_round", start_timeout_s=3600)] == [run.run_id]
 
 
 def test_an_orphaned_round_is_resumed_twice_at_most(instance):

@@ -5,12 +5,17 @@ process is gone: a daemon killed with its process group, an out-of-memory kill o
 the run STARTED forever, and the flywheel would wait on it forever (a round "still running", a log
 file "in flight"). Each sensor tick therefore looks at its job's STARTED runs: one whose worker
 process (the pid Dagster records when the run starts) no longer exists is reported failed with
-the reason and tagged. The ingestion sensor then retries the file as after any failed run; the
+the reason and tagged. So is a run left NOT_STARTED or STARTING longer than
+``flywheel.run_start_timeout_s`` without a process of its own: its launch was interrupted (the
+daemon was killed between launching it and its worker starting), and nothing would ever start it.
+The ingestion sensor then retries the file as after any failed run; the
 round sensor resumes the round (a re-materialization that reuses every cached shard) up to
 ``MAX_RESUMES`` times. A run that failed on its own error is never retried automatically.
 """
 
 from __future__ import annotations
+
+import time
 
 import dagster as dg
 import psutil
@@ -20,23 +25,44 @@ ORPHANED_TAG = "tao/orphaned"
 RESUMED_FROM_TAG = "tao/resumed_from"
 MAX_RESUMES = 2
 PARTITION_TAG = "dagster/partition"
+_WATCHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def fail_orphaned_runs(instance: dg.DagsterInstance, job_name: str) -> list[dg.DagsterRun]:
-    """Report the job's STARTED runs whose process is gone as failed; return them."""
+def fail_orphaned_runs(
+    instance: dg.DagsterInstance, job_name: str, start_timeout_s: float = 180.0
+) -> list[dg.DagsterRun]:
+    """Report the job's runs whose process is gone, or never came, as failed; return them."""
     if not isinstance(instance.run_launcher, DefaultRunLauncher):
         return []  # other launchers run elsewhere; Dagster's run monitoring covers them
     orphans = []
-    for record in instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.STARTED])):
-        run = record.dagster_run
-        pid = _worker_pid(instance, run.run_id)
-        if pid is None or _alive(pid, started_at=record.start_time):
+    for record in instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=_WATCHED)):
+        found = _why_orphaned(instance, record, start_timeout_s)
+        if found is None:
             continue
-        reason = f"its process (pid {pid}) is gone: killed with the daemon, out of memory, or a reboot"
-        instance.add_run_tags(run.run_id, {ORPHANED_TAG: f"pid {pid}"})
+        tag, reason = found
+        run = record.dagster_run
+        instance.add_run_tags(run.run_id, {ORPHANED_TAG: tag})
         instance.report_run_failed(run, message=f"tao: {reason}")
         orphans.append(run)
     return orphans
+
+
+def _why_orphaned(instance: dg.DagsterInstance, record, start_timeout_s: float) -> tuple[str, str] | None:
+    """A short tag and the reason why the run can never finish, or None while it still may."""
+    pid = _worker_pid(instance, record.dagster_run.run_id)
+    if pid is not None:
+        if _alive(pid, started_at=record.start_time):
+            return None
+        return f"pid {pid}", f"its process (pid {pid}) is gone: killed with the daemon, out of memory, or a reboot"
+    if record.dagster_run.status == dg.DagsterRunStatus.STARTED:
+        return None  # started by another launcher's worker, which left no pid to check
+    waited = time.time() - record.update_timestamp.timestamp()
+    if waited < start_timeout_s:
+        return None
+    return "never started", (
+        f"{record.dagster_run.status.value} for {waited:.0f}s with no process: its launch was interrupted "
+        f"(flywheel.run_start_timeout_s={start_timeout_s:g})"
+    )
 
 
 def round_to_resume(instance: dg.DagsterInstance, job_name: str) -> dg.RunRequest | None:

@@ -45,7 +45,7 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
         a file whose run failed is requested again on a later tick, one that is in flight is not.
         """
         config = settings.get()
-        for orphan in fail_orphaned_runs(context.instance, INGEST_JOB):
+        for orphan in fail_orphaned_runs(context.instance, INGEST_JOB, config.flywheel.run_start_timeout_s):
             context.log.warning(f"ingest run {orphan.run_id} lost its process: marked failed, its file is retried")
         known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
         scan = pending_log_files(config, Lake(config.lake_dir), known)
@@ -77,7 +77,7 @@ def build_round_sensor(interval_s: int) -> dg.SensorDefinition:
         """Open the next round once flywheel.min_new_prompts prompts are unused by any round; resume a
         round whose run lost its process (see :mod:`tao_pipeline.defs.orphans`)."""
         config = settings.get()
-        for orphan in fail_orphaned_runs(context.instance, ROUND_JOB):
+        for orphan in fail_orphaned_runs(context.instance, ROUND_JOB, config.flywheel.run_start_timeout_s):
             context.log.warning(f"round run {orphan.run_id} lost its process: marked failed")
         resume = round_to_resume(context.instance, ROUND_JOB)
         if resume is not None:

@@ -280,6 +280,12 @@ class FlywheelSettings(_Section):
     settle_seconds: float = Field(
         10.0, ge=0.0, description="An inbox file is read once unchanged this long (see the inbox contract)."
     )
+    run_start_timeout_s: float = Field(
+        180.0,
+        gt=0.0,
+        description="A round or ingest run still STARTING this long after its launch, with no process of its own "
+        "yet, is taken as lost (its launch was interrupted, e.g. the daemon was killed) and retried.",
+    )
     table_source: TableSourceSettings | None = None
 
     @field_validator("schedule_cron")
