@@ -104,5 +104,6 @@ def build_generator(
             batch_size=generation.batch_size,
             max_prompt_tokens=generation.max_prompt_tokens,
             trust_remote_code=model.trust_remote_code,
+            decoder=generation.decoder,
         )
     raise ValueError(f"setting 'generation.backend': unknown backend {generation.backend!r}")

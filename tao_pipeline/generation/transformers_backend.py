@@ -1,8 +1,10 @@
-"""Batched sampling with transformers: length-bucketed batches, KV cache, num_return_sequences."""
+"""Batched sampling with transformers: length-bucketed batches, then tao's decode loop (decoding.py: one prefill per
+prompt, finished rows leave the batch, top-p without sorting the vocabulary) or transformers' own ``generate()``."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +22,11 @@ from tao_pipeline.generation.base import (
     sampling_json,
     split_at_stop,
 )
+from tao_pipeline.generation.decoding import decode
+from tao_pipeline.generation.sampling import choose_tokens
 from tao_pipeline.registry.loading import load_model, load_tokenizer
+
+DECODERS = ("loop", "generate")
 
 
 class TransformersGenerator:
@@ -33,7 +39,11 @@ class TransformersGenerator:
         batch_size: int = 16,
         max_prompt_tokens: int = 512,
         trust_remote_code: bool = False,
+        decoder: str = "loop",
     ):
+        if decoder not in DECODERS:
+            raise ValueError(f"generation.decoder: {decoder!r} is not one of {', '.join(DECODERS)}")
+        self.decoder = decoder
         self.model_version = model_version
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
@@ -61,23 +71,42 @@ class TransformersGenerator:
         frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
 
-    @torch.inference_mode()
     def _generate_batch(
         self, prompts: pd.DataFrame, encoded: list[list[int]], batch: list[int], params: SamplingParams, seed: int
     ) -> list[dict]:
-        inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        n = 1 if params.greedy else params.num_samples
+        draw = self._decode_loop if self.decoder == "loop" else self._hf_generate
+        completions = draw([encoded[i] for i in batch], n, params, seed).cpu()
+        return [
+            self._row(prompts.iloc[batch[k // n]], encoded[batch[k // n]], k % n, completions[k], params)
+            for k in range(completions.shape[0])
+        ]
+
+    def _decode_loop(self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        choose = partial(
+            choose_tokens, greedy=params.greedy, temperature=params.temperature, top_p=params.top_p, generator=generator
+        )
+        return decode(
+            self.model,
+            prompts,
+            samples=n,
+            max_new_tokens=params.max_new_tokens,
+            choose=choose,
+            eos_ids=self.eos_ids,
+            pad_id=self.tokenizer.pad_token_id,
+        )
+
+    @torch.inference_mode()
+    def _hf_generate(self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int) -> torch.Tensor:
+        """transformers' ``generate(num_return_sequences=n)``: n prefills per prompt, the vocabulary sorted per step."""
+        inputs = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
         torch.manual_seed(seed)
         sampling = (
             {"do_sample": False}
             if params.greedy
-            else {
-                "do_sample": True,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": 0,
-            }
+            else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         )
-        n = 1 if params.greedy else params.num_samples
         output = self.model.generate(
             input_ids=inputs["input_ids"].to(self.model.device),
             attention_mask=inputs["attention_mask"].to(self.model.device),
@@ -87,11 +116,7 @@ class TransformersGenerator:
             pad_token_id=self.tokenizer.pad_token_id,
             **sampling,
         )
-        completions = output[:, inputs["input_ids"].shape[1] :].cpu()
-        return [
-            self._row(prompts.iloc[batch[k // n]], encoded[batch[k // n]], k % n, completions[k], params)
-            for k in range(completions.shape[0])
-        ]
+        return output[:, inputs["input_ids"].shape[1] :]
 
     def _row(
         self, prompt: pd.Series, prompt_ids: list[int], sample_index: int, tokens: torch.Tensor, params: SamplingParams

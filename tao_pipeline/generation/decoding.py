@@ -1,0 +1,152 @@
+"""A decode loop for sampling several continuations of each prompt with a transformers causal LM.
+
+What it does that ``model.generate(num_return_sequences=n)`` does not, and why it is several times faster on a CPU:
+
+- each prompt is prefilled once, and its KV cache is then repeated for its samples (generate prefills n copies);
+- a row leaves the batch the step it ends (EOS), so no compute goes to finished rows;
+- the next token is chosen by ``choose`` (see sampling.py), which does not sort the vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection
+from functools import partial
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+ChooseTokens = Callable[[torch.Tensor], torch.Tensor]  # logits (rows x vocabulary) -> one token id per row
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    prompts: list[list[int]],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    choose: ChooseTokens,
+    eos_ids: Collection[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """New tokens, one row per (prompt, sample) in prompt-major order, padded with ``pad_id`` after EOS."""
+    device = model.device
+    input_ids, mask = _left_padded(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = _preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
+    forward = _forward_with(model)
+    logits = forward(input_ids, mask, positions, cache)
+    if cache.get_seq_length() != input_ids.shape[1]:  # a forward that ignored the cache would decode garbage
+        raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache it was given")
+    if samples > 1:
+        cache.batch_repeat_interleave(samples)
+        logits, mask = logits.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+    next_position = positions[:, -1].repeat_interleave(samples) + 1
+
+    stops = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    out = torch.full((len(prompts) * samples, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(out.shape[0], device=device)  # the output row of each row still in the batch
+    for step in range(max_new_tokens):
+        tokens = choose(logits)
+        out[rows, step] = tokens
+        running = ~torch.isin(tokens, stops)
+        if step == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():
+            kept = running.nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            rows, tokens, mask, next_position = rows[kept], tokens[kept], mask[kept], next_position[kept]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits = forward(tokens[:, None], mask, next_position[:, None], cache)
+        next_position = next_position + 1
+    return out
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _forward_with(model) -> Callable[..., torch.Tensor]:
+    """model(input_ids, mask, positions, cache) -> the last position's logits; the cache grows by input_ids."""
+    # transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; the gpu extra pins an older 5.x.
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return partial(_forward, model, cache_keyword)
+
+
+def _forward(model, cache_keyword: str, input_ids, mask, positions, cache) -> torch.Tensor:
+    output = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_keyword: cache},
+    )
+    return output.logits[:, -1]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer's keys and values in buffers sized for prompt and answer: a step writes one
+    position, where transformers' DynamicLayer concatenates, copying the whole cache every step."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((rows, heads, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((rows, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        return self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer = _select_rows(self.key_buffer, indices, self.length)
+        self.value_buffer = _select_rows(self.value_buffer, indices, self.length)
+        self._views()
+
+
+def _select_rows(buffer: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer[indices]``, copying only the positions written so far."""
+    selected = buffer.new_empty((len(indices), *buffer.shape[1:]))
+    torch.index_select(buffer[:, :, :length], 0, indices, out=selected[:, :, :length])
+    return selected
+
+
+def _preallocated_cache(model, capacity: int) -> DynamicCache:
+    """transformers' cache for this model, its plain full-attention layers preallocated (sliding-window and
+    other special layers are kept as transformers makes them)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
