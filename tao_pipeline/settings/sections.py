@@ -159,7 +159,24 @@ class TrainingSettings(_Section):
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
     max_length: int = Field(1024, ge=16, description="Prompt plus response tokens a training example may hold.")
     bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
-    seed: int = 0
+    precompute_ref_log_probs: bool = Field(
+        True,
+        description="DPO: the reference model's log-probs of every pair in one pass before training, instead of a "
+        "reference forward in every step. The same loss up to rounding; a pass over the pairs once instead of once "
+        "per epoch.",
+    )
+    bf16_frozen_weights: bool = Field(
+        True,
+        description="DPO with LoRA under bf16 autocast: hold the frozen base weights of the adapted layers in bf16, "
+        "as autocast computes with them anyway, instead of casting them in every forward. The same forward; the "
+        "adapter trains in fp32 and is merged into the parent's fp32 weights.",
+    )
+    score_completions_only: bool = Field(
+        True,
+        description="DPO on a CPU: TRL's fused LM head projects only the completion tokens, as it does on GPUs, "
+        "instead of every position (prompt and padding too, zeroed afterwards). The same log-probs.",
+    )
+    seed: int = Field(0, description="Seeds training: the adapter's initial weights and the order of the examples.")
     grpo: GrpoSettings = Field(default_factory=GrpoSettings)
     accelerate_config: Path | None = Field(
         None,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 def preference_dataset(pairs: pd.DataFrame):
@@ -31,7 +36,12 @@ def preference_dataset(pairs: pd.DataFrame):
 def dpo_config(settings: TrainingSettings, output_dir: str):
     from trl import DPOConfig
 
-    return DPOConfig(beta=settings.beta, max_length=settings.max_length, **trainer_arguments(settings, output_dir))
+    return DPOConfig(
+        beta=settings.beta,
+        max_length=settings.max_length,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        **trainer_arguments(settings, output_dir),
+    )
 
 
 def train_dpo(
@@ -42,8 +52,13 @@ def train_dpo(
     *,
     trust_remote_code: bool = False,
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingResult:
-    """Tune the parent model on the pairs and save merged weights (+ adapter) into output_dir."""
+    """Tune the parent model on the pairs and save merged weights (+ adapter) into output_dir.
+
+    With LoRA the reference model is the parent itself (the adapter switched off); with
+    ``settings.precompute_ref_log_probs`` its log-probs are computed in one pass before the first step.
+    """
     from trl import DPOTrainer
 
     if pairs.empty:
@@ -61,4 +76,7 @@ def train_dpo(
         output_dir,
         bar=LossProgressBar() if progress else None,
         trust_remote_code=trust_remote_code,
+        bf16_frozen_weights=settings.bf16_frozen_weights,
+        score_completions_only=settings.score_completions_only,
+        callbacks=callbacks,
     )

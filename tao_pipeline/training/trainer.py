@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from tao_pipeline.registry.loading import bf16_supported, load_model, load_tokenizer
 from tao_pipeline.settings import TrainingSettings
+from tao_pipeline.training.lm_head import completions_only_on_cpu
 
 ADAPTER_DIR = "adapter"
 TRAINING_LOG_FILE = "training_log.json"
@@ -31,8 +32,9 @@ TRAINING_LOG_FILE = "training_log.json"
 @dataclass
 class TrainingResult:
     steps: int
-    seconds: float
+    seconds: float  # the training steps
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    setup_seconds: float = 0.0  # building the trainer: tokenizing, and DPO's reference pass when precomputed
 
     @property
     def seconds_per_step(self) -> float:
@@ -46,6 +48,7 @@ class TrainingResult:
             "steps": self.steps,
             "seconds": round(self.seconds, 1),
             "seconds_per_step": round(self.seconds_per_step, 2),
+            "setup_seconds": round(self.setup_seconds, 1),
         }
         for key in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl"):
             values = self.series(key)
@@ -90,9 +93,19 @@ def fit_and_save(
     *,
     bar: TrainerCallback | None,
     trust_remote_code: bool,
+    bf16_frozen_weights: bool = False,
+    score_completions_only: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingResult:
-    """Load the parent, train with the trainer ``make_trainer(model, tokenizer, peft_config, scratch)`` builds, save."""
+    """Load the parent, train with the trainer ``make_trainer(model, tokenizer, peft_config, scratch)`` builds, save.
+
+    ``bf16_frozen_weights``: with LoRA under bf16 autocast, hold the frozen base weights in bf16 once the trainer is
+    built (see :func:`hold_frozen_weights_in_bf16`); the trainer must only run the model under autocast.
+    ``score_completions_only``: TRL's fused LM head scores only the labelled positions on a CPU too (see
+    :mod:`tao_pipeline.training.lm_head`), while the trainer is built and trains.
+    """
     from peft import LoraConfig
+    from transformers import set_seed
 
     tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
@@ -107,17 +120,56 @@ def fit_and_save(
         if settings.use_lora
         else None
     )
-    with tempfile.TemporaryDirectory() as scratch:
+    set_seed(settings.seed)  # the trainer draws the adapter's initial weights before it seeds itself
+    with tempfile.TemporaryDirectory() as scratch, completions_only_on_cpu(score_completions_only):
+        started = time.perf_counter()
         trainer = make_trainer(model, tokenizer, peft_config, scratch)
+        frozen_in_bf16 = bf16_frozen_weights and settings.use_lora and runs_under_bf16_autocast(trainer)
+        if frozen_in_bf16:
+            hold_frozen_weights_in_bf16(trainer.model)
+        setup_seconds = time.perf_counter() - started
         trainer.remove_callback(ProgressCallback)
-        if bar is not None:
-            trainer.add_callback(bar)
+        for callback in [bar, *callbacks] if bar is not None else callbacks:
+            trainer.add_callback(callback)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history))
-    save_checkpoint(trainer.model, tokenizer, output_dir, settings.use_lora, result.log_history)
+    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history), setup_seconds)
+    save_checkpoint(
+        trainer.model,
+        tokenizer,
+        output_dir,
+        settings.use_lora,
+        result.log_history,
+        merge_into=parent_path if frozen_in_bf16 else None,
+        trust_remote_code=trust_remote_code,
+    )
     return result
+
+
+def runs_under_bf16_autocast(trainer) -> bool:
+    """The trainer's accelerator runs the model under bf16 autocast (DeepSpeed and FSDP convert the weights
+    themselves, and FSDP wants one dtype per flattened module)."""
+    accelerator = trainer.accelerator
+    return accelerator.native_amp and accelerator.mixed_precision == "bf16" and not trainer.is_fsdp_enabled
+
+
+def hold_frozen_weights_in_bf16(model) -> None:
+    """Store the frozen base weights of the LoRA layers in bf16.
+
+    Under bf16 autocast every such matmul computes with the weight rounded to bf16 anyway, so the forward is the
+    same; only the cast of each weight in every forward is gone. Likewise PEFT's cast of a bf16 input up to the
+    adapter's fp32, which autocast casts back down. The adapters, the embeddings, the norms and the LM head keep
+    their dtype.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            for parameter in module.get_base_layer().parameters(recurse=False):
+                if parameter.dtype == torch.float32 and not parameter.requires_grad:
+                    parameter.data = parameter.data.to(torch.bfloat16)
 
 
 class LossProgressBar(TrainerCallback):
@@ -151,14 +203,32 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def save_checkpoint(model, tokenizer, output_dir: Path, use_lora: bool, log_history: list[dict[str, Any]]) -> None:
-    """Merged safetensors (+ the LoRA adapter in adapter/) and the per-step training log; rank 0 only."""
+def save_checkpoint(
+    model,
+    tokenizer,
+    output_dir: Path,
+    use_lora: bool,
+    log_history: list[dict[str, Any]],
+    *,
+    merge_into: Path | str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Merged safetensors (+ the LoRA adapter in adapter/) and the per-step training log; rank 0 only.
+
+    ``merge_into``: merge the adapter into this model's fp32 weights, loaded afresh, instead of into the trained
+    model's own (held in bf16 while training: a small update would round away in them).
+    """
     if not is_main_process():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / TRAINING_LOG_FILE).write_text(json.dumps(log_history, indent=1))
     if use_lora:
         model.save_pretrained(output_dir / ADAPTER_DIR, safe_serialization=True)
+        if merge_into is not None:
+            from peft import PeftModel
+
+            parent = load_model(merge_into, dtype="float32", trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(parent, output_dir / ADAPTER_DIR)
         model = model.merge_and_unload()
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
