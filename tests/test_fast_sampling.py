@@ -224,3 +224,21 @@ def test_both_decoders_give_the_same_greedy_table(tiny_model_dir, generator):
     assert len(sampled) == 9 and list(sampled.columns) == RESPONSE_COLUMNS
     with pytest.raises(ValueError, match="generation.decoder"):
         TransformersGenerator(tiny_model_dir, "tiny-v0", dtype="float32", decoder="beam")
+
+
+def test_a_pass_with_fewer_samples_decodes_more_prompts_together(tiny_model_dir, monkeypatch):
+    """batch_rows: a greedy pass over 3 prompts is one call of 3 rows, not 2 calls; sampling keeps batch_size."""
+    import tao_pipeline.generation.transformers_backend as backend
+
+    calls = []
+
+    def counting(model, prompts, **kwargs):
+        calls.append((len(prompts), kwargs["samples"]))
+        return decode(model, prompts, **kwargs)
+
+    monkeypatch.setattr(backend, "decode", counting)
+    generator = TransformersGenerator(tiny_model_dir, "tiny-v0", dtype="float32", batch_size=2, batch_rows=8)
+    generator.generate(three_prompts(), SamplingParams(1, 4, greedy=True), progress=False)
+    generator.generate(three_prompts(), SamplingParams(4, 4, temperature=0.8, top_p=0.95), progress=False)
+    generator.generate(three_prompts(), SamplingParams(8, 4, temperature=0.8, top_p=0.95), progress=False)
+    assert calls == [(3, 1), (2, 4), (1, 4), (2, 8), (1, 8)]

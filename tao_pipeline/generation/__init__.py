@@ -102,6 +102,7 @@ def build_generator(
             model_version,
             dtype=model.dtype,
             batch_size=generation.batch_size,
+            batch_rows=generation.batch_size * generation.num_samples,
             max_prompt_tokens=generation.max_prompt_tokens,
             trust_remote_code=model.trust_remote_code,
             decoder=generation.decoder,

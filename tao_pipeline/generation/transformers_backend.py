@@ -40,12 +40,16 @@ class TransformersGenerator:
         max_prompt_tokens: int = 512,
         trust_remote_code: bool = False,
         decoder: str = "loop",
+        batch_rows: int | None = None,
     ):
+        """``batch_size`` prompts per call; with ``batch_rows``, a call drawing fewer samples per prompt takes
+        more prompts, up to ``batch_rows`` rows (prompts x samples): a greedy pass is not 16 rows at a time."""
         if decoder not in DECODERS:
             raise ValueError(f"generation.decoder: {decoder!r} is not one of {', '.join(DECODERS)}")
         self.decoder = decoder
         self.model_version = model_version
         self.batch_size = batch_size
+        self.batch_rows = batch_rows
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code, padding_side="left")
         self.model = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -57,7 +61,8 @@ class TransformersGenerator:
         encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), prompts.iloc[i]["prompt_id"]))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        size = self._prompts_per_batch(params)
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
         rows: list[dict] = []
         bar = tqdm(total=len(order), desc=f"generate x{params.num_samples}", unit="prompt", disable=not progress)
         for batch_number, batch in enumerate(batches):
@@ -70,6 +75,10 @@ class TransformersGenerator:
         bar.close()
         frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
+
+    def _prompts_per_batch(self, params: SamplingParams) -> int:
+        samples = 1 if params.greedy else params.num_samples
+        return max(self.batch_size, (self.batch_rows or 0) // samples)
 
     def _generate_batch(
         self, prompts: pd.DataFrame, encoded: list[list[int]], batch: list[int], params: SamplingParams, seed: int

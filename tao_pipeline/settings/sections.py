@@ -68,7 +68,12 @@ class GenerationSettings(_Section):
     max_new_tokens: int = Field(512, ge=1, le=4096)
     temperature: float = Field(0.8, gt=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    batch_size: int = Field(16, ge=1, description="Prompts per generate() call; each yields num_samples rows.")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="transformers backend: prompts decoded together, each with num_samples rows; a pass with "
+        "fewer samples per prompt (greedy evaluation) takes more prompts, up to batch_size x num_samples rows.",
+    )
     decoder: Literal["loop", "generate"] = Field(
         "loop",
         description="transformers backend. loop: tao's decode loop (one prefill per prompt, finished rows leave "
