@@ -56,7 +56,7 @@ serve: setup
 	$(VENV)/bin/tao serve
 
 # Benchmarks print their figures (README "Results" says what each measured); none is a test.
-bench: setup            # generation vs a naive loop, then a default round: time and memory per stage, DPO steps/s
+bench: setup            # the three speed ratios side by side: generation, DPO step, the demo round before vs now (~26 min)
 	$(PY) bench/throughput.py
 
 bench-quality: setup    # base vs TAO vs control, two rounds (~35 min on 2 CPU cores)

@@ -3,8 +3,8 @@
 compute_scale multiplies the samples per prompt and the DPO steps of a round (see the setting's
 description). Each setting runs one round in its own fresh home on the same prompts, from the
 same embedded base model, and is measured the same way: the tuned model's labeled accuracy on the
-round's held-out prompts (Wilson interval), its paired difference to the base model (bootstrap
-interval, McNemar p), the gate's win rate with its interval, wall minutes, and the tokens
+round's held-out prompts (Wilson interval), its paired difference to the base model (Newcombe's
+score interval, McNemar p), the gate's win rate with its interval, wall minutes, and the tokens
 generated for tuning (candidates) and for evaluation. Writes a markdown report and the curve
 as a PNG (``--out``, default bench/results/compute).
 

@@ -7,8 +7,8 @@ trains the control arm (the same DPO run on random preference directions) next t
 Each round's own gate sees only that round's held-out prompts. To compare rounds on one
 yardstick, after every round the base model, the round's challenger, its control and the
 champion answer the demo's whole labeled held-out set (the same prompts each time): accuracy with
-Wilson intervals, and each model's paired difference to the base model with a bootstrap interval
-and McNemar's p. Also per round, why it could (not) add anything: prompts, pairs built, and the
+Wilson intervals, and each model's paired difference to the base model with Newcombe's score
+interval and McNemar's p. Also per round, why it could (not) add anything: prompts, pairs built, and the
 share of train prompts whose candidates all gave the same answer (no pair can come from those).
 
     .venv/bin/python bench/rounds.py [--rounds 3] [--replay 0.5] [--set key=value ...] [--base-model-from ~/.tao]
