@@ -1,13 +1,22 @@
-"""A child process that never outlives the command that started it (`tao ui` runs `dagster dev`).
+"""A child process tree that never outlives the command that started it (`tao ui` runs `dagster dev`).
 
-The child asks the kernel for SIGTERM when its parent dies, however it dies (SIGKILL included;
-Linux), and the parent forwards SIGTERM, SIGINT and SIGHUP to it and waits for it to shut down
-(`dagster dev` then stops its webserver and daemon), killing it if it does not within a grace.
+`dagster dev` starts a webserver, a daemon and code servers, and on SIGTERM waits up to a minute for
+each to stop before it kills it. Killed itself before that (or killed while its children still load
+the code location), it leaves them running. So the command runs under a small supervisor, this
+file run as a script (standard library only, so it starts at once):
+
+- the supervisor asks the kernel for SIGTERM when its parent (`tao ui`) dies, however it dies
+  (SIGKILL included; Linux);
+- it starts the command as a process group of its own, so every process under it can be found;
+- on SIGTERM, SIGINT or SIGHUP it asks the command to shut down (SIGTERM), and kills the whole group
+  if it has not within ``SHUTDOWN_GRACE_S``; when the command ends it kills whatever is left in its
+  group.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -16,28 +25,55 @@ from collections.abc import Mapping, Sequence
 
 SHUTDOWN_GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_tied_to_this_process(command: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run ``command`` to completion and return its exit status."""
-    child = subprocess.Popen(list(command), env=dict(env), preexec_fn=_die_with_parent)
+    """Run ``command`` under the supervisor to completion and return its exit status."""
+    supervisor = subprocess.Popen([sys.executable, __file__, *command], env=dict(env), preexec_fn=_die_with_parent)
+    for signum in _SHUTDOWN_SIGNALS:
+        signal.signal(signum, lambda _signum, _frame: supervisor.send_signal(signal.SIGTERM))
+    try:
+        return supervisor.wait()
+    finally:
+        if supervisor.poll() is None:  # this process is going down some other way: the supervisor cleans up
+            supervisor.send_signal(signal.SIGTERM)
 
-    def forward(signum: int, _frame) -> None:
-        child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-        killer = threading.Timer(SHUTDOWN_GRACE_S, child.kill)  # it had its chance to shut down
+
+def supervise(command: Sequence[str]) -> int:
+    """Run ``command`` as its own process group; stop the whole group on a shutdown signal or when it ends."""
+    child = subprocess.Popen(list(command), start_new_session=True)
+    group = child.pid
+
+    def shut_down(_signum: int, _frame) -> None:
+        _signal_group(group, signal.SIGTERM, leader_only=True)
+        killer = threading.Timer(SHUTDOWN_GRACE_S, _signal_group, args=(group, signal.SIGKILL))
         killer.daemon = True
         killer.start()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
+    for signum in _SHUTDOWN_SIGNALS:
+        signal.signal(signum, shut_down)
     try:
         return child.wait()
     finally:
-        if child.poll() is None:  # this process is going down some other way
-            child.kill()
+        _signal_group(group, signal.SIGKILL)  # what the command left behind (a code server, a stuck daemon)
+
+
+def _signal_group(group: int, signum: int, leader_only: bool = False) -> None:
+    try:
+        if leader_only:
+            os.kill(group, signum)
+        else:
+            os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: the kernel sends SIGTERM when the parent dies."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))
