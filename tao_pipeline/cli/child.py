@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 
 SHUTDOWN_GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
@@ -46,8 +47,9 @@ def supervise(command: Sequence[str]) -> int:
     group = child.pid
 
     def shut_down(_signum: int, _frame) -> None:
-        _signal_group(group, signal.SIGTERM, leader_only=True)
-        killer = threading.Timer(SHUTDOWN_GRACE_S, _signal_group, args=(group, signal.SIGKILL))
+        with suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGTERM)  # the command alone: it stops its own children first
+        killer = threading.Timer(SHUTDOWN_GRACE_S, _kill_group, args=(group,))
         killer.daemon = True
         killer.start()
 
@@ -56,17 +58,12 @@ def supervise(command: Sequence[str]) -> int:
     try:
         return child.wait()
     finally:
-        _signal_group(group, signal.SIGKILL)  # what the command left behind (a code server, a stuck daemon)
+        _kill_group(group)  # what the command left behind (a code server, a stuck daemon)
 
 
-def _signal_group(group: int, signum: int, leader_only: bool = False) -> None:
-    try:
-        if leader_only:
-            os.kill(group, signum)
-        else:
-            os.killpg(group, signum)
-    except ProcessLookupError:
-        pass
+def _kill_group(group: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def _die_with_parent() -> None:

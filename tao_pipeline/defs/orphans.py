@@ -21,15 +21,18 @@ import dagster as dg
 import psutil
 from dagster._core.launcher import DefaultRunLauncher
 
+from tao_pipeline.settings import FlywheelSettings
+
 ORPHANED_TAG = "tao/orphaned"
 RESUMED_FROM_TAG = "tao/resumed_from"
 MAX_RESUMES = 2
 PARTITION_TAG = "dagster/partition"
+_START_TIMEOUT_S = FlywheelSettings.model_fields["run_start_timeout_s"].default
 _WATCHED = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
 def fail_orphaned_runs(
-    instance: dg.DagsterInstance, job_name: str, start_timeout_s: float = 180.0
+    instance: dg.DagsterInstance, job_name: str, start_timeout_s: float = _START_TIMEOUT_S
 ) -> list[dg.DagsterRun]:
     """Report the job's runs whose process is gone, or never came, as failed; return them."""
     if not isinstance(instance.run_launcher, DefaultRunLauncher):

@@ -77,13 +77,12 @@ class TransformersGenerator:
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
 
     def _prompts_per_batch(self, params: SamplingParams) -> int:
-        samples = 1 if params.greedy else params.num_samples
-        return max(self.batch_size, (self.batch_rows or 0) // samples)
+        return max(self.batch_size, (self.batch_rows or 0) // _samples_per_prompt(params))
 
     def _generate_batch(
         self, prompts: pd.DataFrame, encoded: list[list[int]], batch: list[int], params: SamplingParams, seed: int
     ) -> list[dict]:
-        n = 1 if params.greedy else params.num_samples
+        n = _samples_per_prompt(params)
         draw = self._decode_loop if self.decoder == "loop" else self._hf_generate
         completions = draw([encoded[i] for i in batch], n, params, seed).cpu()
         return [
@@ -141,6 +140,10 @@ class TransformersGenerator:
             kept_tokens=len(kept),
             stopped=stopped,
         )
+
+
+def _samples_per_prompt(params: SamplingParams) -> int:
+    return 1 if params.greedy else params.num_samples
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
