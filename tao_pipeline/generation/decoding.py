@@ -150,3 +150,153 @@ def _preallocated_cache(model, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class ElasticLayer(PreallocatedLayer):
+    """A preallocated layer whose rows can be merged with another's and whose buffers grow when full:
+    the running batch of a serving engine, where rows join and leave between steps."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.is_initialized and self.length + key_states.shape[-2] > self.capacity:
+            self._grow(max(self.length + key_states.shape[-2], 2 * self.capacity))
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        self.capacity = capacity
+        self._views()
+
+    def join(self, other: ElasticLayer, width: int) -> None:
+        """This layer's rows, then ``other``'s, both right-aligned to ``width`` columns (zeros on the left:
+        masked, but finite, since a masked value still multiplies a zero attention weight)."""
+        capacity = max(self.capacity, other.capacity, width)
+        for name in ("key_buffer", "value_buffer"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            merged = mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1], capacity, mine.shape[3]))
+            for rows, source, length in (
+                (slice(0, mine.shape[0]), mine, self.length),
+                (slice(mine.shape[0], None), theirs, other.length),
+            ):
+                merged[rows, :, : width - length] = 0
+                merged[rows, :, width - length : width] = source[:, :, :length]
+            setattr(self, name, merged)
+        self.capacity, self.length = capacity, width
+        self._views()
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first ``columns`` positions (no row uses them any more): a view, nothing is copied."""
+        self.key_buffer = self.key_buffer[:, :, columns:]
+        self.value_buffer = self.value_buffer[:, :, columns:]
+        self.capacity -= columns
+        self.length -= columns
+        self._views()
+
+
+class RunningBatch:
+    """Rows that decode together one token per step, joining and leaving between steps (continuous batching).
+
+    A group of new prompts is prefilled on its own (a long prompt in chunks, with ``extend``) and then
+    merged into the running batch with ``join``; a row leaves with ``keep`` the step it ends, and the
+    positions no remaining row uses are dropped. Rows are left-padded: each row's tokens fill the last
+    columns of the cache and ``mask`` marks them; positions are per row, so padding changes nothing.
+    ``logits`` are each row's scores for its next token."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self._forward = _forward_with(model)
+        self.cache: DynamicCache | None = None
+        self.mask = self.positions = self.logits = None
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, model, pad_id: int, prompts: list[list[int]], headroom: int = 64) -> RunningBatch:
+        batch = cls(model, pad_id)
+        input_ids, mask = _left_padded(prompts, pad_id, model.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        batch.cache = elastic_cache(model, input_ids.shape[1] + headroom)
+        batch.logits = batch._forward(input_ids, mask, positions, batch.cache)
+        if batch.cache.get_seq_length() != input_ids.shape[1]:
+            raise RuntimeError(f"{type(model).__name__}.forward did not fill the KV cache it was given")
+        batch.mask, batch.positions = mask, positions[:, -1] + 1
+        return batch
+
+    @torch.inference_mode()
+    def extend(self, ids: list[int]) -> None:
+        """More prompt tokens for a batch of one row: a long prompt prefilled a chunk at a time."""
+        if len(self) != 1:
+            raise ValueError("extend() takes the next chunk of one prompt")
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones((1, len(ids)))], dim=1)
+        positions = self.positions[:, None] + torch.arange(len(ids), device=device)
+        self.logits = self._forward(torch.tensor([ids], device=device), self.mask, positions, self.cache)
+        self.positions = self.positions + len(ids)
+
+    def repeat(self, counts: list[int]) -> None:
+        """Row i becomes ``counts[i]`` rows: the samples of one prompt share its prefill."""
+        if any(count != 1 for count in counts):
+            self._select(torch.arange(len(counts)).repeat_interleave(torch.tensor(counts)).to(self.mask.device))
+
+    def join(self, other: RunningBatch) -> None:
+        """``other``'s rows come after this batch's."""
+        if not len(self):
+            self.cache, self.mask, self.positions, self.logits = other.cache, other.mask, other.positions, other.logits
+            return
+        width = max(self.columns, other.columns)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.join(theirs, width)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.logits = torch.cat([self.logits, other.logits])
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows (indices, in order) go on; positions no row uses any more are dropped."""
+        if len(rows) == len(self):
+            return
+        if not rows:
+            self.cache, self.mask, self.positions, self.logits = None, None, None, None
+            return
+        self._select(torch.tensor(rows, device=self.mask.device))
+        unused = int(self.mask.any(dim=0).long().argmax())  # the first column some row still uses
+        if unused:
+            for layer in self.cache.layers:
+                layer.drop_left(unused)
+            self.mask = self.mask[:, unused:]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> None:
+        """Each row takes its chosen token; ``logits`` become the next step's."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        self.logits = self._forward(tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions, self.logits = self.mask[rows], self.positions[rows], self.logits[rows]
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=1)
+
+
+def elastic_cache(model, capacity: int) -> DynamicCache:
+    """A cache whose rows can join and leave; only models whose layers all use full attention have one."""
+    cache = DynamicCache(config=model.config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise NotImplementedError(
+            f"continuous batching needs full-attention layers; this model's cache has {', '.join(kinds)}: "
+            "serve it with serve.engine='proxy' in front of vLLM"
+        )
+    cache.layers = [ElasticLayer(capacity) for _ in cache.layers]
+    return cache

@@ -95,3 +95,60 @@ def _nucleus(
     keep = (held - probs) < top_p
     keep[:, 0] = True
     return probs, keep, held[:, -1]
+
+
+def choose_tokens_per_row(
+    logits: torch.Tensor,
+    *,
+    temperatures: torch.Tensor,
+    top_ps: torch.Tensor,
+    generators: list[torch.Generator],
+    prefilters: tuple[int, ...] = PREFILTERS,
+) -> torch.Tensor:
+    """One token id per row of ``logits``, each row with its own temperature (0: greedy), top-p and generator.
+
+    Requests with different sampling settings share one batch (the serving engine's continuous batching),
+    and a row's draw uses only its own generator and its own logits, so a seeded request gets the same
+    draws whatever it is batched with. The nucleus is the one ``choose_tokens`` keeps."""
+    tokens = logits.argmax(dim=-1)
+    sampled = (temperatures > 0).nonzero().squeeze(1)
+    if not len(sampled):
+        return tokens
+    scores = logits[sampled].float() / temperatures[sampled, None].float()
+    top_p = top_ps[sampled].double()
+    whole = top_p >= 1.0
+    whole_rows = whole.nonzero().squeeze(1)
+    if len(whole_rows):
+        for row, probs in zip(whole_rows.tolist(), scores[whole_rows].softmax(dim=-1), strict=True):
+            batch_row = int(sampled[row])
+            tokens[batch_row] = torch.multinomial(probs, 1, generator=generators[batch_row])[0]
+    nucleus_rows = (~whole).nonzero().squeeze(1)
+    if len(nucleus_rows):
+        stages = _nucleus_stages_per_row(scores[nucleus_rows], top_p[nucleus_rows], prefilters)
+        for rows, indices, probs, keep in stages:
+            for row, candidates, p, kept in zip(rows.tolist(), indices, probs, keep, strict=True):
+                batch_row = int(sampled[nucleus_rows[row]])
+                draw = torch.multinomial(p * kept, 1, generator=generators[batch_row])
+                tokens[batch_row] = candidates[draw[0]]
+    return tokens
+
+
+def _nucleus_stages_per_row(
+    scores: torch.Tensor, top_p: torch.Tensor, prefilters: tuple[int, ...]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``_nucleus_stages`` with one top-p per row (``top_p``: float64, one per row of ``scores``)."""
+    vocabulary = scores.shape[-1]
+    log_total = _log_total(scores)
+    pending = torch.arange(scores.shape[0], device=scores.device)
+    for width in [w for w in prefilters if w < vocabulary]:
+        values, indices = scores[pending].topk(width, dim=-1)
+        probs, keep, held = _nucleus(values, log_total[pending], top_p[pending, None])
+        settled = held >= top_p[pending]
+        yield pending[settled], indices[settled], probs[settled], keep[settled]
+        pending = pending[~settled]
+        if not len(pending):
+            return
+    values, indices = scores[pending].sort(dim=-1, descending=True)
+    probs, keep, _ = _nucleus(values, log_total[pending], top_p[pending, None])
+    width = int(keep.sum(dim=-1).max())
+    yield pending, indices[:, :width], probs[:, :width], keep[:, :width]

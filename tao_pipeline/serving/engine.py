@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,6 +11,26 @@ from tao_pipeline.registry import ModelVersion
 
 class EngineError(RuntimeError):
     """The engine cannot answer (the upstream is down, the model failed): the client gets a 5xx."""
+
+    def __init__(self, message: str, status: int = 500, code: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+class RequestRefused(Exception):  # noqa: N818 - a refusal, not an internal error
+    """This request cannot be answered as asked (too long, too many, a busy server): a 4xx for it alone."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.param, self.code, self.retry_after = status, param, code, retry_after
 
 
 class SwapError(RuntimeError):
@@ -29,6 +49,8 @@ class GenerationRequest:
     n: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    max_tokens_asked: bool = True  # False: max_tokens is the server's default, shortened to fit the context
+    deadline: float | None = None  # the event loop's time by which the answer must be whole
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +94,7 @@ class Stream:
     version: str
     deltas: AsyncIterator[Delta]
     completion: Completion  # filled in as the deltas are read; complete once they are all read
+    cancel: Callable[[], None] = lambda: None  # nobody will read the rest: stop generating it
 
 
 class Engine(Protocol):
@@ -90,6 +113,10 @@ class Engine(Protocol):
 
     async def switch_to(self, champion: ModelVersion) -> None:
         """Serve ``champion`` from now on; requests in flight finish on the model they started with."""
+        ...
+
+    def status(self) -> dict:
+        """What /health shows about the engine; ``healthy`` False makes /health answer 503."""
         ...
 
     async def close(self) -> None: ...

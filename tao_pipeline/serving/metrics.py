@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tao_pipeline.serving.engine import Completion
+from tao_pipeline.serving.engine import Completion, Engine
+from tao_pipeline.serving.request_log import RequestLog
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -12,8 +14,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, request_log: RequestLog | None = None, engine: Engine | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(request_log, engine))
+        self.in_flight = Gauge("tao_serve_rows_in_flight", "Rows decoding or queued now.", registry=self.registry)
         self.requests = Counter(
             "tao_serve_requests", "Requests answered or failed.", ["endpoint", "outcome"], registry=self.registry
         )
@@ -43,6 +47,10 @@ class ServeMetrics:
         self.requests.labels(endpoint, "error").inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    def cancelled(self, endpoint: str) -> None:
+        """The client left before its answer was whole: nothing more was generated or logged for it."""
+        self.requests.labels(endpoint, "cancelled").inc()
+
     def logged(self, rows: int) -> None:
         self.logged_rows.inc(rows)
 
@@ -58,5 +66,33 @@ class ServeMetrics:
             self.swaps.inc()
         self.served_version(version)
 
-    def render(self) -> bytes:
+    def render(self, rows_in_flight: int = 0) -> bytes:
+        self.in_flight.set(rows_in_flight)
         return generate_latest(self.registry)
+
+
+class _StateCollector:
+    """The request log's and the engine's own counts, read when /metrics is asked."""
+
+    def __init__(self, request_log: RequestLog | None, engine: Engine | None):
+        self.request_log, self.engine = request_log, engine
+
+    def collect(self):
+        if self.request_log is not None:
+            health = self.request_log.health
+            errors = CounterMetricFamily("tao_serve_log_errors", "Request-log failures, by kind.", labels=["kind"])
+            errors.add_metric(["write"], health.write_errors)
+            errors.add_metric(["roll"], health.roll_errors)
+            yield errors
+            yield CounterMetricFamily("tao_serve_log_rows_lost", "Answered rows that could not be logged.",
+                                      value=health.rows_lost)  # fmt: skip
+            yield GaugeMetricFamily("tao_serve_log_files_waiting", "Log files not yet handed to the inbox.",
+                                    value=len(health.waiting_files))  # fmt: skip
+        if self.engine is not None:
+            state = self.engine.status()
+            for key, value in state.items():
+                if isinstance(value, bool):
+                    value = int(value)
+                if isinstance(value, int | float):
+                    yield GaugeMetricFamily(f"tao_serve_engine_{key}", f"The engine's {key.replace('_', ' ')}.",
+                                            value=value)  # fmt: skip

@@ -11,18 +11,55 @@ A swap makes the new champion answer in one of two ways:
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the adapter folder must be readable by the server).
 
 Otherwise the swap fails with the reason, and the current champion keeps answering.
+
+An upstream that is down or frozen is seen at once, and nobody waits long for it:
+
+- ``/health`` reflects it: the upstream's ``/v1/models`` is asked every ``probe_seconds`` (with a short
+  timeout), and /health answers 503 while it does not answer or while the circuit is open;
+- each try has ``timeout_s / (max_retries + 1)`` seconds, so the tries fit in the request's deadline
+  (``serve.request_timeout_s``, enforced by the app over the whole request);
+- a circuit breaker: after ``breaker_failures`` failures in a row (connection errors, timeouts, 5xx)
+  requests fail at once with 503 and Retry-After for ``breaker_cooldown_s``, then requests may try again.
+
+An upstream's 4xx is the client's own mistake (a prompt too long for it, say) and is passed on as is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
+from circuitbreaker import CircuitBreaker
 from openai import AsyncOpenAI
 
 from tao_pipeline.registry import ModelVersion
-from tao_pipeline.serving.engine import Choice, Completion, Delta, EngineError, GenerationRequest, Stream, SwapError
+from tao_pipeline.serving.engine import (
+    Choice,
+    Completion,
+    Delta,
+    EngineError,
+    GenerationRequest,
+    RequestRefused,
+    Stream,
+    SwapError,
+)
+
+logger = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 5.0
+DEADLINE_MARGIN_S = 0.1  # the proxy gives up this much before the app does, so its timeout is counted
+
+
+class _Breaker(CircuitBreaker):
+    """A circuit breaker that a cancelled call (the client left) neither trips nor resets."""
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None and issubclass(kind, asyncio.CancelledError | GeneratorExit):
+            return False
+        return super().__exit__(kind, error, traceback)
 
 
 class ProxyEngine:
@@ -38,13 +75,28 @@ class ProxyEngine:
         upstream_base_version: str | None = None,
         timeout_s: float = 120.0,
         max_retries: int = 2,
+        probe_seconds: float = 5.0,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 30.0,
     ):
         self.base_url = base_url.rstrip("/")
         self.model_names = dict(model_names or {})
         self.load_lora_adapters, self.upstream_base_version = load_lora_adapters, upstream_base_version
         self.client = AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries
+            base_url=self.base_url,
+            api_key=api_key or "none",
+            timeout=timeout_s / (max_retries + 1),
+            max_retries=max_retries,
         )
+        self.breaker = _Breaker(
+            failure_threshold=breaker_failures,
+            recovery_timeout=breaker_cooldown_s,
+            expected_exception=_upstream_fault,
+            name=f"upstream {self.base_url}",
+        )
+        self.probe_seconds = probe_seconds
+        self.upstream_error: str | None = "not asked yet"
+        self._probe: asyncio.Task | None = None
         self._version = ""
 
     @property
@@ -55,7 +107,33 @@ class ProxyEngine:
         return self.model_names.get(version_id, version_id)
 
     async def start(self, champion: ModelVersion) -> None:
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._probe_upstream())
         await self.switch_to(champion)
+
+    def status(self) -> dict:
+        open_for = max(0, self.breaker.open_remaining) if self.breaker.opened else 0
+        return {
+            "healthy": self.upstream_error is None and not self.breaker.opened,
+            "upstream": self.base_url,
+            "upstream_error": self.upstream_error,
+            "circuit": self.breaker.state,
+            "circuit_open_seconds": open_for,
+            "failures_in_a_row": self.breaker.failure_count,
+        }
+
+    async def _probe_upstream(self) -> None:
+        probe = self.client.with_options(timeout=min(PROBE_TIMEOUT_S, self.probe_seconds), max_retries=0)
+        while True:
+            try:
+                await probe.models.list()
+            except openai.OpenAIError as error:
+                if self.upstream_error is None:
+                    logger.error("tao serve: the upstream %s does not answer: %s", self.base_url, _reason(error))
+                self.upstream_error = _reason(error)
+            else:
+                self.upstream_error = None
+            await asyncio.sleep(self.probe_seconds)
 
     async def switch_to(self, champion: ModelVersion) -> None:
         name = self.served_name(champion.version_id)
@@ -90,17 +168,31 @@ class ProxyEngine:
         if name not in await self._upstream_models():
             raise SwapError(f"{self.base_url} accepted the adapter {name!r} but does not list it")
 
+    def _closed_circuit(self) -> None:
+        if self.breaker.opened:
+            seconds = max(1, int(self.breaker.open_remaining))
+            raise EngineError(
+                f"upstream {self.base_url} failed {self.breaker.failure_count} times in a row: not tried again "
+                f"for {seconds} s (last: {_reason(self.breaker.last_failure)})",
+                status=503,
+                code="upstream_unavailable",
+                retry_after=seconds,
+            )
+
     async def complete(self, request: GenerationRequest) -> Completion:
         version = self._version
+        self._closed_circuit()
         try:
-            if request.messages is not None:
-                answer = await self.client.chat.completions.create(**self._arguments(request, version))
-                choices = [Choice(c.message.content or "", c.finish_reason) for c in answer.choices]
-            else:
-                answer = await self.client.completions.create(**self._arguments(request, version))
-                choices = [Choice(c.text, c.finish_reason) for c in answer.choices]
+            with self.breaker:
+                async with _deadline(request.deadline):
+                    if request.messages is not None:
+                        answer = await self.client.chat.completions.create(**self._arguments(request, version))
+                        choices = [Choice(c.message.content or "", c.finish_reason) for c in answer.choices]
+                    else:
+                        answer = await self.client.completions.create(**self._arguments(request, version))
+                        choices = [Choice(c.text, c.finish_reason) for c in answer.choices]
         except openai.OpenAIError as error:
-            raise EngineError(f"upstream {self.base_url}: {_reason(error)}") from error
+            raise self._failure(error) from error
         usage = answer.usage
         if usage is not None and choices:
             for choice in choices:  # the upstream reports the total; share it out
@@ -112,27 +204,44 @@ class ProxyEngine:
         version = self._version
         arguments = {**self._arguments(request, version), "stream": True, "stream_options": {"include_usage": True}}
         create = self.client.chat.completions.create if request.messages is not None else self.client.completions.create
+        self._closed_circuit()
         try:
-            chunks = await create(**arguments)
+            with self.breaker:
+                async with _deadline(request.deadline):
+                    chunks = await create(**arguments)
         except openai.OpenAIError as error:
-            raise EngineError(f"upstream {self.base_url}: {_reason(error)}") from error
+            raise self._failure(error) from error
         completion = Completion(version, [Choice() for _ in range(request.n)])
-        return Stream(version, self._deltas(chunks, completion, chat=request.messages is not None), completion)
+        deltas = self._deltas(chunks, completion, request.messages is not None, request.deadline)
+        return Stream(version, deltas, completion, lambda: asyncio.ensure_future(_close(chunks)))
 
-    async def _deltas(self, chunks, completion: Completion, chat: bool) -> AsyncIterator[Delta]:
+    async def _deltas(self, chunks, completion: Completion, chat: bool, deadline: float | None) -> AsyncIterator[Delta]:
         try:
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    completion.prompt_tokens = chunk.usage.prompt_tokens
-                    completion.choices[0].completion_tokens = chunk.usage.completion_tokens
-                for part in chunk.choices:
-                    text = (part.delta.content or "") if chat else (part.text or "")
-                    choice = completion.choices[part.index]
-                    choice.text += text
-                    choice.finish_reason = part.finish_reason or choice.finish_reason
-                    yield Delta(part.index, text, part.finish_reason)
+            with self.breaker:
+                async with _deadline(deadline):
+                    async for chunk in chunks:
+                        if chunk.usage is not None:
+                            completion.prompt_tokens = chunk.usage.prompt_tokens
+                            completion.choices[0].completion_tokens = chunk.usage.completion_tokens
+                        for part in chunk.choices:
+                            if part.index >= len(completion.choices):
+                                continue
+                            text = (part.delta.content or "") if chat else (part.text or "")
+                            choice = completion.choices[part.index]
+                            choice.text += text
+                            choice.finish_reason = part.finish_reason or choice.finish_reason
+                            yield Delta(part.index, text, part.finish_reason)
         except openai.OpenAIError as error:
-            raise EngineError(f"upstream {self.base_url}: {_reason(error)}") from error
+            raise self._failure(error) from error
+
+    def _failure(self, error: openai.OpenAIError) -> Exception:
+        """An upstream 4xx is the client's (its own status and message); anything else is the upstream's (502)."""
+        if isinstance(error, openai.APIStatusError) and 400 <= error.status_code < 500:
+            if error.status_code == 429:
+                return RequestRefused(429, f"upstream {self.base_url} is busy: {_reason(error)}", retry_after=1)
+            if error.status_code not in (401, 403, 404, 408):  # those are this server's setup, not the client's
+                return RequestRefused(error.status_code, f"upstream {self.base_url}: {_reason(error)}")
+        return EngineError(f"upstream {self.base_url}: {_reason(error)}", status=502, code="upstream_error")
 
     def _arguments(self, request: GenerationRequest, version: str) -> dict:
         arguments = {
@@ -151,10 +260,32 @@ class ProxyEngine:
         return {**arguments, "prompt": request.prompt}
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         await self.client.close()
 
 
-def _reason(error: openai.OpenAIError) -> str:
+def _deadline(deadline: float | None):
+    """The request's deadline, a moment early: a frozen upstream then fails here, where the circuit counts it."""
+    if deadline is None:
+        return contextlib.nullcontext()
+    return asyncio.timeout_at(deadline - DEADLINE_MARGIN_S)
+
+
+async def _close(chunks) -> None:
+    with contextlib.suppress(Exception):
+        await chunks.close()
+
+
+def _upstream_fault(kind: type, error: BaseException) -> bool:
+    """What opens the circuit: the upstream unreachable, too slow or failing (5xx), not a client's mistake."""
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code >= 500
+    return isinstance(error, openai.APIConnectionError | TimeoutError)
+
+
+def _reason(error: BaseException | None) -> str:
     if isinstance(error, openai.APIStatusError):
         return f"HTTP {error.status_code}: {str(error.message)[:200]}"
     return f"{type(error).__name__}: {str(error)[:200]}"

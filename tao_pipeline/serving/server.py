@@ -8,6 +8,7 @@ import socket
 
 from fastapi import FastAPI
 
+from tao_pipeline.common.threads import usable_cpus
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.serving.app import build_app
 from tao_pipeline.serving.champion import ChampionWatcher
@@ -59,14 +60,25 @@ def build_engine(settings: TaoSettings) -> Engine:
             load_lora_adapters=serve.load_lora_adapters,
             upstream_base_version=base_version,
             timeout_s=serve.request_timeout_s,
+            probe_seconds=serve.upstream_probe_seconds,
+            breaker_failures=serve.breaker_failures,
+            breaker_cooldown_s=serve.breaker_cooldown_s,
         )
     return LocalEngine(
         dtype=settings.model.dtype,
-        max_prompt_tokens=settings.generation.max_prompt_tokens,
         max_batch_rows=serve.max_batch_rows,
         batch_window_s=serve.batch_window_ms / 1000,
+        prefill_chunk_tokens=serve.prefill_chunk_tokens,
+        max_context_tokens=serve.max_context_tokens,
+        threads=serve.threads or default_threads(),
         trust_remote_code=settings.model.trust_remote_code,
     )
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may use: under load, batching with few threads beats many threads
+    fighting the tokenizer, the HTTP server and other processes for the cores (one thread won on 2 busy cores)."""
+    return max(1, usable_cpus() // 2)
 
 
 def api_keys(variable: str) -> tuple[str, ...]:

@@ -337,10 +337,33 @@ class ServeSettings(_Section):
         "TAO_SERVE_API_KEYS", description="Environment variable with the bearer keys clients send (comma-separated)."
     )
     default_task: str = Field("general", min_length=1, description="Task of a request without metadata.task.")
-    default_max_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(
+        512, ge=1, description="max_tokens of a request that sets none (shortened to fit the model's context)."
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="Larger max_tokens in a request are refused (HTTP 400).")
-    max_batch_rows: int = Field(16, ge=1, description="local: rows (requests x n) decoded together.")
-    batch_window_ms: float = Field(20.0, ge=0.0, description="local: how long the first request waits for company.")
+    max_batch_rows: int = Field(
+        16, ge=1, le=1024, description="Rows (requests x n) decoded together (local) or in flight upstream (proxy)."
+    )
+    max_queued_rows: int = Field(
+        64, ge=0, description="Rows waiting beyond max_batch_rows; past them a request gets 429 with Retry-After."
+    )
+    batch_window_ms: float = Field(
+        20.0, ge=0.0, le=10_000.0, description="local: how long the first request on an idle server waits for company."
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="local: prompt tokens read per decoding step; a longer prompt is read in chunks."
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=2, description="local: prompt + answer tokens at most (default: the model's own context length)."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="local: torch threads (default: half the usable CPUs; one thread wins on a busy one)."
+    )
+    max_body_bytes: int = Field(
+        2**20, ge=1024, le=2**30, description="A larger request body is refused (HTTP 413) before it is read."
+    )
+    body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Time to receive a request body (HTTP 408).")
+    max_messages: int = Field(256, ge=1, description="Messages (conversation turns) in one chat request at most.")
     swap_poll_seconds: float = Field(2.0, gt=0.0, description="How often the registry is asked for a new champion.")
     log_requests: bool = Field(True, description="Write every answered request into the inbox.")
     log_responses: bool = Field(True, description="Keep the response text in the logged rows.")
@@ -355,7 +378,19 @@ class ServeSettings(_Section):
         default_factory=dict, description="proxy: version id -> the name the upstream serves it under."
     )
     load_lora_adapters: bool = Field(False, description="proxy: load a new champion's adapter on the upstream (vLLM).")
-    request_timeout_s: float = Field(120.0, gt=0.0, description="proxy: total time for one upstream request.")
+    request_timeout_s: float = Field(
+        300.0, gt=0.0, le=86_400.0,
+        description="Deadline of one request, queue and retries included (HTTP 504, or an error event in a stream).",
+    )  # fmt: skip
+    upstream_probe_seconds: float = Field(
+        5.0, gt=0.0, le=3600.0, description="proxy: how often /health asks the upstream for its models."
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="proxy: consecutive upstream failures that open the circuit (503 at once)..."
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="...for this long; then a request is let through to try it again."
+    )
 
     @model_validator(mode="after")
     def _proxy_needs_upstream(self) -> ServeSettings:
