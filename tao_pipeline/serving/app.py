@@ -101,8 +101,9 @@ class _Sampling(BaseModel):
     @classmethod
     def _unicode_text(cls, data: Any) -> Any:
         where = _not_unicode(data)
-        if where is not None:
-            raise ValueError(f"{where or 'body'}: not valid Unicode text (a lone surrogate, e.g. \\ud800)")
+        if where is not None:  # raised through pydantic as it is, to keep the parameter's name
+            message = f"{where or 'body'}: not valid Unicode text (a lone surrogate, e.g. \\ud800)"
+            raise ServeError(400, message, param=where or None)
         return data
 
     @field_validator("metadata")
@@ -640,7 +641,13 @@ async def _sse(
 
 def _error_body(error: ServeError) -> dict:
     kind = ERROR_TYPES.get(error.status, "server_error")
-    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+    message, param = _printable(error.message), _printable(error.param) if error.param else error.param
+    return {"error": {"message": message, "type": kind, "param": param, "code": error.code}}
+
+
+def _printable(text: str) -> str:
+    """Text that can be sent whatever the client put in it (a lone surrogate is shown as its escape)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _error_response(error: ServeError, version: str | Callable[[], str]) -> JSONResponse:

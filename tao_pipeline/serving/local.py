@@ -242,6 +242,7 @@ class LocalEngine:
         self._worker = threading.Thread(target=self._work, name="tao-serve-local", daemon=True)
         self.step_rows: deque[int] = deque(maxlen=5000)  # rows decoded by each step, most recent last
         self.steps = 0
+        self.requests_started = 0  # requests that joined a batch (prefilled)
 
     @property
     def version(self) -> str:
@@ -416,6 +417,7 @@ class LocalEngine:
             batch = _Batch(loaded, RunningBatch(loaded.model, loaded.tokenizer.pad_token_id))
             self._batches.append(batch)
         batch.decoding.join(prefilled)
+        self.requests_started += len(jobs)
         batch.rows.extend(_Row(job, i, _Detokenizer(loaded.tokenizer), _generator(job, i))
                           for job in jobs for i in range(job.request.n))  # fmt: skip
 
