@@ -17,7 +17,7 @@ from tao_pipeline.settings import ModelSettings
 
 def checkpoint(path: Path) -> Path:
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text('{"model_type": "llama"}')
     (path / "model.safetensors").write_bytes(b"weights")
     (path / "tokenizer.json").write_text("{}")
     (path / "training_log.json").write_text("[]")

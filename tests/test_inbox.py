@@ -84,7 +84,7 @@ def test_links_fifos_and_files_outside_are_never_read(inbox_home, tmp_path):
     assert list(scan.ready.values()) == [legit]
     refused = {path.name: why for path, why in scan.refused}
     assert set(refused) == {"passwd.jsonl", "environ.jsonl", "secrets.jsonl", "pipe.jsonl", "link-to-legit.jsonl"}
-    assert "symbolic link" in refused["passwd.jsonl"] and "not a regular file" in refused["pipe.jsonl"]
+    assert "symbolic link" in refused["passwd.jsonl"] and "a FIFO" in refused["pipe.jsonl"]
 
     with dg.instance_for_test() as instance:
         ingest_new_files(instance, settings, SettingsSource(), echo=lambda _: None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from tao_pipeline.common.safe_files import open_regular_file
+
 _FILE_BLOCK = 1 << 20
 
 
@@ -18,9 +20,9 @@ def content_hash(*parts: str | None) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """The full SHA-256 of a file's bytes, read in blocks."""
+    """The full SHA-256 of a file's bytes, read in blocks; only a regular file with one link is read."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
+    with open_regular_file(path) as handle:
         for block in iter(lambda: handle.read(_FILE_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -50,8 +50,8 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
         known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
         scan = pending_log_files(config, Lake(config.lake_dir), known)
         archive_ingested(scan, config.inbox_dir)
-        for path, why in scan.refused:
-            context.log.warning(f"not reading {path}: {why}")
+        for refusal in scan.refusals():
+            context.log.warning(refusal)
         ready = {key: path for key, path in scan.ready.items() if key not in known or _failed(context.instance, key)}
         if not ready:
             return dg.SkipReason(scan.describe(config.inbox_dir))

@@ -15,7 +15,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tao_pipeline.common.safe_files import open_regular_file, plain_name
+
 MANIFEST = ".tao-export.json"
+_MAX_MANIFEST_BYTES = 1 << 20
 _PIPELINE_DATA = ("lake", "models", "cache", "dagster", "reports", "inbox")
 
 
@@ -40,6 +43,9 @@ def check_destination(destination: Path, tao_home: Path) -> Path:
             raise ExportRefused(f"refusing to export into {target}: it is inside the pipeline's own {folder}/ data")
     if resolved.exists() and not resolved.is_dir():
         raise ExportRefused(f"export destination {target} is a file, not a folder")
+    blocking = next((parent for parent in resolved.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ExportRefused(f"export destination {target} is inside {blocking}, which is a file, not a folder")
     if resolved.is_dir() and not _written_by_an_export(resolved):
         raise ExportRefused(
             f"export destination {target} is not empty and was not written by `tao export`; "
@@ -71,11 +77,21 @@ def _written_by_an_export(folder: Path) -> bool:
     names = {entry.name for entry in folder.iterdir()}
     if not names:
         return True
+    listed = _manifest_files(folder)
+    return listed is not None and names <= listed | {MANIFEST}
+
+
+def _manifest_files(folder: Path) -> set[str] | None:
+    """The names a previous export's manifest lists, or None when it is missing, unreadable, or names
+    anything but plain entries of that folder (``../x``, an absolute path): such a manifest is not ours."""
     try:
-        listed = set(json.loads((folder / MANIFEST).read_text())["files"])
+        with open_regular_file(folder / MANIFEST) as handle:
+            listed = json.loads(handle.read(_MAX_MANIFEST_BYTES + 1))["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return names <= listed | {MANIFEST}
+        return None
+    if not isinstance(listed, list) or not all(plain_name(name) and name != MANIFEST for name in listed):
+        return None
+    return set(listed)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
@@ -88,9 +104,10 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     aside.rmdir()
     target.rename(aside)
     staging.rename(target)
-    listed = json.loads((aside / MANIFEST).read_text())["files"] if (aside / MANIFEST).exists() else []
-    for name in [*listed, MANIFEST]:
-        (aside / name).unlink(missing_ok=True)
+    for name in [*(_manifest_files(aside) or ()), MANIFEST]:  # plain names only: nothing outside is touched
+        entry = aside / name
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink(missing_ok=True)
     try:
         aside.rmdir()
     except OSError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tao_pipeline.common.safe_files import UnsafePathError
 from tao_pipeline.data.ingest.inbox import archive_file, still_a_regular_file
 from tao_pipeline.data.ingest.readers import UnreadableLogFile
 from tao_pipeline.data.ingest.writer import USAGE_TABLE, IngestSummary, ingest_to_lake, quarantine_unreadable_file
@@ -25,14 +26,18 @@ class BatchOutcome:
     summary: IngestSummary | None  # None when the file could not be read at all, or was not read
     unreadable: str | None = None  # why it could not be read
     skipped: str | None = None  # why it was not read: another process ingested it
+    archive_problem: str | None = None  # why it stayed in the inbox (inbox/processed is not a real folder)
 
     def warnings(self) -> list[str]:
         """What a person should hear about a batch that was read."""
         summary, name = self.summary, self.path.name
+        if summary is None:  # unreadable (quarantined once, never retried), or ingested elsewhere
+            return [self.unreadable or self.skipped or ""] + ([self.archive_problem] if self.archive_problem else [])
         found = [f"quarantined {summary.quarantined} rows of {name}"] if summary.quarantined else []
         if summary.conflicting_ids:
             found.append(f"{summary.conflicting_ids} external ids of {name} name more than one different prompt")
-        return found + ([summary.catalog_warning] if summary.catalog_warning else [])
+        found += [summary.catalog_warning] if summary.catalog_warning else []
+        return found + ([self.archive_problem] if self.archive_problem else [])
 
 
 def ingest_log_batch(path: Path, settings: TaoSettings, lake: Lake, batch: str) -> BatchOutcome:
@@ -44,9 +49,19 @@ def ingest_log_batch(path: Path, settings: TaoSettings, lake: Lake, batch: str) 
         summary = ingest_to_lake(path, settings.data, lake, batch)
     except UnreadableLogFile as error:
         quarantine_unreadable_file(lake, batch, path, error)
-        return BatchOutcome(path, archive_file(path, settings.inbox_dir, "failed"), None, str(error))
+        return _archived(BatchOutcome(path, None, None, str(error)), settings, "failed")
     except FileNotFoundError:
         if not lake.exists(USAGE_TABLE, batch):
             raise
         return BatchOutcome(path, None, None, skipped=f"{path.name} was ingested by another process as {batch}")
-    return BatchOutcome(path, archive_file(path, settings.inbox_dir, "processed"), summary)
+    return _archived(BatchOutcome(path, None, summary), settings, "processed")
+
+
+def _archived(outcome: BatchOutcome, settings: TaoSettings, folder: str) -> BatchOutcome:
+    """The outcome once its file is moved to inbox/<folder>/; a folder that is not a real one moves nothing
+    (the rows are committed all the same, and the file, ingested, stays in the inbox)."""
+    try:
+        outcome.archived_to = archive_file(outcome.path, settings.inbox_dir, folder)
+    except UnsafePathError as error:
+        outcome.archive_problem = f"{outcome.path.name} was not archived: {error}"
+    return outcome

@@ -2,15 +2,19 @@
 
 The contract an app follows (README, "The inbox contract"):
 
-- Only regular files directly inside the inbox are read. Symbolic links, devices, FIFOs and
-  sockets are refused (never opened), so nothing outside the inbox can be pulled in.
+- Only regular files directly inside the inbox are read, each with one link. Symbolic links,
+  hard links (a second name for a file elsewhere), devices, FIFOs, sockets and names that are not
+  valid UTF-8 are refused (never opened), so nothing outside the inbox can be pulled in. Files are
+  opened without following links and checked again once open.
 - A file is read only once it has not changed for ``flywheel.settle_seconds``: an app may append
   to a file, and it is read after the app has paused that long. Names ending in ``.tmp``,
   ``.partial`` or ``.part`` (and hidden names) are never read: an app that pauses longer writes
   under such a name and renames the file when it is complete.
 - A file is identified by the hash of its content. It counts as ingested once its usage_logs
   partition is in the lake (its kept and quarantined rows are committed together, the usage rows
-  last); until then it is retried, and once ingested it is moved to ``inbox/processed/``.
+  last); until then it is retried, and once ingested it is moved to ``inbox/processed/``. Those
+  folders must be real folders: if ``processed/`` or ``failed/`` is a link, nothing is moved there
+  (the file stays, and the scan says why).
 
 Files configured in ``data.logs`` live elsewhere, are read where they are and never moved.
 """
@@ -18,13 +22,12 @@ Files configured in ``data.logs`` live elsewhere, are read where they are and ne
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tao_pipeline.common.hashing import file_digest
+from tao_pipeline.common.safe_files import UnsafePathError, file_problem, move_into, shown, stat_problem
 from tao_pipeline.data.ingest.readers import LOG_SUFFIXES
 from tao_pipeline.data.ingest.table_source import export_new_table_rows
 from tao_pipeline.data.lake import Lake
@@ -33,6 +36,7 @@ from tao_pipeline.settings import TaoSettings
 USAGE_TABLE = "usage_logs"
 IN_PROGRESS_SUFFIXES = (".tmp", ".partial", ".part")  # still being written: read once renamed
 DIGEST_CHARS = 12  # of a file's SHA-256, in its batch key
+_MAX_ARCHIVE_NAMES = 100
 
 
 @dataclass
@@ -51,14 +55,28 @@ class InboxScan:
             parts.append(f"{len(self.settling)} still changing (read once unchanged for flywheel.settle_seconds)")
         if self.refused:
             parts.append(
-                f"{len(self.refused)} refused: " + "; ".join(f"{p.name}: {why}" for p, why in self.refused[:3])
+                f"{len(self.refused)} refused: " + "; ".join(f"{shown(p.name)}: {why}" for p, why in self.refused[:3])
             )
         return ", ".join(parts)
 
+    def refusals(self) -> list[str]:
+        """One printable line per entry that is not read (or not archived), and why."""
+        return [f"not reading {shown(path)}: {why}" for path, why in self.refused]
+
 
 def archive_ingested(scan: InboxScan, inbox: Path) -> list[Path]:
-    """Move files already in the lake out of the inbox (a run that committed them stopped before)."""
-    return [target for path in scan.ingested if (target := archive_file(path, inbox, "processed"))]
+    """Move files already in the lake out of the inbox (a run that committed them stopped before); a file
+    that cannot be moved safely stays, and ``scan.refused`` says why."""
+    archived = []
+    for path in scan.ingested:
+        try:
+            target = archive_file(path, inbox, "processed")
+        except UnsafePathError as error:
+            scan.refused.append((path, f"ingested, but not archived: {error}"))
+            continue
+        if target is not None:
+            archived.append(target)
+    return archived
 
 
 def batch_key(path: Path, digest: str | None = None) -> str:
@@ -105,6 +123,9 @@ def scan_inbox(
             digest = file_digest(path)[:DIGEST_CHARS]
         except FileNotFoundError:
             continue  # moved away meanwhile (another process took it)
+        except UnsafePathError as error:  # swapped for a link since it was listed
+            scan.refused.append((path, str(error)))
+            continue
         if digest in ingested:
             if path.parent == settings.inbox_dir:
                 scan.ingested.append(path)
@@ -115,7 +136,8 @@ def scan_inbox(
 
 
 def _inbox_files(folder: Path, scan: InboxScan) -> list[Path]:
-    """Regular log files directly inside ``folder``; links, devices and FIFOs go to ``scan.refused``."""
+    """Regular log files (one link each) directly inside ``folder``; links, hard links, devices, FIFOs and
+    names that are not UTF-8 go to ``scan.refused``."""
     if not folder.is_dir():
         return []
     found = []
@@ -125,24 +147,36 @@ def _inbox_files(folder: Path, scan: InboxScan) -> list[Path]:
             continue
         if not _is_log_name(entry.name):
             continue
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            scan.refused.append((path, "a symbolic link: only regular files inside the inbox are read"))
-        elif not stat.S_ISREG(mode):
-            scan.refused.append((path, "not a regular file (a device, FIFO or socket)"))
+        try:
+            problem = stat_problem(entry.stat(follow_symlinks=False))
+        except FileNotFoundError:
+            continue  # moved away meanwhile
+        if problem is not None:
+            scan.refused.append((path, f"{problem}: only regular files with one link, inside the inbox, are read"))
+        elif not _is_utf8(entry.name):
+            scan.refused.append((path, "its name is not valid UTF-8: rename it"))
         else:
             found.append(path)
     return found
 
 
-def _configured_file(path: Path, scan: InboxScan) -> bool:
-    """A data.logs file, read where it is; it must exist and be a regular file (a FIFO would block)."""
-    if not path.exists():
-        return False
-    if not path.is_file():
-        scan.refused.append((path, "data.logs names something that is not a regular file"))
+def _is_utf8(name: str) -> bool:
+    try:
+        os.fsencode(name).decode("utf-8")
+    except UnicodeDecodeError:
         return False
     return True
+
+
+def _configured_file(path: Path, scan: InboxScan) -> bool:
+    """A data.logs file, read where it is: a regular file with one link (a FIFO would block, a hard link
+    may be another name for a file the pipeline must not read). Its existence is checked at load time."""
+    problem = file_problem(path)
+    if problem == "gone":
+        scan.refused.append((path, "data.logs names a file that no longer exists"))
+    elif problem:
+        scan.refused.append((path, f"data.logs names {problem}, not a regular file with one link"))
+    return problem is None
 
 
 def _is_log_name(name: str) -> bool:
@@ -150,27 +184,33 @@ def _is_log_name(name: str) -> bool:
 
 
 def still_a_regular_file(path: Path) -> bool:
-    """Checked again just before a file is read: nothing swapped a link in since the scan."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
+    """Checked again just before a file is read: nothing swapped a link in since the scan (the reader
+    opens it without following links and checks it again)."""
+    return file_problem(path) is None
 
 
 def archive_file(path: Path, inbox: Path, outcome: str) -> Path | None:
     """Move an inbox file to inbox/<outcome>/ once handled; configured files elsewhere stay put.
 
-    A file another process has already archived (or is archiving) is left to it: None.
+    A file another process has already archived (or is archiving) is left to it: None. If
+    inbox/<outcome> is not a real folder (a link to somewhere else), UnsafePathError: nothing moves.
     """
     if path.parent.resolve() != inbox.resolve():
         return None
-    target_dir = inbox / outcome
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / path.name
     try:
-        if target.exists():
-            target = target_dir / f"{path.stem}-{file_digest(path)[:8]}{path.suffix}"
-        shutil.move(str(path), target)
+        for copy in range(_MAX_ARCHIVE_NAMES):
+            try:
+                return move_into(path, outcome, _archive_name(path, copy))
+            except FileExistsError:
+                continue  # that name was archived before: the next one
     except FileNotFoundError:
         return None
-    return target
+    raise UnsafePathError(f"{inbox / outcome} already holds {_MAX_ARCHIVE_NAMES} files named after {path.name}")
+
+
+def _archive_name(path: Path, copy: int) -> str:
+    """The file's own name, then its name with its content hash, then with a counter too."""
+    if copy == 0:
+        return path.name
+    tagged = f"{path.stem}-{file_digest(path)[:8]}"
+    return f"{tagged}{path.suffix}" if copy == 1 else f"{tagged}-{copy}{path.suffix}"

@@ -25,11 +25,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow.parquet as pq
 
+from tao_pipeline.common.safe_files import UnsafePathError, open_regular_file
 from tao_pipeline.data.ingest.validation import LogRow, RowRejected, parse_record, quarantine_record, validated
 from tao_pipeline.settings import DataSettings
 
@@ -41,6 +43,7 @@ PARQUET_BATCH_ROWS = 5_000  # Parquet rows decoded into Python dicts at a time
 MAX_JSON_ARRAY_BYTES = 64 * 2**20  # a JSON array file is parsed whole; bigger ones must be JSONL
 _PARQUET_READ_BUFFER = 1 << 20
 _SCAN_BLOCK = 1 << 16
+_OVERSIZED_HEAD_BYTES = 512  # kept of a line over the limit: enough for its quarantine preview
 
 
 class UnreadableLogFile(ValueError):
@@ -57,19 +60,22 @@ def log_format(path: Path) -> str:
 
 
 def is_gzip(path: Path) -> bool:
-    with path.open("rb") as handle:
+    with open_regular_file(path) as handle:
         return handle.read(len(GZIP_MAGIC)) == GZIP_MAGIC
 
 
 @contextmanager
 def open_log(path: Path) -> Iterator[IO[bytes]]:
-    """The file's bytes, decompressed when it is gzip (whatever its name)."""
-    if is_gzip(path):
-        with gzip.open(path, "rb") as handle:
-            yield handle
-    else:
-        with path.open("rb") as handle:
-            yield handle
+    """The file's bytes, decompressed when it is gzip (whatever its name); only a regular file with
+    one link is opened (never a link, a FIFO or a hard link to a file elsewhere)."""
+    with open_regular_file(path) as raw:
+        if raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC:
+            raw.seek(0)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as handle:
+                yield handle
+        else:
+            raw.seek(0)
+            yield raw
 
 
 def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
@@ -78,7 +84,7 @@ def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
     try:
         yield from _records(path, suffix, limits)
     except (gzip.BadGzipFile, EOFError, OSError) as error:
-        if isinstance(error, FileNotFoundError) or not is_gzip(path):
+        if isinstance(error, FileNotFoundError | UnsafePathError) or not is_gzip(path):
             raise
         raise UnreadableLogFile(f"{path}: not a readable gzip file: {error}") from error
 
@@ -98,38 +104,84 @@ def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, 
     """Yield a LogRow per good line and a quarantine record per bad one."""
     source = str(path)
     with open_log(path) as handle:
-        for line_number, raw in enumerate(_lines(handle), start=1):
-            if not raw.strip():
+        for line_number, line in enumerate(_lines(handle, limits.max_line_bytes), start=1):
+            if isinstance(line, OversizedLine):
+                yield quarantine_record(source, line_number, line.reason(), line.head)
                 continue
-            try:
-                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is not data
-                yield parse_record(json.loads(text), source, line_number, limits)
-            except UnicodeDecodeError:
-                yield quarantine_record(source, line_number, "line is not valid UTF-8", raw)
-            except json.JSONDecodeError as error:
-                yield quarantine_record(source, line_number, f"not valid JSON: {error.msg}", raw)
-            except RecursionError:
-                yield quarantine_record(source, line_number, "JSON nested too deeply", raw)
-            except RowRejected as error:
-                yield quarantine_record(source, line_number, str(error), raw)
-            except ValueError as error:  # json.loads beyond JSONDecodeError: an integer of > 4300 digits
-                yield quarantine_record(source, line_number, f"not valid JSON: {error}", raw)
+            if not line.strip():
+                continue
+            yield _jsonl_record(line, source, line_number, limits)
 
 
-def _lines(handle: IO[bytes], block: int = _SCAN_BLOCK) -> Iterator[bytes]:
-    """The lines of a binary stream, without their ends, split at \\n, \\r\\n or a lone \\r."""
-    pending = b""
+def _jsonl_record(raw: bytes, source: str, line_number: int, limits: DataSettings) -> LogRow | dict[str, Any]:
+    try:
+        text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is not data
+        return parse_record(json.loads(text), source, line_number, limits)
+    except UnicodeDecodeError:
+        return quarantine_record(source, line_number, "line is not valid UTF-8", raw)
+    except json.JSONDecodeError as error:
+        return quarantine_record(source, line_number, f"not valid JSON: {error.msg}", raw)
+    except RecursionError:
+        return quarantine_record(source, line_number, "JSON nested too deeply", raw)
+    except RowRejected as error:
+        return quarantine_record(source, line_number, str(error), raw)
+    except ValueError as error:  # json.loads beyond JSONDecodeError: an integer of > 4300 digits
+        return quarantine_record(source, line_number, f"not valid JSON: {error}", raw)
+
+
+@dataclass(frozen=True)
+class OversizedLine:
+    """A line longer than data.max_line_bytes: only its first bytes were kept, the rest skipped unread."""
+
+    head: bytes
+    size: int
+    limit: int
+
+    def reason(self) -> str:
+        return f"line too long: {self.size} bytes > data.max_line_bytes={self.limit} (skipped unparsed)"
+
+
+def _lines(handle: IO[bytes], max_bytes: int, block: int = _SCAN_BLOCK) -> Iterator[bytes | OversizedLine]:
+    """The lines of a binary stream, without their ends, split at \\n, \\r\\n or a lone \\r.
+
+    Linear in the stream's size however long a line is: each block is searched for line breaks once,
+    and a line over ``max_bytes`` keeps only its first bytes (an OversizedLine) while the rest of it
+    is counted and dropped.
+    """
+    line = _LineBuffer(max_bytes)
+    after_cr = False  # the previous block ended with \r, which ended a line; a \n now belongs to it
     while chunk := handle.read(block):
-        pending += chunk
-        # A \r at the very end may be the first half of a \r\n: it waits for the next block.
-        cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
-        parts = _LINE_BREAK.split(pending[:cut])
-        pending = parts.pop() + pending[cut:]
-        yield from parts
-    if pending.endswith(b"\r"):
-        yield pending[:-1]  # a last line ended by a lone \r
-    elif pending:
-        yield pending  # a last line without an end
+        start = 1 if after_cr and chunk.startswith(b"\n") else 0
+        for match in _LINE_BREAK.finditer(chunk, start):
+            line.add(chunk[start : match.start()])
+            yield line.take()
+            start = match.end()
+        line.add(chunk[start:])
+        after_cr = chunk.endswith(b"\r")
+    if line.size:
+        yield line.take()  # a last line without an end
+
+
+class _LineBuffer:
+    """The pieces of the line being read, up to a limit; beyond it only their sizes are counted."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.pieces: list[bytes] = []
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        kept = max(0, self.max_bytes + 1 - self.size)  # one byte over the limit marks the line as oversized
+        if kept:
+            self.pieces.append(piece[:kept])
+        self.size += len(piece)
+
+    def take(self) -> bytes | OversizedLine:
+        joined, size = b"".join(self.pieces), self.size
+        self.pieces, self.size = [], 0
+        if size > self.max_bytes:
+            return OversizedLine(joined[:_OVERSIZED_HEAD_BYTES], size, self.max_bytes)
+        return joined
 
 
 def _json_array(path: Path) -> list[Any] | None:
@@ -174,7 +226,7 @@ def _array_records(records: list[Any], source: str, limits: DataSettings) -> Ite
 def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     if is_gzip(path):  # Parquet needs to seek: decompressed into a temp file first
         with tempfile.NamedTemporaryFile(suffix=".parquet") as plain:
-            with gzip.open(path, "rb") as compressed:
+            with open_log(path) as compressed:
                 shutil.copyfileobj(compressed, plain)
             plain.flush()
             yield from _parquet_rows(Path(plain.name), str(path), limits)
@@ -183,8 +235,13 @@ def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict
 
 
 def _parquet_rows(path: Path, source: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+    with open_regular_file(path) as handle:
+        yield from _parquet_file_rows(handle, path, source, limits)
+
+
+def _parquet_file_rows(handle: IO[bytes], path: Path, source: str, limits: DataSettings):
     try:  # read through a small buffer, one thread: a row group's column chunks are never all in memory
-        parquet = pq.ParquetFile(path, buffer_size=_PARQUET_READ_BUFFER, pre_buffer=False)
+        parquet = pq.ParquetFile(handle, buffer_size=_PARQUET_READ_BUFFER, pre_buffer=False)
     except Exception as error:  # pyarrow raises several types for corrupt files
         raise UnreadableLogFile(f"{path}: not a readable Parquet file: {error}") from error
     number = 0
@@ -216,9 +273,10 @@ def _whole_float_id(record: dict[str, Any]) -> dict[str, Any]:
 def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
     """Rows of a CSV file with a header line, numbered 1, 2, ... like Parquet rows (blank lines skipped).
 
-    A row that does not parse (a stray quote, a field over csv's size limit) or has the wrong number
-    of fields is quarantined. When such a row swallowed several lines (an unclosed quote runs on to
-    the next quote), only its first line is quarantined and reading resumes on the line after it.
+    A row that does not parse (a stray quote, a field over csv's size limit, a line over
+    data.max_line_bytes characters) or has the wrong number of fields is quarantined. When such a row
+    swallowed several lines (an unclosed quote runs on to the next quote), only its first line is
+    quarantined and reading resumes on the line after it.
     """
     source = str(path)
     # newline="": lines end at \n, \r\n or \r, and csv sees line breaks inside quoted fields unchanged
@@ -226,7 +284,7 @@ def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
         open_log(path) as binary,
         io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle,
     ):
-        lines = _PushbackLines(handle)
+        lines = _PushbackLines(handle, limits.max_line_bytes)
         reader = csv.reader(lines, strict=True)
         header: list[str] | None = None
         number = 0
@@ -239,6 +297,8 @@ def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
                 break
             except csv.Error as error:
                 fields, problem = [], f"not valid CSV: {error}"
+            if lines.oversized() is not None:
+                fields, problem = [], lines.oversized()
             if not lines.taken or (not fields and problem is None):
                 continue  # blank line
             if header is None:
@@ -264,34 +324,58 @@ def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
             raise UnreadableLogFile(f"{path}: not a readable CSV file: no header line")
 
 
+@dataclass(frozen=True)
+class _TextLine:
+    text: str
+    size: int  # characters of the whole line; more than text holds when it was over the limit
+
+
 class _PushbackLines:
     """A text file's lines for csv.reader (bad UTF-8 kept as surrogate escapes), remembering the
-    lines the current row took and accepting lines back to be read again."""
+    lines the current row took and accepting lines back to be read again. A line over ``max_chars``
+    is cut there and the rest of it skipped in linear time; the row that took it is quarantined."""
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle, max_chars: int) -> None:
         self._handle = handle
-        self._again: list[str] = []
-        self.taken: list[str] = []
+        self._max_chars = max_chars
+        self._again: list[_TextLine] = []
+        self.taken: list[_TextLine] = []
 
     def __iter__(self) -> _PushbackLines:
         return self
 
     def __next__(self) -> str:
-        if self._again:
-            line = self._again.pop()
-        else:
-            line = self._handle.readline()
-            if not line:
-                raise StopIteration
+        line = self._again.pop() if self._again else self._read_line()
+        if line is None:
+            raise StopIteration
         self.taken.append(line)
-        return line
+        return line.text
 
-    def push_back(self, lines: list[str]) -> None:
+    def _read_line(self) -> _TextLine | None:
+        text = self._handle.readline(self._max_chars + 1)
+        if not text:
+            return None
+        size = len(text)
+        if size > self._max_chars and not text.endswith(("\n", "\r")):
+            while (rest := self._handle.readline(_SCAN_BLOCK)) and not rest.endswith(("\n", "\r")):
+                size += len(rest)
+            size += len(rest)
+            text = text[: self._max_chars] + "\n"
+        return _TextLine(text, size)
+
+    def oversized(self) -> str | None:
+        """Why the current row is refused for a line over the limit, or None."""
+        longest = max((line.size for line in self.taken), default=0)
+        if longest <= self._max_chars:
+            return None
+        return f"line too long: {longest} characters > data.max_line_bytes={self._max_chars} (skipped unparsed)"
+
+    def push_back(self, lines: list[_TextLine]) -> None:
         self._again.extend(reversed(lines))
 
 
-def _raw(lines: list[str]) -> bytes:
-    return "".join(lines).encode("utf-8", "surrogateescape")
+def _raw(lines: list[_TextLine]) -> bytes:
+    return "".join(line.text for line in lines).encode("utf-8", "surrogateescape")
 
 
 def _is_unicode(text: str) -> bool:

@@ -8,6 +8,11 @@ import duckdb
 
 from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.data.lake import connect_duckdb
+
+
+class TableSourceError(ValueError):
+    """The table source cannot be read as configured; the message names the setting and the problem."""
 
 
 def export_new_table_rows(database: Path, table: str, order_column: str, export_dir: Path) -> Path | None:
@@ -23,10 +28,17 @@ def export_new_table_rows(database: Path, table: str, order_column: str, export_
     if not Path(database).is_file():
         raise FileNotFoundError(f"flywheel.table_source.database {str(database)!r} does not exist")
     where = f'WHERE "{order_column}" > ?' if after is not None else ""
-    with duckdb.connect(str(database), read_only=True) as con:
-        rows = con.execute(
-            f'SELECT * FROM {_quoted(table)} {where} ORDER BY "{order_column}"', [after] if after is not None else []
-        ).df()
+    try:
+        with connect_duckdb(database, read_only=True, advice="check flywheel.table_source.database") as con:
+            rows = con.execute(
+                f'SELECT * FROM {_quoted(table)} {where} ORDER BY "{order_column}"',
+                [after] if after is not None else [],
+            ).df()
+    except duckdb.Error as error:  # a missing table or column, a cursor of another type
+        reason = " ".join(str(error).split())[:300]
+        raise TableSourceError(
+            f"flywheel.table_source: cannot read {table!r} ordered by {order_column!r} in {database}: {reason}"
+        ) from None
     if rows.empty:
         return None
     high = str(rows[order_column].iloc[-1])

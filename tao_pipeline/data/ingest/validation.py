@@ -17,6 +17,9 @@ from tao_pipeline.settings import DataSettings
 
 QUARANTINE_COLUMNS = ["source_file", "line_number", "reason", "raw"]
 _RAW_PREVIEW_CHARS = 500
+MAX_ID_CHARS = 1024  # an external id is a key, not content
+MAX_TASK_CHARS = 200  # a task names scorers and a report's rows
+MAX_CONSTRAINTS_CHARS = 64 * 1024  # a row's per-prompt checks, as canonical JSON
 # Control (Cc: NUL, ...), format (Cf: zero-width spaces and joiners, the BOM, bidi marks) and
 # separator characters show nothing: a prompt made only of them is empty.
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
@@ -79,12 +82,20 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
     if len(visible_text(prompt)) < limits.min_prompt_chars:
         raise RowRejected("prompt is empty once invisible characters are removed (zero-width, BOM, control)")
     system = _optional_text(record, "system")
+    if system is not None and len(system) > limits.max_system_chars:
+        raise RowRejected(
+            f"system message too long: {len(system)} chars > data.max_system_chars={limits.max_system_chars}"
+        )
     task = (_optional_text(record, "task") or DEFAULT_TASK).strip() or DEFAULT_TASK
+    if len(task) > MAX_TASK_CHARS:
+        raise RowRejected(f"field 'task' too long: {len(task)} chars > {MAX_TASK_CHARS}")
     raw_id = record.get("id")
     if raw_id is not None and (not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool)):
         raise RowRejected(f"field 'id' must be a string or integer, got {_described(raw_id)}")
     if isinstance(raw_id, str):
         _check_unicode(raw_id, "id")
+        if len(raw_id) > MAX_ID_CHARS:
+            raise RowRejected(f"field 'id' too long: {len(raw_id)} chars > {MAX_ID_CHARS}")
     log_id = str(raw_id) if raw_id is not None else content_hash(source, str(line_number))
     constraints = record.get("constraints")
     if constraints is not None and not isinstance(constraints, dict):
@@ -93,6 +104,8 @@ def parse_record(record: Any, source: str, line_number: int, limits: DataSetting
         canonical = json.dumps(constraints, sort_keys=True) if constraints else None
     except (TypeError, ValueError, RecursionError) as error:  # e.g. bytes or timestamps in a Parquet struct
         raise RowRejected(f"field 'constraints' is not JSON-serialisable: {error}") from None
+    if canonical is not None and len(canonical) > MAX_CONSTRAINTS_CHARS:
+        raise RowRejected(f"field 'constraints' too long: {len(canonical)} chars of JSON > {MAX_CONSTRAINTS_CHARS}")
     return LogRow(log_id, prompt, system, task, source, line_number, canonical)
 
 

@@ -27,7 +27,7 @@ from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import content_hash, file_digest
 from tao_pipeline.data.ingest.readers import UnreadableLogFile, read_records
 from tao_pipeline.data.ingest.validation import LogRow
-from tao_pipeline.data.lake import DuckDBLockTimeout, Lake
+from tao_pipeline.data.lake import DuckDBLockTimeout, Lake, LakeFileError
 from tao_pipeline.data.prompts import prompt_id_for
 from tao_pipeline.settings import DataSettings
 
@@ -128,7 +128,7 @@ def _refresh_views(lake: Lake, tables: tuple[str, ...] | list[str] = (USAGE_TABL
     try:
         for table in tables:
             lake.refresh_view(table)
-    except DuckDBLockTimeout as error:
+    except (DuckDBLockTimeout, LakeFileError) as error:
         return f"rows committed; the catalog's views wait for a later write: {error}"
     return None
 

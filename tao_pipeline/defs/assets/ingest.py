@@ -25,11 +25,10 @@ def usage_logs(
     """Validate one usage-log file (JSONL, JSON array, Parquet or CSV) in chunks, streamed into the lake:
     good rows in, bad rows quarantined with a reason; then archive it out of the inbox."""
     outcome = ingest_log_batch(Path(config.path), settings.get(), lake.get(), context.partition_key)
-    if outcome.summary is None:  # unreadable (quarantined and archived once: never retried), or done elsewhere
-        context.log.warning(outcome.unreadable or outcome.skipped)
-        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": outcome.unreadable, "skipped": outcome.skipped})
     for warning in outcome.warnings():
         context.log.warning(warning)
+    if outcome.summary is None:  # unreadable (quarantined and archived once: never retried), or done elsewhere
+        return dg.MaterializeResult(metadata={"rows": 0, "unreadable": outcome.unreadable, "skipped": outcome.skipped})
     return dg.MaterializeResult(metadata=_metadata(outcome))
 
 
@@ -37,7 +36,7 @@ def _metadata(outcome: BatchOutcome) -> dict:
     ingested = outcome.summary
     return {
         "source_file": str(outcome.path),
-        "archived_to": str(outcome.archived_to) if outcome.archived_to else "left in place (configured file)",
+        "archived_to": str(outcome.archived_to or outcome.archive_problem or "left in place (configured file)"),
         "rows": ingested.rows,
         "distinct_prompts": ingested.distinct_prompts,
         "conflicting_external_ids": ingested.conflicting_ids,  # one id, several different prompts
