@@ -142,7 +142,9 @@ def test_bootstrap_names_a_missing_or_empty_model_folder(tmp_path):
 
 
 def test_a_base_model_that_exists_nowhere_is_never_registered(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here, either way
+    # No hub here, either way; read by huggingface_hub when it is imported, which an earlier test may have done.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     line = one_line_error(tao("bootstrap", "--set", "model.base='nobody/no-such-model'", home=tmp_path))
     assert "model.base='nobody/no-such-model' is neither a local model folder nor a model the hub serves" in line
     assert ModelStore(tmp_path / "models").versions().empty

@@ -285,7 +285,7 @@ def registry_writer(models: str, base: str, writer: int, writers: int, count: in
 def test_concurrent_processes_register_versions_and_promotions(tmp_path):
     base = tmp_path / "base-model"
     base.mkdir()
-    (base / "config.json").write_text("{}")
+    (base / "config.json").write_text('{"model_type": "llama"}')
     models = tmp_path / "models"
     flags = tmp_path / "flags"
     flags.mkdir()
@@ -346,7 +346,7 @@ def open_both_at_once(catalog: str, registry: str) -> str:
 def test_no_duckdb_file_is_held_open_across_a_long_step(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
-    (base / "config.json").write_text("{}")
+    (base / "config.json").write_text('{"model_type": "llama"}')
     lake_root, models = tmp_path / "lake", tmp_path / "models"
     ready, done = tmp_path / "ready", tmp_path / "done"
     workers = Workers(tmp_path)

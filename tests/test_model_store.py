@@ -18,7 +18,7 @@ from tao_pipeline.settings import ModelSettings
 def fake_model_dir(path: Path) -> Path:
     """A folder shaped like a model (config.json); registry tests never load it."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text('{"model_type": "llama"}')
     return path
 
 

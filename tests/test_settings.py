@@ -143,6 +143,9 @@ labels = "labels/l.jsonl"
 base = "./models/base"
 """,
     )
+    for name in ("logs/a.jsonl", "b.jsonl", "labels/l.jsonl"):  # named files must exist when settings load
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
     settings = load_settings(config)  # cwd is a different folder
     assert Path.cwd() != folder
     assert settings.home == (folder / "state").resolve()
@@ -163,6 +166,8 @@ logs = ["{logs}"]
 base = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """,
     )
+    logs.parent.mkdir(parents=True)
+    logs.write_text("")
     settings = load_settings(config)
     assert settings.home == (tmp_path / "abs-home").resolve()
     assert settings.data.logs == [logs]

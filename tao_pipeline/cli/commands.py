@@ -10,6 +10,7 @@ import click
 import pandas as pd
 
 from tao_pipeline.cli.child import run_tied_to_this_process
+from tao_pipeline.cli.errors import TaoGroup
 from tao_pipeline.data.lake import DuckDBLockTimeout, Lake, LakeFileError
 from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelNotFoundError, ModelStore
@@ -58,7 +59,7 @@ def _store(config_file: str | None, overrides: tuple[str, ...]) -> ModelStore:
     return ModelStore(_load(config_file, overrides).models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
 
 
-@click.group()
+@click.group(cls=TaoGroup)
 def main() -> None:
     """tao-pipeline: improve your LLM from the prompts its users already send."""
 
@@ -119,6 +120,8 @@ def _run_and_report(config_file: str | None, overrides: list[str], rerun: str | 
         stages = stages.astype(object).where(stages.notna(), "-")
         click.echo("\nstages (wall time, peak resident memory of the process):\n")
         click.echo(stages.to_markdown(index=False))
+    if report.warnings:
+        click.echo("\nwarnings:\n" + "\n".join(f"- {warning}" for warning in report.warnings))
     click.echo(f"\n{report.verdict}\nchampion:    {report.champion}\ncheckpoint:  {report.checkpoint}")
     click.echo(f"lake:        {settings.lake_dir} (SQL: duckdb -readonly {settings.lake_dir / 'catalog.duckdb'})")
     click.echo(f"registry:    {settings.models_dir / 'registry.duckdb'}  (tao versions, tao lineage VERSION)")
@@ -207,7 +210,7 @@ def bootstrap(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Fetch and convert the configured base model (the embedded one by default)."""
     settings = _load(config_file, overrides)
     try:
-        version = ModelStore(settings.models_dir).champion(settings.model, log=click.echo)
+        version = _store(config_file, overrides).champion(settings.model, log=click.echo)
     except _USER_ERRORS as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"champion: {version.version_id} at {version.path}")
@@ -242,7 +245,7 @@ def lineage(version: str, config_file: str | None, overrides: tuple[str, ...], r
 
     settings = _load(config_file, overrides)
     try:
-        found = version_lineage(ModelStore(settings.models_dir), Lake(settings.lake_dir), version)
+        found = version_lineage(_store(config_file, overrides), Lake(settings.lake_dir), version)
     except ModelNotFoundError as error:
         raise click.ClickException(str(error)) from None
     click.echo("versions:\n" + found.chain.to_markdown(index=False))
@@ -289,7 +292,7 @@ def rollback(reason: str, to_version: str | None, config_file: str | None, overr
 def export(destination: str, version_id: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Export a version as a merged model folder that transformers and vLLM load directly."""
     settings = _load(config_file, overrides)
-    store = ModelStore(settings.models_dir)
+    store = _store(config_file, overrides)
     try:
         version = version_id or store.champion(settings.model).version_id
         path = store.export(version, Path(destination))

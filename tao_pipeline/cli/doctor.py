@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tao_pipeline.common.safe_files import shown
 from tao_pipeline.data.ingest import scan_inbox
 from tao_pipeline.data.ingest.inbox import ingested_digests
-from tao_pipeline.data.lake import DuckDBLockTimeout, Lake
+from tao_pipeline.data.lake import DuckDBFileError, DuckDBLockTimeout, Lake
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.registry.store import checkpoint_problem
 from tao_pipeline.scoring import check_scorers
@@ -31,13 +32,21 @@ class Finding:
 
 
 def diagnose(settings: TaoSettings, fix: bool = False) -> list[Finding]:
-    return [
-        *_scorers(settings),
-        *_lake(settings, fix),
-        *_registry(settings),
-        *_instance(settings),
-        *_inbox(settings),
+    """Every area's findings; an area that cannot even be examined is a finding too, never a crash."""
+    areas = [
+        ("settings", lambda: _scorers(settings)),
+        ("lake", lambda: _lake(settings, fix)),
+        ("registry", lambda: _registry(settings)),
+        ("dagster", lambda: _instance(settings)),
+        ("inbox", lambda: _inbox(settings)),
     ]
+    findings = []
+    for area, examine in areas:
+        try:
+            findings += examine()
+        except (OSError, ValueError) as error:  # a corrupt or locked file, a folder that cannot be read
+            findings.append(Finding(area, False, " ".join(str(error).split()), "see the message"))
+    return findings
 
 
 def _scorers(settings: TaoSettings) -> list[Finding]:
@@ -69,6 +78,8 @@ def _lake(settings: TaoSettings, fix: bool) -> list[Finding]:
             )
     except DuckDBLockTimeout as error:
         findings.append(Finding("catalog", False, str(error), "close the read-write `duckdb` shell on the catalog"))
+    except DuckDBFileError as error:
+        findings.append(Finding("catalog", False, str(error), f"mv '{lake.catalog_path}' '{lake.catalog_path}.bad'"))
     files = sum(len(lake.partitions(table)) for table in tables)
     return findings or [Finding("lake", True, f"{len(tables)} tables, {files} partitions, all readable, views current")]
 
@@ -79,6 +90,8 @@ def _registry(settings: TaoSettings) -> list[Finding]:
         versions, champion = store.versions(), store.champion_id()
     except DuckDBLockTimeout as error:
         return [Finding("registry", False, str(error), "close whatever holds the registry (a `duckdb` shell?)")]
+    except DuckDBFileError as error:
+        return [Finding("registry", False, str(error), "restore models/registry.duckdb from a backup")]
     if versions.empty:
         return [Finding("registry", True, "no versions yet: `tao bootstrap` or `tao round` registers the base model")]
     findings = []
@@ -100,8 +113,19 @@ def _instance(settings: TaoSettings) -> list[Finding]:
 def _inbox(settings: TaoSettings) -> list[Finding]:
     scan = scan_inbox(settings, ingested_digests(Lake(settings.lake_dir)))
     findings = [
-        Finding("inbox", False, f"{path} is refused: {why}", "replace it with a regular file in the inbox")
+        Finding("inbox", False, f"{shown(path)} is refused: {why}", "replace it with a regular file in the inbox")
         for path, why in scan.refused
     ]
+    for folder in ("processed", "failed"):
+        entry = settings.inbox_dir / folder
+        if entry.is_symlink() or (entry.exists() and not entry.is_dir()):
+            findings.append(
+                Finding(
+                    "inbox",
+                    False,
+                    f"{entry} is not a real folder: nothing is archived there",
+                    f"replace it: rm '{entry}'",
+                )
+            )
     waiting = f"; {len(scan.settling)} still being written" if scan.settling else ""
     return findings or [Finding("inbox", True, f"{settings.inbox_dir}: {len(scan.ready)} files ready{waiting}")]

@@ -8,6 +8,7 @@ a launchpad's do: as the settings resource's config in the run config.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from tao_pipeline.common.safe_files import shown
 from tao_pipeline.data.ingest import InboxScan, archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import decide_next_round
@@ -27,7 +29,10 @@ from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
 
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Runs started here print nothing of Dagster's own log (its step failures carry stack traces): the CLI
+# prints each run's outcome itself, one line per stage and per warning (see stage_timings, run_warnings).
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+_GATE_NOT_PASSED = "DagsterAssetCheckFailedError"  # a blocking check said no: an outcome, not a failure
 # No pool limit here: a run killed in-process (SIGKILL, power loss) would keep its "gpu" slot
 # claimed and block every later run. Rounds are serialized by the round sensor instead; a
 # deployment sets the limit with `dagster instance concurrency set gpu 1` (docs/deployment.md).
@@ -61,6 +66,7 @@ class RoundReport:
     ingested: list[str] = field(default_factory=list)
     stages: pd.DataFrame | None = None
     run_id: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failure(self) -> str | None:
@@ -89,16 +95,27 @@ def stage_timings(instance: dg.DagsterInstance, run_id: str) -> pd.DataFrame:
             memory = event.event_specific_data.materialization.metadata.get("peak_rss_mb")
             rows.setdefault(step, {})["peak_rss_mb"] = memory.value if memory is not None else None
         elif step in started:
-            rows.setdefault(step, {}).update(
-                seconds=round(record.timestamp - started[step], 1), status=event.event_type.value.split("_")[-1].lower()
-            )
-            if event.event_type == dg.DagsterEventType.STEP_FAILURE:
-                rows[step]["error"] = _root_cause(event.event_specific_data.error)
+            status = event.event_type.value.split("_")[-1].lower()
+            error = event.event_specific_data.error if event.event_type == dg.DagsterEventType.STEP_FAILURE else None
+            if error is not None and error.cls_name == _GATE_NOT_PASSED:
+                status, error = "did not pass", None  # the promotion gate refused: the verdict says why
+            rows.setdefault(step, {}).update(seconds=round(record.timestamp - started[step], 1), status=status)
+            if error is not None:
+                rows[step]["error"] = _root_cause(error)
     table = pd.DataFrame(
         [{"stage": step, **values} for step, values in rows.items()],
         columns=["stage", "seconds", "peak_rss_mb", "status", "error"],
     )
     return table.sort_values("stage", key=lambda s: s.map(list(started).index)).reset_index(drop=True)
+
+
+def run_warnings(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """What the run's steps logged at WARNING or above, one line each, prefixed with the step."""
+    found = []
+    for record in instance.all_logs(run_id):
+        if record.dagster_event is None and record.level >= logging.WARNING and record.user_message:
+            found.append(f"{record.step_key or 'run'}: {' '.join(record.user_message.split())}")
+    return found
 
 
 def _root_cause(error) -> str:
@@ -147,17 +164,19 @@ def ingest_new_files(
     known = set(instance.get_dynamic_partitions(LOG_BATCHES))
     scan = settled_scan(settings, known, echo)
     archive_ingested(scan, settings.inbox_dir)
-    for path, why in scan.refused:
-        echo(f"not reading {path}: {why}")
+    for refusal in scan.refusals():
+        echo(refusal)
     for key, path in scan.ready.items():
         if key not in known:
             instance.add_dynamic_partitions(LOG_BATCHES, [key])
-        echo(f"ingesting {path} as {key}")
-        job.execute_in_process(
+        echo(f"ingesting {shown(path)} as {key}")
+        result = job.execute_in_process(
             instance=instance,
             partition_key=key,
             run_config=run_config(source, ops={"usage_logs": {"config": {"path": str(path)}}}),
         )
+        for warning in run_warnings(instance, result.run_id):
+            echo(f"  {warning}")
     return list(scan.ready)
 
 
@@ -206,6 +225,7 @@ def run_round(
             instance=instance, partition_key=round_id, run_config=run_config(source), raise_on_error=False
         )
         stages = stage_timings(instance, result.run_id)
+        warnings = run_warnings(instance, result.run_id)
     report = RoundReport(
         round_id,
         Lake(settings.lake_dir).exists(VERDICTS_TABLE, round_id),
@@ -213,6 +233,7 @@ def run_round(
         ingested=ingested,
         stages=stages,
         run_id=result.run_id,
+        warnings=warnings,
     )
     if report.completed:
         _fill_report(report, settings)

@@ -65,6 +65,13 @@ class DuckDBLockTimeout(TimeoutError):
     """Another process kept a DuckDB file locked for longer than the wait allowed."""
 
 
+class DuckDBFileError(LakeFileError):
+    """A DuckDB file (the catalog, the registry) exists but is not a database DuckDB can open."""
+
+
+CATALOG_ADVICE = "it holds only views over the Parquet files: move it away, then `tao doctor --fix` rebuilds it"
+
+
 _OTHER_PROCESS = "Could not set lock"  # "... Conflicting lock is held in <program> (PID n)"
 _OTHER_THREAD = "different configuration than existing connections"  # this process, read-only vs read-write
 _OTHER_THREAD_WAIT_S = 5.0  # a thread's statement ends soon; a connection this process keeps open never does
@@ -72,13 +79,15 @@ _OTHER_THREAD_WAIT_S = 5.0  # a thread's statement ends soon; a connection this 
 
 @contextmanager
 def connect_duckdb(
-    path: Path | str, read_only: bool = False, timeout_s: float | None = None
+    path: Path | str, read_only: bool = False, timeout_s: float | None = None, advice: str = ""
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short-lived connection to a DuckDB file, waiting while another process holds a conflicting lock.
 
     Lock conflicts are retried with jittered exponential backoff (5 ms up to 250 ms) for up to
     ``timeout_s`` (default ``LOCK_TIMEOUT_S``), then ``DuckDBLockTimeout`` names the file and the
-    holder's PID. Any other error is raised at once. The connection is closed on exit.
+    holder's PID. A file DuckDB cannot open (not a database, truncated, a bad checksum) raises
+    ``DuckDBFileError`` naming it, followed by ``advice`` (what to do about that file). The
+    connection is closed on exit.
     """
     started = time.monotonic()
     timeout_s = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
@@ -87,10 +96,13 @@ def connect_duckdb(
         try:
             con = duckdb.connect(str(path), read_only=read_only)
             break
-        except (duckdb.IOException, duckdb.ConnectionException) as error:
+        except duckdb.Error as error:
             text, waited = str(error), time.monotonic() - started
             if _OTHER_PROCESS not in text and _OTHER_THREAD not in text:
-                raise
+                reason = " ".join(text.split())[:200]
+                raise DuckDBFileError(
+                    f"{path} cannot be opened as a DuckDB database ({reason})" + (f"; {advice}" if advice else "")
+                ) from None
             limit = min(timeout_s, _OTHER_THREAD_WAIT_S) if _OTHER_THREAD in text else timeout_s
             if waited >= limit:
                 raise DuckDBLockTimeout(
@@ -280,7 +292,7 @@ class Lake:
         # Another process (a concurrent run, a user's SQL shell) may hold the file lock briefly.
         self.root.mkdir(parents=True, exist_ok=True)
         if read_only and not self.catalog_path.exists():
-            with connect_duckdb(self.catalog_path):
+            with connect_duckdb(self.catalog_path, advice=CATALOG_ADVICE):
                 pass  # an empty catalog, so a read-only connection can open it
-        with connect_duckdb(self.catalog_path, read_only=read_only) as con:
+        with connect_duckdb(self.catalog_path, read_only=read_only, advice=CATALOG_ADVICE) as con:
             return work(con)

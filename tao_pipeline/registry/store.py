@@ -32,6 +32,10 @@ from tao_pipeline.registry.export import export_files
 from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
 
 _NOT_EXPORTED = {"training_log.json"}
+REGISTRY_ADVICE = (
+    "restore it from a backup, or move it away to start a new registry (the checkpoints stay in "
+    "models/checkpoints/)"
+)
 _REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     version_id VARCHAR PRIMARY KEY,
@@ -104,7 +108,7 @@ class ModelStore:
     def _registry(self, work: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
         """Run ``work`` in one transaction on the registry; other processes wait for its lock meanwhile."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with connect_duckdb(self.registry_path, timeout_s=self.lock_timeout_s) as con:
+        with connect_duckdb(self.registry_path, timeout_s=self.lock_timeout_s, advice=REGISTRY_ADVICE) as con:
             con.execute(_REGISTRY_SCHEMA)
             con.execute("BEGIN TRANSACTION")
             try:
@@ -181,8 +185,7 @@ class ModelStore:
         if current is not None:
             return self.get(current)
         version_id, path = self.resolve_base(model, log=log)  # may download and convert: no lock held
-        if isinstance(path, str):
-            _check_hub_model(path, model)  # never register a champion that cannot be loaded
+        _check_model_config(path, model)  # never register a champion that cannot be loaded
 
         def register_first(con: duckdb.DuckDBPyConnection) -> str:
             # Checked again under the lock: a process started at the same moment may have registered it.
@@ -271,16 +274,19 @@ class ModelStore:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
 
 
-def _check_hub_model(hub_id: str, model: ModelSettings) -> None:
-    """A hub id names a model only if its config can be read (from the local cache or the hub)."""
-    from transformers import AutoConfig  # heavy; only for a base model given as a hub id
+def _check_model_config(path: Path | str, model: ModelSettings) -> None:
+    """A base model is registered only if transformers can read its config (a local folder's config.json,
+    or a hub id's from the local cache or the hub)."""
+    from transformers import AutoConfig  # heavy; only when the first champion is registered
 
     try:
-        AutoConfig.from_pretrained(hub_id, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as error:
+        AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         reason = " ".join(str(error).split())[:200]
+        if isinstance(path, Path):
+            raise ModelNotFoundError(f"model.base={model.base!r}: its config.json cannot be read ({reason})") from None
         raise ModelNotFoundError(
-            f"model.base={hub_id!r} is neither a local model folder nor a model the hub serves here ({reason})"
+            f"model.base={path!r} is neither a local model folder nor a model the hub serves here ({reason})"
         ) from None
 
 
@@ -295,6 +301,12 @@ def checkpoint_problem(version: ModelVersion) -> str | None:
         return f"its checkpoint folder {path} is missing (deleted or moved?)"
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         return f"its checkpoint folder {path} is incomplete (no config.json or no *.safetensors)"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"its config.json cannot be read ({' '.join(str(error).split())[:120]})"
+    if not isinstance(config, dict):
+        return "its config.json is not a JSON object"
     return None
 
 

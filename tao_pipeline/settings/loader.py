@@ -87,9 +87,13 @@ def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
 def _describe(error: ValidationError) -> str:
     lines = []
     for problem in error.errors():
-        name = ".".join(str(part) for part in problem["loc"]) or "settings"
-        lines.append(f"setting {name!r}: {problem['msg']} (got {problem.get('input')!r:.80})")
-    return "invalid settings: " + "; ".join(lines)  # one line, however many problems
+        message = problem["msg"].removeprefix("Value error, ")
+        name = ".".join(str(part) for part in problem["loc"])
+        if name:
+            lines.append(f"setting {name!r}: {message} (got {problem.get('input')!r:.80})")
+        else:  # a check across settings: its message names them, and the input is the whole tree
+            lines.append(message)
+    return "invalid settings: " + "; ".join(" ".join(line.split()) for line in lines)  # one line, however many
 
 
 def default_config_file() -> Path | None:
@@ -105,14 +109,8 @@ def load_settings(config_file: str | Path | None = None, overrides: list[str] | 
     path = Path(config_file) if config_file else default_config_file()
     tree: dict[str, Any] = {}
     if path is not None:
-        if not path.is_file():
-            raise SettingsError(f"config file {str(path)!r} does not exist")
-        try:
-            tree = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as error:
-            raise SettingsError(f"config file {str(path)!r} is not valid TOML: {error}") from error
-        base = path.parent
-        _resolve_relative_paths(tree, base)
+        tree = _read_config(path)
+        _resolve_relative_paths(tree, path.parent)
     for item in overrides or []:
         _apply(tree, *parse_override(item))
     try:
@@ -121,24 +119,53 @@ def load_settings(config_file: str | Path | None = None, overrides: list[str] | 
         raise SettingsError(_describe(error)) from None
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """A TOML config file's tree, or SettingsError saying in one line why it cannot be read."""
+    if path.is_dir():
+        raise SettingsError(f"config file {str(path)!r} is a folder, not a TOML file")
+    if not path.is_file():
+        raise SettingsError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise SettingsError(f"config file {str(path)!r} cannot be read: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte order mark is not content
+    except UnicodeDecodeError as error:
+        utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))
+        found = "UTF-16" if utf16 else f"not UTF-8 (byte {error.start}: {raw[error.start : error.start + 1]!r})"
+        raise SettingsError(f"config file {str(path)!r} is {found}; TOML files are UTF-8: save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+
+
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
-    """Paths in a config file are relative to that file, not to the working directory."""
-    data = tree.get("data", {})
+    """Paths in a config file are relative to that file, not to the working directory. A section that is
+    not a table is left alone: validation names it."""
+
+    def section(*names: str) -> dict[str, Any]:
+        found: Any = tree
+        for name in names:
+            found = found.get(name, {}) if isinstance(found, dict) else {}
+        return found if isinstance(found, dict) else {}
+
+    data, flywheel = section("data"), section("flywheel")
     if isinstance(data.get("logs"), list):
-        data["logs"] = [str(base / p) for p in data["logs"]]
+        data["logs"] = [str(base / p) if isinstance(p, str) else p for p in data["logs"]]
     if isinstance(data.get("labels"), str):
         data["labels"] = str(base / data["labels"])
     if isinstance(tree.get("home"), str):
         tree["home"] = str(base / Path(tree["home"]).expanduser())
-    flywheel = tree.get("flywheel", {})
     if isinstance(flywheel.get("inbox"), str):
         flywheel["inbox"] = str(base / Path(flywheel["inbox"]).expanduser())
-    table = flywheel.get("table_source", {})
-    if isinstance(table, dict) and isinstance(table.get("database"), str):
+    table = section("flywheel", "table_source")
+    if isinstance(table.get("database"), str):
         table["database"] = str(base / Path(table["database"]).expanduser())
-    training = tree.get("training", {})
+    training = section("training")
     if isinstance(training.get("accelerate_config"), str):
         training["accelerate_config"] = str(base / Path(training["accelerate_config"]).expanduser())
-    model = tree.get("model", {})
+    model = section("model")
     if isinstance(model.get("base"), str) and model["base"].startswith("."):
         model["base"] = str(base / model["base"])

@@ -15,10 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tao_pipeline.settings.vocabulary import check_scoring_names
 
 EMBEDDED_MODEL = "embedded"
+_DAY_S = 86_400.0  # the longest wait or timeout any setting may ask for
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every number finite: inf and nan pass a `gt=0` bound and break later (a wait that never ends).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSettings(_Section):
@@ -28,8 +30,48 @@ class DataSettings(_Section):
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many train prompts per round.")
     max_heldout: int | None = Field(None, ge=1, description="Evaluate on at most this many held-out prompts.")
     min_prompt_chars: int = Field(1, ge=1)
-    max_prompt_chars: int = Field(8000, ge=1)
+    max_prompt_chars: int = Field(8000, ge=1, description="A longer prompt is quarantined.")
+    max_system_chars: int = Field(32_000, ge=1, description="A longer system message is quarantined.")
+    max_line_bytes: int = Field(
+        4 * 2**20,
+        ge=1024,
+        le=2**30,
+        description="A longer JSONL line (or CSV line, in characters) is quarantined unparsed and skipped in "
+        "linear time, so one huge line never stalls ingestion.",
+    )
     split_salt: str = "tao"
+
+    @field_validator("logs")
+    @classmethod
+    def _logs_are_files(cls, logs: list[Path]) -> list[Path]:
+        """Each named log file exists now and is a file (a missing one would be skipped without a word)."""
+        resolved = []
+        for path in logs:
+            found = path.expanduser().resolve()
+            if not found.exists():
+                raise ValueError(f"{str(path)!r} does not exist")
+            if not found.is_file():
+                raise ValueError(f"{str(path)!r} is not a file")
+            resolved.append(found)
+        return resolved
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_is_a_file(cls, labels: Path | None) -> Path | None:
+        if labels is None:
+            return None
+        found = labels.expanduser().resolve()
+        if not found.is_file():
+            raise ValueError(f"{str(labels)!r} is {'a folder' if found.is_dir() else 'missing'}, not a labels file")
+        return found
+
+    @model_validator(mode="after")
+    def _prompt_bounds(self) -> DataSettings:
+        if self.min_prompt_chars > self.max_prompt_chars:
+            raise ValueError(
+                f"min_prompt_chars={self.min_prompt_chars} is above max_prompt_chars={self.max_prompt_chars}"
+            )
+        return self
 
 
 class ModelSettings(_Section):
@@ -46,9 +88,11 @@ class EndpointSettings(_Section):
     model_names: dict[str, str] = Field(
         default_factory=dict, description="Version id -> the name the server serves it under (default: the id)."
     )
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
-    timeout_s: float = Field(300.0, gt=0.0, description="Total time for one prompt's request, retries included.")
-    max_retries: int = Field(2, ge=0)
+    concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
+    timeout_s: float = Field(
+        300.0, gt=0.0, le=_DAY_S, description="Total time for one prompt's request, retries included."
+    )
+    max_retries: int = Field(2, ge=0, le=100)
     load_lora_adapters: bool = Field(
         False, description="vLLM: load a LoRA checkpoint at run time (--enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING)."
     )
@@ -304,13 +348,14 @@ class FlywheelSettings(_Section):
     min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
     schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
     replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
-    sensor_interval_s: int = Field(30, ge=5)
+    sensor_interval_s: int = Field(30, ge=5, le=int(_DAY_S))
     settle_seconds: float = Field(
-        10.0, ge=0.0, description="An inbox file is read once unchanged this long (see the inbox contract)."
+        10.0, ge=0.0, le=_DAY_S, description="An inbox file is read once unchanged this long (see the inbox contract)."
     )
     run_start_timeout_s: float = Field(
         180.0,
         gt=0.0,
+        le=_DAY_S,
         description="A round or ingest run still STARTING this long after its launch, with no process of its own "
         "yet, is taken as lost (its launch was interrupted, e.g. the daemon was killed) and retried.",
     )
@@ -454,8 +499,8 @@ class TaoSettings(_Section):
         if not isinstance(values, dict) or values.get("compute_scale_applied"):
             return values
         scale = values.get("compute_scale", 1.0)
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0 or scale == 1.0:
-            return values  # field validation names a bad value
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or not 0 < scale <= 16 or scale == 1.0:
+            return values  # field validation names a bad value (inf and nan included)
         values = dict(values)
         generation = _section_dict(values.get("generation"))
         samples = generation.get("num_samples", GenerationSettings.model_fields["num_samples"].default)
@@ -474,6 +519,23 @@ class TaoSettings(_Section):
             raise ValueError(
                 "evaluation.backend='openai' needs generation.endpoint.base_url, e.g. 'http://host:8000/v1'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _inputs_outside_the_pipelines_data(self) -> TaoSettings:
+        """The inbox and data.logs are read (and inbox files moved): never inside the lake, the models or the
+        other folders the pipeline writes, or ingestion would move and re-read its own data."""
+        named = [("flywheel.inbox", self.inbox_dir)] if self.flywheel.inbox is not None else []
+        named += [("data.logs", path) for path in self.data.logs]
+        for setting, path in named:
+            if path.resolve() == self.home:
+                raise ValueError(f"{setting} {str(path)!r} is the home folder itself; give a folder of its own")
+            for folder in self.pipeline_data_dirs:
+                if path.resolve().is_relative_to(folder):
+                    raise ValueError(
+                        f"{setting} {str(path)!r} is inside the pipeline's own data ({folder}); "
+                        f"give a place outside it, e.g. the default inbox {self.home / 'inbox'}"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -529,6 +591,11 @@ class TaoSettings(_Section):
     @property
     def reports_dir(self) -> Path:
         return self.home / "reports"
+
+    @property
+    def pipeline_data_dirs(self) -> list[Path]:
+        """The folders of the home the pipeline writes and manages; no input may come from inside them."""
+        return [self.lake_dir, self.models_dir, self.cache_dir, self.dagster_home, self.reports_dir]
 
     @property
     def controls_dir(self) -> Path:

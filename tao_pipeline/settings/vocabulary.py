@@ -66,13 +66,31 @@ def check_scoring_names(
     for task, names in (gates or {}).items():
         for scorer in names:
             _check_name(scorer, f"scoring.gates.{task}")
-    for scorer in options or {}:
+    for scorer, values in (options or {}).items():
         _check_name(scorer, "scoring.options")
+        _check_finite(values, f"scoring.options.{scorer}")
     for task, extractor in extractors.items():
         try:
             parse_extractor_spec(extractor)
         except ValueError as error:
             raise ValueError(f"scoring.extractors.{task}: {error}") from None
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Every number in a scorer's options is finite: a timeout of inf or nan is a mistake, never a setting.
+
+    Types and ranges are the scorers' own (their typed options, checked when the scorers are built
+    at load, by ``check_scorers``); this catches what TOML's ``inf`` and ``nan`` let through even in
+    nested tables and lists, when the settings load.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{where}[{index}]")
 
 
 def _check_name(scorer: str, where: str) -> None:
