@@ -29,6 +29,10 @@ def test_a_refused_challenger_is_not_promoted_anywhere(tmp_path, tiny_model_dir,
     assert (
         "\nnot promoted: win rate" in result.output and "does not exceed evaluation.min_win_rate=1.0" in result.output
     )
+    # A refusal is an outcome, not a crash: no Dagster stack trace, and the gate's stage says it did not pass.
+    assert "Stack Trace" not in result.output and "Traceback" not in result.output and " ERROR " not in result.output
+    [gate] = [line for line in result.output.splitlines() if "challenger_beats_champion" in line and "|" in line]
+    assert "did not pass" in gate and "DagsterAssetCheckFailedError" not in gate
 
     store = ModelStore(settings.models_dir)
     base = f"base-{tiny_model_dir.name}"

@@ -36,8 +36,13 @@ class TaoGroup(click.Group):
             raise click.ClickException(one_line(error)) from None
 
 
+_NO_SPACE = ("no space left on device", "database or disk is full")  # the OS's words, SQLite's words
+
+
 def one_line(error: BaseException) -> str:
     """What went wrong, in one line, with what to do where the error says."""
+    if _out_of_space(error):
+        return NO_SPACE
     if isinstance(error, OSError) and error.errno is not None and type(error).__module__ == "builtins":
         return _os_error(error)
     if _is_ours(error) or isinstance(error, OSError):
@@ -50,13 +55,22 @@ def _is_ours(error: BaseException) -> bool:
     return type(error).__module__.startswith("tao_pipeline.")
 
 
+NO_SPACE = "no space left on the device: free some space and run the command again (nothing half-written is kept)"
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    """A full disk, however deep in the chain (an OSError, or a database driver's error about it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or any(words in str(error).lower() for words in _NO_SPACE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _os_error(error: OSError) -> str:
     where = f" ({shown(error.filename)})" if error.filename is not None else ""
-    if error.errno == errno.ENOSPC:
-        return (
-            f"no space left on the device{where}: free some space and run the command again "
-            "(nothing half-written is kept or used)"
-        )
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{error.strerror}{where}: check the owner and permissions"
     return f"{error.strerror or _squashed(str(error)) or type(error).__name__}{where}"

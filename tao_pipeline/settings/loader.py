@@ -135,6 +135,10 @@ def _read_config(path: Path) -> dict[str, Any]:
         utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff"))
         found = "UTF-16" if utf16 else f"not UTF-8 (byte {error.start}: {raw[error.start : error.start + 1]!r})"
         raise SettingsError(f"config file {str(path)!r} is {found}; TOML files are UTF-8: save it as UTF-8") from None
+    if "\x00" in text:
+        raise SettingsError(
+            f"config file {str(path)!r} holds NUL bytes (UTF-16?); TOML files are UTF-8: save it as UTF-8"
+        )
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -134,12 +134,15 @@ def _refresh_views(lake: Lake, tables: tuple[str, ...] | list[str] = (USAGE_TABL
 
 
 def quarantine_unreadable_file(lake: Lake, batch: str, path: Path, error: UnreadableLogFile) -> Path:
-    """The one quarantine row of a file that could not be read at all (no line number, no raw text)."""
+    """The one quarantine row of a file that could not be read at all (no line number, no raw text), then
+    its empty usage_logs partition: committed like any batch, so the same file is never read again."""
     target = lake.path(QUARANTINE_TABLE, batch)
     with _partition_writer(target, QUARANTINE_SCHEMA, batch) as out:
         row = {"source_file": [str(path)], "line_number": [None], "reason": [str(error)], "raw": [""]}
         out.write(pa.table(row, schema=QUARANTINE_SCHEMA))
-    _refresh_views(lake, [QUARANTINE_TABLE])
+    with _partition_writer(lake.path(USAGE_TABLE, batch), USAGE_LOG_SCHEMA, batch):
+        pass  # no rows: the commit
+    _refresh_views(lake)
     return target
 
 
