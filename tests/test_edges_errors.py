@@ -181,3 +181,27 @@ def test_an_unexpected_error_is_one_line_naming_a_traceback_file():
     report = Path(line.split("the traceback is in ")[1].split(";")[0])
     assert "raise KeyError" in report.read_text()
     report.unlink()
+
+
+@pytest.mark.parametrize(
+    "database, table, column, said",
+    [
+        ("junk", "logs", "id", "cannot be opened as a DuckDB database"),
+        ("db", "nope", "id", "cannot read 'nope' ordered by 'id'"),
+        ("db", "logs", "nope", "cannot read 'logs' ordered by 'nope'"),
+        ("missing", "logs", "id", "does not exist"),
+    ],
+)
+def test_a_table_source_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, database, table, column, said):
+    import duckdb
+
+    monkeypatch.setenv("TAO_HOME", str(tmp_path / "home"))
+    (tmp_path / "junk").write_text("not a database")
+    with duckdb.connect(str(tmp_path / "db")) as con:
+        con.execute("CREATE TABLE logs (id INTEGER, prompt VARCHAR)")
+        con.execute("INSERT INTO logs VALUES (1, 'a prompt')")
+    source = f"flywheel.table_source={{database='{tmp_path / database}', table='{table}', order_column='{column}'}}"
+    result = CliRunner().invoke(main, ["ingest", "--set", source])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert said in line
