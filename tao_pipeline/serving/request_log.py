@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".serve-"
 PARTIAL_SUFFIX = ".jsonl.partial"
 _LEGACY_NAME = re.compile(r"\.serve-(\d+)-\d+\.jsonl\.partial")  # before instance ids: the pid alone
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_FOUND = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 
 
@@ -70,10 +70,12 @@ class LogHealth:
     entries_skipped: int = 0  # foreign .partial entries left alone (links, folders, FIFOs, hard links)
     last_error: str | None = None
     waiting_files: list[str] = field(default_factory=list)  # written, not yet handed over after an error
+    last_write_failed: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.waiting_files and self.write_errors == 0 and self.roll_errors == 0
+        """Nothing waiting and the last write worked (the counters keep what happened before)."""
+        return not self.waiting_files and not self.last_write_failed
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": "ok" if self.ok else "degraded", **self.__dict__, "waiting_files": list(self.waiting_files)}
@@ -142,9 +144,11 @@ class RequestLog:
                 _append(self._file, line)
             except OSError as error:
                 self.health.write_errors += 1
+                self.health.last_write_failed = True
                 self._lost(1, f"writing to the inbox failed: {_describe(error)}")
                 self._close_for_writing()
                 return False
+            self.health.last_write_failed = False
             self._file.rows += 1
             self.health.rows_written += 1
             if self._file.rows >= self.roll_rows:

@@ -15,7 +15,7 @@ from tao_pipeline.serving.champion import ChampionWatcher
 from tao_pipeline.serving.engine import Engine
 from tao_pipeline.serving.local import LocalEngine
 from tao_pipeline.serving.proxy import ProxyEngine
-from tao_pipeline.serving.request_log import RequestLog
+from tao_pipeline.serving.request_log import RequestLog, open_inbox
 from tao_pipeline.settings import TaoSettings
 
 REGISTRY_POLL_LOCK_S = 2.0  # a poll gives up on a locked registry quickly and tries again next time
@@ -35,6 +35,11 @@ def build_server(settings: TaoSettings) -> FastAPI:
         )
     store = ModelStore(settings.models_dir, lock_timeout_s=REGISTRY_POLL_LOCK_S)
     watcher = ChampionWatcher(store, settings.model, serve.swap_poll_seconds)
+    if serve.log_requests:
+        try:
+            os.close(open_inbox(settings.inbox_dir))
+        except OSError as error:
+            raise ServeRefused(f"serve.log_requests: cannot write into the inbox: {error.strerror or error}") from None
     request_log = (
         RequestLog(
             settings.inbox_dir,
