@@ -1,0 +1,88 @@
+"""`tao serve --engine proxy` when its upstream freezes: /health says so, a request fails within its deadline
+(not 3 x 120 s), the circuit opens and requests fail at once with Retry-After, and all recovers with the upstream.
+The upstream is a real `tao serve` behind a TCP relay that can be frozen (connections accepted, nothing passes)."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.serve_helpers import Relay, load, running_server, serve_config
+
+CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture
+def upstream(tmp_path, tiny_model_dir):
+    settings = load(serve_config(tmp_path / "up", tiny_model_dir), "serve.log_requests=false")
+    with running_server(settings) as running:
+        relay = Relay(int(running.root.rsplit(":", 1)[1]))
+        try:
+            yield relay
+        finally:
+            relay.close()
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.05)
+
+
+def test_a_frozen_upstream_shows_in_health_fails_fast_and_recovers(tmp_path, tiny_model_dir, upstream):
+    settings = load(
+        serve_config(tmp_path, tiny_model_dir),
+        "serve.engine='proxy'",
+        f"serve.upstream_url='{upstream.url}'",
+        "serve.request_timeout_s=2",
+        "serve.upstream_probe_seconds=0.3",
+        "serve.breaker_failures=2",
+        "serve.breaker_cooldown_s=2",
+    )
+    with running_server(settings) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="none", max_retries=0, timeout=30)
+
+        def health() -> requests.Response:
+            return requests.get(proxy.root + "/health", timeout=10)
+
+        wait_for(lambda: health().status_code == 200, 20, "the proxy to be healthy")
+        assert client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2).choices
+
+        upstream.frozen.set()
+        wait_for(lambda: health().status_code == 503, 10, "/health to see the frozen upstream")
+        assert health().json()["engine_status"]["upstream_error"]
+
+        for _ in range(2):  # each fails within the deadline, and counts against the circuit
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
+            assert caught.value.status_code in (502, 504) and time.monotonic() - started < 6
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
+        assert caught.value.status_code == 503 and time.monotonic() - started < 1  # the circuit is open: at once
+        assert caught.value.code == "upstream_unavailable" and int(caught.value.response.headers["retry-after"]) >= 1
+        assert health().json()["engine_status"]["circuit"] == "open"
+
+        upstream.frozen.clear()
+        wait_for(lambda: health().status_code == 200, 15, "/health to see the upstream back")
+        time.sleep(2)  # the cooldown: then a request may try the upstream again
+        assert client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2).choices
+        assert health().json()["engine_status"]["circuit"] == "closed"
+
+
+def test_an_upstreams_client_error_is_passed_on_not_a_502(tmp_path, tiny_model_dir, upstream):
+    settings = load(
+        serve_config(tmp_path, tiny_model_dir), "serve.engine='proxy'", f"serve.upstream_url='{upstream.url}'"
+    )
+    with running_server(settings) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="none", max_retries=0)
+        wait_for(lambda: requests.get(proxy.root + "/health", timeout=10).ok, 20, "the proxy to be healthy")
+        too_long = [{"role": "user", "content": " ".join(f"w{i}" for i in range(2000))}]
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            client.chat.completions.create(model="tao", messages=too_long, max_tokens=2)
+        assert requests.get(proxy.root + "/health", timeout=10).json()["engine_status"]["failures_in_a_row"] == 0
