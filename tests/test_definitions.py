@@ -18,7 +18,8 @@ STAGES = {
     "checkpoint_evaluation",
     "champion",
 }
-ALL_ASSETS = STAGES | {"usage_logs"}
+ALL_ASSETS = STAGES | {"usage_logs", "lake_mirror"}
+UNPARTITIONED = {"lake_mirror"}  # the lake's mirror in object storage: after any round
 
 
 def test_definitions_load_with_every_stage_partitioned_by_round():
@@ -30,10 +31,19 @@ def test_definitions_load_with_every_stage_partitioned_by_round():
     assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ALL_ASSETS
     for key in graph.get_all_asset_keys():
         partitions = graph.get(key).partitions_def
+        if key.to_user_string() in UNPARTITIONED:
+            assert partitions is None
+            continue
         expected = "log_batches" if key.to_user_string() == "usage_logs" else "rounds"
         assert isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name == expected
     assert defs.resolve_job_def("tao_round") is not None and defs.resolve_job_def("ingest_usage_logs") is not None
-    assert {s.name for s in defs.sensors} == {"usage_log_sensor", "new_prompts_round_sensor"}
+    assert {s.name for s in defs.sensors} == {
+        "usage_log_sensor",
+        "new_prompts_round_sensor",
+        "mirror_after_a_round",
+        "mirror_after_a_refused_round",
+    }
+    assert defs.resolve_job_def("mirror_lake") is not None
     assert [s.name for s in defs.schedules] == ["periodic_round_schedule"]
 
 

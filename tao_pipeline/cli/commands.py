@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import click
 import pandas as pd
@@ -295,7 +294,7 @@ def export(destination: str, version_id: str | None, config_file: str | None, ov
     store = _store(config_file, overrides)
     try:
         version = version_id or store.champion(settings.model).version_id
-        path = store.export(version, Path(destination))
+        path = store.export(version, destination)  # a folder, or an s3:// prefix
     except (ModelNotFoundError, ExportRefused) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"exported {version} to {path}")

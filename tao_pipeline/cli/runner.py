@@ -23,7 +23,7 @@ from tao_pipeline.data.ingest import InboxScan, archive_ingested, pending_log_fi
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import decide_next_round
 from tao_pipeline.definitions import load_definitions
-from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
+from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, MIRROR_JOB, ROUND_JOB, ROUNDS
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
 from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import check_scorers
@@ -226,6 +226,9 @@ def run_round(
         )
         stages = stage_timings(instance, result.run_id)
         warnings = run_warnings(instance, result.run_id)
+        if settings.storage.lake_mirror_url is not None:  # what the mirror sensors do under the daemon
+            echo(f"mirroring the lake to {settings.storage.lake_mirror_url}")
+            definitions.resolve_job_def(MIRROR_JOB).execute_in_process(instance=instance, run_config=run_config(source))
     report = RoundReport(
         round_id,
         Lake(settings.lake_dir).exists(VERDICTS_TABLE, round_id),

@@ -8,3 +8,5 @@ ROUNDS = "rounds"  # one dynamic partition per round: round-0001, round-0002, ..
 LOG_BATCHES = "log_batches"  # one dynamic partition per ingested usage-log file
 # Generation, training and evaluation; `dagster instance concurrency set gpu 1` queues them (docs/deployment.md).
 HEAVY_POOL = "gpu"
+MIRROR_JOB = "mirror_lake"
+STORAGE_GROUP = "storage"

@@ -1,7 +1,8 @@
 """Exporting a version as a model folder, without ever removing anything the export did not write.
 
 An export writes a manifest (``.tao-export.json``) listing its files. Exporting again into the
-same folder replaces exactly those files; any other destination must be missing or empty.
+same folder replaces exactly those files; any other destination must be missing or empty. The
+same holds for an object-store prefix (``s3://bucket/prefix``), where the manifest is written last.
 Folders whose replacement would destroy something else are refused outright: the filesystem
 root, the user's home, the working directory, any folder that contains one of those or the
 pipeline's home, and the pipeline's own data (lake, models, caches, Dagster instance).
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tao_pipeline.common import object_store
 from tao_pipeline.common.safe_files import open_regular_file, plain_name
 
 MANIFEST = ".tao-export.json"
@@ -112,3 +114,25 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         aside.rmdir()
     except OSError:
         pass  # something not ours appeared there: it stays, in the renamed folder
+
+
+def export_to_object_store(files: list[Path], url: str, version_id: str) -> str:
+    """Upload ``files`` under an object-store prefix that is empty or holds only an earlier export (whose
+    files no longer listed are then deleted); the manifest goes last, so a reader that sees it sees all."""
+    location = object_store.locate(url)
+    present = set(object_store.listed(location))
+    earlier = object_store.read_json(location, MANIFEST)
+    earlier_files = earlier.get("files") if earlier else None
+    if present and not (
+        isinstance(earlier_files, list)
+        and all(plain_name(name) for name in earlier_files)
+        and present <= set(earlier_files) | {MANIFEST}
+    ):
+        raise ExportRefused(
+            f"export destination {url} is not empty and was not written by `tao export`; give a new prefix "
+            "(nothing there was touched)"
+        )
+    names = sorted(item.name for item in files)
+    object_store.upload_files(files, location, MANIFEST, {"version_id": version_id, "files": names})
+    object_store.delete(location, sorted(set(earlier_files or ()) - set(names)))
+    return location.url

@@ -25,16 +25,17 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.common.object_store import download_folder, is_object_url
 from tao_pipeline.data.lake import connect_duckdb
 from tao_pipeline.registry.embedded import EMBEDDED_NAME, convert_embedded_model
 from tao_pipeline.registry.errors import ModelNotFoundError
-from tao_pipeline.registry.export import export_files
+from tao_pipeline.registry.export import MANIFEST, export_files, export_to_object_store
 from tao_pipeline.settings import EMBEDDED_MODEL, ModelSettings
 
 _NOT_EXPORTED = {"training_log.json"}
 REGISTRY_ADVICE = (
-    "restore it from a backup, or move it away to start a new registry (the checkpoints stay in "
-    "models/checkpoints/)"
+    "restore it from a backup, or move it away to start a new registry (the checkpoints stay in models/checkpoints/)"
 )
 _REGISTRY_SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -94,6 +95,13 @@ class ModelStore:
             if not (path / "model.safetensors").is_file():
                 convert_embedded_model(path, log=log)
             return f"base-{EMBEDDED_NAME}", path
+        if is_object_url(model.base):
+            name = model.base.rstrip("/").rsplit("/", 1)[-1]
+            path = self.root / "base" / f"{name}-{content_hash(model.base)[:8]}"
+            if not (path / MANIFEST).is_file():
+                log(f"downloading {model.base} into {path}")
+                download_folder(model.base, path, MANIFEST)
+            return f"base-{name}", path
         local = Path(model.base).expanduser()
         if local.exists():
             if not (local / "config.json").is_file():
@@ -251,16 +259,19 @@ class ModelStore:
             raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
         return target
 
-    def export(self, version_id: str, destination: Path) -> Path:
-        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly.
+    def export(self, version_id: str, destination: Path | str) -> Path | str:
+        """Copy a version's merged weights and tokenizer into a folder transformers and vLLM load directly,
+        or upload them under an object-store prefix (``s3://bucket/prefix``).
 
-        The destination must be new, empty, or an earlier export's folder (whose files alone are
-        replaced); see :mod:`tao_pipeline.registry.export`.
+        The destination must be new, empty, or an earlier export's (whose files alone are replaced);
+        see :mod:`tao_pipeline.registry.export`.
         """
         version = self.require_complete(version_id)
         if not isinstance(version.path, Path):
             raise ModelNotFoundError(f"{version_id} is a hub id ({version.path}); nothing local to export")
         files = [item for item in sorted(version.path.iterdir()) if item.is_file() and item.name not in _NOT_EXPORTED]
+        if is_object_url(destination):
+            return export_to_object_store(files, str(destination), version_id)
         return export_files(files, Path(destination), self.root.parent, version_id)
 
     def champion_id(self) -> str | None:

@@ -486,6 +486,24 @@ class TaoSettings(_Section):
         gt=0.0,
         le=16.0,
         description="One knob for tuning compute: multiplies generation.num_samples (at least 2) and the training "
+class StorageSettings(_Section):
+    """Where state lives beyond the home folder, for deployments: the Dagster instance and object storage."""
+
+    postgres_url_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding a postgresql:// URL: the Dagster instance (runs, events, "
+        "schedules, sensor cursors) lives in that database instead of SQLite files under <home>/dagster, so "
+        "`tao ui`, `tao round`, the daemon, the runs and `tao serve` share it across machines.",
+    )
+    lake_mirror_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+/.+",
+        description="s3://bucket/prefix: after each round the lake's Parquet files that changed are uploaded "
+        "there (credentials and endpoint from the standard AWS environment); query them with DuckDB's httpfs.",
+    )
+
+
         "length (training.max_steps when set, else training.epochs). 0.5 halves a round's tuning compute, 2 doubles "
         "it; `make bench-compute` measures what each setting buys.",
     )
@@ -523,6 +541,7 @@ class TaoSettings(_Section):
 
     @model_validator(mode="after")
     def _inputs_outside_the_pipelines_data(self) -> TaoSettings:
+    storage: StorageSettings = Field(default_factory=StorageSettings)
         """The inbox and data.logs are read (and inbox files moved): never inside the lake, the models or the
         other folders the pipeline writes, or ingestion would move and re-read its own data."""
         named = [("flywheel.inbox", self.inbox_dir)] if self.flywheel.inbox is not None else []
