@@ -150,3 +150,37 @@ def test_checkpoint_version_id_is_deterministic():
     assert first != checkpoint_version_id("round-0001", "base-x", ["a", "b"], settings())
     assert first != checkpoint_version_id("round-0001", "base-x", ids, settings(beta=0.2))
     assert first != checkpoint_version_id("round-0002", "base-x", ids, settings())
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.learning_rate=inf",
+        "training.learning_rate=nan",
+        "training.learning_rate=2.0",
+        "training.epochs=inf",
+        "training.epochs=1e9",
+        "training.max_steps=1_000_000_000",
+        "training.beta=inf",
+        "training.batch_size=10_000_000",
+        "training.max_length=1e12",
+        "training.seed=-1",
+        "training.seed=4294967296",  # numpy's seed, which transformers sets, is below 2**32
+        "training.lora_dropout=1.0",
+        "training.grpo.beta=inf",
+        "training.grpo.max_completion_length=0",
+        "generation.temperature=inf",
+        "generation.seed=-5",
+        "generation.batch_size=1e9",
+        "generation.max_prompt_tokens=1_000_000_000",
+        "generation.shard_prompts=0",
+    ],
+)
+def test_training_and_generation_settings_are_finite_and_sane_at_load(override):
+    """Accepted at load, broken later (issue 19): each is one line at load naming the setting."""
+    from tao_pipeline.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as error:
+        load_settings(overrides=[override])
+    name = override.partition("=")[0]
+    assert f"setting {name!r}" in str(error.value) and "\n" not in str(error.value)

@@ -8,11 +8,17 @@ was taken away.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+logger = logging.getLogger(__name__)
 
 
 def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -49,3 +55,139 @@ def _read(path: Path) -> str | None:
         return path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
+
+
+# torch's thread pool (OpenMP) on a machine shared with other work.
+#
+# Measured in bench/threads.py: torch's pool waits at every barrier for all of its threads; when another process
+# holds one of the cores, every parallel region waits for the thread queued behind it (a decode step has hundreds),
+# and the waiting threads spin, keeping that process's core busy too. With one busy process on two cores sampling
+# ran 5-15x slower with two threads, even with that process at nice 19, and at about its quiet speed with one. So
+# by default the pool gets the usable CPUs that other processes leave free, measured while this process waits, and
+# is sized again as the load changes (at most every REMEASURE_S).
+
+MEASURE_WINDOW_S = 0.1
+REMEASURE_S = 10.0
+# Another process using more than this share of a CPU takes it away from the pool: when it runs, a thread queues.
+TAKEN_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many threads torch's pool gets, and why."""
+
+    threads: int
+    reason: str
+
+    def metadata(self) -> dict[str, int | str]:
+        return {"torch_threads": self.threads, "torch_threads_why": self.reason}
+
+
+_lock = threading.Lock()
+_measured: tuple[float, float] | None = None  # (time.monotonic() of the measurement, CPUs busy elsewhere)
+_torch_default: int | None = None  # torch's own count before the first choice (physical cores, or OMP_NUM_THREADS)
+
+
+def use_torch_threads(setting: int | None, name: str) -> ThreadChoice:
+    """Size torch's intra-op pool from ``setting`` (e.g. ``generation.threads``; None: the CPUs free now).
+
+    Generation, training, preflight and serving call this before their torch work, and again between batches or
+    steps: an unset setting follows the machine's load. Returns the choice, for metadata and logs.
+    """
+    import torch
+
+    global _torch_default
+    with _lock:
+        if _torch_default is None:
+            _torch_default = torch.get_num_threads()
+        choice = choose_threads(setting, name, torch_default=_torch_default, busy_elsewhere=_busy_now)
+        if torch.get_num_threads() != choice.threads:
+            torch.set_num_threads(choice.threads)
+            logger.info("torch threads: %d (%s)", choice.threads, choice.reason)
+    return choice
+
+
+def choose_threads(
+    setting: int | None,
+    name: str,
+    *,
+    torch_default: int,
+    busy_elsewhere: Callable[[], float],
+    cgroup_root: Path = CGROUP_ROOT,
+) -> ThreadChoice:
+    """The thread count for ``setting``: as given, or the usable CPUs (at most torch's default) others leave free."""
+    if setting is not None:
+        return ThreadChoice(setting, f"{name}={setting}")
+    usable = min(usable_cpus(cgroup_root), torch_default)
+    busy = busy_elsewhere()
+    free = max(1, min(usable, math.floor(_cpus_in_mask() - busy + TAKEN_SHARE)))
+    return ThreadChoice(
+        free,
+        f"{name} unset: {usable} usable CPUs (affinity, cgroup quota, torch's default {torch_default}), "
+        f"other processes busy on {busy:.2f} of them",
+    )
+
+
+def _busy_now() -> float:
+    """CPUs busy elsewhere, measured at most every REMEASURE_S (under the caller's lock)."""
+    global _measured
+    now = time.monotonic()
+    if _measured is None or now - _measured[0] >= REMEASURE_S:
+        _measured = (now, busy_elsewhere())
+    return _measured[1]
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Busy seconds so far on this process's CPUs, this process's own CPU seconds, and when."""
+
+    busy: float
+    own: float
+    at: float
+
+
+def busy_elsewhere(window_s: float = MEASURE_WINDOW_S) -> float:
+    """CPUs' worth of time other processes (and the hypervisor: steal) took on this process's CPUs over ``window_s``;
+    this process's own CPU time in the window is left out. 0.0 where the counters cannot be read."""
+    before = sample_cpus(_affinity())
+    if before is None:
+        return 0.0
+    time.sleep(window_s)
+    after = sample_cpus(_affinity())
+    return 0.0 if after is None else busy_between(before, after)
+
+
+def busy_between(before: CpuSample, after: CpuSample) -> float:
+    elapsed = after.at - before.at
+    if elapsed <= 0:
+        return 0.0
+    return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / elapsed)
+
+
+def sample_cpus(cpus: set[int]) -> CpuSample | None:
+    import psutil
+
+    try:
+        per_cpu = psutil.cpu_times(percpu=True)
+    except (OSError, NotImplementedError):
+        return None
+    busy = sum(_busy_seconds(times) for index, times in enumerate(per_cpu) if index in cpus)
+    return CpuSample(busy, time.process_time(), time.monotonic())
+
+
+def _busy_seconds(times) -> float:
+    """Everything but idle and waiting for I/O (guest time is already inside user time on Linux)."""
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
+    return sum(times) - idle - guest
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _cpus_in_mask() -> int:
+    return len(_affinity())

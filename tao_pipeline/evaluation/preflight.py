@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.generation import CacheStats, GenerationStats, generate_candidates
 from tao_pipeline.scoring import PromptContext, ScoreCache, TaoScorer, build_scorer, prompt_constraints, score_responses
 from tao_pipeline.settings import PreflightSettings, TaoSettings
@@ -132,8 +133,10 @@ class PreflightReport:
         if minutes is None:
             return done
         share = len(self.prompts) / self.round_prompts
+        threads = stats.threads_metadata()
+        on = f" on {threads['torch_threads']} torch threads ({threads['torch_threads_why']})" if threads else ""
         return (
-            f"{done}; {stats.new_tokens} new tokens at {stats.tokens_per_second:.0f} tokens/s: the round's "
+            f"{done}; {stats.new_tokens} new tokens at {stats.tokens_per_second:.0f} tokens/s{on}: the round's "
             f"{self.round_prompts} train prompts need ~{minutes:.1f} min of generation, {share:.0%} of it sampled "
             "here (the round reuses these samples)"
         )
@@ -173,6 +176,7 @@ def run_preflight(
         raise NoPromptsError("no train prompts to sample: ingest usage logs first (data.logs or the inbox)")
     chosen = choose_prompts(pool, settings.preflight.prompts_per_task)
     candidates = generate_candidates(chosen, model_path, model_version, settings)
+    use_torch_threads(settings.generation.threads, "generation.threads")  # a scorer's own model runs torch too
     signals, tasks = assess_signal(
         chosen,
         candidates.responses,

@@ -106,5 +106,6 @@ def build_generator(
             max_prompt_tokens=generation.max_prompt_tokens,
             trust_remote_code=model.trust_remote_code,
             decoder=generation.decoder,
+            threads=generation.threads,
         )
     raise ValueError(f"setting 'generation.backend': unknown backend {generation.backend!r}")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import pandas as pd
 
 from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.common.threads import ThreadChoice
 from tao_pipeline.data.prompts import build_chat
 
 RESPONSE_COLUMNS = [
@@ -44,10 +45,25 @@ class GenerationStats:
     responses: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    thread_seconds: dict[int, float] = field(default_factory=dict)  # torch threads -> seconds generated with them
+    threads_why: str = ""  # why the latest batch got its threads
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def threads(self) -> int | None:
+        """The torch thread count most of the generation time ran with (None: no torch on this machine's CPUs)."""
+        return max(self.thread_seconds, key=self.thread_seconds.__getitem__) if self.thread_seconds else None
+
+    def threads_metadata(self) -> dict[str, int | str]:
+        """How many torch threads generated, and why: for an asset's metadata and the preflight's note."""
+        if self.threads is None:
+            return {}
+        others = sorted(set(self.thread_seconds) - {self.threads})
+        why = self.threads_why + (f"; some batches ran with {others} as the load changed" if others else "")
+        return {"torch_threads": self.threads, "torch_threads_why": why}
 
 
 class Generator(Protocol):
@@ -132,9 +148,14 @@ def response_row(
     }
 
 
-def account(stats: GenerationStats, prompt_count: int, rows: list[dict], seconds: float) -> None:
-    """Adds one generate call's prompts, rows, new tokens and time to ``stats``."""
+def account(
+    stats: GenerationStats, prompt_count: int, rows: list[dict], seconds: float, threads: ThreadChoice | None = None
+) -> None:
+    """Adds one generate call's prompts, rows, new tokens and time (and the torch threads it ran with) to ``stats``."""
     stats.prompts += prompt_count
     stats.responses += len(rows)
     stats.new_tokens += sum(r["completion_tokens"] for r in rows)
     stats.seconds += seconds
+    if threads is not None:
+        stats.thread_seconds[threads.threads] = stats.thread_seconds.get(threads.threads, 0.0) + seconds
+        stats.threads_why = threads.reason

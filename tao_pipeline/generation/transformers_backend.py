@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.generation.base import (
     RESPONSE_COLUMNS,
     GenerationStats,
@@ -41,12 +42,16 @@ class TransformersGenerator:
         trust_remote_code: bool = False,
         decoder: str = "loop",
         batch_rows: int | None = None,
+        threads: int | None = None,
     ):
         """``batch_size`` prompts per call; with ``batch_rows``, a call drawing fewer samples per prompt takes
-        more prompts, up to ``batch_rows`` rows (prompts x samples): a greedy pass is not 16 rows at a time."""
+        more prompts, up to ``batch_rows`` rows (prompts x samples): a greedy pass is not 16 rows at a time.
+        ``threads``: torch's CPU threads (``generation.threads``); None sizes the pool before each batch from the
+        CPUs other processes leave free (:func:`tao_pipeline.common.threads.use_torch_threads`)."""
         if decoder not in DECODERS:
             raise ValueError(f"generation.decoder: {decoder!r} is not one of {', '.join(DECODERS)}")
         self.decoder = decoder
+        self.threads = threads
         self.model_version = model_version
         self.batch_size = batch_size
         self.batch_rows = batch_rows
@@ -66,12 +71,13 @@ class TransformersGenerator:
         rows: list[dict] = []
         bar = tqdm(total=len(order), desc=f"generate x{params.num_samples}", unit="prompt", disable=not progress)
         for batch_number, batch in enumerate(batches):
+            threads = use_torch_threads(self.threads, "generation.threads")
             started = time.perf_counter()
             new_rows = self._generate_batch(prompts, encoded, batch, params, seed=params.seed + batch_number)
-            account(self.stats, len(batch), new_rows, time.perf_counter() - started)
+            account(self.stats, len(batch), new_rows, time.perf_counter() - started, threads)
             rows.extend(new_rows)
             bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}")
+            bar.set_postfix(tok_s=f"{self.stats.tokens_per_second:.0f}", threads=threads.threads)
         bar.close()
         frame = pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
         return frame.sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)

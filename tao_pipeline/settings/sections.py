@@ -12,6 +12,7 @@ from typing import Any, Literal
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tao_pipeline.settings.trl_options import check_trl_options
 from tao_pipeline.settings.vocabulary import check_scoring_names
 
 EMBEDDED_MODEL = "embedded"
@@ -105,9 +106,9 @@ class GenerationSettings(_Section):
         "openai: an OpenAI-compatible server (generation.endpoint), for candidates and evaluation alike.",
     )
     endpoint: EndpointSettings = Field(default_factory=EndpointSettings)
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split across.")
+    tensor_parallel_size: int = Field(1, ge=1, le=256, description="vLLM: GPUs one model is split across.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: share of GPU memory to use.")
-    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's).")
+    max_model_len: int | None = Field(None, ge=16, le=2**22, description="vLLM: context length (default: the model's).")
     num_samples: int = Field(8, ge=1, le=64)
     max_new_tokens: int = Field(512, ge=1, le=4096)
     temperature: float = Field(0.8, gt=0.0, le=2.0)
@@ -115,6 +116,7 @@ class GenerationSettings(_Section):
     batch_size: int = Field(
         16,
         ge=1,
+        le=4096,
         description="transformers backend: prompts decoded together, each with num_samples rows; a pass with "
         "fewer samples per prompt (greedy evaluation) takes more prompts, up to batch_size x num_samples rows.",
     )
@@ -124,9 +126,19 @@ class GenerationSettings(_Section):
         "the batch, exact top-p without sorting the vocabulary; ~4x faster on a CPU); generate: transformers' "
         "generate(), for a model whose cache the loop does not handle. Both draw from the same distribution.",
     )
-    max_prompt_tokens: int = Field(512, ge=8)
-    shard_prompts: int = Field(64, ge=1, description="Prompts per crash-safe shard; a killed run resumes by shard.")
-    seed: int = 0
+    max_prompt_tokens: int = Field(512, ge=8, le=2**20)
+    shard_prompts: int = Field(
+        64, ge=1, le=1_000_000, description="Prompts per crash-safe shard; a killed run resumes by shard."
+    )
+    seed: int = Field(0, ge=0, lt=2**32)
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="transformers backend: torch's CPU threads. None: the CPUs this process may use (affinity "
+        "mask, cgroup quota) that other processes leave free, measured again as the load changes; a thread whose "
+        "core another process holds stalls every step (README: speed on a busy machine).",
+    )
 
     @model_validator(mode="after")
     def _openai_needs_endpoint(self) -> GenerationSettings:
@@ -187,26 +199,28 @@ class PairSettings(_Section):
 
 
 class GrpoSettings(_Section):
-    num_generations: int = Field(4, ge=2, description="Completions per prompt; the batch must divide by it.")
-    max_completion_length: int = Field(256, ge=1)
+    num_generations: int = Field(4, ge=2, le=1024, description="Completions per prompt; the batch must divide by it.")
+    max_completion_length: int = Field(256, ge=1, le=2**20)
     temperature: float = Field(0.8, gt=0.0, le=2.0)
-    beta: float = Field(0.04, ge=0.0, description="KL penalty towards the starting model.")
+    beta: float = Field(0.04, ge=0.0, le=100.0, description="KL penalty towards the starting model.")
     use_vllm: bool = Field(False, description="Generate with vLLM (colocated) during training; GPU only.")
 
 
 class TrainingSettings(_Section):
     method: Literal["dpo", "grpo"] = Field("dpo", description="dpo on the round's pairs, or grpo on its prompts.")
     use_lora: bool = True
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
+    lora_r: int = Field(16, ge=1, le=4096)
+    lora_alpha: int = Field(32, ge=1, le=65536)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    learning_rate: float = Field(5e-5, gt=0.0)
-    beta: float = Field(0.1, gt=0.0)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    epochs: float = Field(2.0, gt=0.0)
-    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
-    max_length: int = Field(1024, ge=16, description="Prompt plus response tokens a training example may hold.")
+    learning_rate: float = Field(5e-5, gt=0.0, le=1.0)
+    beta: float = Field(0.1, gt=0.0, le=100.0)
+    batch_size: int = Field(4, ge=1, le=65536)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
+    epochs: float = Field(2.0, gt=0.0, le=10_000.0)
+    max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Overrides epochs when set.")
+    max_length: int = Field(
+        1024, ge=16, le=2**22, description="Prompt plus response tokens a training example may hold."
+    )
     bf16: bool | None = Field(None, description="None: bf16 when the hardware supports it.")
     precompute_ref_log_probs: bool = Field(
         True,
@@ -225,12 +239,40 @@ class TrainingSettings(_Section):
         description="DPO on a CPU: TRL's fused LM head projects only the completion tokens, as it does on GPUs, "
         "instead of every position (prompt and padding too, zeroed afterwards). The same log-probs.",
     )
-    seed: int = Field(0, description="Seeds training: the adapter's initial weights and the order of the examples.")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="Seeds training: the adapter's initial weights and the order of the examples.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch's CPU threads while training. None: the CPUs this process may use that other processes "
+        "leave free, measured again as the load changes (see generation.threads).",
+    )
     grpo: GrpoSettings = Field(default_factory=GrpoSettings)
+    dpo_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other TRL DPOConfig option (e.g. loss_type, weight_decay, lr_scheduler_type, warmup_steps), "
+        "checked at load against DPOConfig; an option tao has a setting for comes from that setting (a warning says "
+        "so). tao sets gradient_checkpointing=false, lr_scheduler_type='constant_with_warmup', warmup_steps=0.",
+    )
+    grpo_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other TRL GRPOConfig option, checked the same way. tao sets loss_type='dapo', "
+        "scale_rewards='group', top_p=1.0 and the dpo_args defaults.",
+    )
     accelerate_config: Path | None = Field(
         None,
         description="Train under `accelerate launch --config_file` (configs/accelerate/*.yaml); None: in-process.",
     )
+
+    @field_validator("dpo_args", "grpo_args")
+    @classmethod
+    def _trl_options(cls, options: dict[str, Any], info) -> dict[str, Any]:
+        return check_trl_options(info.field_name.removesuffix("_args"), options)
 
 
 class EvaluationSettings(_Section):
@@ -444,6 +486,24 @@ class ServeSettings(_Section):
         return self
 
 
+class StorageSettings(_Section):
+    """Where state lives beyond the home folder, for deployments: the Dagster instance and object storage."""
+
+    postgres_url_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding a postgresql:// URL: the Dagster instance (runs, events, "
+        "schedules, sensor cursors) lives in that database instead of SQLite files under <home>/dagster, so "
+        "`tao ui`, `tao round`, the daemon, the runs and `tao serve` share it across machines.",
+    )
+    lake_mirror_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+/.+",
+        description="s3://bucket/prefix: after each round the lake's Parquet files that changed are uploaded "
+        "there (credentials and endpoint from the standard AWS environment); query them with DuckDB's httpfs.",
+    )
+
+
 class CostSettings(_Section):
     """Prices that turn a round's measured cost into money; an unset price leaves its part out (none set: no money)."""
 
@@ -481,29 +541,12 @@ class TaoSettings(_Section):
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     compute_scale: float = Field(
         1.0,
         gt=0.0,
         le=16.0,
         description="One knob for tuning compute: multiplies generation.num_samples (at least 2) and the training "
-class StorageSettings(_Section):
-    """Where state lives beyond the home folder, for deployments: the Dagster instance and object storage."""
-
-    postgres_url_env: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Environment variable holding a postgresql:// URL: the Dagster instance (runs, events, "
-        "schedules, sensor cursors) lives in that database instead of SQLite files under <home>/dagster, so "
-        "`tao ui`, `tao round`, the daemon, the runs and `tao serve` share it across machines.",
-    )
-    lake_mirror_url: str | None = Field(
-        None,
-        pattern=r"^s3://[^/]+/.+",
-        description="s3://bucket/prefix: after each round the lake's Parquet files that changed are uploaded "
-        "there (credentials and endpoint from the standard AWS environment); query them with DuckDB's httpfs.",
-    )
-
-
         "length (training.max_steps when set, else training.epochs). 0.5 halves a round's tuning compute, 2 doubles "
         "it; `make bench-compute` measures what each setting buys.",
     )
@@ -541,7 +584,6 @@ class StorageSettings(_Section):
 
     @model_validator(mode="after")
     def _inputs_outside_the_pipelines_data(self) -> TaoSettings:
-    storage: StorageSettings = Field(default_factory=StorageSettings)
         """The inbox and data.logs are read (and inbox files moved): never inside the lake, the models or the
         other folders the pipeline writes, or ingestion would move and re-read its own data."""
         named = [("flywheel.inbox", self.inbox_dir)] if self.flywheel.inbox is not None else []

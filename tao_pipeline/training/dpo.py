@@ -34,14 +34,23 @@ def preference_dataset(pairs: pd.DataFrame):
 
 
 def dpo_config(settings: TrainingSettings, output_dir: str):
+    """TRL's DPOConfig: tao's defaults, ``training.dpo_args``, then tao's own settings."""
     from trl import DPOConfig
 
     return DPOConfig(
-        beta=settings.beta,
-        max_length=settings.max_length,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-        **trainer_arguments(settings, output_dir),
+        **trainer_arguments(
+            settings, output_dir, defaults={}, options=settings.dpo_args, from_settings=dpo_settings_arguments(settings)
+        )
     )
+
+
+def dpo_settings_arguments(settings: TrainingSettings) -> dict:
+    """The DPO options tao's own settings set (settings.trl_options.FROM_SETTINGS['dpo'], with the shared ones)."""
+    return {
+        "beta": settings.beta,
+        "max_length": settings.max_length,
+        "precompute_ref_log_probs": settings.precompute_ref_log_probs,
+    }
 
 
 def train_dpo(

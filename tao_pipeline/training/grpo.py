@@ -110,27 +110,45 @@ def check_grpo_batch(settings: TrainingSettings) -> None:
         )
 
 
+# The loss and reward scaling are pinned because TRL has changed their defaults before; training.grpo_args may
+# change any of these.
+GRPO_DEFAULTS = {
+    "top_p": 1.0,
+    "loss_type": "dapo",
+    "scale_rewards": "group",
+    "vllm_mode": "colocate",
+    "use_transformers_continuous_batching": False,
+    "log_completions": False,
+}
+
+
 def grpo_config(settings: TrainingSettings, output_dir: str):
+    """TRL's GRPOConfig: tao's defaults, ``training.grpo_args``, then tao's own settings."""
     from trl import GRPOConfig
 
-    options = settings.grpo
-    # TRL's GRPO defaults (beta 0, temperature 1, 512-token completions) are set from our settings,
-    # and the loss and reward scaling are pinned because TRL has changed their defaults before.
     return GRPOConfig(
-        num_generations=options.num_generations,
-        max_completion_length=options.max_completion_length,
-        temperature=options.temperature,
-        top_p=1.0,
-        beta=options.beta,
-        loss_type="dapo",
-        scale_rewards="group",
-        use_vllm=options.use_vllm,
-        vllm_mode="colocate",
-        use_transformers_continuous_batching=False,
-        remove_unused_columns=False,
-        log_completions=False,
-        **trainer_arguments(settings, output_dir),
+        **trainer_arguments(
+            settings,
+            output_dir,
+            defaults=GRPO_DEFAULTS,
+            options=settings.grpo_args,
+            from_settings=grpo_settings_arguments(settings),
+        )
     )
+
+
+def grpo_settings_arguments(settings: TrainingSettings) -> dict:
+    """The GRPO options tao's own settings set (TRL's defaults: beta 0, temperature 1, 512-token completions),
+    and the one it decides (the reward reads each prompt's prompt_id column)."""
+    options = settings.grpo
+    return {
+        "num_generations": options.num_generations,
+        "max_completion_length": options.max_completion_length,
+        "temperature": options.temperature,
+        "beta": options.beta,
+        "use_vllm": options.use_vllm,
+        "remove_unused_columns": False,
+    }
 
 
 def train_grpo(

@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback
 
+from tao_pipeline.common.threads import ThreadChoice, use_torch_threads
 from tao_pipeline.registry.loading import bf16_supported, load_model, load_tokenizer
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.lm_head import completions_only_on_cpu
@@ -35,6 +37,7 @@ class TrainingResult:
     seconds: float  # the training steps
     log_history: list[dict[str, Any]] = field(default_factory=list)
     setup_seconds: float = 0.0  # building the trainer: tokenizing, and DPO's reference pass when precomputed
+    threads: dict[str, int | str] = field(default_factory=dict)  # torch_threads and torch_threads_why
 
     @property
     def seconds_per_step(self) -> float:
@@ -43,8 +46,8 @@ class TrainingResult:
     def series(self, key: str) -> list[float]:
         return [entry[key] for entry in self.log_history if key in entry]
 
-    def metrics(self) -> dict[str, float]:
-        summary: dict[str, float] = {
+    def metrics(self) -> dict[str, float | str]:
+        summary: dict[str, float | str] = {
             "steps": self.steps,
             "seconds": round(self.seconds, 1),
             "seconds_per_step": round(self.seconds_per_step, 2),
@@ -55,33 +58,54 @@ class TrainingResult:
             if values:
                 summary[f"first_{key}"] = round(values[0], 4)
                 summary[f"last_{key}"] = round(values[-1], 4)
-        return summary
+        return {**summary, **self.threads}
 
 
-def trainer_arguments(settings: TrainingSettings, output_dir: str) -> dict[str, Any]:
-    """The TrainingArguments every TRL trainer here shares, with TRL's risky defaults set explicitly.
+def trainer_arguments(
+    settings: TrainingSettings,
+    output_dir: str,
+    *,
+    defaults: dict[str, Any],
+    options: dict[str, Any],
+    from_settings: dict[str, Any],
+) -> dict[str, Any]:
+    """A TRL config's arguments: tao's defaults, then the user's table (``training.dpo_args`` / ``grpo_args``),
+    then what tao's settings set, which wins (the table was checked at load: such a key is already gone, warned).
 
-    TRL defaults to bf16 and gradient checkpointing on and a 1e-6 learning rate; we decide each.
+    TRL defaults to bf16 and gradient checkpointing on and a 1e-6 learning rate; tao decides each.
     """
     # TRL still passes the deprecated name; the warning is noise for our users.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    shared_defaults = {
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 0,
+    }
     return {
+        **shared_defaults,
+        **defaults,
+        **options,
+        **shared_settings_arguments(settings),
+        **from_settings,
         "output_dir": output_dir,
+    }
+
+
+def shared_settings_arguments(settings: TrainingSettings) -> dict[str, Any]:
+    """The TrainingArguments tao's own settings set, for every method (settings.trl_options.FROM_SETTINGS)."""
+    return {
         "learning_rate": settings.learning_rate,
         "per_device_train_batch_size": settings.batch_size,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "num_train_epochs": settings.epochs,
         "max_steps": settings.max_steps or -1,
         "bf16": bf16_supported() if settings.bf16 is None else settings.bf16,
-        "gradient_checkpointing": False,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
         "seed": settings.seed,
-        "use_cpu": not torch.cuda.is_available(),
-        "dataloader_num_workers": 0,
-        "lr_scheduler_type": "constant_with_warmup",
-        "warmup_steps": 0,
     }
 
 
@@ -107,6 +131,7 @@ def fit_and_save(
     from peft import LoraConfig
     from transformers import set_seed
 
+    threads = ThreadsFollowTheLoad(settings.threads)
     tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_model(parent_path, dtype="float32", trust_remote_code=trust_remote_code)
     peft_config = (
@@ -129,12 +154,14 @@ def fit_and_save(
             hold_frozen_weights_in_bf16(trainer.model)
         setup_seconds = time.perf_counter() - started
         trainer.remove_callback(ProgressCallback)
-        for callback in [bar, *callbacks] if bar is not None else callbacks:
+        for callback in [threads, bar, *callbacks] if bar is not None else [threads, *callbacks]:
             trainer.add_callback(callback)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-    result = TrainingResult(trainer.state.global_step, seconds, step_logs(trainer.state.log_history), setup_seconds)
+    result = TrainingResult(
+        trainer.state.global_step, seconds, step_logs(trainer.state.log_history), setup_seconds, threads.used()
+    )
     save_checkpoint(
         trainer.model,
         tokenizer,
@@ -170,6 +197,32 @@ def hold_frozen_weights_in_bf16(model) -> None:
             for parameter in module.get_base_layer().parameters(recurse=False):
                 if parameter.dtype == torch.float32 and not parameter.requires_grad:
                     parameter.data = parameter.data.to(torch.bfloat16)
+
+
+class ThreadsFollowTheLoad(TrainerCallback):
+    """torch's threads for training (``training.threads``), chosen before the trainer is built and again before
+    each step: unset, the pool follows the CPUs other processes leave free (measured at most every few seconds)."""
+
+    def __init__(self, setting: int | None):
+        self.setting = setting
+        self.steps: Counter[int] = Counter()
+        self.latest = self.choose()
+
+    def choose(self) -> ThreadChoice:
+        self.latest = use_torch_threads(self.setting, "training.threads")
+        return self.latest
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps[self.choose().threads] += 1
+
+    def used(self) -> dict[str, int | str]:
+        """The thread count most steps ran with, and why (the latest choice's reason, and other counts used)."""
+        if not self.steps:
+            return self.latest.metadata()
+        threads = self.steps.most_common(1)[0][0]
+        others = sorted(set(self.steps) - {threads})
+        why = self.latest.reason + (f"; some steps ran with {others} as the load changed" if others else "")
+        return ThreadChoice(threads, why).metadata()
 
 
 class LossProgressBar(TrainerCallback):
