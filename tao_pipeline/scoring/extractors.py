@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
@@ -90,6 +91,68 @@ def boxed(response: str, prompt: str = "") -> str | None:
     return None  # unbalanced: no answer
 
 
+MATH_DIGITS = 6  # numbers that agree to 6 decimal places (6 significant digits below 1) are one answer
+MATH_EXACT_BELOW = 10**25  # larger magnitudes are compared on 12 significant digits
+
+
+def math_answer(response: str, prompt: str = "") -> str | None:
+    r"""The final mathematical answer, parsed by math-verify (as TRL's and open-r1's accuracy rewards parse it), in
+    one canonical form: '\frac12', '$\frac{1}{2}$', '1/2', '0.5', '$50\%$' and '\boxed{0.50}' all give '0.5'.
+
+    Numbers are evaluated to :data:`MATH_DIGITS` decimal places (math-verify compares numbers at that precision),
+    'x = 3' is its right-hand side, other expressions (sets, intervals, symbols) keep SymPy's canonical printing.
+    None when it finds no mathematical answer (or only an undefined one, like 0/0).
+    """
+    from math_verify import parse
+
+    # math-verify's own time limit is an alarm signal, which only the main thread may set.
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    parsed = parse(response, fallback_mode="no_fallback", parsing_timeout=limit)
+    text = response.strip()
+    if not parsed and "\\" in text and "\n" not in text:  # bare LaTeX without $...$, e.g. a label '\frac12'
+        parsed = parse(f"${text}$", fallback_mode="no_fallback", parsing_timeout=limit)
+    return _canonical_math(parsed[0]) if parsed else None
+
+
+def _canonical_math(value) -> str | None:
+    import sympy
+
+    if isinstance(value, sympy.Eq) and isinstance(value.lhs, sympy.Symbol):
+        value = value.rhs
+    number = _math_number(value) if getattr(value, "is_number", False) else None
+    text = number if number is not None else str(value)
+    return None if text == "nan" else text
+
+
+def _math_number(value) -> str | None:
+    """A real number's canonical text; None for a complex or infinite one (then printed as SymPy prints it)."""
+    import sympy
+
+    try:
+        approximate = _evaluated(value)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    if not approximate.is_Number or not approximate.is_finite:
+        return None
+    if abs(approximate) >= MATH_EXACT_BELOW:
+        return sympy.sstr(sympy.Float(approximate, 12))  # e.g. '4.28124773176e+369693099'
+    exact = Decimal(sympy.sstr(sympy.Float(approximate, 40), full_prec=True))
+    places = MATH_DIGITS if abs(exact) >= 1 or not exact else MATH_DIGITS - 1 - exact.adjusted()
+    return normalize_number(format(exact.quantize(Decimal(1).scaleb(-places)), "f"))
+
+
+def _evaluated(value):
+    r"""A floating-point value of a parsed expression, leaves first: math-verify leaves some products unevaluated
+    ('$50\%$' is 50*(1/100)), and evaluating exactly could take forever ('9^{9^{9}}')."""
+    import sympy
+
+    if isinstance(value, sympy.UnevaluatedExpr):
+        return _evaluated(value.args[0])
+    if not value.args:
+        return value.evalf(40)
+    return value.func(*(_evaluated(argument) for argument in value.args)).evalf(40)
+
+
 def regex_extractor(pattern: str) -> Extractor:
     """First match of ``pattern``: its 'answer' group, else group 1, else the whole match."""
     compiled = re.compile(pattern, re.IGNORECASE | re.DOTALL)
@@ -146,6 +209,7 @@ EXTRACTORS: dict[str, Extractor] = {
     "short_phrase": short_phrase,
     "final_line": final_line,
     "boxed": boxed,
+    "math_verify": math_answer,
 }
 PARAMETERISED_EXTRACTORS: dict[str, Callable[[str], Extractor]] = {
     "regex": regex_extractor,

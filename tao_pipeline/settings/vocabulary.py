@@ -25,7 +25,7 @@ SCORER_NAMES = (
     "reward_model",
     "llm_judge",
 )
-EXTRACTOR_NAMES = ("last_number", "first_line_number", "short_phrase", "final_line", "boxed")
+EXTRACTOR_NAMES = ("last_number", "first_line_number", "short_phrase", "final_line", "boxed", "math_verify")
 PARAMETERISED_EXTRACTOR_NAMES = ("regex", "json_field")  # written "regex:<pattern>", "json_field:<dotted.path>"
 
 
