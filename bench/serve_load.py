@@ -165,8 +165,12 @@ async def hostile(url: str, stop: asyncio.Event, long_tokens: int, level: Level)
         async def long_answers() -> None:
             dragon = [{"role": "user", "content": "Write a very long story about a dragon."}]
             story = {"model": "tao", "messages": dragon}
-            while not stop.is_set():
-                await post(f"{long_tokens}-token request", {**story, "max_tokens": long_tokens})
+            try:
+                while not stop.is_set():
+                    await post(f"{long_tokens}-token request", {**story, "max_tokens": long_tokens})
+            except asyncio.CancelledError:
+                note(f"{long_tokens}-token request", "still decoding at the end")
+                raise
 
         async def nuisance() -> None:
             huge = b'{"model": "tao", "messages": [{"role": "user", "content": "' + b"x" * (50 * 2**20) + b'"}]}'
