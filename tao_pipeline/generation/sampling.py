@@ -110,6 +110,7 @@ def choose_tokens_per_row(
     Requests with different sampling settings share one batch (the serving engine's continuous batching),
     and a row's draw uses only its own generator and its own logits, so a seeded request gets the same
     draws whatever it is batched with. The nucleus is the one ``choose_tokens`` keeps."""
+    temperatures, top_ps = temperatures.to(logits.device), top_ps.to(logits.device)
     tokens = logits.argmax(dim=-1)
     sampled = (temperatures > 0).nonzero().squeeze(1)
     if not len(sampled):

@@ -427,10 +427,11 @@ class LocalEngine:
             return
         rows, decoding = batch.rows, batch.decoding
         try:
+            device = decoding.logits.device
             tokens = choose_tokens_per_row(
                 decoding.logits,
-                temperatures=torch.tensor([row.request.temperature for row in rows]),
-                top_ps=torch.tensor([row.request.top_p for row in rows], dtype=torch.float64),
+                temperatures=torch.tensor([row.request.temperature for row in rows], device=device),
+                top_ps=torch.tensor([row.request.top_p for row in rows], dtype=torch.float64, device=device),
                 generators=[row.generator for row in rows],
             )
             kept = [
