@@ -112,5 +112,6 @@ def test_unknown_scores_are_neither_a_win_nor_a_loss():
 
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
 def test_non_finite_weights_are_refused_at_load(weight):
-    with pytest.raises(SettingsError, match=r"scoring\.scorers\.default\.self_consistency: weight must be a finite"):
+    with pytest.raises(SettingsError, match=r"scoring\.scorers\.default\.self_consistency'?: .*finite") as refused:
         load_settings(None, [f"scoring.scorers.default.self_consistency={weight}"])
+    assert "\n" not in str(refused.value)

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import ConfigDict, Field, validate_call
+
+# Every scorer's __init__ is wrapped in this: its options are checked against their annotations whenever
+# it is built (from settings or directly): the right types (strict: 8.0 is no word count, "60" no
+# timeout), every number finite, and in the range its annotation gives. A bad option raises pydantic's
+# ValidationError, which names it; the catalog turns that into one line naming the setting.
+scorer_options = validate_call(config=ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True))
+
+MAX_TIMEOUT_S = 3600.0  # an hour for one call or one query: anything longer is a typo, not a limit
+TimeoutSeconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+TokenCount = Annotated[int, Field(ge=1, le=1_000_000)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 @dataclass(frozen=True)

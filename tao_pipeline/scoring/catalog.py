@@ -12,6 +12,8 @@ import importlib
 import inspect
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from tao_pipeline.scoring.base import Scorer
 from tao_pipeline.settings import ScoringSettings
 
@@ -58,8 +60,17 @@ def build_named_scorer(name: str, settings: ScoringSettings, cache_dir: Path | N
         raise ScorerOptionsError(f"scoring.options.{name}: unknown option {unknown[0]!r}; known: {known}")
     try:
         return scorer_class(**options)
+    except ValidationError as error:  # a wrong type, a number that is not finite or out of its range
+        raise ScorerOptionsError(_first_problem(name, error)) from None
     except (TypeError, ValueError, OSError) as error:  # OSError: a database or model folder that is not there
         message = str(error)
         raise ScorerOptionsError(
             message if message.startswith("scoring.options.") else f"scoring.options.{name}: {message}"
         ) from None
+
+
+def _first_problem(name: str, error: ValidationError) -> str:
+    """pydantic's report, several lines long, as one line naming the first bad option."""
+    problem = error.errors()[0]
+    option = ".".join(str(part) for part in problem["loc"])
+    return f"scoring.options.{name}.{option}: {problem['msg']} (got {problem.get('input')!r:.80})"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tao_pipeline.scoring.base import Failed, PromptContext, Score
+from tao_pipeline.scoring.base import BatchSize, Failed, PromptContext, Score, TokenCount, scorer_options
 
 MODEL_OPTION = "scoring.options.embedding_consensus.model"
 LONE_RESPONSE_SCORE = 1.0  # nothing to disagree with, as self-consistency gives a lone answer 1/1
@@ -26,15 +26,16 @@ class EmbeddingConsensusScorer:
 
     name = "embedding_consensus"
 
+    @scorer_options
     def __init__(
-        self, *, model: str | Path | None = None, batch_size: int = 32, max_length: int = 256, device: str = "cpu"
+        self,
+        *,
+        model: str | Path | None = None,
+        batch_size: BatchSize = 32,
+        max_length: TokenCount = 256,
+        device: str = "cpu",
     ):
         self.model_dir = _checked_model_dir(model)
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(
-                f"scoring.options.embedding_consensus: need batch_size >= 1 and max_length >= 1, "
-                f"got {batch_size} and {max_length}"
-            )
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device

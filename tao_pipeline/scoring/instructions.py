@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from tao_pipeline.scoring.base import Failed, PromptContext, Score, score_each
+from tao_pipeline.scoring.base import Failed, PromptContext, Score, score_each, scorer_options
 from tao_pipeline.scoring.verifiers import count_words
 
 Check = Callable[[str], bool]
@@ -186,6 +186,7 @@ class InstructionVerifier:
 
     name = "instruction_following"
 
+    @scorer_options
     def __init__(self, *, constraints: dict[str, Any] | None = None, by_task: dict[str, dict[str, Any]] | None = None):
         self.constraints = dict(constraints or {})
         self.by_task = {task: dict(declared) for task, declared in (by_task or {}).items()}

@@ -10,7 +10,7 @@ import torch
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.registry.loading import load_tokenizer, resolve_dtype
-from tao_pipeline.scoring.base import Failed, PromptContext, Score
+from tao_pipeline.scoring.base import BatchSize, Failed, PromptContext, Score, TokenCount, scorer_options
 
 NORMALIZATIONS = ("sigmoid", "group_minmax")
 OPTION = "scoring.options.reward_model"
@@ -32,12 +32,13 @@ class RewardModelScorer:
 
     name = "reward_model"
 
+    @scorer_options
     def __init__(
         self,
         *,
-        model: str | None = None,
-        batch_size: int = 16,
-        max_length: int = 1024,
+        model: str | Path | None = None,
+        batch_size: BatchSize = 16,
+        max_length: TokenCount = 1024,
         normalize: str = "sigmoid",
         dtype: str = "auto",
         trust_remote_code: bool = False,
@@ -45,8 +46,6 @@ class RewardModelScorer:
         self.model_path = _existing_model_dir(model)
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"{OPTION}.normalize: expected one of {list(NORMALIZATIONS)}, got {normalize!r}")
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(f"{OPTION}: batch_size and max_length must be >= 1")
         self.batch_size = batch_size
         self.max_length = max_length
         self.normalize = normalize
@@ -146,7 +145,7 @@ class RewardModelScorer:
         return logits[:, 0].float().cpu().tolist()
 
 
-def _existing_model_dir(model: str | None) -> Path:
+def _existing_model_dir(model: str | Path | None) -> Path:
     if not model:
         raise ValueError(f"{OPTION}.model is required: a local reward model directory")
     path = Path(model).expanduser()

@@ -6,12 +6,15 @@ import json
 import re
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
+from pydantic import Field
 
-from tao_pipeline.scoring.base import Failed, PromptContext, Score, score_each
+from tao_pipeline.scoring.base import Failed, PromptContext, Score, score_each, scorer_options
 from tao_pipeline.scoring.extractors import first_line_number, last_number, words
+
+WordCount = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
 class ConciseFormatVerifier:
@@ -19,7 +22,8 @@ class ConciseFormatVerifier:
 
     name = "concise_format"
 
-    def __init__(self, max_words: int = 8):
+    @scorer_options
+    def __init__(self, max_words: WordCount = 8):
         self.max_words = max_words
 
     def score_one(self, response: str) -> float:
@@ -38,7 +42,8 @@ class NumberFormatVerifier:
 
     name = "number_format"
 
-    def __init__(self, max_words: int = 8):
+    @scorer_options
+    def __init__(self, max_words: WordCount = 8):
         self.concise = ConciseFormatVerifier(max_words)
 
     def score_one(self, response: str) -> float:
@@ -128,7 +133,8 @@ class JsonVerifier:
 
     name = "json_valid"
 
-    def __init__(self, *, schema: dict | None = None, require_whole_response: bool = False):
+    @scorer_options
+    def __init__(self, *, schema: Any = None, require_whole_response: bool = False):
         try:
             self.validator = _schema_validator(schema) if schema is not None else None
         except ValueError as error:
@@ -199,6 +205,7 @@ class RegexVerifier:
 
     name = "regex_format"
 
+    @scorer_options
     def __init__(self, *, pattern: str | None = None, mode: str = "search"):
         self.pattern = pattern
         self.mode = mode
@@ -273,13 +280,14 @@ class LengthVerifier:
 
     name = "length_limit"
 
+    @scorer_options
     def __init__(
         self,
         *,
-        min_words: int | None = None,
-        max_words: int | None = None,
-        min_chars: int | None = None,
-        max_chars: int | None = None,
+        min_words: Any = None,  # checked, with the same message as a per-prompt limit, by _validated_limits
+        max_words: Any = None,
+        min_chars: Any = None,
+        max_chars: Any = None,
     ):
         limits = {"min_words": min_words, "max_words": max_words, "min_chars": min_chars, "max_chars": max_chars}
         try:
@@ -380,6 +388,7 @@ class ArithmeticConsistencyVerifier:
 
     name = "arithmetic_consistency"
 
+    @scorer_options
     def __init__(self, *, no_claims_score: float = 0.5, accept_rounded_division: bool = False):
         if not 0.0 <= no_claims_score <= 1.0:
             raise ValueError(f"arithmetic_consistency: no_claims_score must be in [0, 1], got {no_claims_score}")
