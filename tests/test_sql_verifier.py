@@ -151,9 +151,9 @@ def test_a_long_query_is_interrupted_near_the_time_limit(verifier):
             COUNT_BY_DEPARTMENT[0],
         ],
     )
-    assert time.monotonic() - started < verifier.timeout_s + 3.0
-    assert scores[0] == 0.0 and scores[1] == pytest.approx(0.75)
-    assert verifier.last_reasons()[0] == "timed out after 1.0 s"
+    assert time.monotonic() - started < verifier.wall_s + 3.0  # CPU time, so longer on a busy machine
+    assert scores[0] == 0.0 and scores[1] == pytest.approx(0.75)  # it used its whole CPU budget: its own doing
+    assert verifier.last_reasons()[0] == "timed out: used its 1 s of CPU time"
 
 
 def test_a_result_over_max_rows_ran_but_does_not_vote(database):
@@ -212,8 +212,8 @@ def test_memory_and_time_are_enforced_by_the_operating_system(database, sql):
     elapsed = time.monotonic() - started
     [reason] = verifier.last_reasons()
     assert score == 0.0 and reason, reason  # the candidate's query failed: 0, with why (not a scorer failure)
-    assert any(word in reason for word in ("timed out", "memory", "Out of Memory", "died")), reason
-    assert elapsed < verifier.timeout_s + 4.0, (elapsed, reason)  # not "40 s past a 2 s limit"
+    assert any(word in reason for word in ("timed out", "memory", "died")), reason
+    assert elapsed < verifier.wall_s + 4.0, (elapsed, reason)  # not "40 s past a 2 s limit"
     assert psutil.Process().memory_info().rss - before < 100 * 2**20  # none of it in this process
     # The verifier goes on: the next query runs (in a fresh worker if that one was killed).
     assert verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]]) == [1.0]
@@ -246,7 +246,8 @@ def test_a_query_that_ignores_the_interrupt_is_killed_with_its_process(database)
     started = time.monotonic()
     sql = "SELECT length(regexp_replace(repeat('ab', 50000000), '(a|b)', 'xyz', 'g'))"
     assert verifier.score_group(CONTEXT, [f"```sql\n{sql}\n```"]) == [0.0]
-    assert time.monotonic() - started < verifier.timeout_s + 3.0
-    assert verifier.last_reasons()[0] == "timed out after 1.0 s (killed: it did not stop when asked)"
+    assert time.monotonic() - started < verifier.wall_s + 3.0
+    reason = verifier.last_reasons()[0]  # the kernel's CPU rlimit, or the parent at the wall-clock deadline
+    assert reason.startswith("timed out") and "kill" in reason, reason
     assert verifier.score_group(CONTEXT, [COUNT_BY_DEPARTMENT[0]]) == [1.0]  # a fresh worker
     verifier.close()

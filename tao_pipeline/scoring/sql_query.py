@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,15 @@ def open_sandbox(database: Path | str, config: dict[str, Any]) -> duckdb.DuckDBP
     return connection
 
 
-def execute_in_sandbox(database: str, config: dict[str, Any], sql: str, max_rows: int, timeout_s: float) -> dict:
+def execute_in_sandbox(
+    database: str, config: dict[str, Any], sql: str, max_rows: int, cpu_s: float, wall_s: float
+) -> dict:
     """Refuse, or run, one query; its rows normalised and serialised so that equal results compare equal.
 
-    DuckDB is interrupted at ``timeout_s`` where it checks for interrupts; the worker's parent kills
-    the whole process shortly after, wherever it does not.
+    DuckDB is interrupted once the query has used ``cpu_s`` seconds of CPU (its own budget: what
+    earlier queries used does not count), or after ``wall_s`` seconds of wall-clock time, where it
+    checks for interrupts; the operating system and the worker's parent stop it wherever it does not.
+    An answer stopped by a limit says which (``limit``: "cpu", "wall" or "memory").
     """
     try:
         connection = open_sandbox(database, config)
@@ -71,32 +76,51 @@ def execute_in_sandbox(database: str, config: dict[str, Any], sql: str, max_rows
         if refusal:
             return {"ran": False, "reason": refusal}
         ordered = has_top_level_order(connection, sql)
-        return _run(connection, sql, max_rows, timeout_s) | {"ordered": ordered}
+        return _run(connection, sql, max_rows, cpu_s, wall_s) | {"ordered": ordered}
     finally:
         connection.close()
 
 
-def _run(connection: duckdb.DuckDBPyConnection, sql: str, max_rows: int, timeout_s: float) -> dict:
-    timed_out = threading.Event()
+WATCH_INTERVAL_S = 0.02
 
-    def interrupt() -> None:
-        timed_out.set()
-        connection.interrupt()
 
-    timer = threading.Timer(timeout_s, interrupt)
-    timer.start()
+def _run(connection: duckdb.DuckDBPyConnection, sql: str, max_rows: int, cpu_s: float, wall_s: float) -> dict:
+    done, stopped = threading.Event(), []
+
+    def watch() -> None:  # DuckDB releases the GIL while it runs, so this thread sees the clocks move
+        cpu_start, wall_start = time.process_time(), time.monotonic()
+        while not done.wait(WATCH_INTERVAL_S):
+            if time.process_time() - cpu_start >= cpu_s:
+                stopped.append("cpu")
+            elif time.monotonic() - wall_start >= wall_s:
+                stopped.append("wall")
+            else:
+                continue
+            connection.interrupt()
+            return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         rows = connection.execute(sql).fetchmany(max_rows + 1)
+    except duckdb.OutOfMemoryException:
+        return {"ran": False, "limit": "memory", "reason": "ran out of its memory limit"}
     except duckdb.Error as error:
-        if timed_out.is_set():
-            return {"ran": False, "reason": f"timed out after {timeout_s} s"}
+        if stopped:
+            return {"ran": False, "limit": stopped[0], "reason": _stopped_reason(stopped[0], cpu_s, wall_s)}
         return {"ran": False, "reason": f"execution error: {type(error).__name__}: {error}"[:300]}
     finally:
-        timer.cancel()
-        timer.join()  # never let the timer touch the connection once it is closed
+        done.set()
+        watcher.join()  # never let the watcher touch the connection once it is closed
     if len(rows) > max_rows:
         return {"ran": True, "reason": f"result has more than {max_rows} rows"}
     return {"ran": True, "rows": [json.dumps(normalise_row(row), default=repr) for row in rows]}
+
+
+def _stopped_reason(limit: str, cpu_s: float, wall_s: float) -> str:
+    if limit == "cpu":
+        return f"timed out: used its {cpu_s:g} s of CPU time"
+    return f"stopped after {wall_s:g} s of wall-clock time without using its {cpu_s:g} s of CPU time"
 
 
 def refusal_reason(connection: duckdb.DuckDBPyConnection, sql: str) -> str | None:
