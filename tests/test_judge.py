@@ -69,7 +69,8 @@ def test_pointwise_scores_come_from_the_server(server):
     body, _ = server.requests[0]
     assert body["model"] == "judge-test" and body["max_tokens"] == 64 and body["temperature"] == 0.0
     system, user = body["messages"]
-    assert system["role"] == "system" and "Score: N" in system["content"]
+    assert system["role"] == "system" and "\nScore: N\n" in system["content"]
+    assert "nothing after it" in system["content"] and "any other form is discarded" in system["content"]
     assert CONTEXT.prompt in user["content"] and CONTEXT.system in user["content"]
 
 
@@ -78,6 +79,8 @@ def test_group_mode_sends_all_candidates_in_one_request(server):
     responses = ["Blue", "Green\n\nwith a second paragraph", "r"]
     assert judge.score_group(CONTEXT, responses) == pytest.approx([3 / 9, 1.0, 0.0])
     assert len(server.requests) == 1
+    system = server.requests[0][0]["messages"][0]["content"]
+    assert '{"scores": [<score 1>, <score 2>, <score 3>]}' in system and "nothing else" in system
     user = server.requests[0][0]["messages"][1]["content"]
     assert [f"[Candidate {i}]" in user for i in (1, 2, 3)] == [True, True, True]
 
@@ -85,13 +88,13 @@ def test_group_mode_sends_all_candidates_in_one_request(server):
 def test_group_reply_of_the_wrong_length_fails_the_whole_group(server):
     server.reply = lambda body, headers: (200, chat_completion('{"scores": [7, 8]}'))
     scores = openai_judge(server, mode="group").score_group(CONTEXT, ["a", "b", "c"])
-    assert all(isinstance(s, Failed) and "2 scores for 3 responses" in s.reason for s in scores)
+    assert all(isinstance(s, Failed) and "no verdict: 2 scores for 3 responses" in s.reason for s in scores)
 
 
 def test_unparsable_pointwise_reply_is_failed(server):
     server.reply = lambda body, headers: (200, chat_completion("I would rather not say."))
     scores = openai_judge(server).score_group(CONTEXT, ["a", "b"])
-    assert all(isinstance(s, Failed) and "unparsable" in s.reason for s in scores)
+    assert all(isinstance(s, Failed) and "no verdict" in s.reason for s in scores)
 
 
 def test_key_travels_in_the_header_only(server, secret_key, tmp_path):
@@ -99,18 +102,17 @@ def test_key_travels_in_the_header_only(server, secret_key, tmp_path):
     def echo(body, headers):
         if "bad" in body["messages"][1]["content"]:
             return 400, f"rejected {headers['Authorization']}"
-        return 200, chat_completion(f"You sent {headers['Authorization']}. Score: 7")
+        return 200, chat_completion(f"You sent {headers['Authorization']}.\nScore: 7")
 
     server.reply = echo
     judge = openai_judge(server, tmp_path / "cache", api_key_env=KEY_ENV)
     scores = judge.score_group(CONTEXT, ["good", "bad"])
     assert scores[0] == pytest.approx(6 / 9)
-    assert isinstance(scores[1], Failed) and "HTTP 400" in scores[1].reason
+    assert isinstance(scores[1], Failed) and scores[1].reason == "llm_judge: HTTP 400 (bad request)"
     assert {headers["Authorization"] for _, headers in server.requests} == {f"Bearer {secret_key}"}
-    assert all(secret_key not in reason for reason in reasons(scores))
     files = cache_files(tmp_path / "cache")
-    assert len(files) == 1  # only the successful output is cached
-    assert all(secret_key not in f.read_text() for f in files)
+    assert len(files) == 1  # only the answered call is cached, and only its verdict
+    assert [json.loads(f.read_text()) for f in files] == [{"verdict": [6 / 9]}]
     assert secret_key not in repr(judge.backend)
 
 
@@ -132,7 +134,7 @@ def test_garbage_reply_is_failed_and_not_cached(server, tmp_path):
     server.reply = lambda body, headers: (200, "<html>this is not json</html>")
     judge = openai_judge(server, tmp_path / "cache")
     scores = judge.score_group(CONTEXT, ["a"])
-    assert isinstance(scores[0], Failed) and "not an OpenAI chat completion" in scores[0].reason
+    assert scores == [Failed("llm_judge: invalid: the answer is not an OpenAI chat completion")]
     server.reply = lambda body, headers: (200, json.dumps({"choices": []}))
     assert "not an OpenAI chat completion" in reasons(judge.score_group(CONTEXT, ["a"]))[0]
     server.reply = score_by_length
@@ -143,7 +145,7 @@ def test_garbage_reply_is_failed_and_not_cached(server, tmp_path):
 def test_http_500_is_retried_a_bounded_number_of_times(server):
     server.reply = lambda body, headers: (500, '{"error": "overloaded"}')
     scores = openai_judge(server, max_retries=1).score_group(CONTEXT, ["a"])
-    assert isinstance(scores[0], Failed) and "HTTP 500" in scores[0].reason
+    assert scores == [Failed("llm_judge: HTTP 500 (server error)")]
     assert len(server.requests) == 2
 
 
@@ -173,7 +175,9 @@ def test_an_unreachable_server_is_failed():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     judge = LLMJudgeScorer(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=0)
-    assert "ConnectionError" in reasons(judge.score_group(CONTEXT, ["a"]))[0]
+    assert reasons(judge.score_group(CONTEXT, ["a"])) == [
+        "llm_judge: connection: could not connect, or the connection dropped"
+    ]
 
 
 def test_options_are_checked_and_the_key_is_never_an_option(monkeypatch, tmp_path):
@@ -192,25 +196,25 @@ def test_options_are_checked_and_the_key_is_never_an_option(monkeypatch, tmp_pat
     assert built.cache.directory == tmp_path / "judge"
 
 
-# -- parsing --------------------------------------------------------------------------------
+# -- parsing (the neighbours of each format: tests/test_real_verdicts.py) ------------------------
 
 
 @pytest.mark.parametrize(
     "output, expected",
     [
         ("Score: 8", 7 / 9),
-        ("Good answer. Score: 8/10", 7 / 9),
-        ("I'd give it 7 out of 10.", 6 / 9),
-        ("Step 2 was wrong.\n**Score:** 1", 0.0),
-        ("10", 1.0),
-        ("Scores 3, then 12, then 4.", 3 / 9),
+        ("It answers the prompt.\nScore: 1", 0.0),
+        ("Clear and correct.\n\nScore: 10\n\n", 1.0),
+        ("Good.\nscore:7", 6 / 9),
     ],
 )
 def test_parse_pointwise(output, expected):
     assert parse_pointwise(output) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("output", ["", "no number", "Score: 11", "Score: 0", "Score: 7.5"])
+@pytest.mark.parametrize(
+    "output", ["", "no number", "Score: 11", "Score: 0", "Score: 7.5", "Score: 8/10", "10", "7 out of 10"]
+)
 def test_parse_pointwise_failures(output):
     assert isinstance(parse_pointwise(output), Failed)
 
@@ -219,10 +223,8 @@ def test_parse_pointwise_failures(output):
     "output",
     [
         '{"scores": [1, 10, 4]}',
-        'Here you go:\n```json\n{"scores": [1, 10, 4]}\n```',
-        '{"reasoning": "x", "scores": ["1", 10.0, 4]}',
-        "[1, 10, 4]",
-        '{"draft": [9, 9]} final: {"scores": [1, 10, 4]}',
+        '```json\n{"scores": [1, 10, 4]}\n```',
+        '  {"scores": [1,10,4]}\n',
     ],
 )
 def test_parse_group(output):
@@ -238,6 +240,9 @@ def test_parse_group(output):
         '{"scores": [1, "high", 4]}',
         "scores: 1, 10, 4",
         '{"scores": [1, 10,',
+        "[1, 10, 4]",
+        'Here you go:\n```json\n{"scores": [1, 10, 4]}\n```',
+        '{"reasoning": "x", "scores": [1, 10, 4]}',
     ],
 )
 def test_parse_group_failures(output):
@@ -262,7 +267,7 @@ def local_judge(model_dir: Path, cache_dir: Path, **options) -> LLMJudgeScorer:
 def test_local_gibberish_judge_fails_the_group_and_caches(tiny_model_dir, tmp_path):
     responses = ["Blue", "Green", "Red"]
     scores = local_judge(tiny_model_dir, tmp_path / "cache", mode="group").score_group(CONTEXT, responses)
-    assert len(scores) == 3 and all(isinstance(s, Failed) and "unparsable" in s.reason for s in scores)
+    assert len(scores) == 3 and all(isinstance(s, Failed) and "no verdict" in s.reason for s in scores)
     assert len(cache_files(tmp_path / "cache")) == 1
     cached = local_judge(tiny_model_dir, tmp_path / "cache", mode="group")
     assert cached.score_group(CONTEXT, responses) == scores
@@ -295,4 +300,4 @@ def test_a_server_trickling_its_answer_is_abandoned_at_the_deadline(server, stat
     started = time.perf_counter()
     scores = openai_judge(server, timeout_s=1.0, max_retries=2).score_group(CONTEXT, ["a"])
     assert time.perf_counter() - started < 2.5
-    assert isinstance(scores[0], Failed) and "within 1.0s" in scores[0].reason
+    assert scores == [Failed("llm_judge: timeout: no complete answer within 1s")]

@@ -1,37 +1,138 @@
-"""Calling OpenAI-compatible endpoints safely: an API key that never shows, and a deadline that holds.
+"""Calling OpenAI-compatible endpoints safely: an API key that never shows, a deadline that holds, and
+failures recorded in a classified form that holds nothing the server sent.
 
 Shared by the LLM judge and the ``openai`` generation backend.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import openai
 
 T = TypeVar("T")
 
-MIN_REDACTED_FORM = 8  # shorter encoded pieces would redact ordinary words; a real key's forms are longer
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# A short, fixed description per status; anything else says only which class of status it is.
+STATUS_MESSAGES = {
+    400: "bad request",
+    401: "unauthorized: check the API key",
+    403: "forbidden: check the API key",
+    404: "not found: check base_url and the model name",
+    408: "request timeout",
+    409: "conflict",
+    413: "request too large",
+    422: "request not accepted",
+    429: "rate limited",
+    500: "server error",
+    501: "not implemented",
+    502: "bad gateway",
+    503: "server unavailable",
+    504: "gateway timeout",
+}
+KIND_MESSAGES = {
+    "timeout": "no complete answer",
+    "connection": "could not connect, or the connection dropped",
+    "invalid": "the answer is not an OpenAI chat completion",
+}
+
+
+@dataclass(frozen=True)
+class EndpointFailure:
+    """One failed call, classified: a kind (``http``, ``timeout``, ``connection``, ``invalid``), the HTTP status
+    when there is one, and a message from a fixed set.
+
+    It holds no text the server sent: servers echo the Authorization header back in error bodies
+    (escaped, encoded, cut short...), and no redaction can know every form. So this, and nothing
+    of the body, is what reaches Failed reasons, the lake, metadata, reports and logs.
+    """
+
+    kind: str
+    status: int | None = None
+    timeout_s: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("timeout", "connection") or self.status in RETRYABLE_STATUS
+
+    def __str__(self) -> str:
+        if self.kind == "http":
+            return f"HTTP {self.status} ({status_message(self.status)})"
+        if self.kind == "timeout" and self.timeout_s is not None:
+            return f"timeout: {KIND_MESSAGES['timeout']} within {self.timeout_s:g}s"
+        return f"{self.kind}: {KIND_MESSAGES[self.kind]}"
+
+
+def status_message(status: int | None) -> str:
+    if status in STATUS_MESSAGES:
+        return STATUS_MESSAGES[status]
+    if status is not None and 400 <= status < 500:
+        return "client error"
+    if status is not None and 500 <= status < 600:
+        return "server error"
+    return "unexpected status"
+
+
+def classify(error: BaseException, timeout_s: float | None = None) -> EndpointFailure:
+    """The classified form of an exception from the ``openai`` client (or from reading its answer)."""
+    if isinstance(error, (DeadlinePassed, openai.APITimeoutError)):
+        return EndpointFailure("timeout", timeout_s=timeout_s)
+    if isinstance(error, openai.APIConnectionError):
+        return EndpointFailure("connection")
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
+            return EndpointFailure("http", status)
+    return EndpointFailure("invalid")  # a 200 that is not JSON, or JSON that is not a completion
+
+
+class CallFailed(Exception):
+    """A call to an endpoint failed; its message is the classified failure, nothing the server sent."""
+
+    def __init__(self, failure: EndpointFailure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class RetryableCallFailed(CallFailed):
+    """A failure worth another attempt: a timeout, a dropped connection, 408/409/429/5xx."""
+
+
+def call_failed(failure: EndpointFailure) -> CallFailed:
+    return (RetryableCallFailed if failure.retryable else CallFailed)(failure)
+
+
+def request_before(deadline: float, timeout_s: float, request: Callable[[], T], abandon: Callable[[], None]) -> T:
+    """``request()`` through :func:`call_before`; any failure is raised as a CallFailed (classified), with
+    no chained exception that could carry the server's text into a traceback."""
+    try:
+        return call_before(deadline, request, abandon)
+    except Exception as error:  # noqa: BLE001 - every failure is classified; the original is dropped
+        failure = classify(error, timeout_s)
+    raise call_failed(failure)
+
+
+def token_count(value: Any) -> int:
+    """A token count a server reported, when it is one (a non-negative integer), else 0: a server's usage
+    block is not validated by the client and could hold any JSON."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class DeadlinePassed(TimeoutError):
     """The call was abandoned at its deadline (its thread ends when its connection is closed)."""
 
 
-def retry_before_deadline(
-    attempt: Callable[[float], T], *, timeout_s: float, max_retries: int, retryable: type[Exception]
-) -> T:
+def retry_before_deadline(attempt: Callable[[float], T], *, timeout_s: float, max_retries: int) -> T:
     """``attempt(deadline)`` up to 1 + ``max_retries`` times, backing off 0.5 s, 1 s, 2 s... (at most 8 s),
-    all within ``timeout_s``; when none succeeds, the last ``retryable`` error is raised."""
+    all within ``timeout_s``; a RetryableCallFailed is tried again, and the last one raised when none
+    succeeds."""
     deadline = time.monotonic() + timeout_s
-    error: Exception = retryable("no attempt made")
+    error: CallFailed = RetryableCallFailed(EndpointFailure("timeout", timeout_s=timeout_s))
     for number in range(max_retries + 1):
         pause = min(0.5 * 2 ** (number - 1), 8.0) if number else 0.0
         if time.monotonic() + pause >= deadline:
@@ -39,7 +140,7 @@ def retry_before_deadline(
         time.sleep(pause)
         try:
             return attempt(deadline)
-        except retryable as failed:
+        except RetryableCallFailed as failed:
             error = failed
     raise error
 
@@ -68,54 +169,20 @@ def call_before(deadline: float, call: Callable[[], Any], abandon: Callable[[], 
 
 
 class ApiKey:
-    """A judge endpoint's key, read from the environment; it shows up in no repr, str or f-string.
+    """An endpoint's key, read from the environment; it shows up in no repr, str or f-string."""
 
-    ``redact`` removes it from text in every form a server might echo it in: as is, JSON-escaped,
-    URL-encoded, HTML-escaped, with backslashes doubled, \\u-escaped, in hex, and in base64 (at each
-    of the three alignments it can have inside a longer encoded string).
-    """
-
-    __slots__ = ("_forms", "_value")
+    __slots__ = ("_value",)
 
     def __init__(self, value: str):
         self._value = value
-        self._forms = sorted(_encoded_forms(value), key=len, reverse=True)  # longest first
 
     def reveal(self) -> str:
         return self._value
-
-    def redact(self, text: str) -> str:
-        for form in self._forms:
-            text = text.replace(form, "[api key]")
-        return text
 
     def __repr__(self) -> str:
         return "ApiKey('[api key]')"
 
     __str__ = __repr__
-
-
-def _encoded_forms(key: str) -> set[str]:
-    raw = key.encode()
-    forms = {
-        key,
-        json.dumps(key)[1:-1],
-        json.dumps(key)[1:-1].replace("/", "\\/"),
-        urllib.parse.quote(key, safe=""),
-        urllib.parse.quote_plus(key),
-        html.escape(key),
-        key.replace("\\", "\\\\"),
-        "".join(f"\\u{ord(char):04x}" for char in key),
-        raw.hex(),
-        raw.hex().upper(),
-    }
-    for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        for offset in range(3):  # the key's bytes start 0, 1 or 2 bytes into a 3-byte group
-            encoded = encode(b"\0" * offset + raw).decode()
-            start = (offset * 4 + 2) // 3  # characters that carry the padding bytes
-            end = len(encoded) - encoded.count("=") - (1 if (offset + len(raw)) % 3 else 0)
-            forms.add(encoded[start:end])
-    return {form for form in forms if len(form) >= MIN_REDACTED_FORM}
 
 
 def read_api_key(api_key_env: str | None, setting: str) -> ApiKey | None:

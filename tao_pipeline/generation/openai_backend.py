@@ -21,17 +21,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
 import pandas as pd
 from openai import OpenAI
 from tqdm.auto import tqdm
 
 from tao_pipeline.common.endpoints import (
-    RETRYABLE_STATUS,
-    DeadlinePassed,
-    call_before,
+    CallFailed,
+    EndpointFailure,
+    RetryableCallFailed,
+    classify,
     read_api_key,
+    request_before,
     retry_before_deadline,
+    token_count,
 )
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, SamplingParams, account, response_row
@@ -43,11 +45,11 @@ logger = logging.getLogger(__name__)
 
 
 class EndpointError(RuntimeError):
-    """The server cannot generate for this round (wrong model, down past every retry): one clear line."""
+    """The server cannot generate for this round (wrong model, down past every retry): one clear line.
 
-
-class _Retryable(Exception):
-    pass
+    Its message holds a classified failure (kind, status, a fixed message), never text the server
+    sent: it ends up in the Dagster event log and on the terminal.
+    """
 
 
 class OpenAIGenerator:
@@ -105,15 +107,15 @@ class OpenAIGenerator:
         rows, attempt_seed = [], params.seed
         while len(rows) < wanted:  # a server that ignores n (llama.cpp) gets one request per sample
             answer = self._with_retries(row, params, wanted - len(rows), attempt_seed)
-            choices = answer.choices[: wanted - len(rows)]
-            usage = answer.usage
-            for choice in choices:
-                text, stopped = (choice.message.content or "").strip(), choice.finish_reason == "stop"
-                exact = usage.completion_tokens - int(stopped) if usage and len(answer.choices) == 1 else None
+            choices = _choices(answer, self.base_url, row.prompt_id)[: wanted - len(rows)]
+            usage = getattr(answer, "usage", None)
+            prompt_tokens = token_count(getattr(usage, "prompt_tokens", None))
+            completion_tokens = getattr(usage, "completion_tokens", None)
+            for text, stopped in choices:
+                only = usage is not None and len(answer.choices) == 1 and token_count(completion_tokens) > 0
+                exact = token_count(completion_tokens) - int(stopped) if only else None
                 tokens = self._count(text, stopped, params, exact)
-                rows.append(
-                    self._row(row, params, len(rows), text, stopped, usage.prompt_tokens if usage else 0, tokens)
-                )
+                rows.append(self._row(row, params, len(rows), text, stopped, prompt_tokens, tokens))
             attempt_seed += 1000
         return rows
 
@@ -148,13 +150,14 @@ class OpenAIGenerator:
                 lambda deadline: self._request(row, params, n, seed, deadline),
                 timeout_s=self.timeout_s,
                 max_retries=self.max_retries,
-                retryable=_Retryable,
             )
-        except _Retryable as last:
+        except RetryableCallFailed as last:
             raise EndpointError(
                 f"{self.base_url} gave no answer for prompt {row.prompt_id} within {self.timeout_s:g}s and "
-                f"{self.max_retries} retries: {last}"
+                f"{self.max_retries} retries: {last.failure}"
             ) from None
+        except CallFailed as refused:
+            raise EndpointError(f"{self.base_url} refused prompt {row.prompt_id}: {refused.failure}") from None
 
     def _request(self, row, params: SamplingParams, n: int, seed: int, deadline: float):
         client = self._client(timeout=max(deadline - time.monotonic(), 0.001))
@@ -169,16 +172,8 @@ class OpenAIGenerator:
         if not params.greedy:
             arguments["top_p"] = params.top_p
         try:
-            return call_before(deadline, lambda: client.chat.completions.create(**arguments), client.close)
-        except DeadlinePassed:
-            raise _Retryable(f"no complete answer within {self.timeout_s:g}s") from None
-        except openai.APIStatusError as error:
-            message = self._redact(f"HTTP {error.status_code}: {str(error.message)[:200]}")
-            if error.status_code in RETRYABLE_STATUS:
-                raise _Retryable(message) from None
-            raise EndpointError(f"{self.base_url} refused prompt {row.prompt_id}: {message}") from None
-        except (openai.APIConnectionError, openai.APITimeoutError) as error:
-            raise _Retryable(f"{type(error).__name__}: {self._redact(str(error))[:200]}") from None
+            return request_before(deadline, self.timeout_s, lambda: client.chat.completions.create(**arguments),
+                                  client.close)  # fmt: skip
         finally:
             client.close()
 
@@ -186,13 +181,14 @@ class OpenAIGenerator:
 
     def _served_models(self) -> dict[str, dict]:
         client = self._client(timeout=min(self.timeout_s, 30.0))
+        failure = None
         try:
             return {model.id: model.model_dump() for model in client.models.list()}
-        except openai.OpenAIError as error:
-            reason = self._redact(str(error))[:200]
-            raise EndpointError(f"cannot list the models of {self.base_url}: {reason}") from None
+        except Exception as error:  # noqa: BLE001 - classified: nothing the server sent is repeated
+            failure = classify(error, min(self.timeout_s, 30.0))
         finally:
             client.close()
+        raise EndpointError(f"cannot list the models of {self.base_url}: {failure}")
 
     def _load_adapter(self, model_path: Path, served: dict[str, dict]) -> None:
         config_file = model_path / "adapter" / "adapter_config.json"
@@ -206,21 +202,35 @@ class OpenAIGenerator:
                 f"{sorted(bases)}: loading it there would answer with another model; serve its merged weights"
             )
         client = self._client(timeout=min(self.timeout_s, 120.0))
+        failure = None
         try:
             body = {"lora_name": self.served_name, "lora_path": str(config_file.parent)}
             client.post("/load_lora_adapter", body=body, cast_to=object)
-        except openai.OpenAIError as error:
-            reason = self._redact(str(error))[:200]
-            raise EndpointError(f"{self.base_url} did not load {config_file.parent}: {reason}") from None
+        except Exception as error:  # noqa: BLE001 - classified: nothing the server sent is repeated
+            failure = classify(error, min(self.timeout_s, 120.0))
         finally:
             client.close()
+        if failure is not None:
+            raise EndpointError(f"{self.base_url} did not load {config_file.parent}: {failure}")
 
     def _client(self, timeout: float) -> OpenAI:
         key = self._api_key.reveal() if self._api_key else "none"
         return OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
 
-    def _redact(self, text: str) -> str:
-        return self._api_key.redact(text) if self._api_key else text
+
+def _choices(answer, base_url: str, prompt_id: str) -> list[tuple[str, bool]]:
+    """(text, stopped) per choice of a chat completion; an answer of any other shape is an invalid answer.
+
+    The client does not validate what a server sends, so a hostile or broken one could put anything
+    where the text goes; only a string (or null, as no text) is taken.
+    """
+    try:
+        choices = [(choice.message.content, choice.finish_reason) for choice in answer.choices]
+    except (AttributeError, TypeError):
+        choices = None
+    if not choices or not all(text is None or isinstance(text, str) for text, _ in choices):
+        raise EndpointError(f"{base_url} answered prompt {prompt_id} with {EndpointFailure('invalid')}")
+    return [((text or "").strip(), finish_reason == "stop") for text, finish_reason in choices]
 
 
 def _tokenizer_or_none(model_path: Path | str):

@@ -10,25 +10,35 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-import openai
 import pandas as pd
 from openai import OpenAI
+from pydantic import Field
 
 from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.endpoints import (
-    RETRYABLE_STATUS,
-    DeadlinePassed,
-    call_before,
+    CallFailed,
+    EndpointFailure,
     read_api_key,
+    request_before,
     retry_before_deadline,
+    token_count,
 )
 from tao_pipeline.common.hashing import text_digest
 from tao_pipeline.common.profiling import record_usage
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.generation.base import SamplingParams
 from tao_pipeline.registry.errors import ModelNotFoundError
-from tao_pipeline.scoring.base import Failed, PromptContext, Score
+from tao_pipeline.scoring.base import (
+    BatchSize,
+    Failed,
+    PromptContext,
+    Score,
+    TimeoutSeconds,
+    TokenCount,
+    scorer_options,
+)
 
 OPTION = "scoring.options.llm_judge"
 BACKENDS = ("transformers", "openai")
@@ -54,14 +64,6 @@ class JudgeCall:
         return build_chat(self.user, self.system)
 
 
-class JudgeError(Exception):
-    """One judge call failed; the message is safe to record (it never holds the API key)."""
-
-
-class RetryableJudgeError(JudgeError):
-    """A failure worth another attempt: timeout, connection error, 429, 5xx."""
-
-
 class LLMJudgeScorer:
     """Asks a judge model to rate responses against a rubric; scores map 1..10 onto [0, 1].
 
@@ -69,14 +71,18 @@ class LLMJudgeScorer:
     generation with the project's generator), or ``backend="openai"`` with ``base_url`` of an
     OpenAI-compatible server (e.g. vLLM; POST {base_url}/chat/completions) and ``model`` the
     served model's name. ``api_key_env`` names an environment variable holding the server's key;
-    the key itself is never an option, and is kept out of logs, Failed reasons and the cache.
+    the key itself is never an option. What is recorded of a judge is its verdict (scores, or why there
+    is none, from a fixed set) and, for a failed call, the classified failure: never text the server sent.
 
-    ``mode="pointwise"``: one call per response, the judge ends with "Score: N" (the last integer
-    in 1..10 is taken). ``mode="group"``: one call shows all candidates, numbered, and the judge
-    answers {"scores": [...]}; a missing, unparsable or wrong-length answer fails the whole group.
+    Only a verdict in the required format counts; any other answer is unknown (Failed), never a
+    score. ``mode="pointwise"``: one call per response, and the answer's last non-blank line is
+    exactly ``Score: N`` (N an integer 1..10), the only line that gives a score. ``mode="group"``:
+    one call shows all candidates, numbered, and the answer is the JSON object
+    ``{"scores": [...]}`` and nothing else (one ```json fence around it is allowed), with one
+    integer 1..10 per candidate; any other answer leaves the whole group unknown.
 
     Options: backend, model, mode, rubric, max_new_tokens (256), cache_dir (None disables the
-    on-disk cache of judge outputs; the registry defaults it to <home>/cache/judge), base_url,
+    on-disk cache of judge verdicts; the registry defaults it to <home>/cache/judge), base_url,
     api_key_env, timeout_s (60, a total deadline per judge call, retries included), max_retries (2),
     max_concurrency (8 parallel requests),
     batch_size (8), dtype ("auto"), max_prompt_tokens (4096; longer judge prompts fail rather than
@@ -85,31 +91,30 @@ class LLMJudgeScorer:
 
     name = "llm_judge"
 
+    @scorer_options
     def __init__(
         self,
         *,
         backend: str = "transformers",
         model: str | None = None,
         mode: str = "pointwise",
-        rubric: str = DEFAULT_RUBRIC,
-        max_new_tokens: int = 256,
+        rubric: Annotated[str, Field(min_length=1)] = DEFAULT_RUBRIC,
+        max_new_tokens: TokenCount = 256,
         cache_dir: str | Path | None = None,
         base_url: str | None = None,
         api_key_env: str | None = None,
-        timeout_s: float = 60.0,
-        max_retries: int = 2,
-        max_concurrency: int = 8,
-        batch_size: int = 8,
+        timeout_s: TimeoutSeconds = 60.0,
+        max_retries: Annotated[int, Field(ge=0, le=20)] = 2,
+        max_concurrency: Annotated[int, Field(ge=1, le=256)] = 8,
+        batch_size: BatchSize = 8,
         dtype: str = "auto",
-        max_prompt_tokens: int = 4096,
+        max_prompt_tokens: TokenCount = 4096,
         trust_remote_code: bool = False,
     ):
         _check_choice("backend", backend, BACKENDS)
         _check_choice("mode", mode, MODES)
         if not model:
             raise ValueError(f"{OPTION}.model is required (a local model directory, or the served model's name)")
-        if max_new_tokens < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError(f"{OPTION}: max_new_tokens must be >= 1, max_retries >= 0 and timeout_s > 0")
         self.mode = mode
         self.rubric = rubric
         self.max_new_tokens = max_new_tokens
@@ -138,21 +143,27 @@ class LLMJudgeScorer:
         if not responses:
             return []
         if self.mode == "group":
-            output = self._judge([group_call(context, responses, self.rubric)])[0]
-            return [output] * len(responses) if isinstance(output, Failed) else parse_group(output, len(responses))
-        outputs = self._judge([pointwise_call(context, response, self.rubric) for response in responses])
-        return [output if isinstance(output, Failed) else parse_pointwise(output) for output in outputs]
+            count = len(responses)
+            [verdict] = self._verdicts([group_call(context, responses, self.rubric)], lambda o: parse_group(o, count))
+            return [verdict] * count if isinstance(verdict, Failed) else verdict
+        calls = [pointwise_call(context, response, self.rubric) for response in responses]
+        verdicts = self._verdicts(calls, lambda output: [parse_pointwise(output)])
+        return [verdict if isinstance(verdict, Failed) else verdict[0] for verdict in verdicts]
 
-    def _judge(self, calls: list[JudgeCall]) -> list[str | Failed]:
-        """The judge's raw output per call: from the cache when there, else from the backend (then cached)."""
+    def _verdicts(self, calls: list[JudgeCall], parse) -> list[list[Score] | Failed]:
+        """Per call, the parsed verdict (from the cache when there, else asked, parsed and cached) or, when
+        the call itself failed, its classified failure (not cached: the judge may be back next time)."""
         keys = [self._cache_key(call) for call in calls]
-        outputs: list[str | Failed | None] = [self.cache.get(key) if self.cache else None for key in keys]
-        missing = [i for i, output in enumerate(outputs) if output is None]
+        verdicts: list[list[Score] | Failed | None] = [self.cache.get(key) if self.cache else None for key in keys]
+        missing = [i for i, verdict in enumerate(verdicts) if verdict is None]
         for i, output in zip(missing, self.backend.complete_all([calls[i] for i in missing])):
-            if self.cache and isinstance(output, str):
-                self.cache.put(keys[i], output)
-            outputs[i] = output
-        return outputs
+            if isinstance(output, Failed):
+                verdicts[i] = output
+                continue
+            verdicts[i] = parse(output)
+            if self.cache:
+                self.cache.put(keys[i], verdicts[i])
+        return verdicts
 
     def _cache_key(self, call: JudgeCall) -> str:
         # The messages hold the rubric, prompt, system and response(s): everything the output depends on.
@@ -184,8 +195,9 @@ def pointwise_call(context: PromptContext, response: str, rubric: str) -> JudgeC
     system = (
         "You are an impartial judge of an AI assistant's response.\n\n"
         f"Rubric: {rubric}\n\n"
-        f"Give a one-sentence justification, then a final line 'Score: N', where N is an integer from "
-        f"{LOWEST} (worst) to {HIGHEST} (best)."
+        "Write a one-sentence justification. Then end your answer with one line of exactly this form, "
+        f"and nothing after it:\nScore: N\nwhere N is an integer from {LOWEST} (worst) to {HIGHEST} (best). "
+        "Write 'Score:' only on that last line. An answer in any other form is discarded."
     )
     return JudgeCall(system, f"{_context_block(context)}\n\n[Assistant response]\n{response}")
 
@@ -197,65 +209,69 @@ def group_call(context: PromptContext, responses: list[str], rubric: str) -> Jud
         f"numbered 1 to {count}.\n\n"
         f"Rubric: {rubric}\n\n"
         f"Rate every candidate on the rubric with an integer from {LOWEST} (worst) to {HIGHEST} (best), "
-        "comparing them where it helps. Answer with JSON only, one score per candidate in order: "
-        '{"scores": [' + ", ".join(f"<score {i}>" for i in range(1, count + 1)) + "]}"
+        "comparing them where it helps. Answer with this JSON object and nothing else, one integer per "
+        "candidate in order:\n"
+        '{"scores": [' + ", ".join(f"<score {i}>" for i in range(1, count + 1)) + "]}\n"
+        "An answer in any other form is discarded."
     )
     candidates = "\n\n".join(f"[Candidate {i}]\n{response}" for i, response in enumerate(responses, start=1))
     return JudgeCall(system, f"{_context_block(context)}\n\n{candidates}")
 
 
-DENOMINATOR = re.compile(r"\s*(?:/|out\s+of)\s*\d+", re.IGNORECASE)  # "8/10", "7 out of 10"
-WHOLE_INTEGER = re.compile(r"(?<![\d.])\d+(?!\d|\.\d)")  # not part of a decimal such as 7.5
+# Why an answer gives no verdict: a fixed set, so nothing the judge wrote is ever recorded.
+NO_SCORE_LINE = f"llm_judge: no verdict: the answer does not end with a line 'Score: N', N from {LOWEST} to {HIGHEST}"
+SEVERAL_SCORES = "llm_judge: no verdict: the answer states a score more than once"
+NOT_SCORES_JSON = 'llm_judge: no verdict: the answer is not the JSON object {"scores": [...]} alone'
+NOT_INTEGER_SCORES = f"llm_judge: no verdict: a score is not an integer from {LOWEST} to {HIGHEST}"
+
+VERDICT_LINE = re.compile(r"Score:[ \t]*(10|[1-9])", re.IGNORECASE)  # the whole last line, nothing else
+# A line that states a score in any decoration ("**Score:** 7", "score = 3", "Score 8 of 10", "final score: 2").
+SCORE_MENTION = re.compile(r"^[\W_]*score\b|\bscore[\W_]*[:=]", re.IGNORECASE)
+JSON_FENCE = re.compile(r"```(?:json)?[ \t]*\n(.*)\n[ \t]*```", re.IGNORECASE | re.DOTALL)
 
 
 def parse_pointwise(output: str) -> Score:
-    """The last integer in 1..10 of the judge's output, mapped to [0, 1]; Failed when there is none."""
-    numbers = [int(n) for n in WHOLE_INTEGER.findall(DENOMINATOR.sub(" ", output))]
-    in_range = [n for n in numbers if LOWEST <= n <= HIGHEST]
-    if not in_range:
-        return Failed(f"llm_judge: unparsable judge output (no score {LOWEST}-{HIGHEST}): {output[:80]!r}")
-    return _unit(in_range[-1])
+    """The score of the answer's last non-blank line, exactly 'Score: N' (N an integer 1..10), mapped to [0, 1].
+
+    Anything else is no verdict (Failed): no such line, a score in prose, markdown or another
+    form ("Score: 7/10", "7.5", "-3", "11"), or a score stated on another line as well.
+    """
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    verdict = VERDICT_LINE.fullmatch(lines[-1]) if lines else None
+    if verdict is None:
+        return Failed(NO_SCORE_LINE)
+    if any(SCORE_MENTION.search(line) for line in lines[:-1]):
+        return Failed(SEVERAL_SCORES)
+    return _unit(int(verdict.group(1)))
 
 
 def parse_group(output: str, count: int) -> list[Score]:
-    """One score per candidate from {"scores": [...]} (a bare list is accepted); else Failed for all."""
-    scores = _find_score_list(output)
-    if scores is None:
-        return [Failed(f"llm_judge: unparsable judge output (no scores JSON): {output[:80]!r}")] * count
-    if len(scores) != count:
-        return [Failed(f"llm_judge: judge gave {len(scores)} scores for {count} responses")] * count
-    numbers = [_number(s) for s in scores]
-    if any(n is None or not LOWEST <= n <= HIGHEST for n in numbers):
-        return [Failed(f"llm_judge: judge scores outside {LOWEST}-{HIGHEST}: {str(scores)[:80]}")] * count
-    return [_unit(n) for n in numbers]
-
-
-def _find_score_list(output: str) -> list | None:
-    """The last {"scores": [...]} object in the text (fences and prose around it are fine), else the last list."""
-    decoder = json.JSONDecoder()
-    found_object, found_list = None, None
-    for match in re.finditer(r"[{\[]", output):
-        try:
-            value, _ = decoder.raw_decode(output, match.start())
-        except ValueError:
-            continue
-        if isinstance(value, dict) and isinstance(value.get("scores"), list):
-            found_object = value["scores"]
-        elif isinstance(value, list):
-            found_list = value
-    return found_object if found_object is not None else found_list
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool):
-        return None
+    """One score per candidate from an answer that is exactly {"scores": [...]} (in one ```json fence at
+    most), ``count`` integers 1..10; anything else is no verdict for the whole group."""
+    text = output.strip()
+    fenced = JSON_FENCE.fullmatch(text)
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+        value = json.loads(fenced.group(1) if fenced else text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # not JSON, a repeated key, nesting deeper than the parser goes
+        return [Failed(NOT_SCORES_JSON)] * count
+    if not isinstance(value, dict) or list(value) != ["scores"] or not isinstance(value["scores"], list):
+        return [Failed(NOT_SCORES_JSON)] * count
+    scores = value["scores"]
+    if len(scores) != count:
+        return [Failed(f"llm_judge: no verdict: {len(scores)} scores for {count} responses")] * count
+    if not all(type(score) is int and LOWEST <= score <= HIGHEST for score in scores):  # not bool, not 7.0
+        return [Failed(NOT_INTEGER_SCORES)] * count
+    return [_unit(score) for score in scores]
 
 
-def _unit(score: float) -> float:
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is repeated")  # {"scores": [1], "scores": [9]}: which one?
+    return dict(pairs)
+
+
+def _unit(score: int) -> float:
     return (score - LOWEST) / (HIGHEST - LOWEST)
 
 
@@ -263,7 +279,11 @@ def _unit(score: float) -> float:
 
 
 class JudgeCache:
-    """Judge outputs on disk, one JSON file per content hash; written atomically (temp file + rename)."""
+    """Judge verdicts on disk, one JSON file per content hash; written atomically (temp file + rename).
+
+    A verdict is a list with, per response, its score in [0, 1] or why there is none (a fixed text):
+    the judge's own words are never stored.
+    """
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -271,20 +291,29 @@ class JudgeCache:
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.json"
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> list[Score] | None:
         try:
-            output = json.loads(self.path(key).read_text(encoding="utf-8"))["output"]
+            verdict = json.loads(self.path(key).read_text(encoding="utf-8"))["verdict"]
         except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent, unreadable, or an entry of an older format: ask again
+        if not isinstance(verdict, list) or not verdict or not all(map(_cacheable, verdict)):
             return None
-        return output if isinstance(output, str) else None
+        return [Failed(item) if isinstance(item, str) else float(item) for item in verdict]
 
-    def put(self, key: str, output: str) -> None:
+    def put(self, key: str, verdict: list[Score]) -> None:
         path = self.path(key)
+        entries = [item.reason if isinstance(item, Failed) else item for item in verdict]
         try:
             with atomic_path(path) as staging:
-                staging.write_text(json.dumps({"output": output}), encoding="utf-8")
+                staging.write_text(json.dumps({"verdict": entries}), encoding="utf-8")
         except OSError as error:  # a cache that cannot be written costs a repeat call, not the score
             logger.warning("llm_judge: cannot write cache entry %s: %s", path, error)
+
+
+def _cacheable(item) -> bool:
+    if isinstance(item, str):
+        return True
+    return isinstance(item, (int, float)) and not isinstance(item, bool) and 0.0 <= item <= 1.0
 
 
 # -- backends -------------------------------------------------------------------------------
@@ -335,17 +364,11 @@ class OpenAIBackend:
 
     def _complete_or_fail(self, call: JudgeCall) -> str | Failed:
         try:
-            return self._redact(self._complete(call))
-        except JudgeError as error:  # its message was redacted before anything cut it short
-            return Failed(f"llm_judge: {self._redact(str(error))}"[:300])
-
-    def _complete(self, call: JudgeCall) -> str:
-        return retry_before_deadline(
-            lambda deadline: self._request(call, deadline),
-            timeout_s=self.timeout_s,
-            max_retries=self.max_retries,
-            retryable=RetryableJudgeError,
-        )
+            return retry_before_deadline(
+                lambda deadline: self._request(call, deadline), timeout_s=self.timeout_s, max_retries=self.max_retries
+            )
+        except CallFailed as failed:  # classified: a kind, a status and a fixed message
+            return Failed(f"llm_judge: {failed.failure}")
 
     def _request(self, call: JudgeCall, deadline: float) -> str:
         """One attempt, abandoned (its client closed) at the deadline if the server is too slow."""
@@ -357,56 +380,28 @@ class OpenAIBackend:
             model=self.model, messages=call.messages(), max_tokens=self.max_new_tokens, temperature=0.0
         )
         try:
-            completion = call_before(deadline, request, client.close)
-        except DeadlinePassed:
-            raise RetryableJudgeError(f"timeout: no complete answer within {self.timeout_s}s from {self.url}") from None
-        except Exception as error:  # noqa: BLE001 - classified into retryable or not
-            raise self._judge_error(error) from None
+            completion = request_before(deadline, self.timeout_s, request, client.close)
         finally:
             client.close()
-        content = self._message_content(completion)
+        content = _message_content(completion)
         usage = getattr(completion, "usage", None)  # a server may leave it out: the call still counts
         record_usage(
             judge_calls=1,
-            judge_prompt_tokens=getattr(usage, "prompt_tokens", None) or 0,
-            judge_completion_tokens=getattr(usage, "completion_tokens", None) or 0,
+            judge_prompt_tokens=token_count(getattr(usage, "prompt_tokens", None)),
+            judge_completion_tokens=token_count(getattr(usage, "completion_tokens", None)),
         )
         return content
 
-    def _judge_error(self, error: Exception) -> JudgeError:
-        if isinstance(error, openai.APITimeoutError):
-            return RetryableJudgeError(f"timeout after {self.timeout_s}s waiting for {self.url}")
-        if isinstance(error, openai.APIStatusError):
-            # Servers echo the Authorization header back in error bodies: redact, then cut short, so the
-            # cut can never leave a piece of the key behind.
-            kind = RetryableJudgeError if error.status_code in RETRYABLE_STATUS else JudgeError
-            return kind(f"HTTP {error.status_code} from {self.url}: {self._excerpt(_body_text(error))}")
-        if isinstance(error, openai.APIConnectionError):
-            return RetryableJudgeError(f"request to {self.url} failed: {type(error).__name__}")
-        body = error.doc if isinstance(error, json.JSONDecodeError) else str(error)  # a 200 that is not JSON
-        return JudgeError(f"not an OpenAI chat completion: {self._excerpt(body)}")
 
-    def _message_content(self, completion) -> str:
-        try:
-            content = completion.choices[0].message.content
-        except (AttributeError, IndexError, TypeError):
-            raise JudgeError(f"not an OpenAI chat completion: {self._excerpt(str(completion))}") from None
-        if not isinstance(content, str):
-            raise JudgeError(f"not an OpenAI chat completion: content is {type(content).__name__}")
-        return content
-
-    def _excerpt(self, text: str) -> str:
-        return repr(self._redact(text)[:120])
-
-    def _redact(self, text: str) -> str:
-        return self._api_key.redact(text) if self._api_key else text
-
-
-def _body_text(error: openai.APIStatusError) -> str:
+def _message_content(completion) -> str:
+    """The answer's text; a body the client accepted but that is no chat completion is an invalid answer."""
     try:
-        return error.response.text
-    except Exception:  # noqa: BLE001 - a body that cannot be read: the client's own message
-        return str(error.message)
+        content = completion.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise CallFailed(EndpointFailure("invalid"))
+    return content
 
 
 class TransformersBackend:
