@@ -83,6 +83,8 @@ def test_a_final_score_line_is_a_verdict(output, score):
         ("Score: seven", NO_SCORE_LINE),
         ("Score: \u0667", NO_SCORE_LINE),  # an Arabic-Indic seven
         ("Score: \uff17", NO_SCORE_LINE),  # a full-width seven
+        ("\u017fcore: 7", NO_SCORE_LINE),  # a long s: "score" only under Unicode case folding
+        ("\uff33core: 7", NO_SCORE_LINE),  # a full-width S
         ("Score: 7.", NO_SCORE_LINE),
         ("**Score:** 7", NO_SCORE_LINE),  # markdown
         ("Score: **7**", NO_SCORE_LINE),

@@ -224,9 +224,10 @@ SEVERAL_SCORES = "llm_judge: no verdict: the answer states a score more than onc
 NOT_SCORES_JSON = 'llm_judge: no verdict: the answer is not the JSON object {"scores": [...]} alone'
 NOT_INTEGER_SCORES = f"llm_judge: no verdict: a score is not an integer from {LOWEST} to {HIGHEST}"
 
-VERDICT_LINE = re.compile(r"Score:[ \t]*(10|[1-9])", re.IGNORECASE)  # the whole last line, nothing else
+# ASCII: with Unicode case folding, "\u017fcore" (a long s) would be "score".
+VERDICT_LINE = re.compile(r"Score:[ \t]*(10|[1-9])", re.IGNORECASE | re.ASCII)  # the whole last line, nothing else
 # A line that states a score in any decoration ("**Score:** 7", "score = 3", "Score 8 of 10", "final score: 2").
-SCORE_MENTION = re.compile(r"^[\W_]*score\b|\bscore[\W_]*[:=]", re.IGNORECASE)
+SCORE_MENTION = re.compile(r"^[\W_]*score\b|\bscore[\W_]*[:=]", re.IGNORECASE | re.ASCII)
 JSON_FENCE = re.compile(r"```(?:json)?[ \t]*\n(.*)\n[ \t]*```", re.IGNORECASE | re.DOTALL)
 
 
