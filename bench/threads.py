@@ -16,12 +16,15 @@ thread at a barrier sleeps at once), ``:active`` (it spins), ``:interop1`` (torc
 Workloads (``--workloads``): ``sample`` (tokens/s), ``dpo`` (s/step after the warm-up steps), and ``barrier``
 (small parallel additions per second: nothing but torch's parallel regions, the barrier cost alone).
 
-Prints, per workload, the figure for every setting and load, the slowdown against the same setting alone and
-against the best setting alone; ``--json`` writes every measurement.
+Prints, per workload, the figure for every setting and load (and the thread counts it ran with), the slowdown
+against the same setting alone and against the best setting alone; ``--json`` writes every measurement.
 
-    .venv/bin/python bench/threads.py [--workloads sample,dpo,barrier] [--settings torch,tao,usable,usable-1,1]
-        [--competitors 0,1,2] [--nice 0,19] [--repeats 3] [--prompts 16] [--samples 8] [--max-new-tokens 64]
-        [--dpo-steps 6] [--warmup 2] [--pairs 32] [--base-model-from ~/.tao] [--json FILE]
+    .venv/bin/python bench/threads.py [--workloads sample,dpo,barrier] [--settings torch,tao,1,torch:passive]
+        [--competitors 0,1,2] [--nice 0,19] [--repeats 2] [--prompts 8] [--samples 8] [--max-new-tokens 32]
+        [--dpo-steps 4] [--warmup 2] [--pairs 16] [--base-model-from ~/.tao] [--json FILE]
+
+Ends with the slowdown of each setting with one busy process against the best setting alone (the target: 2x at
+most). The figures need a machine with nothing else running: the competitors are the only load it may have.
 """
 
 from __future__ import annotations
@@ -236,7 +239,8 @@ def sweep(args, model_path: Path | None) -> pd.DataFrame:
 def summarize(measurements: pd.DataFrame, workload: str) -> pd.DataFrame:
     """Median per (setting, load); slowdown against the same setting alone and against the best setting alone."""
     rows = measurements[measurements["workload"] == workload]
-    figures = rows.groupby(["setting", "load"], sort=False).agg(threads=("threads", "first"), value=("value", median))
+    counts = ("threads", lambda used: "/".join(str(count) for count in sorted(set(used))))
+    figures = rows.groupby(["setting", "load"], sort=False).agg(threads=counts, value=("value", median))
     figures = figures.reset_index()
     higher = HIGHER_IS_BETTER[workload]
 
@@ -250,22 +254,28 @@ def summarize(measurements: pd.DataFrame, workload: str) -> pd.DataFrame:
     return figures.rename(columns={"value": UNITS[workload]})
 
 
+def verdict(summary: pd.DataFrame, workload: str) -> str:
+    """The worst slowdown with one busy process (either niceness) against the best setting alone, per setting."""
+    one = summary[summary["load"].str.startswith("1 busy")]
+    worst = one.groupby("setting", sort=False)["vs best alone"].max()
+    shown = ", ".join(f"{setting} {ratio:.2f}x" for setting, ratio in worst.items())
+    return f"{workload}: slowdown with one busy process (the worse niceness) vs the best setting alone: {shown}"
+
+
 def main() -> None:
     parser = bench_parser(__doc__)
     listed = lambda kind: lambda text: [kind(part) for part in text.split(",") if part]  # noqa: E731
     parser.add_argument("--workloads", type=listed(str), default=["sample", "dpo", "barrier"])
-    parser.add_argument(
-        "--settings", type=listed(str), default=["torch", "tao", "usable", "usable-1", "1", "usable:passive"]
-    )
+    parser.add_argument("--settings", type=listed(str), default=["torch", "tao", "1", "torch:passive"])
     parser.add_argument("--competitors", type=listed(int), default=[0, 1, 2])
     parser.add_argument("--nice", type=listed(int), default=[0, 19])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dpo-steps", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dpo-steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--barrier-seconds", type=float, default=3.0)
     parser.add_argument("--json", help="Also write every measurement to this file.")
     parser.add_argument("--child", help=argparse_hidden())
@@ -287,8 +297,13 @@ def main() -> None:
         f"DPO {args.dpo_steps} steps after {args.warmup}, {args.repeats} repeat(s)"
     )
     measurements = sweep(args, model_path)
+    verdicts = []
     for workload in args.workloads:
-        show(f"{workload} ({UNITS[workload]}, median of {args.repeats})", summarize(measurements, workload))
+        summary = summarize(measurements, workload)
+        show(f"{workload} ({UNITS[workload]}, median of {args.repeats})", summary)
+        if any(summary["load"].str.startswith("1 busy")):
+            verdicts.append(verdict(summary, workload))
+    print("\n" + "\n".join(verdicts))
     if args.json:
         Path(args.json).write_text(measurements.to_json(orient="records", indent=1))
 

@@ -59,12 +59,14 @@ def _read(path: Path) -> str | None:
 
 # torch's thread pool (OpenMP) on a machine shared with other work.
 #
-# Measured in bench/threads.py: torch's pool waits at every barrier for all of its threads; when another process
-# holds one of the cores, every parallel region waits for the thread queued behind it (a decode step has hundreds),
-# and the waiting threads spin, keeping that process's core busy too. With one busy process on two cores sampling
-# ran 5-15x slower with two threads, even with that process at nice 19, and at about its quiet speed with one. So
-# by default the pool gets the usable CPUs that other processes leave free, measured while this process waits, and
-# is sized again as the load changes (at most every REMEASURE_S).
+# torch's pool waits at every barrier for all of its threads, and a decode step has hundreds: when another process
+# holds one of the cores, every parallel region waits for the thread queued behind it, while the waiting threads
+# spin. bench/threads.py measured it on a shared 2-core machine: with two threads, sampling ran 4-12 tokens/s and a
+# DPO step took 38-45 s, with one thread 45-94 tokens/s and 7-12 s, even when the competing process ran at nice 19;
+# additions that are nothing but parallel regions ran 5-15x slower with two threads. Threads that sleep at once at a
+# barrier (OMP_WAIT_POLICY=PASSIVE) recovered most of it, spinning ones (ACTIVE) made it worse, and the inter-op
+# pool changed nothing: the barrier it is. So an unset setting gives the pool the usable CPUs other processes leave
+# free, measured while this process waits, and sizes it again as the load changes (at most every REMEASURE_S).
 
 MEASURE_WINDOW_S = 0.1
 REMEASURE_S = 10.0
