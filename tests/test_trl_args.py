@@ -56,6 +56,16 @@ def test_an_unknown_or_mistyped_key_is_one_line_naming_it(override, expected):
         ("training.dpo_args.gradient_checkpointing=1", "gradient_checkpointing: 1 is not a bool"),
         ("training.dpo_args.lr_scheduler_type='cosin'", "'cosin' is not a choice; did you mean 'cosine'"),
         ("training.dpo_args.optim='adamw'", "'adamw' is not a choice"),
+        # TRL itself would only find these at the first training step, after a round's generation and scoring:
+        (
+            "training.dpo_args.loss_type='sigmod'",
+            "training.dpo_args.loss_type: 'sigmod' is not a choice; did you mean 'sigmoid'",
+        ),
+        ("training.dpo_args.loss_type=['sigmoid', 'sftt']", "'sftt' is not a choice; did you mean 'sft'"),
+        (
+            "training.grpo_args.loss_type='dapoo'",
+            "training.grpo_args.loss_type: 'dapoo' is not a choice; did you mean 'dapo'",
+        ),
         ("training.dpo_args.weight_decay=inf", "weight_decay: must be a finite number"),
         ("training.dpo_args.loss_weights=[1.0, nan]", "loss_weights: must be a finite number"),
         ("training.dpo_args.loss_type=3", "loss_type: 3 is not a"),
@@ -154,3 +164,11 @@ def test_dpo_args_reach_the_trainer(tiny_model_dir, tmp_path):
     rates = result.series("learning_rate")
     assert rates[0] < rates[1] and rates[-1] < max(rates)
     assert result.metrics()["torch_threads"] == 1 and result.metrics()["torch_threads_why"] == "training.threads=1"
+
+
+def test_the_loss_choices_are_read_from_trls_help():
+    """If TRL rewords its help text, the check must not silently stop: this fails instead."""
+    from tao_pipeline.settings.trl_options import documented_choices
+
+    assert {"sigmoid", "ipo", "hinge", "sft"} <= set(documented_choices("dpo")["loss_type"])
+    assert {"grpo", "dapo", "dr_grpo"} <= set(documented_choices("grpo")["loss_type"])

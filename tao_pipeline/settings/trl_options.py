@@ -15,6 +15,7 @@ import difflib
 import enum
 import logging
 import math
+import re
 import types
 import typing
 from functools import cache
@@ -57,6 +58,9 @@ TAO_DECIDES: dict[str, dict[str, str]] = {
         "remove_unused_columns": "the reward needs each prompt's prompt_id column",
     },
 }
+# Options whose values TRL only checks when training starts (an unknown loss fails at the first step): their
+# choices are read from the option's own help text ("Possible values are: 'sigmoid', 'hinge', ...").
+CHOICES_FROM_HELP = ("loss_type",)
 # Names older TRL and transformers releases had: where the option went.
 RENAMED = {
     "warmup_ratio": "warmup_steps (a value below 1 is a share of the training steps)",
@@ -86,6 +90,7 @@ def check_trl_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             raise ValueError(f"{where}: {_config_name(method)} has no option {key!r}{_suggestion(key, fields)}")
         _check_value(where, value, fields[key])
+        _check_choice(where, value, documented_choices(method).get(key))
         kept[key] = value
     return kept
 
@@ -101,6 +106,30 @@ def config_fields(method: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - an unresolvable annotation only loses the type check
         hints = {}
     return {field.name: hints.get(field.name, Any) for field in dataclasses.fields(config) if field.init}
+
+
+@cache
+def documented_choices(method: str) -> dict[str, list[str]]:
+    """The values TRL's help text lists for the options in CHOICES_FROM_HELP (none where it lists fewer than two)."""
+    import dataclasses
+
+    found = {}
+    for field in dataclasses.fields(_config_class(method)):
+        if field.name in CHOICES_FROM_HELP:
+            listed = re.search(r"(?:Possible|Supported) values are:?(.*?)\.(?:\s|$)", field.metadata.get("help", ""))
+            choices = re.findall(r"'([A-Za-z0-9_]+)'", listed.group(1)) if listed else []
+            if len(choices) >= 2:
+                found[field.name] = choices
+    return found
+
+
+def _check_choice(where: str, value: Any, choices: list[str] | None) -> None:
+    """Each string in ``value`` (one, or a list) is one of ``choices`` (None: anything goes)."""
+    for item in value if isinstance(value, list) else [value]:
+        if choices is not None and isinstance(item, str) and item not in choices:
+            close = difflib.get_close_matches(item, choices, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"one of {', '.join(choices)}"
+            raise ValueError(f"{where}: {item!r} is not a choice; {hint}")
 
 
 def _config_class(method: str):
@@ -136,10 +165,7 @@ def _check_value(where: str, value: Any, declared: Any) -> None:
         return
     choices = _enum_choices(declared)
     if choices is not None and isinstance(value, str):
-        if value not in choices:
-            close = difflib.get_close_matches(value, choices, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"one of {', '.join(choices)}"
-            raise ValueError(f"{where}: {value!r} is not a choice; {hint}")
+        _check_choice(where, value, choices)
         return
     try:
         adapter = TypeAdapter(declared)
