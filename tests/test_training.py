@@ -150,6 +150,9 @@ def test_checkpoint_version_id_is_deterministic():
     assert first != checkpoint_version_id("round-0001", "base-x", ["a", "b"], settings())
     assert first != checkpoint_version_id("round-0001", "base-x", ids, settings(beta=0.2))
     assert first != checkpoint_version_id("round-0002", "base-x", ids, settings())
+    # Threads change how fast, not what is trained; a TRL option changes what is trained.
+    assert first == checkpoint_version_id("round-0001", "base-x", ids, settings(threads=1))
+    assert first != checkpoint_version_id("round-0001", "base-x", ids, settings(dpo_args={"weight_decay": 0.1}))
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,14 @@ class RoundCheckpoint:
 
 
 def checkpoint_version_id(round_id: str, parent_version: str, pair_ids: list[str], settings: TrainingSettings) -> str:
-    """Deterministic: the same parent, pairs and hyperparameters give the same version id."""
-    digest = content_hash(parent_version, ",".join(sorted(pair_ids)), settings.model_dump_json())
+    """Deterministic: the same parent, pairs and hyperparameters give the same version id.
+
+    How many threads compute it is not a hyperparameter, and an empty TRL table is as if absent (so ids made
+    before those settings existed stay the same).
+    """
+    empty_tables = {name for name in ("dpo_args", "grpo_args") if not getattr(settings, name)}
+    hyperparameters = settings.model_dump_json(exclude={"threads", *empty_tables})
+    digest = content_hash(parent_version, ",".join(sorted(pair_ids)), hyperparameters)
     return f"{round_id}-{settings.method}-{digest[:8]}"
 
 
