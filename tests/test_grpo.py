@@ -14,6 +14,7 @@ from tao_pipeline.settings import GrpoSettings, ScoringSettings, TrainingSetting
 from tao_pipeline.training import ADAPTER_DIR, TRAINING_LOG_FILE
 from tao_pipeline.training.grpo import prompt_dataset, scorer_reward_function, train_grpo
 from tests.helpers import build_tiny_model
+from tests.test_trl_args import SeenByTheTrainer
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +92,13 @@ def test_prompt_dataset_is_conversational_with_prompt_ids():
 
 def test_train_grpo_with_lora_saves_a_changed_merged_model(parent_dir, tmp_path):
     out = tmp_path / "child"
-    settings = training_settings(grpo=GrpoSettings(num_generations=2, max_completion_length=16))
-    result = train_grpo(parent_dir, make_prompts(4), length_scorer(), settings, out, progress=False)
+    options = {"loss_type": "grpo", "epsilon": 0.3, "weight_decay": 0.2}  # training.grpo_args reach the trainer
+    settings = training_settings(grpo=GrpoSettings(num_generations=2, max_completion_length=16), grpo_args=options)
+    seen = SeenByTheTrainer()
+    result = train_grpo(parent_dir, make_prompts(4), length_scorer(), settings, out, progress=False, callbacks=[seen])
 
+    assert (seen.args.loss_type, seen.args.epsilon, seen.args.num_generations) == ("grpo", 0.3, 2)
+    assert 0.2 in seen.weight_decays
     assert result.steps == 2
     assert len(result.series("reward")) == 2 and len(result.series("reward_std")) == 2
     assert all(0.0 <= value <= 1.0 for value in result.series("reward"))

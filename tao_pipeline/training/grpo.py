@@ -8,8 +8,9 @@ to each prompt's group. The result is saved exactly like DPO's: merged safetenso
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -19,6 +20,9 @@ from tao_pipeline.scoring import TaoScorer
 from tao_pipeline.scoring.base import PromptContext, prompt_constraints
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 REWARD_NAME = "tao_score"  # TRL logs the per-function reward as rewards/<name>/mean
 
@@ -160,6 +164,7 @@ def train_grpo(
     *,
     trust_remote_code: bool = False,
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingResult:
     """Tune the parent model with GRPO on the prompts and save merged weights (+ adapter) into output_dir."""
     from trl import GRPOTrainer
@@ -181,6 +186,7 @@ def train_grpo(
         output_dir,
         bar=RewardProgressBar() if progress else None,
         trust_remote_code=trust_remote_code,
+        callbacks=callbacks,
     )
 
 
