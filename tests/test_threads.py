@@ -133,3 +133,21 @@ def test_a_bad_thread_count_fails_at_load(value):
         with pytest.raises(SettingsError, match=rf"'{section}\.threads'") as error:
             load_settings(overrides=[f"{section}.threads={value}"])
         assert "\n" not in str(error.value)
+
+
+def test_the_count_is_set_in_the_thread_that_calls(monkeypatch, torch_threads_restored):
+    """OpenMP keeps the count per thread: a model run in a worker thread needs the call in that thread."""
+    import threading
+
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
+    seen = []
+
+    def worker():
+        torch.add(torch.ones(1 << 16), 1)  # the thread's own pool exists now
+        use_torch_threads(1, "serve.threads")
+        seen.append(torch.get_num_threads())
+
+    runner = threading.Thread(target=worker)
+    runner.start()
+    runner.join()
+    assert seen == [1]

@@ -94,7 +94,9 @@ def use_torch_threads(setting: int | None, name: str) -> ThreadChoice:
     """Size torch's intra-op pool from ``setting`` (e.g. ``generation.threads``; None: the CPUs free now).
 
     Generation, training, preflight and serving call this before their torch work, and again between batches or
-    steps: an unset setting follows the machine's load. Returns the choice, for metadata and logs.
+    steps: an unset setting follows the machine's load. Call it in the thread that runs the model: torch's count
+    is OpenMP's, which each thread keeps for itself once it has run a parallel operation. Returns the choice, for
+    metadata and logs.
     """
     import torch
 
