@@ -77,7 +77,7 @@ bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with
 bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2): accuracy with intervals, the curve as a PNG
 	$(PY) bench/compute.py --set data.max_prompts=96
 
-bench-threads: setup    # sampling and DPO steps with 0-2 busy processes (nice 0 and 19) per torch thread setting (~45 min)
+bench-threads: setup    # sampling and DPO steps with 0-2 busy processes (nice 0 and 19) per torch thread setting (~1 hour)
 	$(PY) bench/threads.py --json bench/results/threads.json
 
 bench-serve: setup      # tao serve at 1, 8, 32 clients: batched vs one at a time, with and without a hostile client
