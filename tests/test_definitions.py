@@ -40,8 +40,8 @@ def test_definitions_load_with_every_stage_partitioned_by_round():
     assert {s.name for s in defs.sensors} == {
         "usage_log_sensor",
         "new_prompts_round_sensor",
-        "mirror_after_a_round",
-        "mirror_after_a_refused_round",
+        "mirror_after_a_round_success",
+        "mirror_after_a_round_failure",
     }
     assert defs.resolve_job_def("mirror_lake") is not None
     assert [s.name for s in defs.schedules] == ["periodic_round_schedule"]

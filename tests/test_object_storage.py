@@ -141,3 +141,33 @@ def test_a_mirror_url_must_name_a_prefix_in_a_bucket(url):
 
     with pytest.raises(SettingsError, match="storage.lake_mirror_url"):
         load_settings(None, [f"storage.lake_mirror_url='{url}'"])
+
+
+@pytest.mark.parametrize("status", [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE])
+def test_a_round_ending_either_way_requests_the_mirror_when_one_is_set(tmp_path, status):
+    from tao_pipeline.defs.storage import build_mirror_sensor
+
+    @dg.op
+    def finish():
+        if status == dg.DagsterRunStatus.FAILURE:
+            raise dg.Failure("refused")
+
+    @dg.job
+    def a_round():
+        finish()
+
+    sensor = build_mirror_sensor(status, interval_s=30)
+    with dg.instance_for_test() as instance:
+        run = a_round.execute_in_process(instance=instance, raise_on_error=False).dagster_run
+        event_type = dg.DagsterEventType.RUN_SUCCESS if status == dg.DagsterRunStatus.SUCCESS else None
+        [event] = instance.all_logs(run.run_id, of_type=event_type or dg.DagsterEventType.RUN_FAILURE)
+        for mirror, expected in [(f"s3://{BUCKET}/lake", dg.RunRequest), (None, dg.SkipReason)]:
+            overrides = [f"home='{tmp_path}'"] + ([f"storage.lake_mirror_url='{mirror}'"] if mirror else [])
+            context = dg.build_run_status_sensor_context(
+                sensor_name=sensor.name, dagster_instance=instance, dagster_run=run, dagster_event=event.dagster_event,
+                resources={"settings": TaoSettingsResource(overrides=overrides)},
+            )  # fmt: skip
+            result = sensor(context)
+            assert isinstance(result, expected), result
+            if expected is dg.RunRequest:
+                assert result.run_key == f"mirror-after-{run.run_id}"

@@ -4,7 +4,7 @@ import dagster as dg
 
 from tao_pipeline.defs.constants import MIRROR_JOB, STORAGE_GROUP
 from tao_pipeline.defs.jobs import tao_round_job
-from tao_pipeline.defs.resources import TaoSettingsResource
+from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 
 mirror_job = dg.define_asset_job(
     MIRROR_JOB,
@@ -13,34 +13,30 @@ mirror_job = dg.define_asset_job(
 )
 
 
-def _mirror_request(context: dg.RunStatusSensorContext, settings: TaoSettingsResource):
-    if settings.get().storage.lake_mirror_url is None:
-        return dg.SkipReason("storage.lake_mirror_url is not set")
-    return dg.RunRequest(run_key=f"mirror-after-{context.dagster_run.run_id}")
+def build_mirror_sensor(status: dg.DagsterRunStatus, interval_s: int) -> dg.RunStatusSensorDefinition:
+    """Mirror the lake once a round's run ends with ``status`` (success: promoted; failure: refused, or a
+    stage failed), when storage.lake_mirror_url is set."""
 
+    @dg.run_status_sensor(
+        name=f"mirror_after_a_round_{status.value.lower()}",
+        run_status=status,
+        monitored_jobs=[tao_round_job],
+        request_job=mirror_job,
+        minimum_interval_seconds=interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def mirror_after_a_round(context: dg.RunStatusSensorContext, settings: TaoSettingsResource):
+        if settings.get().storage.lake_mirror_url is None:
+            return dg.SkipReason("storage.lake_mirror_url is not set")
+        return dg.RunRequest(run_key=f"mirror-after-{context.dagster_run.run_id}")
 
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[tao_round_job],
-    request_job=mirror_job,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def mirror_after_a_round(context: dg.RunStatusSensorContext, settings: TaoSettingsResource):
-    """Mirror the lake once a round's run succeeds (its challenger promoted)."""
-    return _mirror_request(context, settings)
-
-
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.FAILURE,
-    monitored_jobs=[tao_round_job],
-    request_job=mirror_job,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
-def mirror_after_a_refused_round(context: dg.RunStatusSensorContext, settings: TaoSettingsResource):
-    """Mirror the lake once a round's run ends without a promotion (its gate refused, or a stage failed)."""
-    return _mirror_request(context, settings)
+    return mirror_after_a_round
 
 
 @dg.definitions
 def storage() -> dg.Definitions:
-    return dg.Definitions(jobs=[mirror_job], sensors=[mirror_after_a_round, mirror_after_a_refused_round])
+    interval_s = startup_settings().flywheel.sensor_interval_s
+    sensors = [
+        build_mirror_sensor(status, interval_s) for status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+    ]
+    return dg.Definitions(jobs=[mirror_job], sensors=sensors)
