@@ -41,7 +41,8 @@ def greedy_alone(model, prompt: list[int], tokens: int, pad_id: int) -> list[int
 
 def test_rows_that_join_and_leave_decode_as_they_would_alone(tiny):
     """A starts alone; B joins after 5 steps (a longer prompt: the batch is re-padded); C joins later, its long
-    prompt read in chunks; rows leave at different lengths. Every row's greedy tokens equal its decode alone."""
+    prompt read in chunks; A is split off into a batch of its own after 12 steps (as a row that grew long is);
+    rows leave at different lengths. Every row's greedy tokens equal its decode alone."""
     model, tokenizer = tiny
     pad = tokenizer.pad_token_id
     prompts = {
@@ -55,7 +56,7 @@ def test_rows_that_join_and_leave_decode_as_they_would_alone(tiny):
     with torch.inference_mode():
         batch = RunningBatch.prefill(model, pad, [prompts["A"]])
         names, produced = ["A"], {name: [] for name in prompts}
-        chunked = None
+        chunked = alone = None
         for step in range(40):
             if step == 5:
                 batch.join(RunningBatch.prefill(model, pad, [prompts["B"]]))
@@ -69,8 +70,16 @@ def test_rows_that_join_and_leave_decode_as_they_would_alone(tiny):
                 if step == 10:
                     batch.join(chunked)
                     names.append("C")
+            if step == 12:
+                alone, names = batch.split([names.index("A")]), [name for name in names if name != "A"]
+            if alone is not None and len(alone):
+                token = alone.logits.argmax(-1)
+                produced["A"].append(int(token[0]))
+                alone.keep([0] if len(produced["A"]) < lengths["A"] else [])
+                if len(alone):
+                    alone.step(token)
             if not names:
-                break
+                continue
             tokens = batch.logits.argmax(-1)
             for name, token in zip(names, tokens.tolist(), strict=True):
                 produced[name].append(token)
@@ -177,3 +186,19 @@ def test_a_long_request_does_not_hold_short_ones(server):
     thread.join()
     assert finished["long_tokens"] >= 600  # it was long indeed
     assert finished["short"] < finished["long"]
+
+
+def test_a_row_that_grows_long_decodes_apart_and_nobody_waits_on_it(tmp_path, tiny_model_dir):
+    """With serve.long_row_tokens=32, a 400-token answer moves to the long lane; short ones still join and end."""
+    settings = load(serve_config(tmp_path, tiny_model_dir), "serve.long_row_tokens=32")
+    with running_server(settings) as running:
+        engine = running.engine
+        thread = threading.Thread(target=ask, args=(running,), kwargs={"max_tokens": 400, "seed": 7, "n": 2})
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not any(batch.lane == "long" and batch.rows for batch in engine._batches):
+            assert time.monotonic() < deadline, "the long rows never moved to the long lane"
+            time.sleep(0.005)
+        shorts = [ask(running, max_tokens=4, messages=[{"role": "user", "content": f"s{i}"}]) for i in range(3)]
+        assert all(answer.choices[0].finish_reason in ("stop", "length") for answer in shorts)
+        thread.join()

@@ -187,6 +187,15 @@ class ElasticLayer(PreallocatedLayer):
         self.capacity, self.length = capacity, width
         self._views()
 
+    def take(self, rows: torch.Tensor) -> ElasticLayer:
+        """A new layer holding only these rows (copied)."""
+        layer = ElasticLayer(self.capacity)
+        layer.device, layer.is_initialized, layer.length = self.device, True, self.length
+        layer.key_buffer = _select_rows(self.key_buffer, rows, self.length)
+        layer.value_buffer = _select_rows(self.value_buffer, rows, self.length)
+        layer._views()
+        return layer
+
     def drop_left(self, columns: int) -> None:
         """Forget the first ``columns`` positions (no row uses them any more): a view, nothing is copied."""
         self.key_buffer = self.key_buffer[:, :, columns:]
@@ -267,6 +276,22 @@ class RunningBatch:
             self.cache, self.mask, self.positions, self.logits = None, None, None, None
             return
         self._select(torch.tensor(rows, device=self.mask.device))
+        self._drop_unused_columns()
+
+    def split(self, rows: list[int]) -> RunningBatch:
+        """These rows (indices, in order) leave into a batch of their own, returned; the others stay. A long row
+        in a batch of short ones makes every row attend over its width: alone, it costs only itself."""
+        index = torch.tensor(rows, device=self.mask.device)
+        other = RunningBatch(self.model, self.pad_id)
+        other.cache = DynamicCache(config=self.model.config)
+        other.cache.layers = [layer.take(index) for layer in self.cache.layers]
+        other.mask, other.positions, other.logits = self.mask[index], self.positions[index], self.logits[index]
+        other._drop_unused_columns()
+        leaving = set(rows)
+        self.keep([i for i in range(len(self)) if i not in leaving])
+        return other
+
+    def _drop_unused_columns(self) -> None:
         unused = int(self.mask.any(dim=0).long().argmax())  # the first column some row still uses
         if unused:
             for layer in self.cache.layers:

@@ -200,10 +200,12 @@ def _first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
 
 @dataclass(eq=False)
 class _Batch:
-    """The running rows of one model version."""
+    """The running rows of one model version in one lane: ``short`` rows, or ``long`` ones (past
+    ``long_row_tokens``), decoded apart so that the short ones do not attend over a long one's width."""
 
     loaded: LoadedModel
     decoding: RunningBatch
+    lane: str = "short"
     rows: list[_Row] = field(default_factory=list)
 
 
@@ -226,6 +228,7 @@ class LocalEngine:
         max_batch_rows: int = 16,
         batch_window_s: float = 0.02,
         prefill_chunk_tokens: int = 512,
+        long_row_tokens: int = 512,
         max_context_tokens: int | None = None,
         threads: int | None = None,
         trust_remote_code: bool = False,
@@ -233,6 +236,7 @@ class LocalEngine:
         self.dtype, self.trust_remote_code, self.threads = dtype, trust_remote_code, threads
         self.max_batch_rows, self.batch_window_s = max_batch_rows, batch_window_s
         self.prefill_chunk_tokens, self.max_context_tokens = prefill_chunk_tokens, max_context_tokens
+        self.long_row_tokens = long_row_tokens
         self._loaded: LoadedModel | None = None
         self._queue: deque[_Job] = deque()
         self._wake = threading.Condition()
@@ -412,14 +416,39 @@ class LocalEngine:
             self._join(job.loaded, chunked.batch, [job])
 
     def _join(self, loaded: LoadedModel, prefilled: RunningBatch, jobs: list[_Job]) -> None:
-        batch = next((b for b in self._batches if b.loaded is loaded), None)
-        if batch is None:
-            batch = _Batch(loaded, RunningBatch(loaded.model, loaded.tokenizer.pad_token_id))
-            self._batches.append(batch)
+        long = max(len(job.prompt_ids) for job in jobs) > self.long_row_tokens
+        batch = self._batch_for(loaded, "long" if long else "short")
         batch.decoding.join(prefilled)
         self.requests_started += len(jobs)
         batch.rows.extend(_Row(job, i, _Detokenizer(loaded.tokenizer), _generator(job, i))
                           for job in jobs for i in range(job.request.n))  # fmt: skip
+
+    def _batch_for(self, loaded: LoadedModel, lane: str) -> _Batch:
+        batch = next((b for b in self._batches if b.loaded is loaded and b.lane == lane), None)
+        if batch is None:
+            batch = _Batch(loaded, RunningBatch(loaded.model, loaded.tokenizer.pad_token_id), lane)
+            self._batches.append(batch)
+        return batch
+
+    def _separate_long_rows(self, batch: _Batch) -> None:
+        """Rows of the short lane that grew past ``long_row_tokens`` move to the long lane."""
+        if batch.lane != "short":
+            return
+        long = [
+            i
+            for i, row in enumerate(batch.rows)
+            if len(row.job.prompt_ids) + len(row.text.tokens) > self.long_row_tokens
+        ]
+        if not long:
+            return
+        target = self._batch_for(batch.loaded, "long")
+        if len(long) == len(batch.rows) and not target.rows:  # all of them: the lanes swap, nothing is copied
+            batch.lane, target.lane = "long", "short"
+            return
+        target.decoding.join(batch.decoding.split(long))
+        target.rows.extend(batch.rows[i] for i in long)
+        moved = set(long)
+        batch.rows = [row for i, row in enumerate(batch.rows) if i not in moved]
 
     def _step(self, batch: _Batch) -> None:
         """One token for every row; rows that end or whose client left go, the rest take a decoding step."""
@@ -443,6 +472,7 @@ class LocalEngine:
             self.steps += 1
             if kept:
                 decoding.step(tokens[kept].to(decoding.mask.device))
+                self._separate_long_rows(batch)
         except Exception as error:  # noqa: BLE001 - the batch's requests fail, the server lives
             logger.exception("tao serve: a decoding step failed")
             for row in batch.rows:

@@ -74,6 +74,7 @@ def build_engine(settings: TaoSettings) -> Engine:
         max_batch_rows=serve.max_batch_rows,
         batch_window_s=serve.batch_window_ms / 1000,
         prefill_chunk_tokens=serve.prefill_chunk_tokens,
+        long_row_tokens=serve.long_row_tokens,
         max_context_tokens=serve.max_context_tokens,
         threads=serve.threads or default_threads(),
         trust_remote_code=settings.model.trust_remote_code,

@@ -440,6 +440,9 @@ class ServeSettings(_Section):
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="local: prompt tokens read per decoding step; a longer prompt is read in chunks."
     )
+    long_row_tokens: int = Field(
+        512, ge=16, description="local: a row past this many tokens decodes in a batch of long rows of its own."
+    )
     max_context_tokens: int | None = Field(
         None, ge=2, description="local: prompt + answer tokens at most (default: the model's own context length)."
     )
