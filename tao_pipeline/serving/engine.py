@@ -109,7 +109,11 @@ class Engine(Protocol):
 
     async def complete(self, request: GenerationRequest) -> Completion: ...
 
-    async def stream(self, request: GenerationRequest) -> Stream: ...
+    async def stream(self, request: GenerationRequest) -> Stream:
+        """The answer as it comes. Raises RequestRefused for this request's own problem (a prompt too long),
+        EngineError when the engine cannot answer; honours ``request.deadline`` or leaves it to the caller,
+        and stops generating once ``Stream.cancel`` is called."""
+        ...
 
     async def switch_to(self, champion: ModelVersion) -> None:
         """Serve ``champion`` from now on; requests in flight finish on the model they started with."""

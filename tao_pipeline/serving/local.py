@@ -241,7 +241,7 @@ class LocalEngine:
         self._queue: deque[_Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._batches: list[_Batch] = []  # the current model's last; an older one while it drains after a swap
+        self._batches: list[_Batch] = []  # the current model's lanes, and an older model's while they drain
         self._chunked: _Chunked | None = None
         self._worker = threading.Thread(target=self._work, name="tao-serve-local", daemon=True)
         self.step_rows: deque[int] = deque(maxlen=5000)  # rows decoded by each step, most recent last
@@ -251,10 +251,6 @@ class LocalEngine:
     @property
     def version(self) -> str:
         return self._loaded.version if self._loaded else ""
-
-    @property
-    def context_tokens(self) -> int | None:
-        return self._loaded.context_tokens if self._loaded else None
 
     async def start(self, champion: ModelVersion) -> None:
         if self.threads:
