@@ -33,7 +33,7 @@ def four_cpus(monkeypatch, tmp_path) -> Path:
 def torch_threads_restored(monkeypatch):
     """torch's thread count and the module's measurement put back as they were."""
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads, "_measured", None)
+    monkeypatch.setattr(threads, "_unset_choices", {})
     monkeypatch.setattr(threads, "_torch_default", None)
     yield
     torch.set_num_threads(before)

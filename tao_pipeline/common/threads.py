@@ -86,7 +86,7 @@ class ThreadChoice:
 
 
 _lock = threading.Lock()
-_measured: tuple[float, float] | None = None  # (time.monotonic() of the measurement, CPUs busy elsewhere)
+_unset_choices: dict[str, tuple[float, ThreadChoice]] = {}  # setting name -> (time.monotonic(), the choice then)
 _torch_default: int | None = None  # torch's own count before the first choice (physical cores, or OMP_NUM_THREADS)
 
 
@@ -104,7 +104,7 @@ def use_torch_threads(setting: int | None, name: str) -> ThreadChoice:
     with _lock:
         if _torch_default is None:
             _torch_default = torch.get_num_threads()
-        choice = choose_threads(setting, name, torch_default=_torch_default, busy_elsewhere=_busy_now)
+        choice = _choice(setting, name, _torch_default)
         if torch.get_num_threads() != choice.threads:
             torch.set_num_threads(choice.threads)
             logger.info("torch threads: %d (%s)", choice.threads, choice.reason)
@@ -132,13 +132,16 @@ def choose_threads(
     )
 
 
-def _busy_now() -> float:
-    """CPUs busy elsewhere, measured at most every REMEASURE_S (under the caller's lock)."""
-    global _measured
+def _choice(setting: int | None, name: str, torch_default: int) -> ThreadChoice:
+    """The choice for ``setting``; an unset one made again at most every REMEASURE_S (under the caller's lock)."""
+    if setting is not None:
+        return choose_threads(setting, name, torch_default=torch_default, busy_elsewhere=busy_elsewhere)
     now = time.monotonic()
-    if _measured is None or now - _measured[0] >= REMEASURE_S:
-        _measured = (now, busy_elsewhere())
-    return _measured[1]
+    made = _unset_choices.get(name)
+    if made is None or now - made[0] >= REMEASURE_S:
+        made = (now, choose_threads(None, name, torch_default=torch_default, busy_elsewhere=busy_elsewhere))
+        _unset_choices[name] = made
+    return made[1]
 
 
 @dataclass(frozen=True)
