@@ -253,8 +253,6 @@ class LocalEngine:
         return self._loaded.version if self._loaded else ""
 
     async def start(self, champion: ModelVersion) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
         self._loaded = await asyncio.to_thread(self._load, champion)
         self._worker.start()
 
@@ -313,6 +311,8 @@ class LocalEngine:
     # -- the worker thread -----------------------------------------------------------------------
 
     def _work(self) -> None:
+        if self.threads:  # in this thread: torch's count is OpenMP's, kept per thread
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while self._wait_for_work():
                 self._admit()
