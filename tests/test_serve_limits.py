@@ -252,6 +252,8 @@ def test_a_full_server_answers_429_with_retry_after(tmp_path, tiny_model_dir):
         first.join()
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert openai_shaped(refused)["type"] == "rate_limit_error"
+        metrics = requests.get(running.root + "/metrics", timeout=10).text
+        assert 'tao_serve_requests_total{endpoint="chat",outcome="busy"} 1.0' in metrics
         again = client_for(running).chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
         assert again.choices  # the slot came back
 

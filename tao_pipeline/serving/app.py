@@ -375,7 +375,11 @@ def build_app(
     async def answer(request: GenerationRequest, served: Served, stream: bool, chat: bool, http: Request) -> Response:
         if not watcher.ready:
             raise ServeError(503, f"no model loaded yet: {watcher.last_error}", code="unavailable")
-        admission.enter(request.n)
+        try:
+            admission.enter(request.n)
+        except ServeError:
+            metrics.busy(served.endpoint)
+            raise
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         request = dataclasses.replace(request, deadline=deadline)
         release = _once(lambda seconds=None: admission.leave(request.n, seconds))

@@ -47,6 +47,10 @@ class ServeMetrics:
         self.requests.labels(endpoint, "error").inc()
         self.latency.labels(endpoint).observe(seconds)
 
+    def busy(self, endpoint: str) -> None:
+        """Refused with 429: too many rows in flight."""
+        self.requests.labels(endpoint, "busy").inc()
+
     def cancelled(self, endpoint: str) -> None:
         """The client left before its answer was whole: nothing more was generated or logged for it."""
         self.requests.labels(endpoint, "cancelled").inc()
