@@ -86,3 +86,25 @@ def test_an_upstreams_client_error_is_passed_on_not_a_502(tmp_path, tiny_model_d
         with pytest.raises(openai.BadRequestError, match="maximum context length"):
             client.chat.completions.create(model="tao", messages=too_long, max_tokens=2)
         assert requests.get(proxy.root + "/health", timeout=10).json()["engine_status"]["failures_in_a_row"] == 0
+
+
+def test_a_silent_upstream_is_known_by_its_silence_not_at_the_deadline(tmp_path, tiny_model_dir, upstream):
+    """The deadline is a minute, but the upstream says nothing for serve.upstream_stall_s: the request fails
+    after the tries' silences (3 x 0.5 s and the client's back-off), not after a minute."""
+    settings = load(
+        serve_config(tmp_path, tiny_model_dir),
+        "serve.engine='proxy'",
+        f"serve.upstream_url='{upstream.url}'",
+        "serve.request_timeout_s=60",
+        "serve.upstream_stall_s=0.5",
+    )
+    with running_server(settings) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="none", max_retries=0, timeout=90)
+        wait_for(lambda: requests.get(proxy.root + "/health", timeout=10).ok, 20, "the proxy to be healthy")
+        whole = client.chat.completions.create(model="tao", messages=CHAT, max_tokens=6, temperature=0, n=2)
+        assert len(whole.choices) == 2 and 0 < whole.usage.completion_tokens <= 12  # gathered from a stream
+        upstream.frozen.set()
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
+        assert caught.value.status_code == 502 and time.monotonic() - started < 15

@@ -16,8 +16,10 @@ An upstream that is down or frozen is seen at once, and nobody waits long for it
 
 - ``/health`` reflects it: the upstream's ``/v1/models`` is asked every ``probe_seconds`` (with a short
   timeout), and /health answers 503 while it does not answer or while the circuit is open;
-- each try has ``timeout_s / (max_retries + 1)`` seconds, so the tries fit in the request's deadline
-  (``serve.request_timeout_s``, enforced by the app over the whole request);
+- answers are always streamed from the upstream (and gathered for a client that asked for one whole
+  answer), so an upstream silent for ``stall_s`` (``serve.upstream_stall_s``) is known to be stuck while a
+  long answer that keeps coming is not cut; the request's own deadline (``serve.request_timeout_s``)
+  bounds the whole, retries included;
 - a circuit breaker: after ``breaker_failures`` failures in a row (connection errors, timeouts, 5xx)
   requests fail at once with 503 and Retry-After for ``breaker_cooldown_s``, then requests may try again.
 
@@ -73,7 +75,7 @@ class ProxyEngine:
         model_names: dict[str, str] | None = None,
         load_lora_adapters: bool = False,
         upstream_base_version: str | None = None,
-        timeout_s: float = 120.0,
+        stall_s: float = 30.0,
         max_retries: int = 2,
         probe_seconds: float = 5.0,
         breaker_failures: int = 5,
@@ -85,7 +87,7 @@ class ProxyEngine:
         self.client = AsyncOpenAI(
             base_url=self.base_url,
             api_key=api_key or "none",
-            timeout=timeout_s / (max_retries + 1),
+            timeout=stall_s,  # connect, and each read: a streamed answer's silence
             max_retries=max_retries,
         )
         self.breaker = _Breaker(
@@ -180,25 +182,13 @@ class ProxyEngine:
             )
 
     async def complete(self, request: GenerationRequest) -> Completion:
-        version = self._version
-        self._closed_circuit()
+        stream = await self.stream(request)  # streamed from the upstream: a stall shows in seconds
         try:
-            with self.breaker:
-                async with _deadline(request.deadline):
-                    if request.messages is not None:
-                        answer = await self.client.chat.completions.create(**self._arguments(request, version))
-                        choices = [Choice(c.message.content or "", c.finish_reason) for c in answer.choices]
-                    else:
-                        answer = await self.client.completions.create(**self._arguments(request, version))
-                        choices = [Choice(c.text, c.finish_reason) for c in answer.choices]
-        except openai.OpenAIError as error:
-            raise self._failure(error) from error
-        usage = answer.usage
-        if usage is not None and choices:
-            for choice in choices:  # the upstream reports the total; share it out
-                choice.completion_tokens = usage.completion_tokens // len(choices)
-            choices[0].completion_tokens += usage.completion_tokens % len(choices)
-        return Completion(version, choices, usage.prompt_tokens if usage else 0)
+            async for _ in stream.deltas:
+                pass
+        finally:
+            stream.cancel()
+        return stream.completion
 
     async def stream(self, request: GenerationRequest) -> Stream:
         version = self._version
@@ -222,7 +212,7 @@ class ProxyEngine:
                     async for chunk in chunks:
                         if chunk.usage is not None:
                             completion.prompt_tokens = chunk.usage.prompt_tokens
-                            completion.choices[0].completion_tokens = chunk.usage.completion_tokens
+                            _share_out(completion.choices, chunk.usage.completion_tokens)
                         for part in chunk.choices:
                             if part.index >= len(completion.choices):
                                 continue
@@ -233,6 +223,9 @@ class ProxyEngine:
                             yield Delta(part.index, text, part.finish_reason)
         except openai.OpenAIError as error:
             raise self._failure(error) from error
+        except Exception as error:  # the HTTP client's own errors mid-stream: a stall is its read timeout
+            message = f"upstream {self.base_url}: the answer stopped coming: {_reason(error)}"
+            raise EngineError(message, status=502, code="upstream_error") from error
 
     def _failure(self, error: openai.OpenAIError) -> Exception:
         """An upstream 4xx is the client's (its own status and message); anything else is the upstream's (502)."""
@@ -266,6 +259,13 @@ class ProxyEngine:
         await self.client.close()
 
 
+def _share_out(choices: list[Choice], tokens: int) -> None:
+    """The upstream reports completion tokens for all choices together: share them out."""
+    for choice in choices:
+        choice.completion_tokens = tokens // len(choices)
+    choices[0].completion_tokens += tokens % len(choices)
+
+
 def _deadline(deadline: float | None):
     """The request's deadline, a moment early: a frozen upstream then fails here, where the circuit counts it."""
     if deadline is None:
@@ -279,10 +279,11 @@ async def _close(chunks) -> None:
 
 
 def _upstream_fault(kind: type, error: BaseException) -> bool:
-    """What opens the circuit: the upstream unreachable, too slow or failing (5xx), not a client's mistake."""
+    """What opens the circuit: the upstream unreachable, silent, too slow or failing (5xx); not a client's
+    mistake (a 4xx). Cancellations (the client left) are left out by ``_Breaker``."""
     if isinstance(error, openai.APIStatusError):
         return error.status_code >= 500
-    return isinstance(error, openai.APIConnectionError | TimeoutError)
+    return True
 
 
 def _reason(error: BaseException | None) -> str:

@@ -64,7 +64,7 @@ def build_engine(settings: TaoSettings) -> Engine:
             model_names=serve.upstream_model_names,
             load_lora_adapters=serve.load_lora_adapters,
             upstream_base_version=base_version,
-            timeout_s=serve.request_timeout_s,
+            stall_s=serve.upstream_stall_s,
             probe_seconds=serve.upstream_probe_seconds,
             breaker_failures=serve.breaker_failures,
             breaker_cooldown_s=serve.breaker_cooldown_s,

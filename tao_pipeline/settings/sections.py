@@ -472,6 +472,9 @@ class ServeSettings(_Section):
         300.0, gt=0.0, le=86_400.0,
         description="Deadline of one request, queue and retries included (HTTP 504, or an error event in a stream).",
     )  # fmt: skip
+    upstream_stall_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="proxy: an upstream silent this long (no token) is stuck: tried again."
+    )
     upstream_probe_seconds: float = Field(
         5.0, gt=0.0, le=3600.0, description="proxy: how often /health asks the upstream for its models."
     )
