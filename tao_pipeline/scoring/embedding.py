@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.scoring.base import BatchSize, Failed, PromptContext, Score, TokenCount, scorer_options
 
 MODEL_OPTION = "scoring.options.embedding_consensus.model"
@@ -69,6 +70,7 @@ class EmbeddingConsensusScorer:
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings, one row per text; identical texts are encoded once."""
+        use_torch_threads(None, "embedding_consensus")  # sized to the CPUs other processes leave free
         unique = list(dict.fromkeys(texts))
         batches = [
             self._embed_batch(unique[start : start + self.batch_size])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.registry.loading import load_tokenizer, resolve_dtype
@@ -136,6 +137,7 @@ class RewardModelScorer:
         return value if math.isfinite(value) else Failed(f"{self.name}: non-finite reward {value}")
 
     def _forward(self, batch: list[list[int]]) -> list[float]:
+        use_torch_threads(None, "reward_model")  # sized to the CPUs other processes leave free
         inputs = self._tokenizer.pad({"input_ids": batch}, return_tensors="pt")
         with torch.inference_mode():
             logits = self._model(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.generation.base import eos_token_ids
 from tao_pipeline.generation.decoding import RunningBatch, elastic_cache
 from tao_pipeline.generation.sampling import choose_tokens_per_row
@@ -312,7 +313,7 @@ class LocalEngine:
 
     def _work(self) -> None:
         if self.threads:  # in this thread: torch's count is OpenMP's, kept per thread
-            torch.set_num_threads(self.threads)
+            use_torch_threads(self.threads, "serve.threads")
         with torch.inference_mode():
             while self._wait_for_work():
                 self._admit()

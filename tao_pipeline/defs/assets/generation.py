@@ -47,6 +47,7 @@ def _metadata(candidates: Candidates) -> dict:
         "new_tokens": stats.new_tokens,
         "tokens_per_second": round(stats.tokens_per_second, 1),
         "generation_seconds": round(stats.seconds, 1),
+        **stats.threads_metadata(),
     }
 
 
