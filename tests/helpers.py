@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+FUZZ_CASES = "fuzz_cases"  # a test's user property: (kind, cases tried); tests/conftest.py sums them up
+FUZZ_SMALL = 100  # cases per property on every run (the default hypothesis profile)
+FUZZ_FULL = 1000  # the most cases a property runs under TAO_FUZZ=full (`make test-full`)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,6 +65,26 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def fuzz_scale() -> float:
+    """TAO_FUZZ_SCALE: a multiplier for the number of cases (10 for a long soak), 1 when unset."""
+    text = os.environ.get("TAO_FUZZ_SCALE", "1")
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = -1.0
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"TAO_FUZZ_SCALE={text!r}: give a positive number (10 runs ten times as many cases)")
+    return scale
+
+
+def fuzz_examples(full: int) -> int:
+    """Cases for a property whose full size is ``full``: all of them under TAO_FUZZ=full, the loaded
+    hypothesis profile's (smaller) count otherwise, either times TAO_FUZZ_SCALE."""
+    from hypothesis import settings
+
+    return max(1, min(round(full * fuzz_scale()), settings().max_examples))
 
 
 def write_logs(path: Path, rows: list[dict | str]) -> Path:

@@ -10,8 +10,11 @@ stray quotes, wrong field counts, corrupt files). The properties:
 * every bad line is quarantined exactly once with a non-empty reason naming the problem;
 * both frames can be written to the lake (Arrow/Parquet), like the ingestion asset does.
 
-Each property counts the examples it ran; the total is printed when the module finishes
-("hypothesis: N ingestion cases ran"). ``TAO_FUZZ_SCALE=10`` runs ten times as many.
+How many cases each property tries is the hypothesis profile's (tests/conftest.py): a small
+sample on every run, each property's full size (below, 3,600 cases in all) under ``TAO_FUZZ=full``
+(``make test-full``); ``TAO_FUZZ_SCALE=10`` multiplies either. The inputs that found bugs are kept
+as ``@example``s, so they run every time whatever the profile. The run ends with the number of cases
+tried ("hypothesis: N cases ran").
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ import datetime
 import io
 import json
 import math
-import os
 import re
 import tempfile
-import time
 import tracemalloc
 import unicodedata
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -34,44 +36,32 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from tao_pipeline.data.ingest import QUARANTINE_COLUMNS, USAGE_LOG_COLUMNS, UnreadableLogFile, ingest_file
 from tao_pipeline.data.prompts import DEFAULT_TASK, prompt_id_for
 from tao_pipeline.settings import DataSettings
+from tests.helpers import FUZZ_CASES, fuzz_examples
 
 MAX_CHARS = 200
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")  # where a JSONL line ends
 LIMITS = DataSettings(max_prompt_chars=MAX_CHARS, min_prompt_chars=1)
-_SCALE = float(os.environ.get("TAO_FUZZ_SCALE", "1"))
 CASES: Counter[str] = Counter()
-_STARTED = time.perf_counter()
 
 
-def fuzz(examples: int):
-    return settings(
-        max_examples=max(1, int(examples * _SCALE)),
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-    )
+def fuzz(full: int):
+    """A property's settings: ``full`` cases under TAO_FUZZ=full, the profile's smaller count otherwise."""
+    return settings(max_examples=fuzz_examples(full))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def report_case_count(request):
+@pytest.fixture(autouse=True)
+def count_cases(request):
+    """The cases each test tried, for the run's summary line (tests/conftest.py adds them up, across workers)."""
+    before = CASES.copy()
     yield
-    total = sum(CASES.values())
-    detail = ", ".join(f"{name}: {count}" for name, count in sorted(CASES.items()))
-    line = f"hypothesis: {total} ingestion cases ran in {time.perf_counter() - _STARTED:.1f}s ({detail})"
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if capture is None or reporter is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():  # shown even without -s
-        reporter.write_line("")
-        reporter.write_line(line)
+    for kind, count in (CASES - before).items():
+        request.node.user_properties.append((FUZZ_CASES, (kind, count)))
 
 
 def ingest(suffix: str, data: bytes):
@@ -295,34 +285,54 @@ def bad_jsonl_lines(draw) -> tuple[str, bytes, tuple[str, ...]]:
 
 
 jsonl_items = st.one_of(
-    good_records().map(lambda record: ("good", record)),
+    st.tuples(good_records(), st.booleans()).map(lambda good: ("good", good)),  # (record, ensure_ascii)
     bad_jsonl_lines().map(lambda bad: ("bad", bad)),
     st.sampled_from([b"", b" ", b"\t ", b"\x0b\x0c"]).map(lambda blank: ("blank", blank)),
 )
+# The inputs that found bugs, each class in one file, with good rows around them.
+BUGS_JSONL = [
+    ("good", ({"id": "dup-1", "prompt": "first"}, False)),  # after a byte order mark
+    ("bad", ("lone_surrogate", b'{"prompt": "a\\ud800b"}', ("not valid Unicode",))),
+    ("bad", ("huge_integer", b'{"prompt": "ok", "id": ' + b"9" * 4301 + b"}", ("not valid JSON",))),
+    ("bad", ("wrong_type", b'{"prompt": "ok", "id": true}', ("field 'id' must be",))),
+    ("bad", ("wrong_type", b'{"prompt": "ok", "constraints": []}', ("field 'constraints' must be",))),
+    ("bad", ("empty_prompt", json.dumps({"prompt": " \u200b\ufeff\x00"}).encode(), ("prompt is empty",))),
+    ("bad", ("deep_nesting", b"[" * 10_000, ("nested too deeply",))),
+    ("bad", ("invalid_utf8", b'{"prompt": "caf\xe9"}', ("not valid UTF-8",))),
+    ("bad", ("random_bytes", b"\x1f\x8b\x00 gzip's magic but not deflate: not gzip", ("",))),
+    ("blank", b"\x0b\x0c"),
+    ("good", ({"id": "dup-1", "prompt": "caf\u00e9 \U0001f600", "task": " "}, False)),  # the same id again
+]
 
 
-@fuzz(examples=1000)
+@fuzz(full=1000)
 @given(
     items=st.lists(jsonl_items, max_size=30),
-    crlf=st.booleans(),
+    end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
     final_newline=st.booleans(),
     suffix=st.sampled_from([".jsonl", ".json"]),
-    data=st.data(),
+    bom=st.booleans(),
 )
-def test_jsonl_every_good_row_kept_and_every_bad_line_quarantined(items, crlf, final_newline, suffix, data):
+@example(items=BUGS_JSONL, end=b"\r", final_newline=True, suffix=".jsonl", bom=True)  # CR-only lines
+@example(items=BUGS_JSONL, end=b"\r\n", final_newline=False, suffix=".json", bom=False)
+@example(
+    items=[BUGS_JSONL[-3], ("blank", b""), BUGS_JSONL[0]], end=b"\n", final_newline=True, suffix=".jsonl", bom=False
+)
+def test_jsonl_every_good_row_kept_and_every_bad_line_quarantined(items, end, final_newline, suffix, bom):
     CASES["jsonl"] += 1
     lines, good, bad = [], {}, {}
     for number, (kind, item) in enumerate(items, start=1):
         if kind == "good":
-            lines.append(json.dumps(item, ensure_ascii=data.draw(st.booleans())).encode())
-            good[number] = expected_row(item)
+            record, ensure_ascii = item
+            lines.append(json.dumps(record, ensure_ascii=ensure_ascii).encode())
+            good[number] = expected_row(record)
         elif kind == "bad":
             lines.append(item[1])
             bad[number] = item[2]
         else:
             lines.append(item)
-    end = b"\r\n" if crlf else b"\n"
-    content = end.join(lines) + (end if final_newline and lines else b"")
+    bom = bom and bool(lines) and bool(lines[0].strip())  # a byte order mark before the first row
+    content = (codecs.BOM_UTF8 if bom else b"") + end.join(lines) + (end if final_newline and lines else b"")
     assume(suffix == ".jsonl" or whole_json_array(content) is None)  # an array: test_json_array_...
     path, batch = ingest(suffix, content)  # never raises
     check_batch(path, batch, good, bad)
@@ -368,7 +378,7 @@ def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
     return base, ("not valid Unicode",)
 
 
-@fuzz(examples=500)
+@fuzz(full=500)
 @given(
     items=st.lists(
         good_records().map(lambda r: ("good", r)) | bad_array_elements().map(lambda b: ("bad", b)), max_size=30
@@ -377,6 +387,21 @@ def bad_array_elements(draw) -> tuple[object, tuple[str, ...]]:
     bom=st.booleans(),
     padding=st.text(st.sampled_from(" \t\r\n"), max_size=4),
     ensure_ascii=st.booleans(),
+)
+@example(
+    items=[
+        ("good", {"id": 7, "prompt": "first"}),
+        ("bad", ({"prompt": "a\ud800b"}, ("not valid Unicode",))),
+        ("bad", ({"prompt": "ok", "id": True}, ("field 'id' must be",))),
+        ("bad", ([1, 2], ("must be a JSON object",))),
+        ("bad", ({"prompt": " \u200b\ufeff"}, ("prompt is empty",))),
+        ("bad", ({"prompt": "x" * (MAX_CHARS + 1)}, ("prompt too long",))),
+        ("good", {"id": 7, "prompt": "caf\u00e9", "constraints": {"max_words": 2**70}}),
+    ],
+    indent=0,
+    bom=True,
+    padding="\r",
+    ensure_ascii=False,
 )
 def test_json_array_every_good_element_kept_and_every_bad_one_quarantined(items, indent, bom, padding, ensure_ascii):
     CASES["json_array"] += 1
@@ -494,8 +519,32 @@ def csv_files(draw):
     return header, draw(st.lists(csv_items(header), max_size=25))
 
 
-@fuzz(examples=800)
+def _csv_good(raw: bytes, prompt: str, log_id: str) -> tuple[str, bytes, dict]:
+    return "good", raw, expected_row({"prompt": prompt, "id": log_id})
+
+
+BUGS_CSV = (
+    ["prompt", "id"],
+    [
+        _csv_good(b'"two\rlines",1', "two\rlines", "1"),  # a line break inside quotes
+        _csv_good(b'he said "hi",2', 'he said "hi"', "2"),  # a literal quote in an unquoted field
+        ("bad", b'"unclosed,3', ("not valid CSV",)),  # swallows the next line, which is read again
+        _csv_good(b"kept,4", "kept", "4"),
+        ("bad", b'"closed"junk,5', ("not valid CSV",)),
+        ("bad", b"caf\xe9,6", ("not valid UTF-8",)),
+        ("bad", b"a,b,c", ("wrong number of fields",)),
+        ("blank", b"", None),
+        ("bad", " \u200b,8".encode(), ("prompt is empty",)),
+        ("bad", b",9", ("missing required field 'prompt'",)),
+        _csv_good("caf\u00e9 \U0001f600,10".encode(), "caf\u00e9 \U0001f600", "10"),
+    ],
+)
+
+
+@fuzz(full=800)
 @given(spec=csv_files(), end=st.sampled_from([b"\n", b"\r\n", b"\r"]), final_newline=st.booleans(), bom=st.booleans())
+@example(spec=BUGS_CSV, end=b"\r", final_newline=False, bom=True)  # CR-only lines after a byte order mark
+@example(spec=BUGS_CSV, end=b"\r\n", final_newline=True, bom=False)
 def test_csv_every_good_row_kept_and_every_bad_row_quarantined(spec, end, final_newline, bom):
     CASES["csv"] += 1
     header, items = spec
@@ -641,8 +690,54 @@ def parquet_files(draw):
     return pa.table(columns), good, bad
 
 
-@fuzz(examples=500)
+def _parquet_spec(columns: dict, good: dict[int, dict], bad: dict[int, str]):
+    """A parquet_files() value written by hand: (table, row -> expected row, row -> reason)."""
+    return pa.table(columns), {i: expected_row(r) for i, r in good.items()}, {i: (reason,) for i, reason in bad.items()}
+
+
+_NOT_AN_ID = "field 'id' must be a string or integer"
+BUGS_PARQUET = [
+    _parquet_spec(  # float ids: whole ones (as pandas writes an integer column with nulls) are kept
+        {
+            "prompt": pa.array(["ok 1", "ok 2", "ok 3", " \u200b", "ok 5", "ok 6", "x" * (MAX_CHARS + 1)]),
+            "id": pa.array([2.0**70, math.nan, -0.0, 3.0, 2.5, None, 1.0], pa.float64()),
+        },
+        good={1: {"prompt": "ok 1", "id": 2.0**70}, 3: {"prompt": "ok 3", "id": -0.0}, 6: {"prompt": "ok 6"}},
+        bad={2: f"{_NOT_AN_ID}, got float", 4: "prompt is empty", 5: f"{_NOT_AN_ID}, got float", 7: "prompt too long"},
+    ),
+    _parquet_spec(  # booleans are not ids or text; a timestamp in a struct is not JSON
+        {
+            "prompt": pa.array(["a", "b", "c", "d", "e"]),
+            "task": pa.array([True, None, None, False, None], pa.bool_()),
+            "id": pa.array([None, None, True, None, None], pa.bool_()),
+            "constraints": pa.array(
+                [None, {"after": _TS}, None, None, None], pa.struct([("after", pa.timestamp("us"))])
+            ),
+        },
+        good={5: {"prompt": "e"}},
+        bad={
+            1: "field 'task' must be a string",
+            2: "field 'constraints' is not JSON-serialisable",
+            3: _NOT_AN_ID,
+            4: "field 'task' must be a string",
+        },
+    ),
+    _parquet_spec(  # a prompt column that is not text; bytes in a struct
+        {
+            "prompt": pa.array([5, -(2**63)], pa.int64()),
+            "constraints": pa.array([{"blob": b"\x00"}, None], pa.struct([("blob", pa.binary())])),
+        },
+        good={},
+        bad={1: "field 'prompt' must be a string", 2: "field 'prompt' must be a string"},
+    ),
+]
+
+
+@fuzz(full=500)
 @given(spec=parquet_files(), row_group_size=st.integers(1, 12))
+@example(spec=BUGS_PARQUET[0], row_group_size=3)
+@example(spec=BUGS_PARQUET[1], row_group_size=1)
+@example(spec=BUGS_PARQUET[2], row_group_size=12)
 def test_parquet_wrong_column_types_are_quarantined_per_row(spec, row_group_size):
     CASES["parquet"] += 1
     table, good, bad = spec
@@ -652,11 +747,16 @@ def test_parquet_wrong_column_types_are_quarantined_per_row(spec, row_group_size
     check_batch(path, batch, good, bad)
 
 
-@fuzz(examples=300)
+@fuzz(full=300)
 @given(
     spec=parquet_files(),
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=20),
     compression=st.sampled_from(["snappy", "none", "zstd"]),
+)
+@example(  # a corrupt page inside a file whose footer is intact: found only when its batch is decoded
+    spec=(pa.table({"prompt": [f"prompt number {i}" for i in range(200)]}), {}, {}),
+    flips=[(position, 0xFF) for position in range(40, 90)],
+    compression="snappy",
 )
 def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flips, compression):
     CASES["parquet_corrupt"] += 1
@@ -676,11 +776,20 @@ def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flip
 # -- whole files of garbage ---------------------------------------------------------------------
 
 
-@fuzz(examples=500)
+@fuzz(full=500)
 @given(
     data=st.binary(max_size=3000) | st.lists(st.binary(max_size=80), max_size=40).map(b"\n".join),
     suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]),
 )
+@example(data=b"\x1f\x8b\x00 not deflate\nso not gzip", suffix=".jsonl")  # read line by line
+@example(data=codecs.BOM_UTF8, suffix=".jsonl")
+@example(data=b"a\rb\r\nc\n\rd\r", suffix=".json")  # every kind of line end
+@example(data=b"[" * 50_000, suffix=".json")  # too deep to be an array: read as JSONL
+@example(data=b"9" * 5000, suffix=".json")  # a huge integer
+@example(data=b'[1, {"prompt": "x"}, "\\ud800"]', suffix=".json")
+@example(data=b"", suffix=".csv")
+@example(data=b"prompt\r\xff\xfe\r", suffix=".csv")
+@example(data=b"PAR1" + bytes(range(256)) + b"PAR1", suffix=".parquet")
 def test_random_bytes_never_crash_ingestion(data, suffix):
     CASES["random_bytes"] += 1
     try:
@@ -721,7 +830,8 @@ def test_a_50_mb_single_line_is_quarantined_as_too_long_and_the_next_line_kept(t
     finally:
         tracemalloc.stop()
     [reason] = batch.quarantine["reason"]
-    assert "too long" in reason and f"{size} chars" in reason
+    line_bytes = len(b'{"id": "huge", "prompt": "') + size + len(b'"}')
+    assert f"line too long: {line_bytes} bytes > data.max_line_bytes=" in reason, reason
     assert batch.quarantine["line_number"].tolist() == [1]
     assert len(batch.quarantine["raw"].iloc[0]) <= 500
     assert batch.rows[["external_id", "prompt", "line_number"]].values.tolist() == [["next", "still here", 2]]
@@ -738,7 +848,8 @@ def test_a_50_mb_csv_field_is_quarantined_and_the_next_row_kept(tmp_path):
         handle.write(b"\nnext,still here\n")
     batch = ingest_file(path, DataSettings())
     assert batch.quarantine["line_number"].tolist() == [1]
-    assert "field larger than field limit" in batch.quarantine["reason"].iloc[0]
+    reason = batch.quarantine["reason"].iloc[0]
+    assert reason.startswith("line too long: ") and "> data.max_line_bytes=" in reason, reason
     assert batch.rows[["external_id", "prompt", "line_number"]].values.tolist() == [["next", "still here", 2]]
 
 
@@ -772,6 +883,19 @@ def test_a_jsonl_file_of_only_random_bytes_quarantines_every_line(tmp_path):
     assert batch.rows.empty
     assert len(batch.quarantine) == sum(1 for line in LINE_BREAK.split(data) if line.strip()) > 100
     assert_lake_writable(batch)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=zlib.error,
+    reason="found by the fuzz's gzip example: readers.read_records does not turn zlib.error into UnreadableLogFile; "
+    "once it does, drop this mark and add the bytes as an @example of test_random_bytes_never_crash_ingestion",
+)
+def test_a_gzip_header_then_garbage_is_reported_unreadable(tmp_path):
+    path = tmp_path / "logs.jsonl"
+    path.write_bytes(b"\x1f\x8b\x08 gzip's header, then garbage")
+    with pytest.raises(UnreadableLogFile, match="not a readable gzip file"):
+        ingest_file(path, LIMITS)
 
 
 def test_random_bytes_named_parquet_are_reported_unreadable(tmp_path):
