@@ -28,7 +28,6 @@ import re
 import tempfile
 import tracemalloc
 import unicodedata
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -782,6 +781,7 @@ def test_corrupt_parquet_is_reported_unreadable_or_read_never_crashes(spec, flip
     suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]),
 )
 @example(data=b"\x1f\x8b\x00 not deflate\nso not gzip", suffix=".jsonl")  # read line by line
+@example(data=b"\x1f\x8b\x08 gzip's header, then garbage", suffix=".jsonl")  # a corrupt deflate stream (zlib.error)
 @example(data=codecs.BOM_UTF8, suffix=".jsonl")
 @example(data=b"a\rb\r\nc\n\rd\r", suffix=".json")  # every kind of line end
 @example(data=b"[" * 50_000, suffix=".json")  # too deep to be an array: read as JSONL
@@ -885,12 +885,6 @@ def test_a_jsonl_file_of_only_random_bytes_quarantines_every_line(tmp_path):
     assert_lake_writable(batch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=zlib.error,
-    reason="found by the fuzz's gzip example: readers.read_records does not turn zlib.error into UnreadableLogFile; "
-    "once it does, drop this mark and add the bytes as an @example of test_random_bytes_never_crash_ingestion",
-)
 def test_a_gzip_header_then_garbage_is_reported_unreadable(tmp_path):
     path = tmp_path / "logs.jsonl"
     path.write_bytes(b"\x1f\x8b\x08 gzip's header, then garbage")

@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
     suffix = log_format(path)
     try:
         yield from _records(path, suffix, limits)
-    except (gzip.BadGzipFile, EOFError, OSError) as error:
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as error:  # zlib.error: a corrupt deflate stream
         if isinstance(error, FileNotFoundError | UnsafePathError) or not is_gzip(path):
             raise
         raise UnreadableLogFile(f"{path}: not a readable gzip file: {error}") from error
