@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo lint test test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-threads bench-serve gpu-wheels gpu-check clean
+.PHONY: setup browser demo lint test test-full test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-threads bench-serve gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,14 +40,22 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# The tests run in parallel (pytest-xdist): one worker per CPU this run may use, each module on one worker,
+# the long ones first (tests/conftest.py, pyproject.toml's addopts); the slowest 25 are listed at the end.
+# Property-based tests run a sample of cases; `make test-full` runs each one's full size (TAO_FUZZ=full).
+PYTEST := $(PY) -m pytest -n auto --durations=25
+
 test: setup browser lint
-	$(PY) -m pytest
+	$(PYTEST)
+
+test-full: setup browser lint
+	TAO_FUZZ=full $(PYTEST)
 
 test-fast: setup lint
-	$(PY) -m pytest -m "not slow and not ui"
+	$(PYTEST) -m "not slow and not ui"
 
 test-ui: setup browser
-	$(PY) -m pytest -m ui
+	$(PYTEST) -m ui
 
 ui: setup
 	$(VENV)/bin/tao ui

@@ -509,6 +509,7 @@ def dagster_ingest(config: str, start_flag: str) -> dict:
         return {"batches": ingest_new_files(instance, settings, SettingsSource(config), echo=lambda _: None)}
 
 
+@pytest.mark.slow  # a round and an ingestion in two processes through Dagster: over 20 s (tests/time_budget.py)
 def test_an_ingest_and_a_round_at_once_through_dagster(tmp_path, tiny_model_dir):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("watching open files needs /proc")

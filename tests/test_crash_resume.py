@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
 from tao_pipeline.defs.assets.generation import candidate_responses
@@ -43,6 +44,7 @@ def prepared_round(folder: Path, model_dir: Path):
     return config, settings, instance, resources
 
 
+@pytest.mark.slow  # generation SIGKILLed in a subprocess, resumed through Dagster: over 20 s (tests/time_budget.py)
 def test_killed_generation_resumes_to_the_same_result(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     config, settings, instance, resources = prepared_round(tmp_path / "killed", tiny_model_dir)

@@ -22,9 +22,10 @@ from tao_pipeline.data.lake import Lake
 from tao_pipeline.defs.assets import pairs as pairs_asset
 from tao_pipeline.demo import DEMO_CONFIG
 from tao_pipeline.registry import ModelStore
+from tao_pipeline.registry.embedded import EMBEDDED_NAME
 from tao_pipeline.settings import load_settings
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=8)  # two rounds of the embedded model on about one CPU
 
 PROMISE_ROUND = [
     "data.max_prompts=128",
@@ -33,7 +34,7 @@ PROMISE_ROUND = [
     "evaluation.test_time_k=0",
     "evaluation.pool_samples=2",
 ]
-BASE = "base-SmolLM2-135M-Instruct"
+BASE = f"base-{EMBEDDED_NAME}"
 
 
 def _upside_down(build_pairs):
@@ -56,10 +57,13 @@ def _printed_accuracy(output: str) -> tuple[float, float]:
     return float(match[1]), float(match[2])
 
 
-def test_the_gate_refuses_a_worse_challenger_and_promotes_a_better_one(tmp_path, monkeypatch):
+def test_the_gate_refuses_a_worse_challenger_and_promotes_a_better_one(tmp_path, monkeypatch, embedded_model_dir):
     home = tmp_path / "home"
     overrides = [f"home='{home}'", *PROMISE_ROUND]
     settings = load_settings(DEMO_CONFIG, overrides=overrides)
+    # Where `tao bootstrap` puts the converted model; converted once for every run (tests/conftest.py).
+    (settings.models_dir / "base").mkdir(parents=True)
+    (settings.models_dir / "base" / EMBEDDED_NAME).symlink_to(embedded_model_dir, target_is_directory=True)
     monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # run_round sets it; restored afterwards
 
     # 1. Pairs upside down: the challenger learns to prefer the worst answers. It must not serve.

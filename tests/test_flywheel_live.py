@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # real servers and a real daemon, about 2 minutes
+pytestmark = pytest.mark.slow(minutes=2)  # real servers and a real daemon
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "flywheel.py"
 

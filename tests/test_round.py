@@ -30,7 +30,9 @@ def tiny_round_config(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def first_round(tiny_round_config):
-    report = run_round(str(tiny_round_config), echo=lambda *_: None)
+    with pytest.MonkeyPatch.context() as patch:  # run_round sets DAGSTER_HOME for the process: not beyond here
+        patch.delenv("DAGSTER_HOME", raising=False)
+        report = run_round(str(tiny_round_config), echo=lambda *_: None)
     return report, load_settings(tiny_round_config)
 
 

@@ -1,0 +1,136 @@
+"""A pytest plugin: a test not marked ``slow`` (or ``ui``, ``gpu``) fails when it takes over its budget (20 s).
+
+The budget is for the test's own time, so that a loaded CI machine does not fail a test that is
+fine: the wall time of its setup and call, less the time its thread was ready to run but waited
+for a CPU that other work held (Linux's /proc/thread-self/schedstat; where that is not readable,
+the wall time). Time spent sleeping, or waiting on a server or a subprocess, still counts: the
+developer waits for it too. A module- or session-scoped fixture is shared work, built for whichever
+test needs it first: its time is not that test's, and each such fixture has the same budget of its
+own. ``-o fast_test_budget_s=0`` turns the check off.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import is_hypothesis_test
+
+BUDGET_INI = "fast_test_budget_s"
+EXEMPT_MARKERS = ("slow", "ui", "gpu")  # allowed to take minutes; slow and ui are part of CI
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
+# Set by tests/conftest.py under TAO_FUZZ=full or TAO_FUZZ_SCALE: property tests then run long on purpose.
+FUZZ_SCALED_UP = pytest.StashKey[bool]()
+_SPENT = pytest.StashKey["Spent"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        BUDGET_INI,
+        "seconds of its own time a test not marked slow may take (setup and call), 0 for no limit",
+        default="20",
+    )
+
+
+def cpu_wait_s() -> float:
+    """Seconds this thread has spent ready to run but waiting for a CPU (0.0 where Linux does not say)."""
+    try:
+        return int(_SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class OwnClock:
+    """Started now; ``read()`` gives (own seconds, seconds spent waiting for a CPU) since then."""
+
+    def __init__(self) -> None:
+        self.wall, self.wait = time.perf_counter(), cpu_wait_s()
+
+    def read(self) -> tuple[float, float]:
+        waited = cpu_wait_s() - self.wait
+        return max(0.0, time.perf_counter() - self.wall - waited), waited
+
+
+class Spent:
+    """One test's time: its own and its waits, and the shared fixtures it happened to build first."""
+
+    def __init__(self) -> None:
+        self.own = self.waited = 0.0
+        self.shared: dict[str, float] = {}  # fixture name -> own seconds of its setup
+        self._building_shared = 0  # shared fixtures being set up right now (one may need another)
+
+    def add(self, clock: OwnClock) -> None:
+        own, waited = clock.read()
+        self.own, self.waited = self.own + own, self.waited + waited
+
+    @property
+    def test_own(self) -> float:
+        return max(0.0, self.own - sum(self.shared.values()))
+
+
+_current: Spent | None = None  # the test being set up or run in this process
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    global _current
+    _current = item.stash[_SPENT] = Spent()
+    clock = OwnClock()
+    try:
+        return (yield)
+    finally:
+        _current.add(clock)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    clock = OwnClock()
+    try:
+        return (yield)
+    finally:
+        item.stash[_SPENT].add(clock)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef):
+    spent = _current
+    if spent is None or fixturedef.scope == "function":
+        return (yield)
+    outermost, clock = spent._building_shared == 0, OwnClock()
+    spent._building_shared += 1
+    try:
+        return (yield)
+    finally:
+        spent._building_shared -= 1
+        if outermost:  # a shared fixture another one needed is inside the outer one's time already
+            spent.shared[fixturedef.argname] = spent.shared.get(fixturedef.argname, 0.0) + clock.read()[0]
+
+
+def _exempt(item: pytest.Item) -> bool:
+    if any(item.get_closest_marker(name) for name in EXEMPT_MARKERS):
+        return True
+    return item.config.stash.get(FUZZ_SCALED_UP, False) and is_hypothesis_test(getattr(item, "obj", None))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item):
+    report: pytest.TestReport = yield
+    spent = item.stash.get(_SPENT, None)
+    if report.when != "call" or not report.passed or spent is None:
+        return report
+    budget = float(item.config.getini(BUDGET_INI))
+    if budget <= 0 or _exempt(item):
+        return report
+    over = [f"took {spent.test_own:.1f} s of its own time (setup and call)"] if spent.test_own > budget else []
+    over += [f"built the shared fixture {name!r} in {own:.1f} s" for name, own in spent.shared.items() if own > budget]
+    if over:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} {' and '.join(over)}, over the {budget:g} s budget of a test not marked slow "
+            f"({spent.waited:.1f} s spent waiting for a busy CPU not counted). Make it cheaper (fewer steps or "
+            f"examples, the tiny model, a module- or session-scoped fixture for work other tests repeat) or, if it "
+            f"needs a real model or minutes, mark it @pytest.mark.slow. `pytest --durations=20` shows where the "
+            f"time goes."
+        )
+    return report
