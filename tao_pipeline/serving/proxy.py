@@ -21,7 +21,8 @@ An upstream that is down or frozen is seen at once, and nobody waits long for it
   long answer that keeps coming is not cut; the request's own deadline (``serve.request_timeout_s``)
   bounds the whole, retries included;
 - a circuit breaker: after ``breaker_failures`` failures in a row (connection errors, timeouts, 5xx)
-  requests fail at once with 503 and Retry-After for ``breaker_cooldown_s``, then requests may try again.
+  requests fail at once with 503 and Retry-After for ``breaker_cooldown_s``, then requests may try again;
+  a probe the upstream answers closes the circuit at once (it was the trial call).
 
 An upstream's 4xx is the client's own mistake (a prompt too long for it, say) and is passed on as is.
 """
@@ -135,6 +136,9 @@ class ProxyEngine:
                 self.upstream_error = _reason(error)
             else:
                 self.upstream_error = None
+                if self.breaker.opened:  # the probe was the trial call: the upstream answers again
+                    logger.warning("tao serve: the upstream %s answers again: circuit closed", self.base_url)
+                    self.breaker.reset()
             await asyncio.sleep(self.probe_seconds)
 
     async def switch_to(self, champion: ModelVersion) -> None:
