@@ -1,21 +1,28 @@
 """A pytest plugin: a test not marked ``slow`` (or ``ui``, ``gpu``) fails when it takes over its budget (20 s).
 
 The budget is for the test's own time, so that a loaded CI machine does not fail a test that is
-fine: the wall time of its setup and call, less the time its thread was ready to run but waited
-for a CPU that other work held (Linux's /proc/thread-self/schedstat; where that is not readable,
-the wall time). Time spent sleeping, or waiting on a server or a subprocess, still counts: the
-developer waits for it too. A module- or session-scoped fixture is shared work, built for whichever
-test needs it first: its time is not that test's, and each such fixture has the same budget of its
-own. ``-o fast_test_budget_s=0`` turns the check off.
+fine: the wall time of its setup and call, less the time other work took from it: the larger of the
+time its thread was ready to run but waited for a CPU (Linux's /proc/thread-self/schedstat) and the
+CPU time the rest of the machine used meanwhile, spread over the usable CPUs (/proc/stat less this
+process's rusage; it covers a subprocess the test waits on, whose waits the thread cannot see), at
+most the CPU time the test itself used (a test that sleeps loses nothing to other work).
+Time spent sleeping, or waiting on a server or a subprocess, still counts: the developer waits too.
+A module- or session-scoped fixture is shared work, built for whichever test needs it first: its
+time is not that test's, and each such fixture has the same budget of its own.
+``-o fast_test_budget_s=0`` turns the check off.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from pathlib import Path
 
 import pytest
 from hypothesis import is_hypothesis_test
+
+from tao_pipeline.common.threads import usable_cpus
 
 BUDGET_INI = "fast_test_budget_s"
 EXEMPT_MARKERS = ("slow", "ui", "gpu")  # allowed to take minutes; slow and ui are part of CI
@@ -41,15 +48,39 @@ def cpu_wait_s() -> float:
         return 0.0
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process and its finished children, CPU seconds of the whole machine's work): the
+    rusage of both, and /proc/stat's busy time (user to steal; no idle, no iowait)."""
+    ours = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return ours, ours
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return ours, (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class OwnClock:
-    """Started now; ``read()`` gives (own seconds, seconds spent waiting for a CPU) since then."""
+    """Started now; ``read()`` gives (own seconds, seconds lost to other work) since then.
+
+    What other work takes is the larger of two measures: how long this thread waited for a CPU, and the
+    CPU time the rest of the machine used, spread over the CPUs this run may use (that one also covers a
+    subprocess the test waits on, which this thread's own wait cannot see), but never more than the CPU
+    time the test itself needed: a test that sleeps loses nothing to other work.
+    """
 
     def __init__(self) -> None:
-        self.wall, self.wait = time.perf_counter(), cpu_wait_s()
+        self.wall, self.wait, (self.ours, self.machine) = time.perf_counter(), cpu_wait_s(), cpu_seconds()
 
     def read(self) -> tuple[float, float]:
-        waited = cpu_wait_s() - self.wait
-        return max(0.0, time.perf_counter() - self.wall - waited), waited
+        ours, machine = cpu_seconds()
+        used = max(0.0, ours - self.ours)
+        elsewhere = max(0.0, (machine - self.machine) - used) / usable_cpus()
+        lost = max(cpu_wait_s() - self.wait, min(elsewhere, used))
+        return max(0.0, time.perf_counter() - self.wall - lost), lost
 
 
 class Spent:
@@ -128,7 +159,7 @@ def pytest_runtest_makereport(item: pytest.Item):
         report.outcome = "failed"
         report.longrepr = (
             f"{item.nodeid} {' and '.join(over)}, over the {budget:g} s budget of a test not marked slow "
-            f"({spent.waited:.1f} s spent waiting for a busy CPU not counted). Make it cheaper (fewer steps or "
+            f"({spent.waited:.1f} s lost to other work on the machine not counted). Make it cheaper (fewer steps or "
             f"examples, the tiny model, a module- or session-scoped fixture for work other tests repeat) or, if it "
             f"needs a real model or minutes, mark it @pytest.mark.slow. `pytest --durations=20` shows where the "
             f"time goes."
