@@ -81,14 +81,19 @@ def test_busy_elsewhere_leaves_this_processs_own_time_out():
     assert busy_between(before, before) == 0.0  # no time passed
 
 
-def test_a_busy_process_on_our_cpus_is_measured():
-    """A real busy loop on this process's CPUs shows as (about) one CPU busy elsewhere."""
+@pytest.mark.parametrize("nice", [0, 19])
+def test_a_busy_process_on_our_cpus_is_measured_unless_it_yields_to_us(nice):
+    """A real busy loop on this process's CPUs shows as (about) one CPU busy elsewhere; one at nice 19 (the scheduler
+    gives a nice-0 process its core back at once) shows as (about) none."""
+    if nice and os.getpriority(os.PRIO_PROCESS, 0) > 0:
+        pytest.skip("the tests run niced themselves: a niced process then takes a CPU from them")
     cpus = sorted(os.sched_getaffinity(0))
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner = subprocess.Popen([sys.executable, "-c", f"import os; os.nice({nice})\nwhile True: pass"])
     try:
         os.sched_setaffinity(spinner.pid, cpus[:1])
         time.sleep(0.2)
-        assert threads.busy_elsewhere(0.5) > 0.5
+        busy = threads.busy_elsewhere(0.5)
+        assert busy > 0.5 if nice == 0 else busy < 0.5
     finally:
         spinner.kill()
         spinner.wait()

@@ -61,13 +61,14 @@ def _read(path: Path) -> str | None:
 #
 # torch's pool waits at every barrier for all of its threads, and a decode step has hundreds: when another process
 # holds one of the cores, every parallel region waits for the thread queued behind it, while the waiting threads
-# spin. bench/threads.py measured it on a shared 2-core machine: with two threads, sampling ran 4-12 tokens/s and a
-# DPO step took 38-45 s, with one thread 45-94 tokens/s and 7-12 s, even when the competing process ran at nice 19;
-# additions that are nothing but parallel regions ran 5-15x slower with two threads. Threads that sleep at once at a
-# barrier (OMP_WAIT_POLICY=PASSIVE) recovered most of it, spinning ones (ACTIVE) made it worse, and the inter-op
-# pool changed nothing: the barrier it is. So an unset setting gives the pool the usable CPUs other processes leave
-# free, measured while this process waits, and sizes it again as the load changes (at most every REMEASURE_S).
-
+# spin. bench/threads.py on a quiet 2-core machine (README, "Speed on a busy machine"): with one busy process at
+# nice 0 beside it, torch's two threads sampled 137 tokens/s (372 alone) and took 4.8 s per DPO step (1.7 alone);
+# one thread, 309 tokens/s and 2.4 s. With two busy processes, two threads were 5.6-6.2x slower than alone. A busy
+# process at nice 19 took nothing from two threads (the scheduler gives the core back at once). On a machine
+# shared with other sessions' work, threads that sleep at once at a barrier (OMP_WAIT_POLICY=PASSIVE) recovered
+# most of the loss, spinning ones (ACTIVE) made it worse, and the inter-op pool changed nothing: the barrier it is.
+# So an unset setting gives the pool the usable CPUs other processes at our priority leave free, measured while
+# this process waits, and sizes it again as the load changes (at most every REMEASURE_S).
 MEASURE_WINDOW_S = 0.1
 REMEASURE_S = 10.0
 # Another process using more than this share of a CPU takes it away from the pool: when it runs, a thread queues.
@@ -178,15 +179,28 @@ def sample_cpus(cpus: set[int]) -> CpuSample | None:
         per_cpu = psutil.cpu_times(percpu=True)
     except (OSError, NotImplementedError):
         return None
-    busy = sum(_busy_seconds(times) for index, times in enumerate(per_cpu) if index in cpus)
+    niced_take_cpus = _own_niceness() > 0
+    busy = sum(_busy_seconds(times, niced_take_cpus) for index, times in enumerate(per_cpu) if index in cpus)
     return CpuSample(busy, time.process_time(), time.monotonic())
 
 
-def _busy_seconds(times) -> float:
-    """Everything but idle and waiting for I/O (guest time is already inside user time on Linux)."""
+def _busy_seconds(times, niced_take_cpus: bool) -> float:
+    """Everything but idle and waiting for I/O (guest time is already inside user time on Linux). Time of niced
+    processes (nice > 0) counts only when this process is niced too: the scheduler gives a process at nice 0 its
+    core back at once (a nice-19 process weighs 15 against its 1024), so they take nothing from its pool.
+    bench/threads.py measured it: one busy process at nice 19 left two threads at full speed, one at nice 0 did not.
+    """
     idle = times.idle + getattr(times, "iowait", 0.0)
     guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
-    return sum(times) - idle - guest
+    niced = 0.0 if niced_take_cpus else getattr(times, "nice", 0.0)
+    return sum(times) - idle - guest - niced
+
+
+def _own_niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
 
 
 def _affinity() -> set[int]:
