@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser demo lint test test-full test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-threads bench-serve gpu-wheels gpu-check clean
+.PHONY: setup browser postgres demo lint test test-full test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-threads bench-serve gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ browser:
 	  { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null; }; \
 	  test -x $(CHROMIUM) || { echo "chromium is not at $(CHROMIUM)"; exit 1; }; }
 
+# Idempotent: installs Debian's PostgreSQL server only when initdb is missing. The tests start their own throwaway
+# server from it (tests/postgres.py: initdb into a temporary folder, a unix socket only).
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing Debian postgresql for the Postgres instance tests"; \
+	  $(APT_GET) install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 || \
+	  { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends postgresql >/dev/null; }; }
+
 demo: setup
 	$(VENV)/bin/tao demo
 
@@ -45,13 +53,13 @@ lint: setup
 # Property-based tests run a sample of cases; `make test-full` runs each one's full size (TAO_FUZZ=full).
 PYTEST := $(PY) -m pytest -n auto --durations=25
 
-test: setup browser lint
+test: setup browser postgres lint
 	$(PYTEST)
 
-test-full: setup browser lint
+test-full: setup browser postgres lint
 	TAO_FUZZ=full $(PYTEST)
 
-test-fast: setup lint
+test-fast: setup postgres lint
 	$(PYTEST) -m "not slow and not ui"
 
 test-ui: setup browser

@@ -187,8 +187,9 @@ def _round_runs(bench: Bench) -> pd.DataFrame:
                     "partition": r.dagster_run.tags.get("dagster/partition"),
                     "status": r.dagster_run.status.value,
                     "created": r.create_timestamp.timestamp(),
-                    "orphaned": "tao/orphaned" in r.dagster_run.tags,
-                    "resumed": "tao/resumed_from" in r.dagster_run.tags,
+                    # a retry inherits its parent's tags: only the run that failed was orphaned
+                    "orphaned": "tao/orphaned" in r.dagster_run.tags and r.dagster_run.status.value == "FAILURE",
+                    "resumed": r.dagster_run.parent_run_id is not None,  # a retry by Dagster's run retries
                     "ended": r.end_time,
                 }
                 for r in records
@@ -279,6 +280,7 @@ def run(args) -> dict:
         print(
             f"round opened: {runs['partition'].iloc[0]} ({time.time() - bench.events['sent']:.0f}s after the traffic)"
         )
+        _wait("the round's run to start", lambda: (_round_runs(bench)["status"] == "STARTED").any(), 600, 0.5)
         time.sleep(args.kill_after_s)
         bench.kill("daemon")  # its whole process group: the code server and the round's run worker too
         print("daemon SIGKILLed (with its process group) in the middle of the round; restarting it in 5 s")
@@ -448,7 +450,9 @@ def main() -> None:
     parser.add_argument("--late-prompts", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--kill-after-s", type=float, default=60)
+    parser.add_argument(
+        "--kill-after-s", type=float, default=60, help="SIGKILL the daemon this long after the round's run started"
+    )
     parser.add_argument("--lock-s", type=float, default=30)
     parser.add_argument("--outage-s", type=float, default=60)
     parser.add_argument("--round-wait-s", type=float, default=3600)

@@ -1,6 +1,8 @@
-"""A run whose process died (a daemon killed with its process group, an OOM kill, a reboot) is found,
-marked failed with the reason, and retried: the file re-ingested, the round resumed (twice at most).
-bench/flywheel.py does it for real: it SIGKILLs the daemon's process group in the middle of a round."""
+"""A run whose process died (a daemon killed with its process group, an OOM kill, a reboot) is found, marked
+failed with the reason, and retried: the file re-ingested by the sensor, the round re-executed by Dagster's run
+retries (twice at most, never after a stage's own error). A run that never started is Dagster's run monitoring's
+to fail, as the instance tao writes asks. bench/flywheel.py does it for real: it SIGKILLs the daemon's process
+group in the middle of a round (tests/test_flywheel_live.py)."""
 
 import os
 import subprocess
@@ -11,14 +13,18 @@ import pytest
 from dagster._core.events import EngineEventData
 from dagster._core.storage.dagster_run import DagsterRun
 
-from tao_pipeline.defs.orphans import ORPHANED_TAG, RESUMED_FROM_TAG, fail_orphaned_runs, round_to_resume
+from tao_pipeline.cli.instance import prepare_dagster_home
+from tao_pipeline.defs.jobs import ROUND_RETRIES, tao_round_job
+from tao_pipeline.defs.orphans import ORPHANED_TAG, WILL_RETRY_TAG, fail_orphaned_runs, retry_pending
+from tao_pipeline.settings import load_settings
 
 
 @pytest.fixture
 def instance(tmp_path):
-    """A persistent instance with Dagster's default run launcher, as `tao ui` and the daemon use."""
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+    """The instance tao writes for a home (Dagster's default run launcher, as `tao ui` and the daemon use)."""
+    settings = load_settings(None, [f"home='{tmp_path}'", "flywheel.run_start_timeout_s=45"])
+    home = prepare_dagster_home(settings)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
         yield instance
 
 
@@ -28,24 +34,25 @@ def dead_pid() -> int:
     return process.pid
 
 
-def started_run(
-    instance, pid: int, round_id: str = "round-0001", status=dg.DagsterRunStatus.STARTED, **tags
-) -> DagsterRun:
-    run = instance.add_run(
-        DagsterRun(
-            job_name="tao_round",
-            run_id=str(uuid.uuid4()),
-            status=status,
-            tags={"dagster/partition": round_id, **tags},
-        )
-    )
-    instance.report_engine_event(f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid))
+def round_run(instance, pid: int | None, round_id="round-0001", status=dg.DagsterRunStatus.STARTED, job=None):
+    tags = {"dagster/partition": round_id, **(tao_round_job.tags if job is None else {})}
+    run = instance.add_run(DagsterRun(job_name=job or "tao_round", run_id=str(uuid.uuid4()), status=status, tags=tags))
+    if pid is not None:
+        instance.report_engine_event(f"Started process for run (pid: {pid}).", run, EngineEventData.in_process(pid))
     return run
 
 
+def test_the_instance_turns_on_dagsters_run_monitoring_and_retries(instance):
+    assert instance.run_monitoring_enabled and instance.run_monitoring_start_timeout_seconds == 45
+    assert instance.run_monitoring_cancel_timeout_seconds > 0
+    assert instance.run_retries_enabled and instance.run_retries_max_retries == 0  # only jobs that ask
+    assert not instance.run_retries_retry_on_asset_or_op_failure
+    assert tao_round_job.tags["dagster/max_retries"] == str(ROUND_RETRIES)
+
+
 def test_a_run_whose_process_is_gone_is_marked_failed_and_a_live_one_is_not(instance):
-    orphan = started_run(instance, dead_pid())
-    alive = started_run(instance, os.getpid(), round_id="round-0002")
+    orphan = round_run(instance, dead_pid())
+    alive = round_run(instance, os.getpid(), round_id="round-0002")
     assert [run.run_id for run in fail_orphaned_runs(instance, "tao_round")] == [orphan.run_id]
     failed = instance.get_run_by_id(orphan.run_id)
     assert failed.status == dg.DagsterRunStatus.FAILURE and ORPHANED_TAG in failed.tags
@@ -53,38 +60,29 @@ def test_a_run_whose_process_is_gone_is_marked_failed_and_a_live_one_is_not(inst
     assert fail_orphaned_runs(instance, "tao_round") == []  # once
 
 
-@pytest.mark.parametrize("status", [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED])
-def test_a_run_whose_launch_was_interrupted_is_failed_after_the_start_timeout(instance, status):
-    """The daemon killed between launching a run and its worker starting: no pid, no event, STARTING forever."""
-    run = instance.add_run(
-        DagsterRun(job_name="tao_round", run_id=str(uuid.uuid4()), status=status, tags={"dagster/partition": "r1"})
-    )
-    assert fail_orphaned_runs(instance, "tao_round", start_timeout_s=3600) == []  # it may still start
-    assert instance.get_run_by_id(run.run_id).status == status
-    assert [orphan.run_id for orphan in fail_orphaned_runs(instance, "tao_round", start_timeout_s=0.0)] == [run.run_id]
-    failed = instance.get_run_by_id(run.run_id)
-    assert failed.status == dg.DagsterRunStatus.FAILURE and failed.tags[ORPHANED_TAG] == "never started"
-    assert round_to_resume(instance, "tao_round").partition_key == "r1"
+def test_a_starting_run_whose_worker_died_is_failed_at_once_and_one_with_no_worker_is_left_to_dagster(instance):
+    died = round_run(instance, dead_pid(), status=dg.DagsterRunStatus.STARTING)
+    waiting = round_run(instance, None, round_id="round-0002", status=dg.DagsterRunStatus.STARTING)
+    assert [orphan.run_id for orphan in fail_orphaned_runs(instance, "tao_round")] == [died.run_id]
+    assert instance.get_run_by_id(waiting.run_id).status == dg.DagsterRunStatus.STARTING
 
 
-def test_a_starting_run_whose_worker_died_is_failed_at_once(instance):
-    run = started_run(instance, dead_pid(), status=dg.DagsterRunStatus.STARTING)
-    assert [orphan.run_id for orphan in fail_orphaned_runs(instance, "tao_round", start_timeout_s=3600)] == [run.run_id]
-
-
-def test_an_orphaned_round_is_resumed_twice_at_most(instance):
-    started_run(instance, dead_pid())
+def test_a_lost_round_is_left_to_dagsters_retries_and_a_lost_ingest_to_the_sensor(instance):
+    lost_round = round_run(instance, dead_pid())
+    lost_ingest = round_run(instance, dead_pid(), round_id="inbox-a", job="tao_ingest")
     fail_orphaned_runs(instance, "tao_round")
-    for attempt in (1, 2):
-        request = round_to_resume(instance, "tao_round")
-        assert request.partition_key == "round-0001" and request.run_key == f"round-0001#resume-{attempt}"
-        started_run(instance, dead_pid(), **request.tags)  # the resumed run dies too
-        fail_orphaned_runs(instance, "tao_round")
-    assert round_to_resume(instance, "tao_round") is None  # a person looks at it now
+    fail_orphaned_runs(instance, "tao_ingest")
+    assert instance.get_run_by_id(lost_round.run_id).tags[WILL_RETRY_TAG] == "true"
+    assert retry_pending(instance, "tao_round").run_id == lost_round.run_id  # no new round meanwhile
+    assert instance.get_run_by_id(lost_ingest.run_id).tags[WILL_RETRY_TAG] == "false"  # the sensor's to retry
+    assert retry_pending(instance, "tao_ingest") is None
 
 
 def test_a_round_that_failed_on_its_own_error_is_not_retried(instance):
-    run = started_run(instance, os.getpid())
-    instance.report_run_failed(run, message="ValueError: no preference pairs")
-    assert round_to_resume(instance, "tao_round") is None
-    assert RESUMED_FROM_TAG not in instance.get_run_by_id(run.run_id).tags
+    @dg.asset
+    def no_preference_pairs() -> None:
+        raise ValueError("no preference pairs")
+
+    result = dg.materialize([no_preference_pairs], instance=instance, tags=tao_round_job.tags, raise_on_error=False)
+    assert not result.success
+    assert instance.get_run_by_id(result.run_id).tags[WILL_RETRY_TAG] == "false"

@@ -134,7 +134,8 @@ def ingest(config_file: str | None, overrides: tuple[str, ...]) -> None:
     """Ingest what is new now (the inbox, data.logs, the table source) without starting a round."""
     import dagster as dg
 
-    from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
+    from tao_pipeline.cli.instance import prepare_dagster_home
+    from tao_pipeline.cli.runner import ingest_new_files
 
     settings = _load(config_file, overrides)
     prepare_dagster_home(settings)
@@ -309,7 +310,7 @@ def ui(config_file: str | None, overrides: tuple[str, ...], port: int, host: str
 
     --config and --set reach every run, sensor tick and schedule tick of that code location.
     """
-    from tao_pipeline.cli.runner import prepare_dagster_home
+    from tao_pipeline.cli.instance import prepare_dagster_home
 
     settings = _load(config_file, overrides)
     try:

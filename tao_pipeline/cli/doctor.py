@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tao_pipeline.cli.instance import InstanceConfigError, is_tao_config, postgres_url
 from tao_pipeline.common.safe_files import shown
 from tao_pipeline.data.ingest import scan_inbox
 from tao_pipeline.data.ingest.inbox import ingested_digests
@@ -21,6 +22,7 @@ from tao_pipeline.scoring.catalog import ScorerOptionsError
 from tao_pipeline.settings import TaoSettings
 
 REGISTRY_WAIT_S = 10.0
+POSTGRES_WAIT_S = 5
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,39 @@ def _registry(settings: TaoSettings) -> list[Finding]:
 
 
 def _instance(settings: TaoSettings) -> list[Finding]:
-    if (settings.dagster_home / "dagster.yaml").is_file():
-        return [Finding("dagster", True, f"instance at {settings.dagster_home}")]
-    return [Finding("dagster", True, f"no instance yet at {settings.dagster_home}: `tao ui` or `tao round` makes it")]
+    try:
+        url = postgres_url(settings)
+    except InstanceConfigError as error:
+        return [Finding("dagster", False, str(error), "export the variable, or unset storage.postgres_url_env")]
+    storage = "SQLite files" if url is None else f"Postgres (${settings.storage.postgres_url_env})"
+    if url is not None:
+        problem = _postgres_problem(url)
+        if problem:
+            return [Finding("dagster", False, f"Postgres at ${settings.storage.postgres_url_env}: {problem}",
+                            "check the server, the URL and its credentials")]  # fmt: skip
+    config = settings.dagster_home / "dagster.yaml"
+    if not config.is_file():
+        where = f"no instance yet at {settings.dagster_home} (storage: {storage})"
+        return [Finding("dagster", True, f"{where}: `tao ui` or `tao round` writes it")]
+    if not is_tao_config(config):
+        return [Finding("dagster", True, f"instance at {settings.dagster_home}: your own dagster.yaml, left as it is")]
+    return [Finding("dagster", True, f"instance at {settings.dagster_home}: {storage}, run monitoring and retries on")]
+
+
+def _postgres_problem(url: str) -> str | None:
+    """Why the instance's database cannot be used (None: it answers). Never shows the URL (it holds a password)."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(url, connect_timeout=POSTGRES_WAIT_S)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        finally:
+            connection.close()
+    except psycopg2.Error as error:
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
 
 
 def _inbox(settings: TaoSettings) -> list[Finding]:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import dagster as dg
 import pandas as pd
 
-from tao_pipeline.cli.runner import ingest_new_files, prepare_dagster_home
+from tao_pipeline.cli.instance import prepare_dagster_home
+from tao_pipeline.cli.runner import ingest_new_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import PROMPTS_TABLE, USAGE_TABLE, next_round_key, select_round_prompts
 from tao_pipeline.defs.constants import ROUNDS

@@ -9,15 +9,14 @@ a launchpad's do: as the settings resource's config in the run config.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
+from tao_pipeline.cli.instance import prepare_dagster_home
 from tao_pipeline.common.safe_files import shown
 from tao_pipeline.data.ingest import InboxScan, archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
@@ -36,10 +35,6 @@ _GATE_NOT_PASSED = "DagsterAssetCheckFailedError"  # a blocking check said no: a
 # No pool limit here: a run killed in-process (SIGKILL, power loss) would keep its "gpu" slot
 # claimed and block every later run. Rounds are serialized by the round sensor instead; a
 # deployment sets the limit with `dagster instance concurrency set gpu 1` (docs/deployment.md).
-DAGSTER_YAML = """\
-telemetry:
-  enabled: false
-"""
 
 
 class NothingNewError(RuntimeError):
@@ -123,17 +118,6 @@ def _root_cause(error) -> str:
     while error.cause is not None:
         error = error.cause
     return " ".join(error.message.split()) or error.cls_name
-
-
-def prepare_dagster_home(settings: TaoSettings) -> Path:
-    """Runs launched from here land in <home>/dagster, the same instance `tao ui` opens."""
-    home = settings.dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def code_location() -> dg.Definitions:

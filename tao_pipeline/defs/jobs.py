@@ -5,10 +5,15 @@ import dagster as dg
 from tao_pipeline.defs.constants import INGEST_JOB, INGESTION_GROUP, ROUND_GROUP, ROUND_JOB
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 
+# A round whose process was lost (killed with the daemon, out of memory, a reboot, a run that never started) is
+# re-executed by Dagster's run retries from the stage it lost, reusing every cached shard; never one that failed
+# on its own error (the instance sets retry_on_asset_or_op_failure: false). See cli/instance.py.
+ROUND_RETRIES = 2
 tao_round_job = dg.define_asset_job(
     ROUND_JOB,
     selection=dg.AssetSelection.groups(ROUND_GROUP),
     partitions_def=rounds_partitions,
+    tags={"dagster/max_retries": str(ROUND_RETRIES), "dagster/retry_strategy": "FROM_FAILURE"},
     description="One TAO round: prompts -> candidates -> scores -> pairs -> DPO -> evaluation -> promotion.",
 )
 ingest_job = dg.define_asset_job(

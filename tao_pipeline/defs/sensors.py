@@ -14,7 +14,7 @@ from tao_pipeline.data.ingest import archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import RoundDecision, decide_next_round
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
-from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, round_to_resume
+from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_pending
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 from tao_pipeline.settings import TaoSettings
@@ -45,7 +45,7 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
         a file whose run failed is requested again on a later tick, one that is in flight is not.
         """
         config = settings.get()
-        for orphan in fail_orphaned_runs(context.instance, INGEST_JOB, config.flywheel.run_start_timeout_s):
+        for orphan in fail_orphaned_runs(context.instance, INGEST_JOB):
             context.log.warning(f"ingest run {orphan.run_id} lost its process: marked failed, its file is retried")
         known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
         scan = pending_log_files(config, Lake(config.lake_dir), known)
@@ -74,15 +74,11 @@ def build_round_sensor(interval_s: int) -> dg.SensorDefinition:
     def new_prompts_round_sensor(
         context: dg.SensorEvaluationContext, settings: TaoSettingsResource
     ) -> dg.SensorResult | dg.SkipReason:
-        """Open the next round once flywheel.min_new_prompts prompts are unused by any round; resume a
-        round whose run lost its process (see :mod:`tao_pipeline.defs.orphans`)."""
+        """Open the next round once flywheel.min_new_prompts prompts are unused by any round; report a round
+        whose run lost its process as failed, for Dagster's run retries (see :mod:`tao_pipeline.defs.orphans`)."""
         config = settings.get()
-        for orphan in fail_orphaned_runs(context.instance, ROUND_JOB, config.flywheel.run_start_timeout_s):
-            context.log.warning(f"round run {orphan.run_id} lost its process: marked failed")
-        resume = round_to_resume(context.instance, ROUND_JOB)
-        if resume is not None:
-            context.log.info(f"resuming {resume.partition_key} ({resume.run_key}) from its cached shards")
-            return dg.SensorResult(run_requests=[resume])
+        for orphan in fail_orphaned_runs(context.instance, ROUND_JOB):
+            context.log.warning(f"round run {orphan.run_id} lost its process: marked failed, Dagster retries it")
         decision = round_decision(context.instance, config, config.flywheel.min_new_prompts)
         if decision.round_id is None:
             return dg.SkipReason(decision.reason)
@@ -118,6 +114,9 @@ def round_decision(instance: dg.DagsterInstance, settings: TaoSettings, min_unus
     running = instance.get_runs(dg.RunsFilter(job_name=ROUND_JOB, statuses=_IN_FLIGHT), limit=1)
     if running:
         return RoundDecision(None, f"{running[0].tags.get(PARTITION_TAG, 'a round')} is still running")
+    lost = retry_pending(instance, ROUND_JOB)
+    if lost is not None:
+        return RoundDecision(None, f"{lost.tags.get(PARTITION_TAG, 'a round')} lost its process: Dagster retries it")
     return decide_next_round(Lake(settings.lake_dir), instance.get_dynamic_partitions(ROUNDS), min_unused)
 
 

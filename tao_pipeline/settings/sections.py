@@ -398,8 +398,9 @@ class FlywheelSettings(_Section):
         180.0,
         gt=0.0,
         le=_DAY_S,
-        description="A round or ingest run still STARTING this long after its launch, with no process of its own "
-        "yet, is taken as lost (its launch was interrupted, e.g. the daemon was killed) and retried.",
+        description="A round or ingest run still starting this long after its launch, with no process of its own "
+        "yet, is failed by Dagster's run monitoring (its launch was interrupted, e.g. the daemon was killed) and "
+        "retried: the round by Dagster's run retries, the file by the usage-log sensor.",
     )
     table_source: TableSourceSettings | None = None
 
