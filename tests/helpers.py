@@ -110,6 +110,23 @@ def sample_logs(count: int = 24) -> list[dict]:
     return rows
 
 
+def write_flywheel_config(tmp_path: Path, tiny_model_dir: Path, min_new_prompts: int, extra: str = "") -> Path:
+    """Settings for the flywheel's automation: an isolated home with an inbox, no static log files, a round
+    threshold of ``min_new_prompts`` and no settling wait; ``extra`` appends TOML sections."""
+    config = tmp_path / "tao.toml"
+    config.write_text(f"""
+home = "{tmp_path / "home"}"
+[data]
+logs = []
+[model]
+base = "{tiny_model_dir}"
+[flywheel]
+min_new_prompts = {min_new_prompts}
+settle_seconds = 0
+{extra}""")
+    return config
+
+
 def write_tiny_config(tmp_path: Path, tiny_model_dir: Path) -> Path:
     logs = write_logs(tmp_path / "logs.jsonl", sample_logs() + ["{not json", {"prompt": ""}])
     labels = tmp_path / "labels.jsonl"

@@ -11,7 +11,7 @@ from tao_pipeline.defs.resources import TaoSettingsResource, build_resources
 from tao_pipeline.defs.schedules import build_periodic_round_schedule
 from tao_pipeline.defs.sensors import build_round_sensor, build_usage_log_sensor
 from tao_pipeline.settings import load_settings
-from tests.helpers import ingest_assets, sample_logs, write_logs
+from tests.helpers import ingest_assets, sample_logs, write_flywheel_config, write_logs
 
 usage_log_sensor = build_usage_log_sensor(interval_s=30)
 new_prompts_round_sensor = build_round_sensor(interval_s=30)
@@ -29,17 +29,7 @@ def tick(definition: dg.SensorDefinition | dg.ScheduleDefinition, **context):
 @pytest.fixture
 def flywheel(tmp_path, monkeypatch, tiny_model_dir):
     """An isolated home with an inbox, a round threshold of 10 prompts and no static log files."""
-    config = tmp_path / "tao.toml"
-    config.write_text(f"""
-home = "{tmp_path / "home"}"
-[data]
-logs = []
-[model]
-base = "{tiny_model_dir}"
-[flywheel]
-min_new_prompts = 10
-settle_seconds = 0
-""")
+    config = write_flywheel_config(tmp_path, tiny_model_dir, min_new_prompts=10)
     monkeypatch.setenv("TAO_CONFIG", str(config))
     settings = load_settings()
     settings.inbox_dir.mkdir(parents=True)

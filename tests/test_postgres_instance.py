@@ -13,7 +13,7 @@ from tao_pipeline.cli.instance import InstanceConfigError, prepare_dagster_home
 from tao_pipeline.cli.runner import ingest_new_files, run_round
 from tao_pipeline.defs.sensors import build_round_sensor, build_usage_log_sensor
 from tao_pipeline.settings import SettingsSource, load_settings
-from tests.helpers import sample_logs, write_logs
+from tests.helpers import sample_logs, write_flywheel_config, write_logs
 from tests.postgres import running_postgres
 
 URL_ENV = "TAO_TEST_POSTGRES_URL"
@@ -62,19 +62,8 @@ def test_a_round_runs_on_the_postgres_instance_and_nothing_lands_in_sqlite(tiny_
 
 
 def test_the_sensors_tick_against_postgres(tmp_path, tiny_model_dir, on_postgres, monkeypatch):
-    config = tmp_path / "tao.toml"
-    config.write_text(f"""
-home = "{tmp_path / "home"}"
-[data]
-logs = []
-[model]
-base = "{tiny_model_dir}"
-[flywheel]
-min_new_prompts = 6
-settle_seconds = 0
-[storage]
-postgres_url_env = "{URL_ENV}"
-""")
+    storage = f'[storage]\npostgres_url_env = "{URL_ENV}"\n'
+    config = write_flywheel_config(tmp_path, tiny_model_dir, min_new_prompts=6, extra=storage)
     monkeypatch.setenv("TAO_CONFIG", str(config))
     settings = load_settings()
     prepare_dagster_home(settings)

@@ -5,8 +5,9 @@ started or is stuck starting; with a run launcher that can check its workers (Ku
 fails a run whose worker is gone. Dagster's default run launcher, one process per run on this machine, cannot
 check its workers: a daemon killed with its process group, an out-of-memory kill or a reboot leaves the run
 STARTED forever, and the flywheel would wait on it forever (a round "still running", a log file "in flight").
-That one check is tao's: each sensor tick looks at its job's STARTED runs, and one whose worker process (the
-pid Dagster records when the run starts) no longer exists is reported failed with the reason and tagged.
+That one check is tao's: each sensor tick looks at its job's starting and started runs, and one whose worker
+process (the pid Dagster records when the run starts) no longer exists is reported failed with the reason and
+tagged (a retry inherits its parent's tags: only a failed run's tag means it was lost).
 The ingestion sensor then retries the file as after any failed run; Dagster's run retries re-execute the round
 from the stage it lost (the round job's ``dagster/max_retries``). A run that failed on its own error is never
 retried automatically.
@@ -41,6 +42,13 @@ def fail_orphaned_runs(instance: dg.DagsterInstance, job_name: str) -> list[dg.D
         )
         orphans.append(run)
     return orphans
+
+
+def will_retry(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Whether Dagster's run retries will re-execute this failed run (its tag, set when the failure was reported,
+    so read again: ``run`` may be the object from before)."""
+    current = instance.get_run_by_id(run.run_id)
+    return current is not None and current.tags.get(WILL_RETRY_TAG) == "true"
 
 
 def retry_pending(instance: dg.DagsterInstance, job_name: str) -> dg.DagsterRun | None:

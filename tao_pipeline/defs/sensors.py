@@ -14,7 +14,7 @@ from tao_pipeline.data.ingest import archive_ingested, pending_log_files
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import RoundDecision, decide_next_round
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
-from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_pending
+from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_pending, will_retry
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 from tao_pipeline.settings import TaoSettings
@@ -78,7 +78,8 @@ def build_round_sensor(interval_s: int) -> dg.SensorDefinition:
         whose run lost its process as failed, for Dagster's run retries (see :mod:`tao_pipeline.defs.orphans`)."""
         config = settings.get()
         for orphan in fail_orphaned_runs(context.instance, ROUND_JOB):
-            context.log.warning(f"round run {orphan.run_id} lost its process: marked failed, Dagster retries it")
+            then = "Dagster retries it" if will_retry(context.instance, orphan) else "its retries are spent: look at it"
+            context.log.warning(f"round run {orphan.run_id} lost its process: marked failed, {then}")
         decision = round_decision(context.instance, config, config.flywheel.min_new_prompts)
         if decision.round_id is None:
             return dg.SkipReason(decision.reason)
