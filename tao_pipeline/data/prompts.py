@@ -12,18 +12,25 @@ from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.settings import DataSettings
 
 DEFAULT_TASK = "general"
-PROMPT_COLUMNS = ["prompt_id", "prompt", "system", "task", "constraints", "split", "log_ids", "source_files"]
+PROMPT_COLUMNS = [
+    "prompt_id",
+    "prompt",
+    "system",
+    "history",
+    "task",
+    "constraints",
+    "split",
+    "log_ids",
+    "source_files",
+]
 
 
-def build_chat(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    """A prompt (and its system message, if any) as chat messages for the model's chat template."""
-    # pandas hands missing systems over as NaN, hence the isinstance check.
-    messages = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
-    return [*messages, {"role": "user", "content": prompt}]
-
-
-def prompt_id_for(prompt: str, system: str | None = None, constraints: str | None = None) -> str:
-    return content_hash(system or "", prompt.strip(), constraints or "")
+def prompt_id_for(
+    prompt: str, system: str | None = None, constraints: str | None = None, history: str | None = None
+) -> str:
+    """The content hash of a whole conversation; a single-turn prompt's id is what it was before conversations."""
+    parts = (system or "", prompt.strip(), constraints or "")
+    return content_hash(*parts, history) if history else content_hash(*parts)
 
 
 def prompts_from_rows(rows: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
@@ -33,8 +40,10 @@ def prompts_from_rows(rows: pd.DataFrame, limits: DataSettings) -> pd.DataFrame:
     """
     if rows.empty:
         return pd.DataFrame(columns=PROMPT_COLUMNS)
+    if "history" not in rows.columns:  # usage rows written before conversations
+        rows = rows.assign(history=None)
     grouped = rows.groupby("prompt_id", sort=True)
-    prompts = grouped[["prompt", "system", "task", "constraints"]].first()
+    prompts = grouped[["prompt", "system", "history", "task", "constraints"]].first()
     prompts["log_ids"] = grouped["log_id"].agg(list)
     prompts["source_files"] = grouped["source_file"].agg(lambda files: list(dict.fromkeys(files)))
     prompts = prompts.reset_index()

@@ -24,6 +24,64 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class LogMapping(_Section):
+    """Where a row's parts are, for logs in a shape tao does not recognise (``[data.mapping]``).
+
+    Each value is a column name or a dotted path into nested objects and JSON strings
+    (``"payload.input.messages"``, ``"meta.user_rating"``); a number indexes a list
+    (``"output.choices.0.message.content"``). When set, every row is read through it.
+    """
+
+    messages: str | None = Field(None, description="The conversation: a list of OpenAI chat messages (or its JSON).")
+    prompt: str | None = Field(None, description="The prompt text, when the logs hold one string, not messages.")
+    system: str | None = Field(None, description="The system message, with prompt.")
+    task: str | None = Field(None, description="The task name, which picks the scorers.")
+    id: str | None = Field(None, description="The row's id (default: a hash of file and line).")
+    response: str | None = Field(None, description="The answer given: its text, or a chat completion object.")
+    response_id: str | None = Field(None, description="The answer's id, which feedback rows refer to.")
+    model: str | None = Field(None, description="The model version that answered.")
+    rating: str | None = Field(None, description="The user's rating of the answer ('up', 'down' or -1..1).")
+    comment: str | None = Field(None, description="The user's comment on the answer.")
+    correction: str | None = Field(None, description="The answer the user says it should have been.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _number_is_a_column(cls, path: Any) -> Any:
+        """``--set data.mapping.id=0`` arrives as the number 0: the column named '0'."""
+        return str(path) if isinstance(path, int) and not isinstance(path, bool) else path
+
+    @field_validator("*")
+    @classmethod
+    def _is_a_path(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if not path.strip():
+            raise ValueError("is empty: give a column name or a dotted path such as 'payload.input.messages'")
+        if path != path.strip():
+            raise ValueError(f"{path!r} has spaces at its ends")
+        if len(path) > 256 or path.count(".") >= 16:
+            raise ValueError("is too long: at most 256 characters and 16 parts")
+        if any(not part for part in path.split(".")):
+            raise ValueError(
+                f"{path!r} has an empty part: write keys separated by single dots, e.g. 'payload.input.messages'"
+            )
+        if any(ord(char) < 32 for char in path):
+            raise ValueError(f"{path!r} holds a control character")
+        return path
+
+    @model_validator(mode="after")
+    def _has_a_prompt(self) -> LogMapping:
+        if self.messages is None and self.prompt is None:
+            raise ValueError(
+                "data.mapping needs messages or prompt: the path to the row's chat messages, or to its prompt text"
+            )
+        return self
+
+    def paths(self) -> dict[str, str]:
+        """The fields that are set, and their paths."""
+        return {name: path for name, path in self.model_dump().items() if path is not None}
+
+
 class DataSettings(_Section):
     logs: list[Path] = Field(default_factory=list, description="Usage-log files read where they are (and the inbox).")
     labels: Path | None = Field(None, description="Optional labels file, read only by evaluation.")
@@ -40,7 +98,18 @@ class DataSettings(_Section):
         description="A longer JSONL line (or CSV line, in characters) is quarantined unparsed and skipped in "
         "linear time, so one huge line never stalls ingestion.",
     )
+    max_turns: int = Field(
+        256, ge=1, le=100_000, description="A conversation with more messages than this is quarantined."
+    )
+    max_conversation_chars: int = Field(
+        200_000, ge=1, description="A conversation whose turns hold more characters in all is quarantined."
+    )
     split_salt: str = "tao"
+    mapping: LogMapping | None = Field(
+        None,
+        description="Where each part of a row is, for logs in a shape tao does not recognise by content; when "
+        "set, every row is read through it (docs/logs.md).",
+    )
 
     @field_validator("logs")
     @classmethod
@@ -455,10 +524,19 @@ class ServeSettings(_Section):
     )
     body_timeout_s: float = Field(30.0, gt=0.0, le=3600.0, description="Time to receive a request body (HTTP 408).")
     max_messages: int = Field(256, ge=1, description="Messages (conversation turns) in one chat request at most.")
+    max_prompts_per_request: int = Field(
+        32, ge=1, le=1024, description="Prompts in one /v1/completions request (a list, as OpenAI allows) at most."
+    )
     swap_poll_seconds: float = Field(2.0, gt=0.0, description="How often the registry is asked for a new champion.")
     log_requests: bool = Field(True, description="Write every answered request into the inbox.")
-    log_responses: bool = Field(True, description="Keep the response text in the logged rows.")
-    drop_fields: list[str] = Field(default_factory=list, description="Fields left out of logged rows, e.g. ['system'].")
+    log_responses: bool = Field(
+        True, description="Keep the answer's text in the logged rows (false: ids, model and usage only)."
+    )
+    drop_fields: list[str] = Field(
+        default_factory=list,
+        description="Left out of logged rows: 'system' (the system and developer messages), 'response' (as "
+        "log_responses = false), a field of the request (e.g. 'metadata', 'user') or of the row (e.g. 'latency_ms').",
+    )
     log_roll_rows: int = Field(1000, ge=1, description="A log file is handed to the inbox at this many rows...")
     log_roll_seconds: float = Field(60.0, gt=0.0, description="...or at this age, whichever comes first.")
     upstream_url: str | None = Field(

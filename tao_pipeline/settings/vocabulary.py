@@ -24,6 +24,7 @@ SCORER_NAMES = (
     "embedding_consensus",
     "reward_model",
     "llm_judge",
+    "feedback",
 )
 EXTRACTOR_NAMES = ("last_number", "first_line_number", "short_phrase", "final_line", "boxed", "math_verify")
 PARAMETERISED_EXTRACTOR_NAMES = ("regex", "json_field")  # written "regex:<pattern>", "json_field:<dotted.path>"

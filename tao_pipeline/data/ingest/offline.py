@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from tao_pipeline.data.ingest.readers import read_jsonl
-from tao_pipeline.data.ingest.validation import QUARANTINE_COLUMNS, LogRow
+from tao_pipeline.data.ingest.validation import QUARANTINE_COLUMNS, LogEvent, LogRow
 from tao_pipeline.data.prompts import prompt_id_for, prompts_from_rows
 from tao_pipeline.settings import DataSettings
 
@@ -36,13 +36,17 @@ def load_prompts(paths: Iterable[Path], limits: DataSettings) -> PromptBatch:
         if not path.is_file():
             raise FileNotFoundError(f"usage-log file {str(path)!r} (setting data.logs) does not exist")
         for item in read_jsonl(path, limits):
-            (good if isinstance(item, LogRow) else bad).append(item)
+            if isinstance(item, LogRow):
+                good.append(item)
+            elif not isinstance(item, LogEvent):  # feedback and batch outputs need the lake's joins
+                bad.append(item)
     rows = pd.DataFrame(
         [
             {
-                "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints),
+                "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints, row.history),
                 "prompt": row.prompt.strip(),
                 "system": row.system,
+                "history": row.history,
                 "task": row.task,
                 "constraints": row.constraints,
                 "log_id": row.log_id,

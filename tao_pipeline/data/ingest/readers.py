@@ -33,7 +33,14 @@ from typing import IO, Any
 import pyarrow.parquet as pq
 
 from tao_pipeline.common.safe_files import UnsafePathError, open_regular_file
-from tao_pipeline.data.ingest.validation import LogRow, RowRejected, parse_record, quarantine_record, validated
+from tao_pipeline.data.ingest.validation import (
+    LogEvent,
+    LogRow,
+    RowRejected,
+    parse_record,
+    quarantine_record,
+    validated,
+)
 from tao_pipeline.settings import DataSettings
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -79,7 +86,7 @@ def open_log(path: Path) -> Iterator[IO[bytes]]:
             yield raw
 
 
-def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     """Every record of a log file in order: a LogRow per good row, a quarantine record per bad one."""
     suffix = log_format(path)
     try:
@@ -90,7 +97,7 @@ def read_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str
         raise UnreadableLogFile(f"{path}: not a readable gzip file: {error}") from error
 
 
-def _records(path: Path, suffix: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def _records(path: Path, suffix: str, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     if suffix == ".json" and (array := _json_array(path)) is not None:
         yield from _array_records(array, str(path), limits)
     elif suffix in (".jsonl", ".json"):
@@ -101,7 +108,7 @@ def _records(path: Path, suffix: str, limits: DataSettings) -> Iterator[LogRow |
         yield from _csv_records(path, limits)
 
 
-def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     """Yield a LogRow per good line and a quarantine record per bad one."""
     source = str(path)
     with open_log(path) as handle:
@@ -114,7 +121,9 @@ def read_jsonl(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, 
             yield _jsonl_record(line, source, line_number, limits)
 
 
-def _jsonl_record(raw: bytes, source: str, line_number: int, limits: DataSettings) -> LogRow | dict[str, Any]:
+def _jsonl_record(
+    raw: bytes, source: str, line_number: int, limits: DataSettings
+) -> LogRow | LogEvent | dict[str, Any]:
     try:
         text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a leading BOM is not data
         return parse_record(json.loads(text), source, line_number, limits)
@@ -219,12 +228,14 @@ def _first_json_byte(path: Path) -> bytes:
                 return b""
 
 
-def _array_records(records: list[Any], source: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def _array_records(
+    records: list[Any], source: str, limits: DataSettings
+) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     for number, record in enumerate(records, start=1):
         yield validated(record, source, number, limits)
 
 
-def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     if is_gzip(path):  # Parquet needs to seek: decompressed into a temp file first
         with tempfile.NamedTemporaryFile(suffix=".parquet") as plain:
             with open_log(path) as compressed:
@@ -235,7 +246,7 @@ def _parquet_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict
     yield from _parquet_rows(path, str(path), limits)
 
 
-def _parquet_rows(path: Path, source: str, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def _parquet_rows(path: Path, source: str, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     with open_regular_file(path) as handle:
         yield from _parquet_file_rows(handle, path, source, limits)
 
@@ -271,7 +282,7 @@ def _whole_float_id(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | dict[str, Any]]:
+def _csv_records(path: Path, limits: DataSettings) -> Iterator[LogRow | LogEvent | dict[str, Any]]:
     """Rows of a CSV file with a header line, numbered 1, 2, ... like Parquet rows (blank lines skipped).
 
     A row that does not parse (a stray quote, a field over csv's size limit, a line over

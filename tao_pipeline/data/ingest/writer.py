@@ -21,19 +21,29 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tao_pipeline.common.atomic import atomic_path
 from tao_pipeline.common.hashing import content_hash, file_digest
 from tao_pipeline.data.ingest.readers import UnreadableLogFile, read_records
-from tao_pipeline.data.ingest.validation import LogRow
+from tao_pipeline.data.ingest.validation import LogEvent, LoggedAnswer, LogRow
 from tao_pipeline.data.lake import DuckDBLockTimeout, Lake, LakeFileError
 from tao_pipeline.data.prompts import prompt_id_for
 from tao_pipeline.settings import DataSettings
 
 USAGE_TABLE = "usage_logs"
 QUARANTINE_TABLE = "quarantined_rows"
+EVENTS_TABLE = "log_events"
 _TEXT = pa.large_string()  # what pandas' string columns become, as in the lake's other tables
+_ANSWER_FIELDS = [  # the answer a row's app already gave, and what its user did with it
+    ("response", _TEXT),
+    ("response_id", _TEXT),
+    ("response_model", _TEXT),
+    ("rating", pa.float64()),
+    ("comment", _TEXT),
+    ("correction", _TEXT),
+]
 USAGE_LOG_SCHEMA = pa.schema(
     [
         ("log_id", _TEXT),
@@ -43,6 +53,22 @@ USAGE_LOG_SCHEMA = pa.schema(
         ("system", _TEXT),
         ("task", _TEXT),
         ("constraints", _TEXT),
+        ("history", _TEXT),
+        ("left_out", _TEXT),
+        *_ANSWER_FIELDS,
+        ("source_file", _TEXT),
+        ("line_number", pa.int64()),
+        ("received_at", pa.timestamp("us")),
+    ]
+)
+# Feedback on answers served earlier, and Batch API output lines: joined to usage rows by response id
+# (feedback) or external id (a batch output answers the input row with its custom_id).
+EVENTS_SCHEMA = pa.schema(
+    [
+        ("event_id", _TEXT),
+        ("kind", _TEXT),
+        ("external_id", _TEXT),
+        *_ANSWER_FIELDS,
         ("source_file", _TEXT),
         ("line_number", pa.int64()),
         ("received_at", pa.timestamp("us")),
@@ -61,12 +87,14 @@ class IngestChunk:
 
     rows: pa.Table
     quarantine: pa.Table
+    events: pa.Table
 
 
 @dataclass
 class IngestedBatch:
     rows: pd.DataFrame
     quarantine: pd.DataFrame
+    events: pd.DataFrame
 
 
 @dataclass
@@ -75,6 +103,12 @@ class IngestSummary:
 
     rows: int = 0
     quarantined: int = 0
+    conversations: int = 0  # rows with earlier turns
+    answered: int = 0  # rows that carry the answer already given
+    rated: int = 0  # rows and events with a rating or a correction
+    feedback_events: int = 0
+    response_events: int = 0
+    rows_left_out: int = 0  # rows that lost a part the model cannot take (images, tool calls)
     distinct_prompts: int = 0
     conflicting_ids: int = 0  # external ids given to more than one distinct prompt in the file
     rows_per_task: Counter[str] = field(default_factory=Counter)
@@ -84,6 +118,15 @@ class IngestSummary:
     def add(self, chunk: IngestChunk) -> None:
         self.rows += chunk.rows.num_rows
         self.quarantined += chunk.quarantine.num_rows
+        self.conversations += chunk.rows.num_rows - chunk.rows.column("history").null_count
+        self.answered += chunk.rows.num_rows - chunk.rows.column("response").null_count
+        self.rows_left_out += chunk.rows.num_rows - chunk.rows.column("left_out").null_count
+        for table in (chunk.rows, chunk.events):
+            rated = pc.or_(pc.is_valid(table.column("rating")), pc.is_valid(table.column("correction")))
+            self.rated += pc.sum(rated.cast(pa.int64())).as_py() or 0
+        kinds = chunk.events.column("kind").to_pylist()
+        self.feedback_events += kinds.count("feedback")
+        self.response_events += kinds.count("response")
         for counted in chunk.rows.column("task").value_counts().to_pylist():
             self.rows_per_task[counted["values"]] += counted["counts"]
         room = QUARANTINE_PREVIEW_ROWS - len(self.quarantine_preview)
@@ -113,13 +156,15 @@ def ingest_to_lake(
     # The context that exits last renames last: the usage rows, the commit.
     with (
         _partition_writer(rows_path, USAGE_LOG_SCHEMA, batch) as rows_out,
+        _partition_writer(lake.path(EVENTS_TABLE, batch), EVENTS_SCHEMA, batch) as events_out,
         _partition_writer(lake.path(QUARANTINE_TABLE, batch), QUARANTINE_SCHEMA, batch) as quarantine_out,
     ):
         for chunk in read_log_chunks(path, limits, chunk_rows):
             rows_out.write(chunk.rows)
+            events_out.write(chunk.events)
             quarantine_out.write(chunk.quarantine)
             summary.add(chunk)
-    summary.catalog_warning = _refresh_views(lake)
+    summary.catalog_warning = _refresh_views(lake, (USAGE_TABLE, EVENTS_TABLE, QUARANTINE_TABLE))
     summary.distinct_prompts, summary.conflicting_ids = count_distinct_prompts(rows_path)
     return summary
 
@@ -155,7 +200,8 @@ def ingest_file(path: Path, limits: DataSettings) -> IngestedBatch:
     chunks = list(read_log_chunks(path, limits))
     rows = pa.concat_tables([chunk.rows for chunk in chunks])
     quarantine = pa.concat_tables([chunk.quarantine for chunk in chunks])
-    return IngestedBatch(rows.to_pandas(), quarantine.to_pandas())
+    events = pa.concat_tables([chunk.events for chunk in chunks])
+    return IngestedBatch(rows.to_pandas(), quarantine.to_pandas(), events.to_pandas())
 
 
 def read_log_chunks(path: Path, limits: DataSettings, chunk_rows: int = CHUNK_ROWS) -> Iterator[IngestChunk]:
@@ -163,14 +209,17 @@ def read_log_chunks(path: Path, limits: DataSettings, chunk_rows: int = CHUNK_RO
     digest = file_digest(path)
     received = datetime.now(UTC).replace(tzinfo=None)
     good, bad = _ColumnBuffer(USAGE_LOG_SCHEMA), _ColumnBuffer(QUARANTINE_SCHEMA)
+    events = _ColumnBuffer(EVENTS_SCHEMA)
     for number, item in enumerate(read_records(path, limits), start=1):
         if isinstance(item, LogRow):
             good.add(_usage_row(item, digest, received))
+        elif isinstance(item, LogEvent):
+            events.add(_event_row(item, digest, received))
         else:
             bad.add(item)
         if number % chunk_rows == 0:
-            yield IngestChunk(good.take(), bad.take())
-    yield IngestChunk(good.take(), bad.take())
+            yield IngestChunk(good.take(), bad.take(), events.take())
+    yield IngestChunk(good.take(), bad.take(), events.take())
 
 
 def count_distinct_prompts(usage_log_file: Path) -> tuple[int, int]:
@@ -238,12 +287,39 @@ def _usage_row(row: LogRow, digest: str, received: datetime) -> dict[str, Any]:
     return {
         "log_id": content_hash(digest, str(row.line_number)),
         "external_id": row.log_id,
-        "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints),
+        "prompt_id": prompt_id_for(row.prompt, row.system, row.constraints, row.history),
         "prompt": row.prompt.strip(),
         "system": row.system,
         "task": row.task,
         "constraints": row.constraints,
+        "history": row.history,
+        "left_out": row.left_out,
+        **_answer_columns(row.answer),
         "source_file": row.source_file,
         "line_number": row.line_number,
         "received_at": received,
+    }
+
+
+def _event_row(event: LogEvent, digest: str, received: datetime) -> dict[str, Any]:
+    return {
+        "event_id": content_hash(digest, str(event.line_number)),
+        "kind": event.kind,
+        "external_id": event.external_id,
+        **_answer_columns(event.answer),
+        "source_file": event.source_file,
+        "line_number": event.line_number,
+        "received_at": received,
+    }
+
+
+def _answer_columns(answer: LoggedAnswer | None) -> dict[str, Any]:
+    feedback = answer.feedback if answer is not None else None
+    return {
+        "response": answer.response if answer else None,
+        "response_id": answer.response_id if answer else None,
+        "response_model": answer.model if answer else None,
+        "rating": feedback.rating if feedback else None,
+        "comment": feedback.comment if feedback else None,
+        "correction": feedback.correction if feedback else None,
     }
