@@ -24,8 +24,8 @@ from dpo_step import demo_pairs, dpo_step_ratio, embedded_model
 from dpo_step import report as report_steps
 
 from tao_pipeline.cli.runner import RoundReport, run_round
+from tao_pipeline.data.conversation import build_chat
 from tao_pipeline.data.ingest import load_prompts
-from tao_pipeline.data.prompts import build_chat
 from tao_pipeline.generation import SamplingParams
 from tao_pipeline.generation.transformers_backend import TransformersGenerator
 from tao_pipeline.registry import ModelStore

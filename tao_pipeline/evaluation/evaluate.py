@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from tao_pipeline.generation import GenerationCache, SamplingParams, generation_cache, lazy_generator
-from tao_pipeline.scoring import PromptContext, TaoScorer, prompt_constraints
+from tao_pipeline.scoring import PromptContext, TaoScorer, prompt_context
 from tao_pipeline.settings import TaoSettings
 
 SIDES = ("champion", "challenger", "control")
@@ -144,7 +144,7 @@ def _row(
     labels: dict[str, list[str]],
     k: int,
 ) -> dict:
-    context = PromptContext(prompt.prompt, prompt.task, prompt.system, prompt_constraints(prompt._asdict()))
+    context = prompt_context(prompt)
     pid = prompt.prompt_id
     reference = answers["champion"].samples[pid] + answers["challenger"].samples[pid]
     accepted = labels.get(prompt.prompt.strip())

@@ -27,7 +27,7 @@ import pandas as pd
 
 from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.generation import CacheStats, GenerationStats, generate_candidates
-from tao_pipeline.scoring import PromptContext, ScoreCache, TaoScorer, build_scorer, prompt_constraints, score_responses
+from tao_pipeline.scoring import ScoreCache, TaoScorer, build_scorer, prompt_context, score_responses
 from tao_pipeline.settings import PreflightSettings, TaoSettings
 
 SELF_CONSISTENCY_SIGNAL = "self-consistency has signal"
@@ -255,7 +255,7 @@ def _prompt_row(prompt, group: pd.DataFrame, scorer: TaoScorer, labels: dict, mi
     }
     accepted = labels.get(prompt.prompt.strip())
     if accepted:
-        context = PromptContext(prompt.prompt, prompt.task, prompt.system, prompt_constraints(prompt._asdict()))
+        context = prompt_context(prompt)
         correct = [scorer.matches_label(context, answer, accepted) for answer in answers]
         # The scorer's pick, as best-of-k in evaluation: the top known score, the earliest sample on a tie.
         best = max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))

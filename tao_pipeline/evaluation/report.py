@@ -23,6 +23,7 @@ def write_round_report(
     history: pd.DataFrame,
     alerts: list[str],
     plots: dict[str, bytes],
+    feedback: pd.DataFrame | None = None,
 ) -> Path:
     """<folder>/report.md with the plots beside it; returns the report's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,13 @@ def write_round_report(
         ]
     if len(history):
         lines += ["## Rounds so far", "", _markdown(history), ""]
+    if feedback is not None and len(feedback):
+        lines += [
+            "## Users' feedback per model version (from the logs: never part of the held-out comparison)",
+            "",
+            _markdown(feedback),
+            "",
+        ]
     lines += [f"![{name}]({name}.png)" for name in plots]
     path = folder / "report.md"
     with atomic_path(path) as staging:

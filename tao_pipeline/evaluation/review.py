@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from tao_pipeline.data.answers import feedback_rates
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.evaluation.evaluate import Contender, evaluate
 from tao_pipeline.evaluation.history import EVALUATION_TABLE, champion_collapse, collapse_alerts, round_history
@@ -79,8 +80,9 @@ def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSet
     history = round_history(lake, current=(round_id, rows))
     alerts = collapse_alerts(history)
     plots = round_plots(lake, round_id, rows, history)
+    feedback = feedback_rates(lake)
     report = write_round_report(
-        settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots
+        settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots, feedback
     )
     return RoundReview(verdict, control, history, alerts, plots, report, champion_collapse(history, round_id))
 

@@ -1,12 +1,22 @@
 """Candidate generation: the Generator protocol, its backends, and the response cache in front of them."""
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from tao_pipeline.data.answers import ANSWER_COLUMNS
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, Generator, SamplingParams
 from tao_pipeline.generation.cache import CacheStats, GenerationCache, LazyGenerator
+from tao_pipeline.generation.logged import (
+    CORRECTION,
+    AnswerUse,
+    answer_rows,
+    correction_rows,
+    own_answers,
+    with_ratings,
+)
 from tao_pipeline.settings import GenerationSettings, ModelSettings, TaoSettings
 
 __all__ = [
@@ -30,20 +40,60 @@ class Candidates:
     responses: pd.DataFrame  # RESPONSE_COLUMNS, one row per (prompt, sample)
     cache: CacheStats  # prompts taken from the cache vs generated now
     stats: GenerationStats  # what the model generated now (tokens, seconds)
+    answers: AnswerUse = field(default_factory=AnswerUse)  # logged answers and corrections taken
 
 
 def generate_candidates(
-    prompts: pd.DataFrame, model_path: Path | str, model_version: str, settings: TaoSettings
+    prompts: pd.DataFrame,
+    model_path: Path | str,
+    model_version: str,
+    settings: TaoSettings,
+    answers: pd.DataFrame | None = None,
 ) -> Candidates:
-    """``generation.num_samples`` sampled responses per prompt from one model, through the response cache."""
+    """``generation.num_samples`` responses per prompt from one model, through the response cache.
+
+    ``answers`` (``logged_answers``): a prompt the model already answered in the logs gets one
+    sample fewer and that answer instead; users' corrections are added as candidates, and every
+    candidate gets the mean rating users gave its text (``rating``, missing when none).
+    """
     gen = settings.generation
     params = SamplingParams(gen.num_samples, gen.max_new_tokens, gen.temperature, gen.top_p, seed=gen.seed)
+    answers = answers if answers is not None else pd.DataFrame(columns=ANSWER_COLUMNS)
+    own = own_answers(answers, model_version)
+    own = own[own["prompt_id"].isin(set(prompts["prompt_id"]))]
+    answered = prompts["prompt_id"].isin(set(own["prompt_id"]))
     model = lazy_generator(model_path, model_version, settings)
+    cache = generation_cache(settings)
     try:
-        responses, cache = generation_cache(settings).generate(model, prompts, params)
+        tables, stats = [], CacheStats()
+        for group, group_params in ((prompts[~answered], params), (prompts[answered], _one_fewer(params))):
+            if len(group) and group_params.num_samples:
+                table, group_stats = cache.generate(model, group, group_params)
+                tables.append(table)
+                stats = _added(stats, group_stats)
     finally:
         model.close()  # free the GPU (vLLM) before training runs in the same process
-    return Candidates(responses, cache, model.stats)
+    tables.append(answer_rows(own, model_version, params.num_samples - 1))
+    tables.append(correction_rows(answers, set(prompts["prompt_id"]), params.num_samples))
+    responses = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(map(len, tables)) else None
+    responses = responses if responses is not None else pd.DataFrame(columns=RESPONSE_COLUMNS)
+    responses = with_ratings(responses, answers).sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
+    use = AnswerUse(
+        len(own), int((responses["finish_reason"] == CORRECTION).sum()), int(responses["rating"].notna().sum())
+    )
+    return Candidates(responses, stats, model.stats, use)
+
+
+def _one_fewer(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, num_samples=params.num_samples - 1)
+
+
+def _added(first: CacheStats, second: CacheStats) -> CacheStats:
+    return CacheStats(
+        first.cached_prompts + second.cached_prompts,
+        first.generated_prompts + second.generated_prompts,
+        first.shards_written + second.shards_written,
+    )
 
 
 def generation_cache(settings: TaoSettings) -> GenerationCache:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.common.threads import ThreadChoice
-from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.data.conversation import fit_chat_to_tokens, row_chat
 
 RESPONSE_COLUMNS = [
     "response_id",
@@ -45,6 +45,7 @@ class GenerationStats:
     responses: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    history_turns_cut: int = 0  # earlier conversation turns cut to fit the prompt budget
     thread_seconds: dict[int, float] = field(default_factory=dict)  # torch threads -> seconds generated with them
     threads_why: str = ""  # why the latest batch got its threads
 
@@ -108,19 +109,29 @@ def split_at_stop(tokens: Sequence[int], stop_ids: Iterable[int]) -> tuple[list[
     return (token_list, False) if stop_at is None else (token_list[:stop_at], True)
 
 
-def encode_chat_prompts(tokenizer, prompts: pd.DataFrame, max_prompt_tokens: int) -> list[list[int]]:
-    """Each row's (system, prompt) through the model's chat template, truncated to ``max_prompt_tokens``."""
-    return [
-        tokenizer.apply_chat_template(
-            build_chat(row.prompt, row.system),
+def encode_chat_prompts(
+    tokenizer, prompts: pd.DataFrame, max_prompt_tokens: int, stats: GenerationStats | None = None
+) -> list[list[int]]:
+    """Each row's conversation through the model's chat template, within ``max_prompt_tokens``.
+
+    A conversation over the budget loses its oldest turns first (the system message and the last
+    user turn stay; the cut is counted in ``stats``); only what is still too long is truncated.
+    """
+    encoded = []
+    for row in prompts.itertuples():
+        messages, cut = fit_chat_to_tokens(tokenizer, row_chat(row), max_prompt_tokens)
+        if stats is not None:
+            stats.history_turns_cut += cut
+        ids = tokenizer.apply_chat_template(
+            messages,
             add_generation_prompt=True,
             tokenize=True,
             truncation=True,
             max_length=max_prompt_tokens,
             return_dict=False,
         )
-        for row in prompts.itertuples()
-    ]
+        encoded.append(ids)
+    return encoded
 
 
 def response_row(

@@ -35,7 +35,7 @@ from tao_pipeline.common.endpoints import (
     retry_before_deadline,
     token_count,
 )
-from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.data.conversation import row_chat
 from tao_pipeline.generation.base import RESPONSE_COLUMNS, GenerationStats, SamplingParams, account, response_row
 from tao_pipeline.generation.base import sampling_json as sampling_text
 from tao_pipeline.registry.loading import load_tokenizer
@@ -163,7 +163,7 @@ class OpenAIGenerator:
         client = self._client(timeout=max(deadline - time.monotonic(), 0.001))
         arguments = {
             "model": self.served_name,
-            "messages": build_chat(row.prompt, row.system),
+            "messages": row_chat(row),
             "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.greedy else params.temperature,
             "n": n,

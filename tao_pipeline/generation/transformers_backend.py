@@ -63,7 +63,7 @@ class TransformersGenerator:
         self.stats = GenerationStats()
 
     def generate(self, prompts: pd.DataFrame, params: SamplingParams, progress: bool = True) -> pd.DataFrame:
-        encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.stats)
         # Length bucketing: similar lengths share a batch, so little compute goes to padding.
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), prompts.iloc[i]["prompt_id"]))
         size = self._prompts_per_batch(params)

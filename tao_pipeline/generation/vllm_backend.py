@@ -100,7 +100,7 @@ class VLLMGenerator:
             return pd.DataFrame([], columns=RESPONSE_COLUMNS)
         from vllm import TokensPrompt
 
-        encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        encoded = encode_chat_prompts(self.tokenizer, prompts, self.max_prompt_tokens, self.stats)
         prompt_ids = prompts["prompt_id"].tolist()
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in encoded]
         per_request = [self._engine_params(params, prompt_id) for prompt_id in prompt_ids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from tao_pipeline.common.hashing import content_hash
-from tao_pipeline.scoring.base import PromptContext, Scorer, prompt_constraints
+from tao_pipeline.scoring.base import PromptContext, Scorer, prompt_constraints, prompt_context
 from tao_pipeline.scoring.cache import SCORE_COLUMNS, ScoreCache
 from tao_pipeline.scoring.catalog import ScorerOptionsError, build_named_scorer
 from tao_pipeline.scoring.composite import CompositeScorer, TaskRecipe
@@ -33,6 +34,7 @@ __all__ = [
     "check_unscored_share",
     "group_key",
     "prompt_constraints",
+    "prompt_context",
     "score_candidates",
     "score_responses",
 ]
@@ -88,7 +90,7 @@ def score_responses(
     settings are not scored again, and newly scored prompts are saved shard by shard, so a
     killed run resumes where it stopped.
     """
-    columns = [c for c in ["prompt_id", "prompt", "system", "task", "constraints"] if c in prompts.columns]
+    columns = [c for c in ["prompt_id", "prompt", "system", "history", "task", "constraints"] if c in prompts.columns]
     merged = candidates.merge(prompts[columns], on="prompt_id", how="left")
     groups = dict(iter(merged.groupby("prompt_id", sort=True)))
     keys = {prompt_id: group_key(group) for prompt_id, group in groups.items()}
@@ -146,16 +148,28 @@ def check_unscored_share(scores: pd.DataFrame, max_share: float) -> None:
     )
 
 
+def _feedback(group: pd.DataFrame) -> dict[str, float]:
+    """The candidates' users' ratings by text (the ``rating`` column of candidates built from logged answers)."""
+    if "rating" not in group.columns:
+        return {}
+    rated = group.dropna(subset=["rating"])
+    return {str(text): float(rating) for text, rating in zip(rated["response"], rated["rating"])}
+
+
 def group_key(group: pd.DataFrame) -> str:
     """What a prompt's scores depend on: the prompt with its task and constraints, and its exact candidates."""
     first = group.iloc[0]
     context = [str(first.get(c)) for c in ("prompt", "system", "task", "constraints")]
+    if isinstance(first.get("history"), str):  # a conversation; single-turn keys stay as they were
+        context.append(first["history"])
+    if "rating" in group.columns and group["rating"].notna().any():  # users' ratings change the scores
+        context.append(json.dumps(_feedback(group), sort_keys=True))
     return content_hash(*context, *sorted(group["response_id"]))
 
 
 def _score_group(group: pd.DataFrame, scorer: TaoScorer, key: str) -> list[dict]:
     first = group.iloc[0]
-    context = PromptContext(first["prompt"], first["task"], first["system"], prompt_constraints(first))
+    context = dataclasses.replace(prompt_context(first), feedback=_feedback(group))
     responses = group["response"].tolist()
     result = scorer.score(context, responses)
     answers = scorer.answers(context, responses)

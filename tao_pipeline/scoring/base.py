@@ -8,6 +8,9 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import ConfigDict, Field, validate_call
 
+from tao_pipeline.data.conversation import history_turns
+from tao_pipeline.data.prompts import DEFAULT_TASK
+
 # Every scorer's __init__ is wrapped in this: its options are checked against their annotations whenever
 # it is built (from settings or directly): the right types (strict: 8.0 is no word count, "60" no
 # timeout), every number finite, and in the range its annotation gives. A bad option raises pydantic's
@@ -28,6 +31,9 @@ class PromptContext:
     system: str | None = None
     # Per-prompt checks declared in the usage log (e.g. {"max_words": 50, "json_schema": {...}}).
     constraints: dict[str, Any] = field(default_factory=dict)
+    history: tuple[dict[str, str], ...] = ()  # earlier turns of the conversation, oldest first
+    # Users' mean rating (-1..1) of a candidate text: only for a round's training candidates, never evaluation.
+    feedback: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,19 @@ def score_each(scorer_name: str, responses: list[str], score_one) -> list[Score]
         except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
             results.append(Failed(f"{scorer_name}: {type(error).__name__}: {error}"[:300]))
     return results
+
+
+def prompt_context(row) -> PromptContext:
+    """A prompts-table row (a dict, a Series or a namedtuple) as the context scorers see: the whole conversation."""
+    values = row._asdict() if hasattr(row, "_asdict") else row
+    system = values.get("system")
+    return PromptContext(
+        values["prompt"],
+        values.get("task") or DEFAULT_TASK,
+        system if isinstance(system, str) and system else None,
+        prompt_constraints(values),
+        tuple(history_turns(values.get("history"))),
+    )
 
 
 def prompt_constraints(row) -> dict:

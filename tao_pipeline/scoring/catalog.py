@@ -31,6 +31,7 @@ SCORER_CLASSES = {
     "embedding_consensus": "tao_pipeline.scoring.embedding:EmbeddingConsensusScorer",
     "reward_model": "tao_pipeline.scoring.reward_model:RewardModelScorer",
     "llm_judge": "tao_pipeline.scoring.judge:LLMJudgeScorer",
+    "feedback": "tao_pipeline.scoring.feedback:FeedbackScorer",
 }
 
 

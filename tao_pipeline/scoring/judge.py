@@ -27,7 +27,7 @@ from tao_pipeline.common.endpoints import (
 )
 from tao_pipeline.common.hashing import text_digest
 from tao_pipeline.common.profiling import record_usage
-from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.data.conversation import build_chat
 from tao_pipeline.generation.base import SamplingParams
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.scoring.base import (
@@ -185,6 +185,9 @@ def _context_block(context: PromptContext) -> str:
     parts = []
     if isinstance(context.system, str) and context.system:
         parts.append(f"[System message the assistant was given]\n{context.system}")
+    if context.history:
+        turns = "\n\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in context.history)
+        parts.append(f"[Earlier turns of the conversation]\n{turns}")
     parts.append(f"[User prompt]\n{context.prompt}")
     if context.constraints:
         parts.append(f"[Constraints declared for this prompt]\n{json.dumps(context.constraints, sort_keys=True)}")

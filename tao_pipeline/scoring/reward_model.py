@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tao_pipeline.common.threads import use_torch_threads
-from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.data.conversation import build_chat
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.registry.loading import load_tokenizer, resolve_dtype
 from tao_pipeline.scoring.base import BatchSize, Failed, PromptContext, Score, TokenCount, scorer_options
@@ -98,7 +98,10 @@ class RewardModelScorer:
 
     def _encode(self, context: PromptContext, response: str) -> list[int]:
         if self._tokenizer.chat_template:
-            messages = [*build_chat(context.prompt, context.system), {"role": "assistant", "content": response}]
+            messages = [
+                *build_chat(context.prompt, context.system, context.history),
+                {"role": "assistant", "content": response},
+            ]
             return list(
                 self._tokenizer.apply_chat_template(
                     messages,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from tao_pipeline.data.prompts import build_chat
+from tao_pipeline.data.conversation import fit_chat_to_tokens, row_chat
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
 
@@ -16,21 +16,39 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 
-def preference_dataset(pairs: pd.DataFrame):
-    """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template."""
+def preference_dataset(pairs: pd.DataFrame, tokenizer=None, max_length: int | None = None):
+    """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template.
+
+    With a tokenizer, a conversation whose prompt and longer answer exceed ``max_length`` tokens
+    loses its oldest turns first (generation's metadata counts such cuts: the same prompts).
+    """
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
+    fit = _history_fitter(tokenizer)
     return Dataset.from_list(
         [
             {
-                "prompt": build_chat(row.prompt, row.system),
+                "prompt": fit(row_chat(row), max_length, row.chosen, row.rejected),
                 "chosen": [{"role": "assistant", "content": row.chosen}],
                 "rejected": [{"role": "assistant", "content": row.rejected}],
             }
             for row in pairs.itertuples()
         ]
     )
+
+
+def _history_fitter(tokenizer):
+    """fit(messages, max_length, *answers): the conversation cut from the front so that it and its
+    longest answer fit ``max_length`` tokens (at least half of them stay for the prompt)."""
+
+    def fit(messages: list[dict[str, str]], max_length: int | None, *answers: str) -> list[dict[str, str]]:
+        if tokenizer is None or max_length is None or len(messages) <= 2:
+            return messages
+        answer_tokens = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
+        return fit_chat_to_tokens(tokenizer, messages, max(max_length - answer_tokens, max_length // 2))[0]
+
+    return fit
 
 
 def dpo_config(settings: TrainingSettings, output_dir: str):
@@ -76,7 +94,7 @@ def train_dpo(
         lambda model, tokenizer, peft_config, scratch: DPOTrainer(
             model=model,
             args=dpo_config(settings, scratch),
-            train_dataset=preference_dataset(pairs),
+            train_dataset=preference_dataset(pairs, tokenizer, settings.max_length),
             processing_class=tokenizer,
             peft_config=peft_config,
         ),

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tao_pipeline.data.prompts import DEFAULT_TASK, build_chat
+from tao_pipeline.data.conversation import fit_chat_to_tokens, row_chat
 from tao_pipeline.scoring import TaoScorer
-from tao_pipeline.scoring.base import PromptContext, prompt_constraints
+from tao_pipeline.scoring.base import PromptContext, prompt_context
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
 
@@ -47,13 +47,7 @@ def scorer_reward_function(scorer: TaoScorer, prompts: pd.DataFrame) -> Callable
 def prompt_contexts(prompts: pd.DataFrame) -> dict[str, PromptContext]:
     contexts = {}
     for row in prompts.drop_duplicates("prompt_id").to_dict("records"):
-        system = row.get("system")
-        contexts[row["prompt_id"]] = PromptContext(
-            row["prompt"],
-            row.get("task") or DEFAULT_TASK,
-            system if isinstance(system, str) else None,
-            prompt_constraints(row),
-        )
+        contexts[row["prompt_id"]] = prompt_context(row)
     return contexts
 
 
@@ -85,16 +79,21 @@ def _as_reward(score) -> float | None:
     return None
 
 
-def prompt_dataset(prompts: pd.DataFrame):
-    """Conversational prompts, so TRL applies the model's chat template; prompt_id reaches the reward."""
+def prompt_dataset(prompts: pd.DataFrame, tokenizer=None, max_prompt_tokens: int | None = None):
+    """Conversational prompts, so TRL applies the model's chat template; prompt_id reaches the reward.
+
+    With a tokenizer, a conversation over ``max_prompt_tokens`` loses its oldest turns first."""
+
+    def fit(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if tokenizer is None or max_prompt_tokens is None:
+            return messages
+        return fit_chat_to_tokens(tokenizer, messages, max_prompt_tokens)[0]
+
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
     return Dataset.from_list(
-        [
-            {"prompt": build_chat(row.prompt, getattr(row, "system", None)), "prompt_id": row.prompt_id}
-            for row in prompts.itertuples()
-        ]
+        [{"prompt": fit(row_chat(row)), "prompt_id": row.prompt_id} for row in prompts.itertuples()]
     )
 
 
@@ -141,6 +140,11 @@ def grpo_config(settings: TrainingSettings, output_dir: str):
     )
 
 
+def grpo_prompt_budget(settings: TrainingSettings) -> int:
+    """Prompt tokens a GRPO example may hold: training.max_length less the completion's room (at least half)."""
+    return max(settings.max_length - settings.grpo.max_completion_length, settings.max_length // 2)
+
+
 def grpo_settings_arguments(settings: TrainingSettings) -> dict:
     """The GRPO options tao's own settings set (TRL's defaults: beta 0, temperature 1, 512-token completions),
     and the one it decides (the reward reads each prompt's prompt_id column)."""
@@ -177,7 +181,7 @@ def train_grpo(
             model=model,
             reward_funcs=scorer_reward_function(scorer, prompts),
             args=grpo_config(settings, scratch),
-            train_dataset=prompt_dataset(prompts),
+            train_dataset=prompt_dataset(prompts, tokenizer, grpo_prompt_budget(settings)),
             processing_class=tokenizer,
             peft_config=peft_config,
         ),

@@ -17,6 +17,7 @@ PAIR_COLUMNS = [
     "prompt_id",
     "prompt",
     "system",
+    "history",
     "task",
     "chosen_response_id",
     "rejected_response_id",
@@ -45,7 +46,7 @@ def build_pairs(
     table = (
         candidates[["response_id", "prompt_id", "response"]]
         .merge(scores[["response_id", "score"]], on="response_id")
-        .merge(prompts[["prompt_id", "prompt", "system", "task"]], on="prompt_id")
+        .merge(_with_history(prompts)[["prompt_id", "prompt", "system", "history", "task"]], on="prompt_id")
     )
     table["length"] = table["response"].str.len()
     stats = PairStats()
@@ -66,6 +67,7 @@ def build_pairs(
                 "prompt_id": prompt_id,
                 "prompt": best["prompt"],
                 "system": best["system"],
+                "history": best["history"],
                 "task": best["task"],
                 "chosen_response_id": best["response_id"],
                 "rejected_response_id": worst["response_id"],
@@ -106,3 +108,8 @@ def shuffle_directions(pairs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         shuffled.loc[flip, a], shuffled.loc[flip, b] = pairs.loc[flip, b], pairs.loc[flip, a]
     shuffled["margin"] = shuffled["chosen_score"] - shuffled["rejected_score"]
     return shuffled
+
+
+def _with_history(prompts: pd.DataFrame) -> pd.DataFrame:
+    """Prompts of rounds written before conversations have no history column: they are single-turn."""
+    return prompts if "history" in prompts.columns else prompts.assign(history=None)

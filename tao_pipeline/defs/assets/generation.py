@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from tao_pipeline.common.profiling import StageMeter
+from tao_pipeline.data.answers import LoggedAnswers, logged_answers
 from tao_pipeline.defs.constants import HEAVY_POOL
 from tao_pipeline.defs.costs import stage_cost
 from tao_pipeline.defs.metadata import md_table
@@ -29,12 +30,23 @@ def candidate_responses(
     train = prompts[prompts["split"] == "train"]
     start = round_starting_model(model_store.get(), store, round_id, config.model, log=context.log.info)
     context.log.info(f"generating with {start.version_id} for {len(train)} prompts")
+    logged = logged_answers(store, train["prompt_id"].tolist())
+    _warn_of_unknown_feedback(context, logged)
     with StageMeter() as meter:
-        candidates = generate_candidates(train, start.path, start.version_id, config)
+        candidates = generate_candidates(train, start.path, start.version_id, config, logged.answers)
     path = store.write("candidate_responses", round_id, candidates.responses.assign(round=round_id))
     metadata = {"model_version": start.version_id, "prompts": len(train), **_metadata(candidates)}
+    metadata["feedback_for_unknown_responses"] = logged.unknown_feedback
     cost = stage_cost(store, round_id, "candidate_responses", meter, config.costs)
     return dg.MaterializeResult(metadata={**metadata, **meter.metadata(), **cost, **_previews(candidates, path)})
+
+
+def _warn_of_unknown_feedback(context: dg.AssetExecutionContext, logged: LoggedAnswers) -> None:
+    if logged.unknown_feedback:
+        context.log.warning(
+            f"{logged.unknown_feedback} feedback events rate responses no usage log holds "
+            f"(e.g. {', '.join(logged.unknown_examples)}): kept in log_events, unused until their answers arrive"
+        )
 
 
 def _metadata(candidates: Candidates) -> dict:
@@ -47,6 +59,10 @@ def _metadata(candidates: Candidates) -> dict:
         "new_tokens": stats.new_tokens,
         "tokens_per_second": round(stats.tokens_per_second, 1),
         "generation_seconds": round(stats.seconds, 1),
+        "logged_answers_as_samples": candidates.answers.logged_samples,  # one fewer sample generated for each
+        "user_corrections": candidates.answers.corrections,
+        "rated_candidates": candidates.answers.rated_candidates,
+        "history_turns_cut": stats.history_turns_cut,  # oldest turns left out to fit the prompt budget
         **stats.threads_metadata(),
     }
 

@@ -40,6 +40,12 @@ def _metadata(outcome: BatchOutcome) -> dict:
         "rows": ingested.rows,
         "distinct_prompts": ingested.distinct_prompts,
         "conflicting_external_ids": ingested.conflicting_ids,  # one id, several different prompts
+        "conversations": ingested.conversations,  # rows with earlier turns
+        "answered_rows": ingested.answered,  # rows that carry the answer the app gave
+        "rated": ingested.rated,  # ratings and corrections, in rows and feedback events
+        "feedback_events": ingested.feedback_events,
+        "batch_output_responses": ingested.response_events,
+        "rows_with_parts_left_out": ingested.rows_left_out,  # images, audio, tool calls: kept without them
         "quarantined": ingested.quarantined,
         "quarantine_reasons": md_table(ingested.quarantine_reasons(), rows=QUARANTINE_PREVIEW_ROWS),
         "per_task": md_table(ingested.per_task()),
