@@ -337,7 +337,8 @@ def _rows(bench: Bench) -> tuple[int, int, int, int]:
     try:
         with connect_duckdb(bench.home / "lake" / "catalog.duckdb", read_only=True, timeout_s=60) as con:
             ingested, distinct = con.execute(
-                "SELECT count(*), count(DISTINCT external_id) FROM usage_logs WHERE external_id LIKE 'tao-serve-%'"
+                "SELECT count(*), count(DISTINCT external_id) FROM usage_logs "
+                "WHERE external_id LIKE 'chatcmpl-%' OR external_id LIKE 'cmpl-%'"
             ).fetchone()
             [quarantined] = con.execute(
                 "SELECT count(*) FROM quarantined_rows WHERE source_file LIKE '%/serve-%'"

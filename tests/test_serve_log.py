@@ -44,7 +44,7 @@ def ingest(config: Path) -> int:
     settings = load(config)
     lake = Lake(settings.lake_dir)
     logs = lake.sql(f"SELECT external_id FROM {lake.scan('usage_logs')}")
-    return int(logs["external_id"].str.startswith("tao-serve-").sum())
+    return int(logs["external_id"].str.startswith(("chatcmpl-", "cmpl-")).sum())
 
 
 @pytest.mark.parametrize("replicas", [2, pytest.param(3, marks=pytest.mark.slow)])

@@ -1,7 +1,9 @@
-"""The HTTP API: OpenAI's chat and text completions (streaming too), models, health and Prometheus metrics.
+"""The HTTP API: OpenAI's chat and text completions (streaming too), models, feedback, health and Prometheus metrics.
 
 Every response names the version that wrote it (the ``model`` field and the ``X-Tao-Model-Version``
-header), and every answered request becomes a row in the inbox (see ``request_log``).
+header), and every answered request becomes rows in the inbox, in OpenAI's request/response pair
+shape (see ``request_log``): one row per choice, under the completion id the client got, which is
+what it sends back to ``POST /v1/feedback`` with a rating, a comment or a correction.
 
 What one request can cost the others is bounded, in this order:
 
@@ -26,6 +28,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,8 +43,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tao_pipeline.data.feedback import FeedbackRejected, parse_feedback
 from tao_pipeline.serving.champion import ChampionWatcher
-from tao_pipeline.serving.engine import Completion, Engine, EngineError, GenerationRequest, RequestRefused, Stream
+from tao_pipeline.serving.engine import (
+    Completion,
+    Delta,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    RequestRefused,
+    Stream,
+)
 from tao_pipeline.serving.metrics import ServeMetrics
 from tao_pipeline.serving.request_log import RequestLog
 from tao_pipeline.settings import ServeSettings
@@ -50,6 +62,8 @@ logger = logging.getLogger("tao_pipeline.serve")
 VERSION_HEADER = "X-Tao-Model-Version"
 OPEN_PATHS = frozenset({"/health"})  # for load balancers; everything else needs the key when keys are set
 INT64 = 2**63
+MAX_RESPONSE_ID_CHARS = 200
+MINTED_ID = re.compile(r"(chatcmpl|cmpl)-[0-9a-f]{32}")  # what new_completion_id gives
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -124,6 +138,34 @@ class CompletionBody(_Sampling):
     prompt: str | list[str]
 
 
+class FeedbackBody(BaseModel):
+    """``POST /v1/feedback``: what a user did with one choice of an answer this API gave."""
+
+    model_config = ConfigDict(extra="ignore")
+    response_id: str = Field(description="The ``id`` of the completion, as this API returned it.")
+    choice: int = Field(0, ge=0, strict=True, description="The choice's ``index`` in that completion.")
+    rating: Any = Field(None, description="'up', 'down' or a number from -1 (bad) to 1 (good).")
+    comment: Any = Field(None, description="What the user said about the answer.")
+    correction: Any = Field(None, description="The answer the user says it should have been.")
+
+    @field_validator("response_id")
+    @classmethod
+    def _one_of_ours(cls, value: str) -> str:
+        if len(value) > MAX_RESPONSE_ID_CHARS:
+            raise ValueError(f"response_id: {len(value)} characters; an id this server returns has at most 200")
+        if not MINTED_ID.fullmatch(value):
+            raise ValueError(
+                f"response_id: {value[:60]!r} is not an id this server returns ('chatcmpl-…' or 'cmpl-…', "
+                "the 'id' of a completion)"
+            )
+        return value
+
+
+def new_completion_id(chat: bool) -> str:
+    """The id of one answer: in its body, in every chunk of its stream, in its log rows, and in feedback on it."""
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
 def _not_unicode(value: Any, where: str = "") -> str | None:
     """The place of the first text (or key) holding a lone surrogate, which no UTF-8 encoder accepts; None if none."""
     if isinstance(value, str):
@@ -150,10 +192,10 @@ class Served:
 
     endpoint: str
     task: str
-    prompt: str
-    system: str | None
+    requests: list[dict[str, Any]]  # the request as the client sent it (validated), one per prompt
+    n: int  # choices per prompt: choice i answers requests[i // n]
     started: float
-    unlogged_because: str | None = None  # why this request gives no training row
+    unlogged_because: str | None = None  # why this request gives no training row (none yet: every answer is)
 
 
 class Admission:
@@ -297,6 +339,8 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        if request.url.path == "/v1/feedback":
+            metrics.feedback("invalid")
         first = error.errors()[0]
         where = _param(first.get("loc", ()))
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
@@ -350,42 +394,110 @@ def build_app(
         if len(body.messages) > settings.max_messages:
             raise ServeError(400, f"messages: at most {settings.max_messages} (serve.max_messages)", "messages")
         messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users:
+        if not any(m["role"] == "user" for m in messages):
             raise ServeError(400, "messages: at least one message with role 'user' is needed", "messages")
-        systems = [m["content"] for m in messages if m["role"] == "system"]
         request = _generation_request(body, settings, messages=messages, max_tokens=body.max_completion_tokens)
-        served = Served("chat", _task(body, settings), users[-1], systems[0] if systems else None, time.perf_counter())
-        if len(users) > 1 or any(m["role"] == "assistant" for m in messages):
-            # A round replays a prompt on its own: the last turn without its conversation would teach
-            # the model to answer a question nobody asked in that form.
-            served.unlogged_because = "multi_turn"
-        return await answer(request, served, body.stream, True, http)
+        # The whole conversation is logged, as sent: ingestion keeps its system message and earlier turns.
+        logged = body.model_dump(mode="json", exclude_unset=True)
+        served = Served("chat", _task(body, settings), [logged], body.n, time.perf_counter())
+        return await answer([request], served, body.stream, True, http)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Response:
         _check_model(body.model, watcher, settings.model_alias)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1 or not prompts[0]:
-            raise ServeError(400, "prompt: give one non-empty string (batches of prompts are not supported)", "prompt")
-        request = _generation_request(body, settings, prompt=prompts[0])
-        served = Served("completions", _task(body, settings), prompts[0], None, time.perf_counter())
-        return await answer(request, served, body.stream, False, http)
+        if not prompts:
+            raise ServeError(400, "prompt: give a non-empty string or a list of them", "prompt")
+        if len(prompts) > settings.max_prompts_per_request:
+            limit = settings.max_prompts_per_request
+            raise ServeError(
+                400, f"prompt: {len(prompts)} prompts; at most {limit} in one request (serve.max_prompts_per_request)",
+                "prompt",
+            )  # fmt: skip
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+                raise ServeError(400, f"{where}: empty; give a non-empty string", where)
+        if len(prompts) * body.n > admission.limit:
+            raise ServeError(
+                400,
+                f"prompt: {len(prompts)} prompts x n={body.n} are {len(prompts) * body.n} rows; this server holds at "
+                f"most {admission.limit} at once (serve.max_batch_rows + serve.max_queued_rows)",
+                "prompt",
+            )
+        first = _generation_request(body, settings, prompt=prompts[0])
+        requests = [dataclasses.replace(first, prompt=prompt) for prompt in prompts]
+        logged = body.model_dump(mode="json", exclude_unset=True)
+        each = [{**logged, "prompt": prompt} for prompt in prompts]  # a row holds its own prompt alone
+        served = Served("completions", _task(body, settings), each, body.n, time.perf_counter())
+        return await answer(requests, served, body.stream, False, http)
 
-    async def answer(request: GenerationRequest, served: Served, stream: bool, chat: bool, http: Request) -> Response:
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackBody) -> JSONResponse:
+        """A rating, a comment or a correction of one choice of an answer this API gave (its ``id``).
+
+        The feedback goes into the inbox as a row of its own, beside the answer's rows. Whether
+        ``response_id`` names an answer that was really given is not checked here: this server may
+        have restarted since, or be one of several replicas writing into one inbox; ingestion joins
+        feedback to its answer, and keeps one whose answer it never sees apart.
+        """
+        limit = min(16, settings.max_batch_rows) * settings.max_prompts_per_request
+        if body.choice >= limit:
+            metrics.feedback("invalid")
+            raise ServeError(400, f"choice: {body.choice}; no answer of this server has more than {limit}", "choice")
+        try:
+            parsed = parse_feedback({"rating": body.rating, "comment": body.comment, "correction": body.correction})
+        except (FeedbackRejected, OverflowError) as error:  # OverflowError: a whole number past any float (10**400)
+            metrics.feedback("invalid")
+            message = str(error) if isinstance(error, FeedbackRejected) else "rating: not a number from -1 to 1"
+            fields = ("rating", "comment", "correction")
+            param = next((field for field in fields if message.startswith((field, f"feedback {field}"))), None)
+            raise ServeError(400, message, param) from None
+        if request_log is None:
+            metrics.feedback("not_kept")
+            raise ServeError(
+                503, "feedback is not kept: this server logs nothing (serve.log_requests = false)", code="not_kept"
+            )
+        ident = f"feedback-{uuid.uuid4().hex}"
+        row = {
+            "id": ident,
+            "feedback": {
+                "response_id": body.response_id,
+                "choice": body.choice,
+                "rating": parsed.rating,
+                "comment": parsed.comment,
+                "correction": parsed.correction,
+            },
+            "received_at": _iso_now(),
+        }
+        if not request_log.write(row):
+            metrics.feedback("not_kept")
+            raise ServeError(
+                503, "the feedback could not be written into the inbox (see /health); try again", code="not_kept",
+                **{"Retry-After": "5"},
+            )  # fmt: skip
+        metrics.feedback("logged")
+        body_out = {"id": ident, "object": "feedback", "response_id": body.response_id}
+        return JSONResponse(body_out, headers={VERSION_HEADER: engine.version})
+
+    async def answer(
+        requests: list[GenerationRequest], served: Served, stream: bool, chat: bool, http: Request
+    ) -> Response:
         if not watcher.ready:
             raise ServeError(503, f"no model loaded yet: {watcher.last_error}", code="unavailable")
+        rows = sum(request.n for request in requests)
         try:
-            admission.enter(request.n)
+            admission.enter(rows)
         except ServeError:
             metrics.busy(served.endpoint)
             raise
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-        request = dataclasses.replace(request, deadline=deadline)
-        release = _once(lambda seconds=None: admission.leave(request.n, seconds))
+        requests = [dataclasses.replace(request, deadline=deadline) for request in requests]
+        release = _once(lambda seconds=None: admission.leave(rows, seconds))
+        ident, created = new_completion_id(chat), int(time.time())  # one id for the body, every chunk and the log
         try:
             async with asyncio.timeout_at(deadline):
-                started = await engine.stream(request)
+                started = await _start(engine, requests)
         except BaseException as error:
             release()
             if isinstance(error, Exception):
@@ -393,9 +505,8 @@ def build_app(
                 raise _as_serve_error(error, settings) from None
             raise
         if stream:
-            events = _sse(
-                started, chat, served, deadline, settings, metrics, lambda: finished(served, started.completion)
-            )
+            done = lambda: finished(served, _completion_body(started.completion, chat, ident, created))  # noqa: E731
+            events = _sse(started, chat, ident, created, served, deadline, settings, metrics, done)
             headers = {VERSION_HEADER: started.version, "Cache-Control": "no-cache"}
             return _EventStream(events, on_close=lambda: (started.cancel(), release()), headers=headers)
         try:
@@ -409,35 +520,34 @@ def build_app(
         finally:
             started.cancel()
             release(time.perf_counter() - served.started)
-        finished(served, completion)  # the client is still there: the answer goes out now
-        return JSONResponse(_completion_body(completion, chat), headers={VERSION_HEADER: completion.version})
+        body = _completion_body(completion, chat, ident, created)
+        finished(served, body)  # the client is still there: the answer goes out now
+        return JSONResponse(body, headers={VERSION_HEADER: completion.version})
 
-    def finished(served: Served, completion: Completion) -> None:
+    def finished(served: Served, body: dict) -> None:
+        """Count the answer, and log it: one row per choice, an OpenAI request and its response (that choice)."""
         seconds = time.perf_counter() - served.started
-        metrics.answered(served.endpoint, seconds, completion)
+        metrics.answered(served.endpoint, seconds, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         if request_log is None:
             return
         if served.unlogged_because is not None:
             metrics.unlogged(served.unlogged_because)
             return
+        received_at, latency_ms = _iso_now(), round(seconds * 1000, 1)
         logged = sum(
             request_log.write(
                 {
-                    "id": f"tao-serve-{uuid.uuid4().hex}",
-                    "prompt": served.prompt,
-                    "system": served.system,
+                    "id": body["id"],
+                    "request": served.requests[choice["index"] // served.n],
+                    "response": {**body, "choices": [choice]},
                     "task": served.task,
-                    "model_version": completion.version,
-                    "response": choice.text,
-                    "finish_reason": choice.finish_reason,
-                    "latency_ms": round(seconds * 1000, 1),
-                    "prompt_tokens": completion.prompt_tokens,
-                    "completion_tokens": choice.completion_tokens,
+                    "model_version": body["model"],
+                    "latency_ms": latency_ms,
                     "endpoint": served.endpoint,
-                    "received_at": _iso_now(),
+                    "received_at": received_at,
                 }
             )
-            for choice in completion.choices
+            for choice in body["choices"]
         )
         metrics.logged(logged)
 
@@ -472,6 +582,46 @@ def _once(function: Callable[..., None]) -> Callable[..., None]:
             function(*args)
 
     return call
+
+
+async def _start(engine: Engine, requests: list[GenerationRequest]) -> Stream:
+    """The answer to one request, or to several prompts of one request as a single stream (their choices
+    numbered prompt by prompt, as OpenAI does: choice ``p * n + i`` is sample ``i`` of prompt ``p``)."""
+    if len(requests) == 1:
+        return await engine.stream(requests[0])
+    for _ in range(3):
+        tasks = [asyncio.ensure_future(engine.stream(request)) for request in requests]
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # cancelled (the deadline) or not: streams that will not be returned stop generating
+            streams = [task.result() for task in tasks if task.done() and not task.cancelled() and not task.exception()]
+            if len(streams) < len(tasks) or len({stream.version for stream in streams}) > 1:
+                for stream in streams:
+                    stream.cancel()
+        for task in tasks:
+            if task.cancelled() or task.exception():
+                raise task.exception() if not task.cancelled() else asyncio.CancelledError()
+        if len({stream.version for stream in streams}) == 1:  # else a swap came between them: start again
+            return _joined(streams, requests[0].n)
+    raise EngineError("the champion changed while the prompts were starting; try again", status=503, retry_after=1)
+
+
+def _joined(streams: list[Stream], n: int) -> Stream:
+    """Several prompts' streams as one: their choices in prompt order, their text prompt after prompt."""
+    completion = Completion(streams[0].version, [choice for s in streams for choice in s.completion.choices])
+
+    async def deltas() -> AsyncIterator[Delta]:
+        for p, stream in enumerate(streams):
+            async for delta in stream.deltas:
+                yield dataclasses.replace(delta, index=p * n + delta.index)
+        completion.choices = [choice for s in streams for choice in s.completion.choices]
+        completion.prompt_tokens = sum(s.completion.prompt_tokens for s in streams)  # known once each is read
+
+    def cancel() -> None:
+        for stream in streams:
+            stream.cancel()
+
+    return Stream(completion.version, deltas(), completion, cancel)
 
 
 async def _collect(stream: Stream, http: Request, deadline: float) -> Completion:
@@ -574,7 +724,7 @@ def _generation_request(
     )
 
 
-def _completion_body(completion: Completion, chat: bool) -> dict:
+def _completion_body(completion: Completion, chat: bool, ident: str, created: int) -> dict:
     choices = [
         {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
         if chat
@@ -582,9 +732,9 @@ def _completion_body(completion: Completion, chat: bool) -> dict:
         for i, c in enumerate(completion.choices)
     ]
     return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "id": ident,
         "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
+        "created": created,
         "model": completion.version,
         "choices": choices,
         "usage": _usage(completion),
@@ -600,13 +750,14 @@ def _usage(completion: Completion) -> dict:
 async def _sse(
     stream: Stream,
     chat: bool,
+    ident: str,
+    created: int,
     served: Served,
     deadline: float,
     settings: ServeSettings,
     metrics: ServeMetrics,
     on_done: Callable[[], None],
 ) -> AsyncIterator[str]:
-    ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -632,8 +783,8 @@ async def _sse(
                     part = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
                 yield chunk([part])
         yield chunk([], _usage(stream.completion))
+        on_done()  # the answer is whole at the client: logged before [DONE], so a client that has read it finds it
         yield "data: [DONE]\n\n"
-        on_done()
     except (EngineError, TimeoutError) as error:
         metrics.failed(served.endpoint, time.perf_counter() - served.started)
         failure = _as_serve_error(error, settings)

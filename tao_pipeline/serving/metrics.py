@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from tao_pipeline.serving.engine import Completion, Engine
+from tao_pipeline.serving.engine import Engine
 from tao_pipeline.serving.request_log import RequestLog
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -29,7 +29,15 @@ class ServeMetrics:
         self.model = Gauge("tao_serve_model_info", "The version answering now (value 1).", ["version"],
                            registry=self.registry)  # fmt: skip
         self.swaps = Counter("tao_serve_swaps", "Champion swaps.", registry=self.registry)
-        self.logged_rows = Counter("tao_serve_logged_rows", "Rows written to the inbox.", registry=self.registry)
+        self.logged_rows = Counter(
+            "tao_serve_logged_rows", "Answer rows (one per choice) written to the inbox.", registry=self.registry
+        )
+        self.feedback_posts = Counter(
+            "tao_serve_feedback",
+            "POST /v1/feedback, by outcome: logged (into the inbox), invalid (400), not_kept (503).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.unlogged_requests = Counter(
             "tao_serve_unlogged_requests",
             "Answered requests not logged, by reason.",
@@ -37,11 +45,11 @@ class ServeMetrics:
             registry=self.registry,
         )
 
-    def answered(self, endpoint: str, seconds: float, completion: Completion) -> None:
+    def answered(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.requests.labels(endpoint, "ok").inc()
         self.latency.labels(endpoint).observe(seconds)
-        self.tokens.labels("prompt").inc(completion.prompt_tokens)
-        self.tokens.labels("completion").inc(completion.completion_tokens)
+        self.tokens.labels("prompt").inc(prompt_tokens)
+        self.tokens.labels("completion").inc(completion_tokens)
 
     def failed(self, endpoint: str, seconds: float) -> None:
         self.requests.labels(endpoint, "error").inc()
@@ -57,6 +65,9 @@ class ServeMetrics:
 
     def logged(self, rows: int) -> None:
         self.logged_rows.inc(rows)
+
+    def feedback(self, outcome: str) -> None:
+        self.feedback_posts.labels(outcome).inc()
 
     def unlogged(self, reason: str) -> None:
         self.unlogged_requests.labels(reason).inc()

@@ -18,9 +18,28 @@ copied into a new file; only the row being written when the disk is full is lost
 Every path used here is an entry of the inbox opened through a handle on the inbox folder, never
 following a link: a ``.partial`` that is a link, a hard link, a folder or a FIFO is left alone.
 
-A row is what ingestion reads (``id``, ``prompt``, ``system``, ``task``) plus what the server knows
-(``model_version``, ``response``, ``latency_ms``, tokens, ``received_at``); ingestion keeps the
-first and ignores the rest, which stays in the archived file.
+A row is an OpenAI request/response pair, the shape apps already log, plus what the server knows.
+An answer gives one row per choice (``n`` choices, ``n`` rows; a completions request with a list of
+prompts, one per prompt and choice)::
+
+    {"id": "chatcmpl-<hex>",            # the completion's id, as the client got it (body and stream)
+     "request": {...},                  # the request as sent, validated: model, messages (the whole
+                                        # conversation) or prompt (this row's own), metadata, sampling
+     "response": {"id", "object", "created", "model", "usage",
+                  "choices": [<this row's choice, with its index>]},  # as returned to the client
+     "task": ..., "model_version": ..., "latency_ms": ..., "endpoint": "chat"|"completions",
+     "received_at": <ISO time>}
+
+A ``POST /v1/feedback`` gives a row of its own, joined to its answer by ingestion::
+
+    {"id": "feedback-<hex>",
+     "feedback": {"response_id", "choice", "rating" (-1..1 or null), "comment", "correction"},
+     "received_at": <ISO time>}
+
+``serve.log_responses = false`` (or ``"response"`` in ``serve.drop_fields``) keeps an answer's text
+out (its choice keeps index, role and finish_reason; the response its id, model and usage);
+``serve.drop_fields`` leaves out ``"system"`` (the system and developer messages of the request),
+any other field of the request (``"metadata"``, ``"user"``) and any field of the row itself.
 """
 
 from __future__ import annotations
@@ -128,9 +147,7 @@ class RequestLog:
 
     def write(self, row: dict[str, Any]) -> bool:
         """Append one row; False when it could not be logged (counted and shown, never raised)."""
-        row = {key: value for key, value in row.items() if key not in self.drop_fields}
-        if not self.log_responses:
-            row.pop("response", None)
+        row = redacted(row, self.drop_fields, self.log_responses)
         try:
             line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         except (TypeError, ValueError) as error:  # not JSON, or text that is not Unicode
@@ -258,6 +275,44 @@ class RequestLog:
         if message != self.health.last_error:
             logger.error("tao serve: request log: %s", message)
         self.health.last_error = message
+
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+_ANSWER_TEXT = ("text", "logprobs")  # a completions choice's text (and its tokens)
+_MESSAGE_TEXT = ("content", "refusal")  # a chat choice's
+
+
+def redacted(row: dict[str, Any], drop_fields: set[str] | frozenset[str], log_responses: bool = True) -> dict[str, Any]:
+    """The row as it may be kept: without ``drop_fields`` (of the row, of its request, ``"system"`` for the
+    system messages) and, unless ``log_responses``, without the answer's text (ids, model and usage stay)."""
+    row = {key: value for key, value in row.items() if key == "response" or key not in drop_fields}
+    request = row.get("request")
+    if isinstance(request, dict) and drop_fields:
+        request = {key: value for key, value in request.items() if key not in drop_fields}
+        if "system" in drop_fields and isinstance(request.get("messages"), list):
+            request["messages"] = [
+                message
+                for message in request["messages"]
+                if not (isinstance(message, dict) and message.get("role") in SYSTEM_ROLES)
+            ]
+        row["request"] = request
+    if "response" in row and (not log_responses or "response" in drop_fields):
+        row["response"] = _without_text(row["response"])
+    return row
+
+
+def _without_text(response: Any) -> Any:
+    if not isinstance(response, dict):
+        return None  # text of some other shape: nothing of it is kept
+    choices = []
+    for choice in response.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        kept = {key: value for key, value in choice.items() if key not in _ANSWER_TEXT}
+        if isinstance(message := kept.get("message"), dict):
+            kept["message"] = {key: value for key, value in message.items() if key not in _MESSAGE_TEXT}
+        choices.append(kept)
+    return {**response, "choices": choices}
 
 
 def open_inbox(inbox: Path) -> int:
