@@ -88,7 +88,7 @@ def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
     assert len(rows) == 4 and rows["log_id"].is_unique
     assert sorted(quarantine["reason"].str.split(":").str[0]) == [
         "field 'prompt' must be a string, got int",
-        "missing required field 'prompt'",
+        "missing required field 'prompt' (or 'messages', as in an OpenAI chat request)",
         "not valid JSON",
         "prompt is empty",
     ]

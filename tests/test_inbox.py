@@ -164,8 +164,9 @@ def test_a_writer_appending_across_ticks_lands_every_row_exactly_once(inbox_home
     assert sorted(p.name for p in (settings.inbox_dir / "processed").iterdir()) == ["app.jsonl", "batch.jsonl"]
 
 
-def test_tao_round_waits_for_a_file_still_being_written(inbox_home):
-    settings = inbox_home
+def test_tao_round_waits_for_a_file_still_being_written(tmp_path, monkeypatch):
+    # 3 s to settle: on a loaded CI machine a second can pass between writing the file and the first look
+    settings = inbox_settings(tmp_path, monkeypatch, flywheel="settle_seconds = 3.0")
     definitions = code_location()  # loaded first: a cold load may take longer than settle_seconds
     path = write_logs(settings.inbox_dir / "fresh.jsonl", sample_logs(3))
     written = path.stat().st_mtime

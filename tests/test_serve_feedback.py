@@ -84,7 +84,13 @@ def test_the_openai_clients_own_post_sends_feedback_too(server, client):
     [
         ({"response_id": SOME_ID, "rating": 7}, KEY, 400, "rating 7 is not 'up', 'down' or a number", "rating"),
         ({"response_id": SOME_ID, "rating": "meh"}, KEY, 400, "rating 'meh' is not 'up', 'down'", "rating"),
-        ({"response_id": SOME_ID, "rating": 10**400}, KEY, 400, "rating: not a number from -1 to 1", "rating"),
+        (
+            {"response_id": SOME_ID, "rating": 10**400},
+            KEY,
+            400,
+            "is not 'up', 'down' or a number from -1 to 1",
+            "rating",
+        ),
         ({"rating": "up"}, KEY, 400, "response_id: Field required", "response_id"),
         ({"response_id": SOME_ID, "rating": "up", "comment": "x" * 100_000}, KEY, 400, "comment too long", "comment"),
         ({"response_id": SOME_ID}, KEY, 400, "no rating, comment or correction", None),
