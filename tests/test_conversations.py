@@ -1,6 +1,7 @@
 """Conversations as prompts: parsing, ids, cutting long histories, and the pipeline stages that read them."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -261,3 +262,36 @@ def test_pairs_and_dpo_examples_carry_the_conversation(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     [fitted] = preference_dataset(pairs, tokenizer, max_length=128).to_list()
     assert [m["content"] for m in fitted["prompt"]] == ["S", "Hi", "Hello", "2+2?"]
+
+
+def test_the_bundled_conversation_demo_ingests_whole_and_every_prompt_has_a_label():
+    from importlib.resources import files
+
+    from tao_pipeline.evaluation.labels import label_key, load_labels
+
+    demo = files("tao_pipeline.demo")
+    batch = ingest_file(Path(str(demo / "conversations.jsonl")), LIMITS)
+    assert batch.quarantine.empty and len(batch.rows) == 346
+    assert batch.rows["history"].notna().all() and set(batch.rows["task"]) == {"chat_short_answer", "chat_arithmetic"}
+    labels = load_labels(Path(str(demo / "conversation_labels.jsonl")))
+    keys = [label_key(row.prompt, row.history) for row in batch.rows.itertuples()]
+    assert all(key in labels for key in keys)
+    assert len(set(keys)) == 346  # every conversation its own label
+
+
+def test_labels_of_conversations_are_told_apart_by_their_earlier_turns(tmp_path):
+    from tao_pipeline.evaluation.labels import label_key, load_labels
+
+    first = [user("What is 2 + 3?"), assistant("5"), user("Now add 1 to that.")]
+    second = [user("What is 4 + 4?"), assistant("8"), user("Now add 1 to that.")]
+    path = write_logs(
+        tmp_path / "labels.jsonl",
+        [{"messages": first, "answer": "6"}, {"messages": second, "answer": "9"}, {"prompt": "1+1?", "answer": "2"}],
+    )
+    labels = load_labels(path)
+    assert labels[label_key("Now add 1 to that.", history_json(first[:2]))] == ["6"]
+    assert labels[label_key("Now add 1 to that.", history_json(second[:2]))] == ["9"]
+    assert labels[label_key("1+1?")] == ["2"]
+    write_logs(path, [{"messages": [user("Q"), assistant("A")], "answer": "x"}])
+    with pytest.raises(ValueError, match="labels file .*:1 is malformed: conversation ends with an assistant turn"):
+        load_labels(path)

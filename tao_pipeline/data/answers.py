@@ -3,7 +3,8 @@
 An answer comes from a usage row that logged its response (a request/response pair, a `tao serve`
 row), or from a Batch API output line joined to its input row by external id (``custom_id``).
 Feedback comes from the row itself or from feedback events joined by response id; several ratings
-of one answer are averaged, and the latest correction counts.
+of one answer are averaged, and the latest correction counts. The joins and counts run in DuckDB:
+only the round's own answers reach memory, however many rows the logs hold.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from tao_pipeline.data.lake import Lake
 ANSWER_COLUMNS = ["prompt_id", "response_id", "response", "model", "rating", "ratings", "comment", "correction"]
 _ANSWER_FIELDS = ("response", "response_id", "response_model", "rating", "comment", "correction")
 UNKNOWN_PREVIEW = 5
+FEEDBACK_RATE_COLUMNS = [
+    "model version",
+    "answers logged",
+    "rated",
+    "rated up",
+    "rated down",
+    "mean rating",
+    "corrected",
+]
 
 
 @dataclass
@@ -33,20 +43,25 @@ def logged_answers(lake: Lake, prompt_ids: list[str]) -> LoggedAnswers:
     if logs is None or not prompt_ids or not _has_answer_columns(lake, logs):
         return LoggedAnswers(pd.DataFrame(columns=ANSWER_COLUMNS))
     events = lake.scan(EVENTS_TABLE)
-    ids = {"ids": sorted(set(prompt_ids))}
-    given = [
+    given = (
         f"SELECT prompt_id, response, response_id, response_model AS model, rating, correction, comment, "
         f"received_at FROM {logs} WHERE response IS NOT NULL AND list_contains($ids::VARCHAR[], prompt_id)"
-    ]
+    )
     if events:
-        given.append(
-            f"SELECT u.prompt_id, e.response, e.response_id, e.response_model AS model, e.rating, e.correction, "
+        given += (
+            f" UNION ALL SELECT u.prompt_id, e.response, e.response_id, e.response_model, e.rating, e.correction, "
             f"e.comment, e.received_at FROM {events} e JOIN {logs} u ON e.external_id = u.external_id "
             f"WHERE e.kind = 'response' AND list_contains($ids::VARCHAR[], u.prompt_id)"
         )
-    rows = lake.sql(" UNION ALL ".join(given), params=ids)
-    feedback = _feedback_events(lake, events)
-    return _aggregate(rows, feedback, _known_response_ids(lake, logs, events))
+        given = (
+            f"WITH given AS ({given}) SELECT * FROM given UNION ALL "
+            f"SELECT a.prompt_id, NULL, f.response_id, NULL, f.rating, f.correction, f.comment, f.received_at "
+            f"FROM {events} f JOIN (SELECT DISTINCT prompt_id, response_id FROM given) a USING (response_id) "
+            f"WHERE f.kind = 'feedback'"
+        )
+    rows = lake.sql(given, params={"ids": sorted(set(prompt_ids))})
+    unknown, examples = _unknown_feedback(lake, logs, events)
+    return LoggedAnswers(_aggregate(rows), unknown, examples)
 
 
 def _has_answer_columns(lake: Lake, logs: str) -> bool:
@@ -55,57 +70,39 @@ def _has_answer_columns(lake: Lake, logs: str) -> bool:
     return set(_ANSWER_FIELDS) <= columns
 
 
-def _feedback_events(lake: Lake, events: str | None) -> pd.DataFrame:
+def _unknown_feedback(lake: Lake, logs: str, events: str | None) -> tuple[int, list[str]]:
+    """Feedback events whose response id no usage row and no batch output holds: how many, and a few ids."""
     if events is None:
-        return pd.DataFrame(columns=["response_id", "rating", "correction", "comment", "received_at"])
-    return lake.sql(
-        f"SELECT response_id, rating, correction, comment, received_at FROM {events} "
-        "WHERE kind = 'feedback' AND response_id IS NOT NULL"
+        return 0, []
+    unknown = lake.sql(
+        f"SELECT response_id, count(*) OVER () AS n FROM {events} WHERE kind = 'feedback' "
+        f"AND response_id NOT IN (SELECT response_id FROM {logs} WHERE response_id IS NOT NULL "
+        f"UNION SELECT response_id FROM {events} WHERE kind = 'response' AND response_id IS NOT NULL) "
+        f"ORDER BY response_id LIMIT {UNKNOWN_PREVIEW}"
     )
+    if unknown.empty:
+        return 0, []
+    return int(unknown["n"].iloc[0]), unknown["response_id"].drop_duplicates().tolist()
 
 
-def _known_response_ids(lake: Lake, logs: str, events: str | None) -> set[str]:
-    known = lake.sql(f"SELECT DISTINCT response_id FROM {logs} WHERE response_id IS NOT NULL")["response_id"]
-    found = set(known)
-    if events:
-        answered = lake.sql(f"SELECT DISTINCT response_id FROM {events} WHERE kind = 'response'")["response_id"]
-        found |= set(answered.dropna())
-    return found
-
-
-def _aggregate(rows: pd.DataFrame, feedback: pd.DataFrame, known: set[str]) -> LoggedAnswers:
-    unknown = feedback[~feedback["response_id"].isin(known)]
-    matched = rows[["prompt_id", "response_id"]].dropna().merge(feedback, on="response_id")
-    everything = pd.concat([rows, matched], ignore_index=True) if len(matched) else rows
-    if everything.empty:
-        answers = pd.DataFrame(columns=ANSWER_COLUMNS)
-    else:
-        everything = everything.sort_values("received_at", kind="stable")
-        # An answer is its text for its prompt: the same text logged twice (or rated twice) is one answer.
-        texts = everything.groupby("response_id")["response"].first()
-        everything["response"] = everything["response"].fillna(everything["response_id"].map(texts))
-        grouped = everything.dropna(subset=["response"]).groupby(["prompt_id", "response"], sort=True)
-        answers = grouped.agg(
-            response_id=("response_id", "first"),
-            model=("model", "first"),
-            rating=("rating", "mean"),
-            ratings=("rating", "count"),
-            comment=("comment", "last"),
-            correction=("correction", "last"),
-        ).reset_index()[ANSWER_COLUMNS]
-    examples = unknown["response_id"].drop_duplicates().head(UNKNOWN_PREVIEW).tolist()
-    return LoggedAnswers(answers, len(unknown), examples)
-
-
-FEEDBACK_RATE_COLUMNS = [
-    "model version",
-    "answers logged",
-    "rated",
-    "rated up",
-    "rated down",
-    "mean rating",
-    "corrected",
-]
+def _aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    if rows.empty:
+        return pd.DataFrame(columns=ANSWER_COLUMNS)
+    rows = rows.sort_values("received_at", kind="stable")
+    # A feedback row names its answer by id only: it takes that answer's text. The same text logged
+    # (or rated) twice for one prompt is one answer.
+    texts = rows.dropna(subset=["response"]).groupby("response_id")["response"].first()
+    rows["response"] = rows["response"].fillna(rows["response_id"].map(texts))
+    grouped = rows.dropna(subset=["response"]).groupby(["prompt_id", "response"], sort=True)
+    answers = grouped.agg(
+        response_id=("response_id", "first"),
+        model=("model", "first"),
+        rating=("rating", "mean"),
+        ratings=("rating", "count"),
+        comment=("comment", "last"),
+        correction=("correction", "last"),
+    )
+    return answers.reset_index()[ANSWER_COLUMNS]
 
 
 def feedback_rates(lake: Lake) -> pd.DataFrame:
@@ -113,30 +110,22 @@ def feedback_rates(lake: Lake) -> pd.DataFrame:
     logs = lake.scan(USAGE_TABLE)
     if logs is None or not _has_answer_columns(lake, logs):
         return pd.DataFrame(columns=FEEDBACK_RATE_COLUMNS)
-    answers = lake.sql(
-        f"SELECT response_id, response_model AS model, rating, correction FROM {logs} WHERE response IS NOT NULL"
-    )
     events = lake.scan(EVENTS_TABLE)
-    if events is not None:
-        later = lake.sql(
-            f"SELECT response_id, rating, correction FROM {events} WHERE kind = 'feedback' AND response_id IS NOT NULL"
+    answers = (
+        f"SELECT response_id, coalesce(response_model, '(unknown)') AS model, rating, correction "
+        f"FROM {logs} WHERE response IS NOT NULL"
+    )
+    if events:
+        answers = (
+            f"WITH answers AS ({answers}) SELECT * FROM answers UNION ALL "
+            f"SELECT f.response_id, v.model, f.rating, f.correction FROM {events} f JOIN "
+            f"(SELECT response_id, any_value(model) AS model FROM answers WHERE response_id IS NOT NULL "
+            f"GROUP BY response_id) v USING (response_id) WHERE f.kind = 'feedback'"
         )
-        versions = answers.dropna(subset=["response_id"]).drop_duplicates("response_id")[["response_id", "model"]]
-        answers = pd.concat([answers, later.merge(versions, on="response_id")], ignore_index=True)
-    answers["model"] = answers["model"].fillna("(unknown)")
-    rows = []
-    for model, group in answers.groupby("model", sort=True):
-        logged = group["response_id"].nunique() + int(group["response_id"].isna().sum())
-        rated = group.dropna(subset=["rating"])
-        rows.append(
-            [
-                model,
-                logged,
-                len(rated),
-                int((rated["rating"] > 0).sum()),
-                int((rated["rating"] < 0).sum()),
-                round(float(rated["rating"].mean()), 3) if len(rated) else None,
-                int(group["correction"].notna().sum()),
-            ]
-        )
-    return pd.DataFrame(rows, columns=FEEDBACK_RATE_COLUMNS)
+    return lake.sql(
+        f'SELECT model AS "model version", '
+        f'count(DISTINCT response_id) + count(*) FILTER (WHERE response_id IS NULL) AS "answers logged", '
+        f'count(rating) AS "rated", count(*) FILTER (WHERE rating > 0) AS "rated up", '
+        f'count(*) FILTER (WHERE rating < 0) AS "rated down", round(avg(rating), 3) AS "mean rating", '
+        f'count(correction) AS "corrected" FROM ({answers}) GROUP BY model ORDER BY model'
+    )

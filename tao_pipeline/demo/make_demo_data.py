@@ -307,6 +307,50 @@ def main():
             labels.append(json.dumps({"prompt": prompt, "answer": answer, "aliases": aliases, "task": task}))
     (OUT_DIR / "labels.jsonl").write_text("\n".join(labels) + "\n", encoding="utf-8")
     print(f"wrote {len(lines)} log lines and {len(labels)} labels to {OUT_DIR}")
+    write_conversations()
+
+
+# -- the multi-turn demo: a quiz in a chat app, logged as the Chat Completions requests it sent --------
+
+CONVERSATION_SEED = SEED + 1  # its own generator: the single-turn files above stay byte for byte
+N_CONVERSATION_ARITHMETIC = 170
+QUIZ_OPENERS = ["Let's do a quick quiz.", "Quiz time! Short answers please.", "Can you help me study?"]
+QUIZ_NEXT = ["Next one: ", "Good. Next: ", "Thanks! Now: ", "OK, and this one: "]
+TUTOR_SYSTEMS = ["You are a patient tutor. Keep answers short.", "You are a quiz partner. Be brief."]
+
+
+def conversation_items(rng):
+    """(messages, answer, task): one or two earlier questions of the same task answered right, then the
+    question the round answers; every last question is asked in exactly one conversation."""
+    facts = [(q, a, aliases, "chat_short_answer") for q, a, aliases, _ in fact_items(rng)]
+    sums = [(q, a, aliases, "chat_arithmetic") for q, a, aliases, _ in arithmetic_items(rng, N_CONVERSATION_ARITHMETIC)]
+    for pool in (facts, sums):
+        for index, (question, answer, aliases, task) in enumerate(pool):
+            earlier = rng.sample([item for i, item in enumerate(pool) if i != index], rng.choice([1, 1, 2]))
+            messages = [{"role": "system", "content": rng.choice(TUTOR_SYSTEMS)}] if rng.random() < 0.3 else []
+            for turn, (asked, said, *_rest) in enumerate(earlier):
+                opener = rng.choice(QUIZ_OPENERS) + " " if turn == 0 else rng.choice(QUIZ_NEXT)
+                messages += [{"role": "user", "content": opener + asked}, {"role": "assistant", "content": said}]
+            messages.append({"role": "user", "content": rng.choice(QUIZ_NEXT) + question})
+            yield messages, answer, aliases, task
+
+
+def write_conversations():
+    """``conversations.jsonl`` (request bodies as an app's gateway logs them) and ``conversation_labels.jsonl``."""
+    rng = random.Random(CONVERSATION_SEED)
+    items = list(conversation_items(rng))
+    rng.shuffle(items)
+    logs = [
+        json.dumps({"model": "quiz-app", "messages": messages, "metadata": {"task": task}})
+        for messages, _, _, task in items
+    ]
+    labels = [
+        json.dumps({"messages": messages, "answer": answer, "aliases": aliases, "task": task})
+        for messages, answer, aliases, task in items
+    ]
+    (OUT_DIR / "conversations.jsonl").write_text("\n".join(logs) + "\n", encoding="utf-8")
+    (OUT_DIR / "conversation_labels.jsonl").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    print(f"wrote {len(logs)} conversations and their labels to {OUT_DIR}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tao_pipeline.evaluation.labels import label_key
 from tao_pipeline.generation import GenerationCache, SamplingParams, generation_cache, lazy_generator
 from tao_pipeline.scoring import PromptContext, TaoScorer, prompt_context
 from tao_pipeline.settings import TaoSettings
@@ -147,7 +148,7 @@ def _row(
     context = prompt_context(prompt)
     pid = prompt.prompt_id
     reference = answers["champion"].samples[pid] + answers["challenger"].samples[pid]
-    accepted = labels.get(prompt.prompt.strip())
+    accepted = labels.get(label_key(prompt.prompt, getattr(prompt, "history", None)))
 
     def correct(answer: str | None) -> bool | None:
         return scorer.matches_label(context, answer, accepted) if accepted else None

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from tao_pipeline.data.conversation import ConversationRejected, from_messages
+from tao_pipeline.settings import DataSettings
+
+
+def label_key(prompt: str, history: Any = None) -> str:
+    """What a label is looked up by: the prompt's text, and for a conversation its earlier turns too
+    (a follow-up such as "Now add 3 to that." has a different answer in every conversation)."""
+    text = prompt.strip()
+    return f"{history}\x1f{text}" if isinstance(history, str) and history else text
 
 
 def load_labels(path: Path | None) -> dict[str, list[str]]:
-    """Labels file (JSONL: prompt, answer, aliases) -> prompt text -> accepted answers. Evaluation only."""
+    """Labels file (JSONL: ``prompt`` or a conversation's ``messages``, ``answer``, ``aliases``) ->
+    label key -> accepted answers. Evaluation only."""
     if path is None:
         return {}
     path = Path(path)
@@ -21,7 +33,14 @@ def load_labels(path: Path | None) -> dict[str, list[str]]:
             try:
                 record = json.loads(line)
                 answers = [str(record["answer"]), *map(str, record.get("aliases") or [])]
-                labels[str(record["prompt"]).strip()] = answers
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                labels[_record_key(record)] = answers
+            except (json.JSONDecodeError, KeyError, TypeError, ConversationRejected) as error:
                 raise ValueError(f"labels file {path}:{line_number} is malformed: {error}") from error
     return labels
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    if "messages" in record:
+        conversation = from_messages(record["messages"], DataSettings())
+        return label_key(conversation.prompt, conversation.history_json)
+    return label_key(str(record["prompt"]))

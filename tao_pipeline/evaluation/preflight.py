@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from tao_pipeline.common.threads import use_torch_threads
+from tao_pipeline.evaluation.labels import label_key
 from tao_pipeline.generation import CacheStats, GenerationStats, generate_candidates
 from tao_pipeline.scoring import ScoreCache, TaoScorer, build_scorer, prompt_context, score_responses
 from tao_pipeline.settings import PreflightSettings, TaoSettings
@@ -253,7 +254,7 @@ def _prompt_row(prompt, group: pd.DataFrame, scorer: TaoScorer, labels: dict, mi
         "new_tokens": int(group["completion_tokens"].sum()),
         "labeled": False,
     }
-    accepted = labels.get(prompt.prompt.strip())
+    accepted = labels.get(label_key(prompt.prompt, getattr(prompt, "history", None)))
     if accepted:
         context = prompt_context(prompt)
         correct = [scorer.matches_label(context, answer, accepted) for answer in answers]
