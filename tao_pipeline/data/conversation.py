@@ -94,11 +94,20 @@ def fit_chat(
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
-    cut = 0
-    while len(turns) > 1 and count_tokens([*system, *turns]) > budget:
-        drop = 2 if len(turns) > 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant" else 1
-        turns, cut = turns[drop:], cut + drop
-    return [*system, *turns], cut
+    starts = [0]  # where what is kept may start, oldest first: dropping a user turn with its answer
+    while len(turns) - starts[-1] > 1:
+        at = starts[-1]
+        pair = len(turns) - at > 2 and turns[at]["role"] == "user" and turns[at + 1]["role"] == "assistant"
+        starts.append(at + (2 if pair else 1))
+    # Fewer turns never need more tokens: a binary search counts log(turns) times, not once per turn.
+    low, high = 0, len(starts) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if count_tokens([*system, *turns[starts[middle] :]]) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    return [*system, *turns[starts[low] :]], starts[low]
 
 
 def chat_token_counter(tokenizer, add_generation_prompt: bool = True) -> Callable[[list[dict[str, str]]], int]:

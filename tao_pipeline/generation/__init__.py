@@ -75,8 +75,8 @@ def generate_candidates(
         model.close()  # free the GPU (vLLM) before training runs in the same process
     tables.append(answer_rows(own, model_version, params.num_samples - 1))
     tables.append(correction_rows(answers, set(prompts["prompt_id"]), params.num_samples))
-    responses = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(map(len, tables)) else None
-    responses = responses if responses is not None else pd.DataFrame(columns=RESPONSE_COLUMNS)
+    filled = [table for table in tables if len(table)]
+    responses = pd.concat(filled, ignore_index=True) if filled else pd.DataFrame(columns=RESPONSE_COLUMNS)
     responses = with_ratings(responses, answers).sort_values(["prompt_id", "sample_index"]).reset_index(drop=True)
     use = AnswerUse(
         len(own), int((responses["finish_reason"] == CORRECTION).sum()), int(responses["rating"].notna().sum())
