@@ -317,11 +317,18 @@ N_CONVERSATION_ARITHMETIC = 170
 QUIZ_OPENERS = ["Let's do a quick quiz.", "Quiz time! Short answers please.", "Can you help me study?"]
 QUIZ_NEXT = ["Next one: ", "Good. Next: ", "Thanks! Now: ", "OK, and this one: "]
 TUTOR_SYSTEMS = ["You are a patient tutor. Keep answers short.", "You are a quiz partner. Be brief."]
+# How the app's previous model answered the earlier turns: right, but chattier than the user asked for.
+CHATTY_ANSWERS = [
+    "Sure! The answer is {answer}.",
+    "{answer}! Ready for the next one?",
+    "Great question! It's {answer}. Let me know if you want another one.",
+    "The answer is {answer}. You're doing great, keep going!",
+]
 
 
 def conversation_items(rng):
-    """(messages, answer, task): one or two earlier questions of the same task answered right, then the
-    question the round answers; every last question is asked in exactly one conversation."""
+    """(messages, answer, task): one or two earlier questions of the same task answered right (and chattily),
+    then the question the round answers; every last question is asked in exactly one conversation."""
     facts = [(q, a, aliases, "chat_short_answer") for q, a, aliases, _ in fact_items(rng)]
     sums = [(q, a, aliases, "chat_arithmetic") for q, a, aliases, _ in arithmetic_items(rng, N_CONVERSATION_ARITHMETIC)]
     for pool in (facts, sums):
@@ -330,7 +337,8 @@ def conversation_items(rng):
             messages = [{"role": "system", "content": rng.choice(TUTOR_SYSTEMS)}] if rng.random() < 0.3 else []
             for turn, (asked, said, *_rest) in enumerate(earlier):
                 opener = rng.choice(QUIZ_OPENERS) + " " if turn == 0 else rng.choice(QUIZ_NEXT)
-                messages += [{"role": "user", "content": opener + asked}, {"role": "assistant", "content": said}]
+                reply = rng.choice(CHATTY_ANSWERS).format(answer=said)
+                messages += [{"role": "user", "content": opener + asked}, {"role": "assistant", "content": reply}]
             messages.append({"role": "user", "content": rng.choice(QUIZ_NEXT) + question})
             yield messages, answer, aliases, task
 
