@@ -9,6 +9,7 @@ import pytest
 from tao_pipeline.common.hashing import content_hash
 from tao_pipeline.data.conversation import (
     ConversationRejected,
+    HistoryCuts,
     build_chat,
     fit_chat,
     fit_chat_to_tokens,
@@ -260,8 +261,29 @@ def test_pairs_and_dpo_examples_carry_the_conversation(tiny_model_dir):
     [example] = preference_dataset(pairs).to_list()
     assert [m["role"] for m in example["prompt"]] == ["system", "user", "assistant", "user", "assistant", "user"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    [fitted] = preference_dataset(pairs, tokenizer, max_length=128).to_list()
+    cuts = HistoryCuts()
+    [fitted] = preference_dataset(pairs, tokenizer, max_length=128, cuts=cuts).to_list()
     assert [m["content"] for m in fitted["prompt"]] == ["S", "Hi", "Hello", "2+2?"]
+    assert (cuts.turns, cuts.conversations) == (2, 1)  # what the training metadata reports as history_turns_cut
+
+
+def test_grpo_prompts_lose_their_oldest_turns_to_the_budget_and_count_them(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tao_pipeline.training.grpo import prompt_dataset
+
+    long = history_json([user("old " * 200), assistant("older " * 200), user("Hi"), assistant("Hello")])
+    prompts = pd.DataFrame(
+        [
+            {"prompt_id": "long", "prompt": "2+2?", "system": None, "history": long, "task": "math"},
+            {"prompt_id": "short", "prompt": "3+3?", "system": None, "history": None, "task": "math"},
+        ]
+    )
+    cuts = HistoryCuts()
+    rows = prompt_dataset(prompts, AutoTokenizer.from_pretrained(tiny_model_dir), 96, cuts).to_list()
+    assert [m["content"] for m in rows[0]["prompt"]] == ["Hi", "Hello", "2+2?"]
+    assert [m["content"] for m in rows[1]["prompt"]] == ["3+3?"]
+    assert (cuts.turns, cuts.conversations) == (2, 1)
 
 
 def test_the_bundled_conversation_demo_ingests_whole_and_every_prompt_has_a_label():

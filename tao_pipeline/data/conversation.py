@@ -130,6 +130,21 @@ def fit_chat_to_tokens(tokenizer, messages: list[dict[str, str]], budget: int) -
     return fit_chat(messages, count, budget) if count(messages) > budget else (messages, 0)
 
 
+@dataclass
+class HistoryCuts:
+    """What cutting histories to a token budget left out, for a stage's metadata."""
+
+    turns: int = 0  # earlier turns (messages) left out
+    conversations: int = 0  # conversations that lost any
+
+    def fit(self, tokenizer, messages: list[dict[str, str]], budget: int) -> list[dict[str, str]]:
+        fitted, cut = fit_chat_to_tokens(tokenizer, messages, budget)
+        if cut:
+            self.turns += cut
+            self.conversations += 1
+        return fitted
+
+
 def from_messages(messages: Any, limits: DataSettings) -> Conversation:
     """OpenAI-style chat messages as a Conversation, or ConversationRejected naming the first problem."""
     if not isinstance(messages, list):

@@ -74,12 +74,21 @@ def launch(job_file: Path, accelerate_config: Path) -> TrainingResult:
         raise RuntimeError(f"accelerate launch failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     output = Path(json.loads(job_file.read_text())["output_dir"])
     saved = json.loads((output / RESULT_FILE).read_text())
-    return TrainingResult(saved["steps"], saved["seconds"], saved["log_history"])
+    return TrainingResult(
+        saved["steps"], saved["seconds"], saved["log_history"], history_turns_cut=saved.get("history_turns_cut", 0)
+    )
 
 
 def save_result(output_dir: Path, result: TrainingResult) -> None:
     """Rank 0 records what it trained, for :func:`launch` to read back."""
     if is_main_process():
         (output_dir / RESULT_FILE).write_text(
-            json.dumps({"steps": result.steps, "seconds": result.seconds, "log_history": result.log_history})
+            json.dumps(
+                {
+                    "steps": result.steps,
+                    "seconds": result.seconds,
+                    "log_history": result.log_history,
+                    "history_turns_cut": result.history_turns_cut,
+                }
+            )
         )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from tao_pipeline.data.conversation import fit_chat_to_tokens, row_chat
+from tao_pipeline.data.conversation import HistoryCuts, row_chat
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
 
@@ -16,16 +16,18 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
 
-def preference_dataset(pairs: pd.DataFrame, tokenizer=None, max_length: int | None = None):
+def preference_dataset(
+    pairs: pd.DataFrame, tokenizer=None, max_length: int | None = None, cuts: HistoryCuts | None = None
+):
     """Pairs -> a conversational preference dataset, so TRL applies the model's own chat template.
 
     With a tokenizer, a conversation whose prompt and longer answer exceed ``max_length`` tokens
-    loses its oldest turns first (generation's metadata counts such cuts: the same prompts).
+    loses its oldest turns first, counted in ``cuts``.
     """
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
-    fit = _history_fitter(tokenizer)
+    fit = _history_fitter(tokenizer, cuts if cuts is not None else HistoryCuts())
     return Dataset.from_list(
         [
             {
@@ -38,7 +40,7 @@ def preference_dataset(pairs: pd.DataFrame, tokenizer=None, max_length: int | No
     )
 
 
-def _history_fitter(tokenizer):
+def _history_fitter(tokenizer, cuts: HistoryCuts):
     """fit(messages, max_length, *answers): the conversation cut from the front so that it and its
     longest answer fit ``max_length`` tokens (at least half of them stay for the prompt)."""
 
@@ -46,7 +48,7 @@ def _history_fitter(tokenizer):
         if tokenizer is None or max_length is None or len(messages) <= 2:
             return messages
         answer_tokens = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
-        return fit_chat_to_tokens(tokenizer, messages, max(max_length - answer_tokens, max_length // 2))[0]
+        return cuts.fit(tokenizer, messages, max(max_length - answer_tokens, max_length // 2))
 
     return fit
 
@@ -90,11 +92,12 @@ def train_dpo(
 
     if pairs.empty:
         raise ValueError("no preference pairs to train on: lower pairs.min_margin or add prompts")
-    return fit_and_save(
+    cuts = HistoryCuts()
+    result = fit_and_save(
         lambda model, tokenizer, peft_config, scratch: DPOTrainer(
             model=model,
             args=dpo_config(settings, scratch),
-            train_dataset=preference_dataset(pairs, tokenizer, settings.max_length),
+            train_dataset=preference_dataset(pairs, tokenizer, settings.max_length, cuts),
             processing_class=tokenizer,
             peft_config=peft_config,
         ),
@@ -107,3 +110,5 @@ def train_dpo(
         score_completions_only=settings.score_completions_only,
         callbacks=callbacks,
     )
+    result.history_turns_cut = cuts.turns
+    return result

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tao_pipeline.data.conversation import fit_chat_to_tokens, row_chat
+from tao_pipeline.data.conversation import HistoryCuts, row_chat
 from tao_pipeline.scoring import TaoScorer
 from tao_pipeline.scoring.base import PromptContext, prompt_context
 from tao_pipeline.settings import TrainingSettings
@@ -79,15 +79,18 @@ def _as_reward(score) -> float | None:
     return None
 
 
-def prompt_dataset(prompts: pd.DataFrame, tokenizer=None, max_prompt_tokens: int | None = None):
+def prompt_dataset(
+    prompts: pd.DataFrame, tokenizer=None, max_prompt_tokens: int | None = None, cuts: HistoryCuts | None = None
+):
     """Conversational prompts, so TRL applies the model's chat template; prompt_id reaches the reward.
 
-    With a tokenizer, a conversation over ``max_prompt_tokens`` loses its oldest turns first."""
+    With a tokenizer, a conversation over ``max_prompt_tokens`` loses its oldest turns first, counted in ``cuts``."""
+    cuts = cuts if cuts is not None else HistoryCuts()
 
     def fit(messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if tokenizer is None or max_prompt_tokens is None:
             return messages
-        return fit_chat_to_tokens(tokenizer, messages, max_prompt_tokens)[0]
+        return cuts.fit(tokenizer, messages, max_prompt_tokens)
 
     from datasets import Dataset, disable_progress_bars
 
@@ -176,12 +179,13 @@ def train_grpo(
     if prompts.empty:
         raise ValueError("no prompts to train on: GRPO needs at least one train prompt")
     check_grpo_batch(settings)
-    return fit_and_save(
+    cuts = HistoryCuts()
+    result = fit_and_save(
         lambda model, tokenizer, peft_config, scratch: GRPOTrainer(
             model=model,
             reward_funcs=scorer_reward_function(scorer, prompts),
             args=grpo_config(settings, scratch),
-            train_dataset=prompt_dataset(prompts, tokenizer, grpo_prompt_budget(settings)),
+            train_dataset=prompt_dataset(prompts, tokenizer, grpo_prompt_budget(settings), cuts),
             processing_class=tokenizer,
             peft_config=peft_config,
         ),
@@ -192,6 +196,8 @@ def train_grpo(
         trust_remote_code=trust_remote_code,
         callbacks=callbacks,
     )
+    result.history_turns_cut = cuts.turns
+    return result
 
 
 class RewardProgressBar(LossProgressBar):

@@ -38,6 +38,7 @@ class TrainingResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     setup_seconds: float = 0.0  # building the trainer: tokenizing, and DPO's reference pass when precomputed
     threads: dict[str, int | str] = field(default_factory=dict)  # torch_threads and torch_threads_why
+    history_turns_cut: int = 0  # earlier conversation turns left out to fit training.max_length
 
     @property
     def seconds_per_step(self) -> float:
@@ -52,6 +53,7 @@ class TrainingResult:
             "seconds": round(self.seconds, 1),
             "seconds_per_step": round(self.seconds_per_step, 2),
             "setup_seconds": round(self.setup_seconds, 1),
+            "history_turns_cut": self.history_turns_cut,
         }
         for key in ("loss", "rewards/margins", "rewards/accuracies", "reward", "kl"):
             values = self.series(key)
