@@ -535,6 +535,22 @@ def test_feedback_rows_from_other_apps_and_their_faults():
     )
 
 
+def test_the_feedback_api_body_logged_as_it_is():
+    body = {"response_id": "chatcmpl-2", "choice": 1, "rating": "down", "comment": "No.", "correction": "Yes."}
+    assert read(body) == {
+        "response_id": "chatcmpl-2:1",
+        "format": "feedback",
+        "feedback": {"rating": "down", "comment": "No.", "correction": "Yes."},
+    }
+    assert read({"id": "f1", "response_id": "cmpl-3", "score": 0.5})["feedback"] == {"rating": 0.5}
+    assert refused(logged({"response_id": "c", "choice": "first", "rating": 1})) == (
+        "field 'choice' must be a whole number >= 0, got 'first'"
+    )
+    empty = refused(logged({"response_id": "", "rating": 1}))
+    assert empty == "field 'response_id' must be a non-empty string, got str"
+    assert read({"prompt": "hi", "response_id": "x", "rating": 1})["format"] == "own"  # a prompt makes it a log row
+
+
 def test_feedback_carried_on_a_row_with_its_prompt():
     out = read({**serve_row(), "feedback": {"rating": True, "note": "x"}})
     assert out["feedback"] == {"rating": True} and out["messages"] == MESSAGES

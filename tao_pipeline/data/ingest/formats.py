@@ -6,7 +6,8 @@ A row is read as the first of these that it matches (no settings needed):
   ``task``, ``constraints`` exactly as they are; an old ``tao serve`` row adds ``response`` (its
   text) and ``model_version``;
 * **feedback only**: a ``feedback`` object naming the ``response_id`` it is about (what ``tao
-  serve``'s ``POST /v1/feedback`` logs), and no prompt;
+  serve``'s ``POST /v1/feedback`` logs), or the body that endpoint takes (``response_id`` beside
+  ``rating``, ``score``, ``comment`` or ``correction``), and no prompt;
 * **OpenAI Batch API** lines: input ``{"custom_id", "method", "url", "body"}``; output ``{"id",
   "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` (a response only);
 * **Databricks inference tables**: ``databricks_request_id``, ``status_code``, ``request`` and
@@ -173,12 +174,20 @@ def _is_feedback_only(record: dict[str, Any]) -> bool:
         return False
     feedback = record.get("feedback")
     return (isinstance(feedback, dict) and "response_id" in feedback) or (
-        "response_id" in record and "feedback" in record
+        "response_id" in record and ("feedback" in record or _has_flat_feedback(record))
     )
+
+
+def _has_flat_feedback(record: dict[str, Any]) -> bool:
+    """The body ``POST /v1/feedback`` takes, logged as it is: the rating beside the ``response_id``."""
+    return any(key in record for key in (*_FEEDBACK_FIELDS, "score"))
 
 
 def _feedback_only(record: dict[str, Any]) -> dict[str, Any]:
     """Feedback on an earlier answer (``tao serve``'s ``POST /v1/feedback``): no prompt, the answer's id."""
+    if "feedback" not in record:
+        flat = {key: record[key] for key in (*_FEEDBACK_FIELDS, "score") if key in record}
+        record = {**{key: value for key, value in record.items() if key not in flat}, "feedback": flat}
     feedback = record["feedback"]
     where = "feedback.response_id" if isinstance(feedback, dict) and "response_id" in feedback else "response_id"
     source = feedback if where.startswith("feedback.") else record
@@ -187,7 +196,8 @@ def _feedback_only(record: dict[str, Any]) -> dict[str, Any]:
         raise RowFormatError(f"{_name(where)} must be a non-empty string, got {_type(response_id)}")
     choice = source.get("choice", source.get("index"))
     if choice is not None and (not isinstance(choice, int) or isinstance(choice, bool) or choice < 0):
-        raise RowFormatError(f"field 'feedback.choice' must be a whole number >= 0, got {_shown(choice)}")
+        where = "feedback.choice" if source is feedback else "choice"
+        raise RowFormatError(f"{_name(where)} must be a whole number >= 0, got {_shown(choice)}")
     out: dict[str, Any] = {key: record[key] for key in ("id",) if key in record}
     out["response_id"] = response_id if not choice else f"{response_id}:{choice}"
     return _finish(out, record, FEEDBACK)
