@@ -215,6 +215,7 @@ def run(args) -> pd.DataFrame:
         model = f'base = "{build_tiny_model(home / "tiny-model")}"\ndtype = "float32"\n'
     config.write_text(f'home = "{home}"\n\n[model]\n{model}\n[serve]\nlog_roll_seconds = 5\n')
     threads = [f"serve.threads={args.threads}"] if args.threads else []
+    threads += args.serve_set
     competitors = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.compete)
     ]  # a busy machine
@@ -284,6 +285,9 @@ def main() -> None:
     parser.add_argument("--compete", type=int, default=0, help="CPU-bound processes running alongside")
     parser.add_argument("--threads", type=int, default=None, help="serve.threads (default: the server's own)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model: checks the plumbing only")
+    parser.add_argument(
+        "--serve-set", action="append", default=[], metavar="KEY=VALUE", help="a serve setting for both servers"
+    )
     args = parser.parse_args()
     if args.tiny:
         args.long_tokens = min(args.long_tokens, 400)  # the tiny model's context is 512 tokens

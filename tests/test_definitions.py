@@ -40,6 +40,7 @@ def test_definitions_load_with_every_stage_partitioned_by_round():
     assert {s.name for s in defs.sensors} == {
         "usage_log_sensor",
         "new_prompts_round_sensor",
+        "live_decision_sensor",
         "mirror_after_a_round_success",
         "mirror_after_a_round_failure",
     }

@@ -202,3 +202,18 @@ def test_a_row_that_grows_long_decodes_apart_and_nobody_waits_on_it(tmp_path, ti
         shorts = [ask(running, max_tokens=4, messages=[{"role": "user", "content": f"s{i}"}]) for i in range(3)]
         assert all(answer.choices[0].finish_reason in ("stop", "length") for answer in shorts)
         thread.join()
+
+
+@pytest.mark.parametrize(("share", "long_steps"), [(0.25, 3), (0.5, 6), (1.0, 12)])
+def test_long_rows_yield_to_short_ones_but_keep_their_share(share, long_steps):
+    """Least attained service between the lanes: while short rows decode, long rows take `share` of the steps."""
+    from tao_pipeline.serving.local import LocalEngine, _Batch
+
+    engine = LocalEngine(long_rows_share=share)
+    short, long = _Batch(None, None, "short", ["row"]), _Batch(None, None, "long", ["row"])
+    engine._batches = [short, long]
+    stepped = [engine._batches_to_step() for _ in range(12)]
+    assert all(short in batches for batches in stepped)
+    assert sum(long in batches for batches in stepped) == long_steps
+    short.rows = []  # no short row waits: the long lane steps every time
+    assert all(long in engine._batches_to_step() for _ in range(5))

@@ -286,6 +286,64 @@ def rollback(reason: str, to_version: str | None, config_file: str | None, overr
 
 
 @main.command()
+@click.argument("version")
+@_settings_options
+def shadow(version: str, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Let VERSION answer every request in the background beside the champion (logged, never returned)."""
+    _start_live(version, "shadow", 1.0, config_file, overrides)
+
+
+@main.command()
+@click.argument("version")
+@click.option("--share", type=float, default=None, help="Share of conversations it answers (default: live.share).")
+@_settings_options
+def canary(version: str, share: float | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    """Let VERSION answer a share of the conversations, sticky per user; `tao canary stop` ends it."""
+    if version == "stop":
+        store = _store(config_file, overrides)
+        ended = store.end_live("stopped by hand", {"reason": "tao canary stop"})
+        click.echo(f"stopped: {ended.mode} of {ended.version_id}" if ended else "no live experiment is running")
+        return
+    _start_live(version, "canary", share if share is not None else _load(config_file, overrides).live.share,
+                config_file, overrides)  # fmt: skip
+
+
+def _start_live(version: str, mode: str, share: float, config_file: str | None, overrides: tuple[str, ...]) -> None:
+    store = _store(config_file, overrides)
+    try:
+        running = store.start_live(version, mode, share)
+    except (ModelNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    who = "every request, in the background" if mode == "shadow" else f"{running.share:.0%} of the conversations"
+    click.echo(f"{mode}: {version} answers {who}, beside the champion {running.champion_version}")
+    click.echo("tao serve picks it up at its next registry poll; `tao live` shows the evidence")
+
+
+@main.command()
+@_settings_options
+@click.option("--decide", is_flag=True, help="Act on the evidence now: promote or roll back if it is conclusive.")
+def live(config_file: str | None, overrides: tuple[str, ...], decide: bool) -> None:
+    """The live experiment, its evidence so far, and the always-valid decision it supports."""
+    from tao_pipeline.live.evidence import live_decision
+
+    settings = _load(config_file, overrides)
+    store = _store(config_file, overrides)
+    running = store.live_experiment()
+    if running is None:
+        click.echo("no live experiment is running (`tao shadow VERSION`, `tao canary VERSION --share 0.1`)")
+        history = store.live_history()
+        if not history.empty:
+            click.echo("\nearlier:\n" + history.to_markdown(index=False))
+        return
+    outcome = live_decision(settings, store, running, act=decide)
+    click.echo(f"{running.mode} of {running.version_id} beside {running.champion_version} since {running.started_at}")
+    click.echo(outcome.table.to_markdown(index=False))
+    click.echo(f"\n{outcome.verdict.decision}: {outcome.verdict.reason}")
+    if outcome.acted:
+        click.echo(f"acted: {outcome.acted}")
+
+
+@main.command()
 @click.argument("destination", type=click.Path(file_okay=False))
 @click.option("--version", "version_id", help="Version to export (default: the champion).")
 @_settings_options

@@ -17,6 +17,8 @@ from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUN
 from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_pending, will_retry
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
+from tao_pipeline.live.evidence import live_decision
+from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import TaoSettings
 
 _IN_FLIGHT = [
@@ -92,6 +94,40 @@ def build_round_sensor(interval_s: int) -> dg.SensorDefinition:
     return new_prompts_round_sensor
 
 
+def build_live_sensor(interval_s: int) -> dg.SensorDefinition:
+    @dg.sensor(name="live_decision_sensor", minimum_interval_seconds=interval_s,
+               default_status=dg.DefaultSensorStatus.RUNNING)  # fmt: skip
+    def live_decision_sensor(
+        context: dg.SensorEvaluationContext, settings: TaoSettingsResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        """While a challenger is shadowed or canaried (`tao shadow`, `tao canary`), judge its live answers
+        with the always-valid test and act: promote it, or roll it back. The decision, with its evidence,
+        is recorded in the registry and as an observation of the ``champion`` asset."""
+        config = settings.get()
+        store = ModelStore(config.models_dir)
+        experiment = store.live_experiment()
+        if experiment is None:
+            return dg.SkipReason("no live experiment is running")
+        outcome = live_decision(config, store, experiment, act=True)
+        if outcome.acted is None:
+            return dg.SkipReason(f"{experiment.mode} of {experiment.version_id}: {outcome.verdict.reason}")
+        context.log.info(f"live decision: {outcome.acted} ({outcome.verdict.reason})")
+        observation = dg.AssetObservation(
+            asset_key=dg.AssetKey("champion"),
+            metadata={
+                "live_decision": outcome.verdict.decision,
+                "challenger": experiment.version_id,
+                "mode": experiment.mode,
+                "evidence": outcome.verdict.reason,
+                "pairs": outcome.verdict.n,
+                "arms": dg.MetadataValue.md(outcome.table.to_markdown(index=False)),
+            },
+        )
+        return dg.SensorResult(asset_events=[observation])
+
+    return live_decision_sensor
+
+
 def _failed(instance: dg.DagsterInstance, key: str) -> bool:
     """Whether the last ingest run of a known batch failed (or was canceled): then it is retried.
     A batch whose run is on its way or still running is left alone."""
@@ -124,4 +160,6 @@ def round_decision(instance: dg.DagsterInstance, settings: TaoSettings, min_unus
 @dg.definitions
 def sensors() -> dg.Definitions:
     interval_s = startup_settings().flywheel.sensor_interval_s
-    return dg.Definitions(sensors=[build_usage_log_sensor(interval_s), build_round_sensor(interval_s)])
+    return dg.Definitions(
+        sensors=[build_usage_log_sensor(interval_s), build_round_sensor(interval_s), build_live_sensor(interval_s)]
+    )

@@ -8,6 +8,6 @@
 """
 
 from tao_pipeline.registry.errors import ModelNotFoundError
-from tao_pipeline.registry.store import ModelStore, ModelVersion
+from tao_pipeline.registry.store import LiveExperiment, ModelStore, ModelVersion
 
-__all__ = ["ModelNotFoundError", "ModelStore", "ModelVersion"]
+__all__ = ["LiveExperiment", "ModelNotFoundError", "ModelStore", "ModelVersion"]

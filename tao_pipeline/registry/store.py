@@ -55,7 +55,30 @@ CREATE TABLE IF NOT EXISTS promotions (
     reason VARCHAR,
     decided_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS live_experiments (
+    version_id VARCHAR,
+    champion_version VARCHAR,
+    mode VARCHAR,
+    share DOUBLE,
+    started_at TIMESTAMP,
+    ended_at TIMESTAMP,
+    outcome VARCHAR,
+    evidence VARCHAR
+);
 """
+LIVE_MODES = ("shadow", "canary")
+
+
+@dataclass(frozen=True)
+class LiveExperiment:
+    """A challenger on live traffic: ``shadow`` (answers every request in the background, never returned)
+    or ``canary`` (answers ``share`` of the conversations, sticky per user or conversation)."""
+
+    version_id: str
+    champion_version: str
+    mode: str
+    share: float
+    started_at: datetime
 
 
 @dataclass(frozen=True)
@@ -284,6 +307,60 @@ class ModelStore:
     def promotions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM promotions ORDER BY decided_at").df())
 
+    # -- live experiments --------------------------------------------------------------
+
+    def start_live(self, version_id: str, mode: str, share: float = 1.0) -> LiveExperiment:
+        """Put ``version_id`` on live traffic beside the champion (replacing a running experiment)."""
+        if mode not in LIVE_MODES:
+            raise ValueError(f"live mode {mode!r}: expected one of {', '.join(LIVE_MODES)}")
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"canary share {share}: give a fraction above 0 and at most 1, e.g. 0.1")
+        self.require_complete(version_id)
+
+        def start(con: duckdb.DuckDBPyConnection) -> None:
+            champion = _champion_id(con)
+            if champion is None:
+                raise ModelNotFoundError("there is no champion yet: run a round (or `tao bootstrap`) first")
+            if champion == version_id:
+                raise ValueError(f"{version_id} is the champion already: nothing to compare it with")
+            _end_live(con, "replaced", {"by": version_id, "mode": mode})
+            con.execute(
+                "INSERT INTO live_experiments VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                [version_id, champion, mode, share if mode == "canary" else 1.0, _now()],
+            )
+            beside = f"{mode} beside {champion}" + (f", share {share}" if mode == "canary" else "")
+            _promote(con, version_id, mode, beside)
+
+        self._registry(start)
+        return self.live_experiment()
+
+    def live_experiment(self) -> LiveExperiment | None:
+        """The experiment on live traffic now, or None."""
+        return self._registry(_running_live)
+
+    def end_live(self, outcome: str, evidence: dict[str, Any], promote: bool = False) -> LiveExperiment | None:
+        """End the running experiment, recording why; ``promote`` makes its challenger champion in the same
+        transaction, unless the champion changed meanwhile (then nothing is promoted). None if none ran."""
+
+        def end(con: duckdb.DuckDBPyConnection) -> LiveExperiment | None:
+            running = _running_live(con)
+            if running is None:
+                return None
+            reason, recorded, applied = evidence.get("reason") or outcome, outcome, promote
+            if promote and _champion_id(con) != running.champion_version:
+                recorded, applied = f"{outcome}, not applied: the champion changed during the experiment", False
+            _end_live(con, recorded, evidence)
+            if applied:
+                _promote(con, running.version_id, "promote", f"live evidence: {reason}")
+            else:
+                _promote(con, running.version_id, "live stop", f"{recorded}: {reason}")
+            return running
+
+        return self._registry(end)
+
+    def live_history(self) -> pd.DataFrame:
+        return self._registry(lambda con: con.execute("SELECT * FROM live_experiments ORDER BY started_at").df())
+
 
 def _check_model_config(path: Path | str, model: ModelSettings) -> None:
     """A base model is registered only if transformers can read its config (a local folder's config.json,
@@ -326,6 +403,21 @@ def _champion_id(con: duckdb.DuckDBPyConnection) -> str | None:
         "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
     ).fetchone()
     return row[0] if row else None
+
+
+def _running_live(con: duckdb.DuckDBPyConnection) -> LiveExperiment | None:
+    row = con.execute(
+        "SELECT version_id, champion_version, mode, share, started_at FROM live_experiments "
+        "WHERE ended_at IS NULL ORDER BY started_at DESC LIMIT 1"
+    ).fetchone()
+    return LiveExperiment(*row) if row else None
+
+
+def _end_live(con: duckdb.DuckDBPyConnection, outcome: str, evidence: dict[str, Any]) -> None:
+    con.execute(
+        "UPDATE live_experiments SET ended_at = ?, outcome = ?, evidence = ? WHERE ended_at IS NULL",
+        [_now(), outcome, json.dumps(evidence, default=str)],
+    )
 
 
 def _promote(con: duckdb.DuckDBPyConnection, version_id: str, action: str, reason: str) -> None:

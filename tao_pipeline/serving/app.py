@@ -54,6 +54,7 @@ from tao_pipeline.serving.engine import (
     RequestRefused,
     Stream,
 )
+from tao_pipeline.serving.live import CANARY, CHAMPION, SHADOW, LiveRouter, sticky_key
 from tao_pipeline.serving.metrics import ServeMetrics
 from tao_pipeline.serving.request_log import RequestLog
 from tao_pipeline.settings import ServeSettings
@@ -196,6 +197,8 @@ class Served:
     n: int  # choices per prompt: choice i answers requests[i // n]
     started: float
     unlogged_because: str | None = None  # why this request gives no training row (none yet: every answer is)
+    sticky: str = ""  # what a canary's routing sticks to: the user, or the conversation's opening
+    arm: str | None = None  # during a live experiment: champion, canary or shadow
 
 
 class Admission:
@@ -306,6 +309,7 @@ def build_app(
     settings: ServeSettings,
     request_log: RequestLog | None,
     api_keys: tuple[str, ...] = (),
+    live: LiveRouter | None = None,
 ) -> FastAPI:
     metrics = ServeMetrics(request_log, engine)
     admission = Admission(settings.max_batch_rows + settings.max_queued_rows, settings.max_batch_rows)
@@ -316,10 +320,14 @@ def build_app(
         if request_log is not None:
             request_log.start()
         await watcher.start(engine)
+        if live is not None:
+            await live.start()
         try:
             yield
         finally:
             await watcher.stop()
+            if live is not None:
+                await live.stop()
             await engine.close()
             if request_log is not None:
                 request_log.close()
@@ -372,6 +380,7 @@ def build_app(
             "engine_status": engine_status,
             "rows_in_flight": admission.rows,
             "request_log": log_status,
+            "live": live.status() if live is not None else None,
         }
         return JSONResponse(body, status_code=200 if healthy else 503, headers={VERSION_HEADER: engine.version})
 
@@ -400,6 +409,7 @@ def build_app(
         # The whole conversation is logged, as sent: ingestion keeps its system message and earlier turns.
         logged = body.model_dump(mode="json", exclude_unset=True)
         served = Served("chat", _task(body, settings), [logged], body.n, time.perf_counter())
+        served.sticky = sticky_key(_user(body), messages, None)
         return await answer([request], served, body.stream, True, http)
 
     @app.post("/v1/completions")
@@ -430,6 +440,7 @@ def build_app(
         logged = body.model_dump(mode="json", exclude_unset=True)
         each = [{**logged, "prompt": prompt} for prompt in prompts]  # a row holds its own prompt alone
         served = Served("completions", _task(body, settings), each, body.n, time.perf_counter())
+        served.sticky = sticky_key(_user(body), None, prompts[0])
         return await answer(requests, served, body.stream, False, http)
 
     @app.post("/v1/feedback")
@@ -495,9 +506,16 @@ def build_app(
         requests = [dataclasses.replace(request, deadline=deadline) for request in requests]
         release = _once(lambda seconds=None: admission.leave(rows, seconds))
         ident, created = new_completion_id(chat), int(time.time())  # one id for the body, every chunk and the log
+        arm = live.arm(served.sticky) if live is not None else CHAMPION
+        answering = live.challenger if arm == CANARY and live.challenger is not None else engine
+        served.arm = arm if live is not None and live.active else None
+        if served.arm is not None and live.shadowing:
+            shadow_requests = requests
+        else:
+            shadow_requests = None
         try:
             async with asyncio.timeout_at(deadline):
-                started = await _start(engine, requests)
+                started = await _start(answering, requests)
         except BaseException as error:
             release()
             if isinstance(error, Exception):
@@ -505,7 +523,13 @@ def build_app(
                 raise _as_serve_error(error, settings) from None
             raise
         if stream:
-            done = lambda: finished(served, _completion_body(started.completion, chat, ident, created))  # noqa: E731
+
+            def done() -> None:
+                body = _completion_body(started.completion, chat, ident, created)
+                finished(served, body)
+                if shadow_requests is not None:
+                    _background(shadow(shadow_requests, served, body, chat))
+
             events = _sse(started, chat, ident, created, served, deadline, settings, metrics, done)
             headers = {VERSION_HEADER: started.version, "Cache-Control": "no-cache"}
             return _EventStream(events, on_close=lambda: (started.cancel(), release()), headers=headers)
@@ -522,12 +546,44 @@ def build_app(
             release(time.perf_counter() - served.started)
         body = _completion_body(completion, chat, ident, created)
         finished(served, body)  # the client is still there: the answer goes out now
+        if shadow_requests is not None:
+            _background(shadow(shadow_requests, served, body, chat))
         return JSONResponse(body, headers={VERSION_HEADER: completion.version})
 
-    def finished(served: Served, body: dict) -> None:
+    async def shadow(requests: list[GenerationRequest], served: Served, champion_body: dict, chat: bool) -> None:
+        """The challenger answers the same request in the background; logged beside the champion's, never returned."""
+        challenger = live.challenger if live is not None else None
+        if challenger is None or request_log is None or live.shadow_slots.locked():
+            metrics.unlogged("shadow_skipped")  # the challenger is busy or gone: this request is not compared
+            return
+        async with live.shadow_slots:
+            started = time.perf_counter()
+            try:
+                completions = [await challenger.complete(request) for request in requests]
+            except Exception as error:  # noqa: BLE001 - a shadow failure is counted, never seen by the client
+                logger.warning("tao serve: the shadow answer failed: %s", error)
+                metrics.unlogged("shadow_failed")
+                return
+        merged = completions[0]
+        if len(completions) > 1:
+            merged = dataclasses.replace(
+                merged, choices=[choice for c in completions for choice in c.choices],
+                prompt_tokens=sum(c.prompt_tokens for c in completions),
+            )  # fmt: skip
+        body = _completion_body(merged, chat, new_completion_id(chat), int(time.time()))
+        paired = [_choice_id(champion_body["id"], choice["index"]) for choice in champion_body["choices"]]
+        shadowed = dataclasses.replace(served, started=started, arm=SHADOW)
+        finished(shadowed, body, metrics_too=False, pairs=paired)
+
+    def finished(served: Served, body: dict, metrics_too: bool = True, pairs: list[str] | None = None) -> None:
         """Count the answer, and log it: one row per choice, an OpenAI request and its response (that choice)."""
         seconds = time.perf_counter() - served.started
-        metrics.answered(served.endpoint, seconds, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        if metrics_too:
+            metrics.answered(
+                served.endpoint, seconds, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]
+            )
+        if served.arm is not None:
+            metrics.live_answer(served.arm, body["model"], seconds)
         if request_log is None:
             return
         if served.unlogged_because is not None:
@@ -545,6 +601,7 @@ def build_app(
                     "latency_ms": latency_ms,
                     "endpoint": served.endpoint,
                     "received_at": received_at,
+                    **_live_fields(served.arm, pairs, choice["index"]),
                 }
             )
             for choice in body["choices"]
@@ -679,6 +736,36 @@ def _param(location: tuple) -> str:
         elif not str(part).startswith(("function-", "str", "list[", "dict[", "literal[")):
             text += f".{part}" if text else str(part)
     return text
+
+
+def _user(body: _Sampling) -> str | None:
+    """OpenAI's ``user`` field (an end-user id the app chose), when the request has one."""
+    user = (body.model_extra or {}).get("user")
+    return user if isinstance(user, str) and user else None
+
+
+def _choice_id(ident: str, index: int) -> str:
+    """The response id ingestion gives choice ``index`` of an answer (its id, ':index' after the first)."""
+    return ident if index == 0 else f"{ident}:{index}"
+
+
+def _live_fields(arm: str | None, pairs: list[str] | None, index: int) -> dict[str, str]:
+    if arm is None:
+        return {}
+    fields = {"live_arm": arm}
+    if pairs is not None and index < len(pairs):
+        fields["live_pair"] = pairs[index]
+    return fields
+
+
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _background(work) -> None:
+    """Run ``work`` after the response, keeping a reference so the task is not collected mid-way."""
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def _role(role: str) -> str:

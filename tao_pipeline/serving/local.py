@@ -230,6 +230,7 @@ class LocalEngine:
         batch_window_s: float = 0.02,
         prefill_chunk_tokens: int = 512,
         long_row_tokens: int = 512,
+        long_rows_share: float = 0.25,
         max_context_tokens: int | None = None,
         threads: int | None = None,
         trust_remote_code: bool = False,
@@ -237,7 +238,8 @@ class LocalEngine:
         self.dtype, self.trust_remote_code, self.threads = dtype, trust_remote_code, threads
         self.max_batch_rows, self.batch_window_s = max_batch_rows, batch_window_s
         self.prefill_chunk_tokens, self.max_context_tokens = prefill_chunk_tokens, max_context_tokens
-        self.long_row_tokens = long_row_tokens
+        self.long_row_tokens, self.long_rows_share = long_row_tokens, long_rows_share
+        self._long_credit = 0.0  # steps owed to the long lane while short rows decode
         self._loaded: LoadedModel | None = None
         self._queue: deque[_Job] = deque()
         self._wake = threading.Condition()
@@ -318,10 +320,24 @@ class LocalEngine:
             while self._wait_for_work():
                 self._admit()
                 self._prefill_chunk()
-                for batch in list(self._batches):
+                for batch in self._batches_to_step():
                     self._step(batch)
                 self._batches = [batch for batch in self._batches if batch.rows or batch.loaded is self._loaded]
         self._fail_everything("the server is stopping")
+
+    def _batches_to_step(self) -> list[_Batch]:
+        """Every lane, except that long rows yield to short ones: while a short row decodes, the long lane
+        takes ``long_rows_share`` of the steps. Rows that have had the least service go first (a short
+        answer is not made to wait a long one's step every token), and long rows still make progress."""
+        batches = list(self._batches)
+        if not any(batch.rows and batch.lane == "short" for batch in batches):
+            self._long_credit = 0.0
+            return batches
+        self._long_credit += self.long_rows_share
+        if self._long_credit >= 1.0:
+            self._long_credit -= 1.0
+            return batches
+        return [batch for batch in batches if batch.lane == "short"]
 
     def _wait_for_work(self) -> bool:
         """Block while there is nothing to do; when idle, give the first request's company a moment to come."""

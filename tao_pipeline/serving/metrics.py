@@ -44,6 +44,12 @@ class ServeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.live_latency = Histogram(
+            "tao_serve_live_seconds",
+            "During a live experiment: seconds to answer, by arm (champion, canary, shadow) and version.",
+            ["arm", "version"],
+            registry=self.registry,
+        )
 
     def answered(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.requests.labels(endpoint, "ok").inc()
@@ -68,6 +74,9 @@ class ServeMetrics:
 
     def feedback(self, outcome: str) -> None:
         self.feedback_posts.labels(outcome).inc()
+
+    def live_answer(self, arm: str, version: str, seconds: float) -> None:
+        self.live_latency.labels(arm, version).observe(seconds)
 
     def unlogged(self, reason: str) -> None:
         self.unlogged_requests.labels(reason).inc()

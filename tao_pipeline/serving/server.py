@@ -13,6 +13,7 @@ from tao_pipeline.registry import ModelStore
 from tao_pipeline.serving.app import build_app
 from tao_pipeline.serving.champion import ChampionWatcher
 from tao_pipeline.serving.engine import Engine
+from tao_pipeline.serving.live import LiveRouter
 from tao_pipeline.serving.local import LocalEngine
 from tao_pipeline.serving.proxy import ProxyEngine
 from tao_pipeline.serving.request_log import RequestLog, open_inbox
@@ -51,7 +52,8 @@ def build_server(settings: TaoSettings) -> FastAPI:
         if serve.log_requests
         else None
     )
-    return build_app(build_engine(settings), watcher, serve, request_log, keys)
+    live = LiveRouter(store, lambda: build_engine(settings), serve.swap_poll_seconds)
+    return build_app(build_engine(settings), watcher, serve, request_log, keys, live)
 
 
 def build_engine(settings: TaoSettings) -> Engine:
@@ -75,6 +77,7 @@ def build_engine(settings: TaoSettings) -> Engine:
         batch_window_s=serve.batch_window_ms / 1000,
         prefill_chunk_tokens=serve.prefill_chunk_tokens,
         long_row_tokens=serve.long_row_tokens,
+        long_rows_share=serve.long_rows_share,
         max_context_tokens=serve.max_context_tokens,
         threads=serve.threads or default_threads(),
         trust_remote_code=settings.model.trust_remote_code,

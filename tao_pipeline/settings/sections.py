@@ -513,6 +513,12 @@ class ServeSettings(_Section):
     long_row_tokens: int = Field(
         512, ge=16, description="local: a row past this many tokens decodes in a batch of long rows of its own."
     )
+    long_rows_share: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="local: while short rows decode, the share of decoding steps the long rows take (1: every step).",
+    )
     max_context_tokens: int | None = Field(
         None, ge=2, description="local: prompt + answer tokens at most (default: the model's own context length)."
     )
@@ -571,6 +577,27 @@ class ServeSettings(_Section):
         return self
 
 
+class LiveSettings(_Section):
+    """Promotion on live traffic: a challenger shadowed or canaried beside the champion, decided by an
+    always-valid sequential test on its answers (tao_pipeline/live/)."""
+
+    share: float = Field(0.1, gt=0.0, le=1.0, description="Share of conversations a canary answers (`tao canary`).")
+    metric: Literal["score", "feedback"] = Field(
+        "score",
+        description="What one live answer is worth: 'score', the task's scorers on it (shadow: both versions' "
+        "answers to the same request, scored together); 'feedback', its user's rating (canary only).",
+    )
+    margin: float = Field(
+        0.02, ge=0.0, le=1.0, description="Promote once the challenger is proven no worse than the champion by this."
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Of the always-valid interval behind each decision.")
+    min_pairs: int = Field(50, ge=1, description="Paired live answers before any decision is taken.")
+    max_latency_ratio: float = Field(
+        2.0, gt=1.0, description="Guard: roll back when the challenger's p95 latency exceeds the champion's by this."
+    )
+    min_latency_answers: int = Field(20, ge=1, description="Answers of each version before the latency guard applies.")
+
+
 class StorageSettings(_Section):
     """Where state lives beyond the home folder, for deployments: the Dagster instance and object storage."""
 
@@ -625,6 +652,7 @@ class TaoSettings(_Section):
     preflight: PreflightSettings = Field(default_factory=PreflightSettings)
     flywheel: FlywheelSettings = Field(default_factory=FlywheelSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     compute_scale: float = Field(

@@ -56,6 +56,16 @@ class LoggedAnswer:
     response_id: str | None = None
     model: str | None = None
     feedback: Feedback | None = None
+    live: LiveServing | None = None
+
+
+@dataclass(frozen=True)
+class LiveServing:
+    """How ``tao serve`` served the answer while a live experiment ran (tao_pipeline/live/)."""
+
+    arm: str  # "champion", "canary" or "shadow" (answered in the background, never returned)
+    pair: str | None = None  # a shadow answer's champion answer (its response id)
+    latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,27 @@ def _logged_answer(record: dict[str, Any]) -> LoggedAnswer | None:
         return None
     if response is None and response_id is None and "prompt" not in record and "messages" not in record:
         raise RowRejected("feedback without a 'response_id': there is no answer it rates")
-    return LoggedAnswer(response, response_id, model, feedback)
+    return LoggedAnswer(response, response_id, model, feedback, _live_serving(record))
+
+
+LIVE_ARMS = ("champion", "canary", "shadow")
+
+
+def _live_serving(record: dict[str, Any]) -> LiveServing | None:
+    arm = record.get("live_arm")
+    if arm is None:
+        return None
+    if arm not in LIVE_ARMS:
+        raise RowRejected(f"field 'live_arm' must be one of {', '.join(LIVE_ARMS)}, got {str(arm)[:40]!r}")
+    pair = _optional_text(record, "live_pair")
+    if pair is not None and len(pair) > MAX_ID_CHARS:
+        raise RowRejected(f"field 'live_pair' too long: {len(pair)} chars > {MAX_ID_CHARS}")
+    latency = record.get("latency_ms")
+    if latency is not None and (
+        isinstance(latency, bool) or not isinstance(latency, int | float) or not 0 <= latency < 1e9
+    ):
+        raise RowRejected(f"field 'latency_ms' must be a number of milliseconds, got {str(latency)[:40]!r}")
+    return LiveServing(arm, pair, None if latency is None else float(latency))
 
 
 def validated(record: Any, source: str, number: int, limits: DataSettings) -> LogRow | LogEvent | dict[str, Any]:

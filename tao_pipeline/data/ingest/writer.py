@@ -43,6 +43,9 @@ _ANSWER_FIELDS = [  # the answer a row's app already gave, and what its user did
     ("rating", pa.float64()),
     ("comment", _TEXT),
     ("correction", _TEXT),
+    ("live_arm", _TEXT),  # tao serve during a live experiment: champion, canary or shadow
+    ("live_pair", _TEXT),
+    ("latency_ms", pa.float64()),
 ]
 USAGE_LOG_SCHEMA = pa.schema(
     [
@@ -322,4 +325,7 @@ def _answer_columns(answer: LoggedAnswer | None) -> dict[str, Any]:
         "rating": feedback.rating if feedback else None,
         "comment": feedback.comment if feedback else None,
         "correction": feedback.correction if feedback else None,
+        "live_arm": answer.live.arm if answer and answer.live else None,
+        "live_pair": answer.live.pair if answer and answer.live else None,
+        "latency_ms": answer.live.latency_ms if answer and answer.live else None,
     }

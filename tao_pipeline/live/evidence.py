@@ -1,0 +1,174 @@
+"""The live experiment's evidence, read from the lake: the answers ``tao serve`` logged during it.
+
+Shadow: every request has the champion's answer and the challenger's (``live_pair`` links them);
+the two are scored together by the task's scorers, and each pair gives one difference. Canary:
+the two versions answered different conversations; each answer is worth its score alone (or, with
+``live.metric = "feedback"``, its user's rating), and the k-th answer of one version is paired with
+the k-th of the other, in the order they arrived. :func:`tao_pipeline.live.sequential.decide` turns
+the differences into promote / roll back / continue, and a latency guard rolls back a challenger
+much slower than the champion whatever its answers are worth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from tao_pipeline.data.ingest.writer import EVENTS_TABLE, USAGE_TABLE
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.live.sequential import CONTINUE, PROMOTE, ROLL_BACK, LiveVerdict, decide
+from tao_pipeline.registry import LiveExperiment, ModelStore
+from tao_pipeline.settings import TaoSettings
+
+ANSWER_COLUMNS = [
+    "response_id", "response", "response_model", "live_arm", "live_pair", "latency_ms", "rating",
+    "prompt_id", "prompt", "system", "history", "task", "constraints",
+]  # fmt: skip
+
+
+@dataclass
+class LiveOutcome:
+    verdict: LiveVerdict
+    table: pd.DataFrame  # per arm: answers, mean worth, rated answers, p95 latency
+    acted: str | None = None  # what was done in the registry, if anything
+    evidence: dict = field(default_factory=dict)
+
+
+def live_answers(lake: Lake, experiment: LiveExperiment) -> pd.DataFrame:
+    """The answers of the experiment's two versions logged since it started, with their users' mean ratings."""
+    logs = lake.scan(USAGE_TABLE)
+    if logs is None:
+        return pd.DataFrame(columns=[*ANSWER_COLUMNS, "received_at"])
+    events = lake.scan(EVENTS_TABLE)
+    ratings = (
+        f"SELECT response_id, avg(rating) AS event_rating FROM {events} "
+        "WHERE kind = 'feedback' AND rating IS NOT NULL GROUP BY response_id"
+        if events
+        else "SELECT NULL::VARCHAR AS response_id, NULL::DOUBLE AS event_rating WHERE false"
+    )
+    columns = ", ".join(f"u.{c}" for c in ANSWER_COLUMNS if c != "rating")
+    try:
+        return lake.sql(
+            f"SELECT {columns}, coalesce(r.event_rating, u.rating) AS rating, u.received_at, u.line_number "
+            f"FROM {logs} u LEFT JOIN ({ratings}) r USING (response_id) "
+            "WHERE u.live_arm IS NOT NULL AND u.received_at >= $started "
+            "AND u.response_model IN ($champion, $challenger) ORDER BY u.received_at, u.line_number",
+            {
+                "started": experiment.started_at,
+                "champion": experiment.champion_version,
+                "challenger": experiment.version_id,
+            },
+        )
+    except Exception as error:  # noqa: BLE001 - a lake written before live serving has no such columns
+        if "live_arm" in str(error):
+            return pd.DataFrame(columns=[*ANSWER_COLUMNS, "received_at"])
+        raise
+
+
+def shadow_differences(answers: pd.DataFrame, scorer) -> np.ndarray:
+    """Challenger minus champion, per request both answered, scored together by the task's scorers."""
+    from tao_pipeline.scoring import score_responses
+
+    shadows = answers[answers["live_arm"] == "shadow"].dropna(subset=["live_pair"])
+    champions = answers[answers["live_arm"] == "champion"].drop_duplicates("response_id")
+    pairs = shadows.merge(champions, left_on="live_pair", right_on="response_id", suffixes=("", "_champion"))
+    if pairs.empty:
+        return np.array([])
+    keys = pairs["live_pair"]
+    candidates = pd.concat(
+        [
+            pd.DataFrame({"response_id": f"{side}:" + keys, "prompt_id": keys, "response": pairs[column]})
+            for side, column in (("challenger", "response"), ("champion", "response_champion"))
+        ],
+        ignore_index=True,
+    )
+    context = ["prompt", "system", "history", "task", "constraints"]
+    prompts = pairs[[f"{c}_champion" for c in context]].set_axis(context, axis=1).assign(prompt_id=keys.to_numpy())
+    scores = score_responses(candidates, prompts, scorer, progress=False).set_index("response_id")["score"]
+    differences = scores.reindex("challenger:" + keys).to_numpy() - scores.reindex("champion:" + keys).to_numpy()
+    return differences[np.isfinite(differences)]
+
+
+def canary_differences(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
+    """The k-th canary answer's worth minus the k-th champion answer's, in arrival order."""
+    worth = {arm: _worth(answers[answers["live_arm"] == arm], scorer, metric) for arm in ("canary", "champion")}
+    n = min(len(worth["canary"]), len(worth["champion"]))
+    return worth["canary"][:n] - worth["champion"][:n]
+
+
+def _worth(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
+    if metric == "feedback":
+        rated = answers["rating"].dropna().to_numpy(dtype=float)
+        return (np.clip(rated, -1.0, 1.0) + 1) / 2
+    from tao_pipeline.scoring import score_responses
+
+    if answers.empty:
+        return np.array([])
+    alone = answers.assign(prompt_id=answers["response_id"])  # each answer its own group
+    scores = score_responses(alone[["response_id", "prompt_id", "response"]], alone, scorer, progress=False)
+    values = scores["score"].to_numpy(dtype=float)
+    return values[np.isfinite(values)]
+
+
+def arm_table(answers: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for arm, group in answers.groupby("live_arm", sort=True):
+        latency = group["latency_ms"].dropna()
+        rows.append(
+            {
+                "arm": arm,
+                "version": ", ".join(sorted(group["response_model"].dropna().unique())),
+                "answers": len(group),
+                "rated": int(group["rating"].notna().sum()),
+                "mean rating": round(float(group["rating"].mean()), 3) if group["rating"].notna().any() else None,
+                "p95 latency ms": round(float(latency.quantile(0.95)), 1) if len(latency) else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=["arm", "version", "answers", "rated", "mean rating", "p95 latency ms"])
+
+
+def latency_guard(answers: pd.DataFrame, experiment: LiveExperiment, settings) -> str | None:
+    """Why the challenger must go on latency alone, or None."""
+    challenger_arm = "shadow" if experiment.mode == "shadow" else "canary"
+    challenger = answers.loc[answers["live_arm"] == challenger_arm, "latency_ms"].dropna()
+    champion = answers.loc[answers["live_arm"] == "champion", "latency_ms"].dropna()
+    if min(len(challenger), len(champion)) < settings.min_latency_answers:
+        return None
+    ratio = float(challenger.quantile(0.95)) / max(float(champion.quantile(0.95)), 1e-9)
+    if ratio > settings.max_latency_ratio:
+        return (
+            f"latency guard: the challenger's p95 is {ratio:.2f}x the champion's "
+            f"(live.max_latency_ratio={settings.max_latency_ratio})"
+        )
+    return None
+
+
+def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExperiment, act: bool) -> LiveOutcome:
+    """The evidence so far and its decision; with ``act``, a conclusive one is carried out in the registry."""
+    from tao_pipeline.scoring import build_scorer
+
+    live = settings.live
+    answers = live_answers(Lake(settings.lake_dir), experiment)
+    scorer = build_scorer(settings.scoring, settings.cache_dir)
+    if experiment.mode == "shadow":
+        differences = shadow_differences(answers, scorer)
+    else:
+        differences = canary_differences(answers, scorer, live.metric)
+    verdict = decide(differences, margin=live.margin, confidence=live.confidence, min_pairs=live.min_pairs)
+    guard = latency_guard(answers, experiment, live)
+    if guard is not None:
+        verdict = LiveVerdict(ROLL_BACK, verdict.n, verdict.mean, verdict.low, verdict.high, guard)
+    table = arm_table(answers)
+    evidence = {**verdict.as_dict(), "mode": experiment.mode, "metric": live.metric, "arms": table.to_dict("records")}
+    outcome = LiveOutcome(verdict, table, None, evidence)
+    if act and verdict.decision != CONTINUE:
+        promote = verdict.decision == PROMOTE
+        ended = store.end_live("promoted" if promote else "rolled back", evidence, promote=promote)
+        if ended is not None:
+            outcome.acted = (
+                f"{experiment.version_id} is the champion" if promote
+                else f"{experiment.version_id} rolled back; {experiment.champion_version} answers everyone"
+            )  # fmt: skip
+    return outcome

@@ -1,0 +1,114 @@
+"""A decision on live traffic that stays valid however often it is checked.
+
+Live evidence arrives one answer at a time and the decision is looked at every minute, so a test
+that assumes one look at a fixed sample size (a t-test, a bootstrap interval) would be peeked into
+false alarms. This module keeps a *confidence sequence* instead: an interval for the challenger's
+mean advantage that covers the true value at every sample size at once with probability
+``confidence``. It is the predictable plug-in empirical-Bernstein confidence sequence of
+Waudby-Smith and Ramdas ("Estimating means of bounded random variables by betting", JRSS B 2023,
+Theorem 2) for observations in [0, 1]: closed form, one pass, and it narrows with the observed
+variance, so mostly tied answers decide far sooner than a worst-case (Hoeffding) bound would. A
+paired difference of two scores in [0, 1] lies in [-1, 1] and is mapped onto [0, 1] for it.
+
+The decision is a non-inferiority test on that interval, with ``margin`` >= 0:
+
+* **promote** once the lower bound is above ``-margin`` (proven no worse than the champion by more
+  than the margin);
+* **roll back** once the upper bound is below ``-margin`` (proven worse by more than the margin);
+* otherwise **continue**. Each wrong call has probability at most ``(1 - confidence) / 2``, at any
+  stopping time (each side's bound holds at level ``alpha / 2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PROMOTE, ROLL_BACK, CONTINUE = "promote", "roll back", "continue"
+MAX_BET = 0.5  # the paper's truncation c of the bets lambda_t
+
+
+def confidence_sequence(unit: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds on the mean of observations in [0, 1] after each one (running intersection)."""
+    x = np.asarray(unit, dtype=float)
+    t = np.arange(1, x.size + 1)
+    mean_hat = (0.5 + np.cumsum(x)) / (t + 1)
+    variance_hat = (0.25 + np.cumsum((x - mean_hat) ** 2)) / (t + 1)
+    variance_before = np.concatenate([[0.25], variance_hat[:-1]])
+    mean_before = np.concatenate([[0.5], mean_hat[:-1]])
+    log_term = np.log(2 / alpha)
+    bets = np.minimum(np.sqrt(2 * log_term / (variance_before * t * np.log1p(t))), MAX_BET)
+    penalty = 4 * (x - mean_before) ** 2 * (-np.log1p(-bets) - bets) / 4
+    total_bet = np.cumsum(bets)
+    center = np.cumsum(bets * x) / total_bet
+    half = (log_term + np.cumsum(penalty)) / total_bet
+    low = np.maximum.accumulate(np.clip(center - half, 0.0, 1.0))
+    high = np.minimum.accumulate(np.clip(center + half, 0.0, 1.0))
+    return low, high
+
+
+def advantage_bounds(differences: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on the mean of differences in [-1, 1] after each one."""
+    low, high = confidence_sequence((np.asarray(differences, dtype=float) + 1) / 2, alpha)
+    return 2 * low - 1, 2 * high - 1
+
+
+@dataclass(frozen=True)
+class LiveVerdict:
+    decision: str  # PROMOTE, ROLL_BACK or CONTINUE
+    n: int  # paired observations seen
+    mean: float  # the challenger's mean advantage (challenger minus champion)
+    low: float
+    high: float
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {
+            "decision": self.decision,
+            "n": self.n,
+            "mean": round(self.mean, 4),
+            "low": round(self.low, 4),
+            "high": round(self.high, 4),
+            "reason": self.reason,
+        }
+
+
+def decide(differences, *, margin: float, confidence: float, min_pairs: int) -> LiveVerdict:
+    """The decision after these paired differences (challenger minus champion, each in [-1, 1])."""
+    values = _checked(differences)
+    if values.size == 0:
+        return LiveVerdict(CONTINUE, 0, 0.0, -1.0, 1.0, "no paired observations yet")
+    lows, highs = advantage_bounds(values, 1 - confidence)
+    return _verdict(values, float(lows[-1]), float(highs[-1]), margin, confidence, min_pairs)
+
+
+def first_decision(differences, *, margin: float, confidence: float, min_pairs: int) -> LiveVerdict:
+    """The verdict where a check after every observation would first have decided (or after the last one)."""
+    values = _checked(differences)
+    if values.size == 0:
+        return decide(values, margin=margin, confidence=confidence, min_pairs=min_pairs)
+    lows, highs = advantage_bounds(values, 1 - confidence)
+    n = np.arange(1, values.size + 1)
+    decided = (n >= min_pairs) & ((highs < -margin) | (lows > -margin))
+    stop = int(np.argmax(decided)) if decided.any() else values.size - 1
+    return _verdict(values[: stop + 1], float(lows[stop]), float(highs[stop]), margin, confidence, min_pairs)
+
+
+def _checked(differences) -> np.ndarray:
+    values = np.asarray(differences, dtype=float).ravel()
+    if values.size and (not np.isfinite(values).all() or np.abs(values).max() > 1 + 1e-9):
+        raise ValueError("live differences must be finite and within [-1, 1] (two scores in [0, 1])")
+    return np.clip(values, -1.0, 1.0)
+
+
+def _verdict(values: np.ndarray, low: float, high: float, margin: float, confidence: float, min_pairs: int):
+    n, mean = int(values.size), float(values.mean())
+    interval = f"advantage {mean:+.3f} [{low:+.3f}, {high:+.3f}] at {confidence:.0%}, always valid, n = {n}"
+    if n < min_pairs:
+        return LiveVerdict(CONTINUE, n, mean, low, high, f"{interval}: waiting for live.min_pairs={min_pairs}")
+    if high < -margin:
+        return LiveVerdict(ROLL_BACK, n, mean, low, high, f"{interval}: proven worse by more than {margin}")
+    if low > -margin:
+        return LiveVerdict(PROMOTE, n, mean, low, high, f"{interval}: proven no worse than -{margin}")
+    return LiveVerdict(CONTINUE, n, mean, low, high, f"{interval}: not decided yet")
