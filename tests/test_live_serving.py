@@ -143,3 +143,34 @@ def test_live_commands_refuse_what_cannot_run_in_one_line(tmp_path, tiny_model_d
     assert "stopped: canary of round-0001-dpo-x" in _cli(config, "canary", "stop")
     assert store.champion_id() == champion
     assert list(store.promotions()["action"])[-2:] == ["canary", "live stop"]
+
+
+def test_stopping_a_canary_lets_its_answers_in_flight_finish(tmp_path, tiny_model_dir):
+    config = serve_config(tmp_path, tiny_model_dir, "[live]\nshare = 1.0\n")
+    settings = load(config)
+    store = ModelStore(settings.models_dir)
+    with running_server(settings) as running:
+        client = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0)
+        champion = _ask(client, "u0", "warm up").model
+        register_checkpoint(settings, build_tiny_model(tmp_path / "other", seed=2), "round-0003-dpo-c", parent=champion)
+        _cli(config, "canary", "round-0003-dpo-c")
+        _wait_for_the_challenger(running, "canary")
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(
+                client.chat.completions.create, model="tao", messages=[{"role": "user", "content": "go on"}],
+                max_tokens=400, n=2, seed=7, temperature=1.0, user="anyone",
+            )  # fmt: skip
+            router = running.app.state.live
+            deadline = time.monotonic() + 20
+            while router.challenger is None or not router.challenger.status()["running_rows"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            store.end_live("stopped by hand", {"reason": "test"})
+            answer = long.result(timeout=120)
+        assert answer.model == "round-0003-dpo-c" and answer.usage.completion_tokens > 0
+        assert all(choice.finish_reason in ("stop", "length") for choice in answer.choices)
+        deadline = time.monotonic() + 20
+        while router.experiment is not None:  # the server follows the registry: the champion answers everyone
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _ask(client, "anyone", "after").model == champion

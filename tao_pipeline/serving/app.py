@@ -334,7 +334,7 @@ def build_app(
 
     app = FastAPI(title="tao serve", lifespan=lifespan)
     app.state.metrics, app.state.request_log, app.state.admission = metrics, request_log, admission
-    app.state.watcher, app.state.engine = watcher, engine
+    app.state.watcher, app.state.engine, app.state.live = watcher, engine, live
     app.add_middleware(Gate, api_keys=api_keys, settings=settings, version=lambda: engine.version)
 
     @app.exception_handler(ServeError)
@@ -507,12 +507,9 @@ def build_app(
         release = _once(lambda seconds=None: admission.leave(rows, seconds))
         ident, created = new_completion_id(chat), int(time.time())  # one id for the body, every chunk and the log
         arm = live.arm(served.sticky) if live is not None else CHAMPION
-        answering = live.challenger if arm == CANARY and live.challenger is not None else engine
+        answering = live.challenger if arm == CANARY else engine  # arm() says CANARY only while one serves
         served.arm = arm if live is not None and live.active else None
-        if served.arm is not None and live.shadowing:
-            shadow_requests = requests
-        else:
-            shadow_requests = None
+        shadow_requests = requests if served.arm is not None and live.shadowing else None
         try:
             async with asyncio.timeout_at(deadline):
                 started = await _start(answering, requests)

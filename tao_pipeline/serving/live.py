@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 
 from tao_pipeline.registry import LiveExperiment, ModelStore
@@ -41,8 +42,11 @@ def in_canary(key: str, version_id: str, share: float) -> bool:
 
 
 class LiveRouter:
-    def __init__(self, store: ModelStore, make_engine: Callable[[], Engine], poll_seconds: float):
+    def __init__(
+        self, store: ModelStore, make_engine: Callable[[], Engine], poll_seconds: float, drain_seconds: float = 300.0
+    ):
         self.store, self.make_engine, self.poll_seconds = store, make_engine, poll_seconds
+        self.drain_seconds = drain_seconds
         self.experiment: LiveExperiment | None = None
         self.challenger: Engine | None = None
         self.last_error: str | None = None
@@ -109,9 +113,17 @@ class LiveRouter:
         }
 
     async def _close_challenger(self) -> None:
+        """No new request goes to the challenger; those it is answering finish first (up to drain_seconds)."""
         challenger, self.challenger = self.challenger, None
-        if challenger is not None:
-            await challenger.close()
+        if challenger is None:
+            return
+        deadline = time.monotonic() + self.drain_seconds
+        while time.monotonic() < deadline:
+            status = challenger.status()
+            if not status.get("running_rows", 0) and not status.get("queued_rows", 0):
+                break
+            await asyncio.sleep(0.1)
+        await challenger.close()
 
     async def _poll(self) -> None:
         while True:
