@@ -11,6 +11,7 @@ much slower than the champion whatever its answers are worth.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,27 +49,25 @@ def live_answers(lake: Lake, experiment: LiveExperiment) -> pd.DataFrame:
         if events
         else "SELECT NULL::VARCHAR AS response_id, NULL::DOUBLE AS event_rating WHERE false"
     )
+    if not {"live_arm", "live_pair", "latency_ms"} <= set(lake.sql(f"SELECT * FROM {logs} LIMIT 0").columns):
+        return pd.DataFrame(columns=[*ANSWER_COLUMNS, "received_at"])  # written before tao serve logged live arms
     columns = ", ".join(f"u.{c}" for c in ANSWER_COLUMNS if c != "rating")
-    try:
-        return lake.sql(
-            f"SELECT {columns}, coalesce(r.event_rating, u.rating) AS rating, u.received_at, u.line_number "
-            f"FROM {logs} u LEFT JOIN ({ratings}) r USING (response_id) "
-            "WHERE u.live_arm IS NOT NULL AND u.received_at >= $started "
-            "AND u.response_model IN ($champion, $challenger) ORDER BY u.received_at, u.line_number",
-            {
-                "started": experiment.started_at,
-                "champion": experiment.champion_version,
-                "challenger": experiment.version_id,
-            },
-        )
-    except Exception as error:  # noqa: BLE001 - a lake written before live serving has no such columns
-        if "live_arm" in str(error):
-            return pd.DataFrame(columns=[*ANSWER_COLUMNS, "received_at"])
-        raise
+    return lake.sql(
+        f"SELECT {columns}, coalesce(r.event_rating, u.rating) AS rating, u.received_at, u.line_number "
+        f"FROM {logs} u LEFT JOIN ({ratings}) r USING (response_id) "
+        "WHERE u.live_arm IS NOT NULL AND u.received_at >= $started "
+        "AND u.response_model IN ($champion, $challenger) ORDER BY u.received_at, u.line_number",
+        {
+            "started": experiment.started_at,
+            "champion": experiment.champion_version,
+            "challenger": experiment.version_id,
+        },
+    )
 
 
 def shadow_differences(answers: pd.DataFrame, scorer) -> np.ndarray:
-    """Challenger minus champion, per request both answered, scored together by the task's scorers."""
+    """Challenger minus champion, per request both answered, scored together by the task's scorers
+    (NaN where either answer could not be scored)."""
     from tao_pipeline.scoring import score_responses
 
     shadows = answers[answers["live_arm"] == "shadow"].dropna(subset=["live_pair"])
@@ -87,12 +86,11 @@ def shadow_differences(answers: pd.DataFrame, scorer) -> np.ndarray:
     context = ["prompt", "system", "history", "task", "constraints"]
     prompts = pairs[[f"{c}_champion" for c in context]].set_axis(context, axis=1).assign(prompt_id=keys.to_numpy())
     scores = score_responses(candidates, prompts, scorer, progress=False).set_index("response_id")["score"]
-    differences = scores.reindex("challenger:" + keys).to_numpy() - scores.reindex("champion:" + keys).to_numpy()
-    return differences[np.isfinite(differences)]
+    return scores.reindex("challenger:" + keys).to_numpy() - scores.reindex("champion:" + keys).to_numpy()
 
 
 def canary_differences(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
-    """The k-th canary answer's worth minus the k-th champion answer's, in arrival order."""
+    """The k-th canary answer's worth minus the k-th champion answer's, in arrival order (NaN: not scored)."""
     worth = {arm: _worth(answers[answers["live_arm"] == arm], scorer, metric) for arm in ("canary", "champion")}
     n = min(len(worth["canary"]), len(worth["champion"]))
     return worth["canary"][:n] - worth["champion"][:n]
@@ -108,8 +106,7 @@ def _worth(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
         return np.array([])
     alone = answers.assign(prompt_id=answers["response_id"])  # each answer its own group
     scores = score_responses(alone[["response_id", "prompt_id", "response"]], alone, scorer, progress=False)
-    values = scores["score"].to_numpy(dtype=float)
-    return values[np.isfinite(values)]
+    return scores["score"].to_numpy(dtype=float)
 
 
 def arm_table(answers: pd.DataFrame) -> pd.DataFrame:
@@ -156,12 +153,23 @@ def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExpe
         differences = shadow_differences(answers, scorer)
     else:
         differences = canary_differences(answers, scorer, live.metric)
+    unscored = int((~np.isfinite(differences)).sum())  # a scorer that failed: left out, and said so
+    differences = differences[np.isfinite(differences)]
     verdict = decide(differences, margin=live.margin, confidence=live.confidence, min_pairs=live.min_pairs)
+    if unscored:
+        note = f" ({unscored} pairs left out: an answer could not be scored)"
+        verdict = dataclasses.replace(verdict, reason=verdict.reason + note)
     guard = latency_guard(answers, experiment, live)
     if guard is not None:
         verdict = LiveVerdict(ROLL_BACK, verdict.n, verdict.mean, verdict.low, verdict.high, guard)
     table = arm_table(answers)
-    evidence = {**verdict.as_dict(), "mode": experiment.mode, "metric": live.metric, "arms": table.to_dict("records")}
+    evidence = {
+        **verdict.as_dict(),
+        "unscored_pairs": unscored,
+        "mode": experiment.mode,
+        "metric": live.metric,
+        "arms": table.to_dict("records"),
+    }
     outcome = LiveOutcome(verdict, table, None, evidence)
     if act and verdict.decision != CONTINUE:
         promote = verdict.decision == PROMOTE
