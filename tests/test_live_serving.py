@@ -174,3 +174,42 @@ def test_stopping_a_canary_lets_its_answers_in_flight_finish(tmp_path, tiny_mode
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert _ask(client, "anyone", "after").model == champion
+
+
+def test_a_canary_through_a_proxy_in_front_of_tao_serve_is_routed_once_by_name(tmp_path, tiny_model_dir):
+    """Proxy mode: the front routes a share of users to the challenger by naming it upstream; the upstream
+    (the local engine, following the same registry) answers a named version as named, never routing again."""
+    config = serve_config(tmp_path, tiny_model_dir, "[live]\nshare = 0.5\n")
+    settings = load(config)
+    store = ModelStore(settings.models_dir)
+    champion = store.champion(settings.model).version_id
+    other = build_tiny_model(tmp_path / "other", seed=5)
+    register_checkpoint(settings, other, "round-0004-dpo-p", parent=champion)
+    with running_server(load(config, "serve.log_requests=false")) as upstream:
+        front_settings = load(config, "serve.engine='proxy'", f"serve.upstream_url='{upstream.url}'")
+        with running_server(front_settings) as front:
+            _cli(config, "canary", "round-0004-dpo-p")
+            _wait_for_the_challenger(upstream, "canary")
+            _wait_for_the_challenger(front, "canary")
+            listed = {model.id for model in openai.OpenAI(base_url=upstream.url, api_key="x").models.list()}
+            assert {"tao", champion, "round-0004-dpo-p"} <= listed
+
+            client = openai.OpenAI(base_url=front.url, api_key="unused", max_retries=0)
+            direct = openai.OpenAI(base_url=upstream.url, api_key="unused", max_retries=0)
+            for i in range(16):
+                answer = _ask(client, f"user-{i}", "the same question")
+                expected = "round-0004-dpo-p" if in_canary(f"user:user-{i}", "round-0004-dpo-p", 0.5) else champion
+                assert answer.model == expected
+                # What that version says when named upstream: the front's routing was not routed again there.
+                named = direct.chat.completions.create(
+                    model=expected, messages=[{"role": "user", "content": "the same question"}], user=f"user-{i}",
+                    max_tokens=4, temperature=0,
+                )  # fmt: skip
+                assert named.model == expected and named.choices[0].message.content == answer.choices[0].message.content
+            upstream_live = upstream.app.state.metrics.live_latency
+            assert not any(sample.value for metric in upstream_live.collect() for sample in metric.samples
+                           if sample.name.endswith("_count"))  # fmt: skip
+            front_live = front.app.state.metrics.live_latency
+            samples = [sample for metric in front_live.collect() for sample in metric.samples]
+            counts = {sample.labels["arm"]: sample.value for sample in samples if sample.name.endswith("_count")}
+            assert counts["canary"] > 0 and counts["champion"] > 0 and counts["canary"] + counts["champion"] == 16

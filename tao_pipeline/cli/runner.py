@@ -24,6 +24,7 @@ from tao_pipeline.data.rounds import decide_next_round
 from tao_pipeline.definitions import load_definitions
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, MIRROR_JOB, ROUND_JOB, ROUNDS
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
+from tao_pipeline.registry.policy import live_status
 from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
@@ -256,9 +257,13 @@ def _fill_report(report: RoundReport, settings: TaoSettings) -> None:
     report.test_time = tuned_vs_sampling_table(rows, confidence)
     report.control = verdict.control.message
     report.report_path = str(settings.reports_dir / report.round_id / "report.md")
-    report.champion = ModelStore(settings.models_dir).champion(settings.model).version_id
+    store = ModelStore(settings.models_dir)
+    report.champion = store.champion(settings.model).version_id
     report.checkpoint = str(lake.read("tuned_checkpoint", report.round_id)["path"].iloc[0])
     report.promoted = report.champion == verdict.challenger_version
     report.verdict = ("promoted: " if report.promoted else "not promoted: ") + verdict.promotion.reason
+    live = live_status(store, verdict.challenger_version)
+    if verdict.promote and not report.promoted and live != "no":
+        report.verdict = f"passed the offline gate: {verdict.promotion.reason}\non live traffic: {live} (`tao live`)"
     if verdict.champion_collapse and settings.evaluation.auto_rollback:
         report.verdict += f"\nauto-rollback to {report.champion}: {verdict.champion_collapse}"

@@ -18,6 +18,7 @@ from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_p
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 from tao_pipeline.live.evidence import live_decision
+from tao_pipeline.live.report import report_last_ending
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import TaoSettings
 
@@ -107,6 +108,10 @@ def build_live_sensor(interval_s: int) -> dg.SensorDefinition:
         store = ModelStore(config.models_dir)
         experiment = store.live_experiment()
         if experiment is None:
+            # One ended elsewhere (tao serve's error guard, tao canary stop): its round's report learns how.
+            ending = report_last_ending(store, config.reports_dir, context.cursor)
+            if ending is not None and ending != context.cursor:
+                context.update_cursor(ending)
             return dg.SkipReason("no live experiment is running")
         outcome = live_decision(config, store, experiment, act=True)
         if outcome.acted is None:

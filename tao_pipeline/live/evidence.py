@@ -19,6 +19,7 @@ import pandas as pd
 
 from tao_pipeline.data.ingest.writer import EVENTS_TABLE, USAGE_TABLE
 from tao_pipeline.data.lake import Lake
+from tao_pipeline.live.report import refresh_live_report
 from tao_pipeline.live.sequential import CONTINUE, PROMOTE, ROLL_BACK, LiveVerdict, decide
 from tao_pipeline.registry import LiveExperiment, ModelStore
 from tao_pipeline.settings import TaoSettings
@@ -172,11 +173,28 @@ def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExpe
     }
     outcome = LiveOutcome(verdict, table, None, evidence)
     if act and verdict.decision != CONTINUE:
-        promote = verdict.decision == PROMOTE
-        ended = store.end_live("promoted" if promote else "rolled back", evidence, promote=promote)
-        if ended is not None:
-            outcome.acted = (
-                f"{experiment.version_id} is the champion" if promote
-                else f"{experiment.version_id} rolled back; {experiment.champion_version} answers everyone"
-            )  # fmt: skip
+        outcome.acted = _act(settings, store, experiment, verdict.decision == PROMOTE, evidence)
     return outcome
+
+
+def next_stage(stages: list[str], mode: str) -> str | None:
+    """The stage after ``mode`` in live.stages; None when it is the last (or not one of them): promote."""
+    return stages[stages.index(mode) + 1] if mode in stages[:-1] else None
+
+
+def _act(settings: TaoSettings, store: ModelStore, experiment: LiveExperiment, passed: bool, evidence: dict):
+    """Carry a conclusive decision out in the registry; what was done, or None if the experiment had ended."""
+    version = experiment.version_id
+    following = next_stage(settings.live.stages, experiment.mode) if passed else None
+    if following is not None:
+        advanced = store.advance_live(following, settings.live.share, evidence)
+        done = f"{version} passed its {experiment.mode}: now {following}" if advanced is not None else None
+    else:
+        ended = store.end_live("promoted" if passed else "rolled back", evidence, promote=passed)
+        done = None if ended is None else (
+            f"{version} is the champion" if passed
+            else f"{version} rolled back; {experiment.champion_version} answers everyone"
+        )  # fmt: skip
+    if done is not None:
+        refresh_live_report(store, settings.reports_dir, version)
+    return done

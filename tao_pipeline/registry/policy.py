@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pandas as pd
+
 from tao_pipeline.data.lake import Lake
-from tao_pipeline.registry.store import ModelStore, ModelVersion
-from tao_pipeline.settings import ModelSettings
+from tao_pipeline.registry.store import LiveExperiment, ModelStore, ModelVersion
+from tao_pipeline.settings import LiveSettings, ModelSettings
 
 CANDIDATES_TABLE = "candidate_responses"
 
@@ -30,8 +32,11 @@ def apply_verdict(
     reason: str,
     *,
     champion_collapse: str | None = None,
+    live: LiveSettings | None = None,
 ) -> ModelVersion:
-    """Promote the round's challenger when its verdict says so; return the champion afterwards.
+    """Promote the round's challenger when its verdict says so; return the champion afterwards. With
+    ``live.enabled`` a challenger that passed goes on live traffic instead (:func:`start_live_after_gate`),
+    and the live decision promotes it or rolls it back later.
 
     A re-materialized round whose challenger is already champion records nothing twice, and a
     challenger whose verdict says no is never promoted, even when this is run by hand. Nor is one
@@ -39,6 +44,9 @@ def apply_verdict(
     """
     if champion_collapse:
         return roll_back_collapsed(models, model, round_id, models.get(challenger).parent_version, champion_collapse)
+    if promote and live is not None and live.enabled:
+        start_live_after_gate(models, model, challenger, live)
+        return models.champion(model)
     if promote and models.champion(model).version_id != challenger:
         models.record_promotion(challenger, "promote", f"{round_id}: {reason}")
     return models.champion(model)
@@ -53,3 +61,29 @@ def roll_back_collapsed(
     if current.version_id == collapsed and current.parent_version is not None:
         return models.rollback(f"auto-rollback after {round_id}: {alert}")
     return current
+
+
+def start_live_after_gate(
+    models: ModelStore, model: ModelSettings, challenger: str, live: LiveSettings
+) -> LiveExperiment | None:
+    """Put a challenger that passed the offline gate on live traffic, once: a rerun of its round neither
+    restarts an experiment that ended (it was promoted or rolled back on live evidence) nor one that runs.
+    Returns the experiment running afterwards."""
+    history = models.live_history()
+    if (history["version_id"] == challenger).any() or models.champion(model).version_id == challenger:
+        return models.live_experiment()
+    return models.start_live(challenger, live.stages[0], live.share)
+
+
+def live_status(models: ModelStore, version_id: str) -> str:
+    """One line on a version's time on live traffic: running, how it ended, or never."""
+    history = models.live_history()
+    mine = history[history["version_id"] == version_id]
+    if mine.empty:
+        return "no"
+    last = mine.iloc[-1]
+    share = f", share {last['share']:.2f}" if last["mode"] == "canary" else ""
+    since = f"{last['mode']} beside {last['champion_version']}{share} since {last['started_at']:%Y-%m-%d %H:%M:%S}"
+    if pd.isna(last["ended_at"]):
+        return f"{since} UTC; the live decision promotes it or rolls it back"
+    return f"{since} UTC, ended {last['ended_at']:%H:%M:%S}: {last['outcome']}"

@@ -358,6 +358,34 @@ class ModelStore:
 
         return self._registry(end)
 
+    def advance_live(self, mode: str, share: float, evidence: dict[str, Any]) -> LiveExperiment | None:
+        """The running experiment's challenger passed its stage: it goes on to ``mode`` beside the same
+        champion, in one transaction. None if none ran; if the champion changed meanwhile, the experiment
+        ends instead (its comparison no longer holds)."""
+        if mode not in LIVE_MODES:
+            raise ValueError(f"live mode {mode!r}: expected one of {', '.join(LIVE_MODES)}")
+
+        def advance(con: duckdb.DuckDBPyConnection) -> LiveExperiment | None:
+            running = _running_live(con)
+            if running is None:
+                return None
+            reason = evidence.get("reason", "")
+            if _champion_id(con) != running.champion_version:
+                _end_live(con, f"passed {running.mode}, not applied: the champion changed", evidence)
+                _promote(con, running.version_id, "live stop", f"the champion changed during its {running.mode}")
+                return None
+            _end_live(con, f"passed {running.mode}", evidence)
+            stage_share = share if mode == "canary" else 1.0
+            con.execute(
+                "INSERT INTO live_experiments VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                [running.version_id, running.champion_version, mode, stage_share, _now()],
+            )
+            beside = f"{mode} beside {running.champion_version}" + (f", share {share}" if mode == "canary" else "")
+            _promote(con, running.version_id, mode, f"passed {running.mode} ({reason}); {beside}")
+            return _running_live(con)
+
+        return self._registry(advance)
+
     def live_history(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM live_experiments ORDER BY started_at").df())
 

@@ -199,6 +199,7 @@ class Served:
     unlogged_because: str | None = None  # why this request gives no training row (none yet: every answer is)
     sticky: str = ""  # what a canary's routing sticks to: the user, or the conversation's opening
     arm: str | None = None  # during a live experiment: champion, canary or shadow
+    asked: str = ""  # the model the client named: the alias is routed by a live experiment, a version is not
 
 
 class Admission:
@@ -395,11 +396,16 @@ def build_app(
             {"id": name, "object": "model", "created": now, "owned_by": "tao", "root": engine.version}
             for name in (settings.model_alias, engine.version)
         ]
+        if live is not None and live.challenger is not None and live.experiment is not None:
+            data.append(
+                {"id": live.experiment.version_id, "object": "model", "created": now, "owned_by": "tao",
+                 "root": live.experiment.version_id}
+            )  # fmt: skip
         return JSONResponse({"object": "list", "data": data}, headers={VERSION_HEADER: engine.version})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, http: Request) -> Response:
-        _check_model(body.model, watcher, settings.model_alias)
+        _check_model(body.model, watcher, settings.model_alias, live)
         if len(body.messages) > settings.max_messages:
             raise ServeError(400, f"messages: at most {settings.max_messages} (serve.max_messages)", "messages")
         messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
@@ -409,12 +415,12 @@ def build_app(
         # The whole conversation is logged, as sent: ingestion keeps its system message and earlier turns.
         logged = body.model_dump(mode="json", exclude_unset=True)
         served = Served("chat", _task(body, settings), [logged], body.n, time.perf_counter())
-        served.sticky = sticky_key(_user(body), messages, None)
+        served.sticky, served.asked = sticky_key(_user(body), messages, None), body.model
         return await answer([request], served, body.stream, True, http)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Response:
-        _check_model(body.model, watcher, settings.model_alias)
+        _check_model(body.model, watcher, settings.model_alias, live)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ServeError(400, "prompt: give a non-empty string or a list of them", "prompt")
@@ -440,7 +446,7 @@ def build_app(
         logged = body.model_dump(mode="json", exclude_unset=True)
         each = [{**logged, "prompt": prompt} for prompt in prompts]  # a row holds its own prompt alone
         served = Served("completions", _task(body, settings), each, body.n, time.perf_counter())
-        served.sticky = sticky_key(_user(body), None, prompts[0])
+        served.sticky, served.asked = sticky_key(_user(body), None, prompts[0]), body.model
         return await answer(requests, served, body.stream, False, http)
 
     @app.post("/v1/feedback")
@@ -506,9 +512,7 @@ def build_app(
         requests = [dataclasses.replace(request, deadline=deadline) for request in requests]
         release = _once(lambda seconds=None: admission.leave(rows, seconds))
         ident, created = new_completion_id(chat), int(time.time())  # one id for the body, every chunk and the log
-        arm = live.arm(served.sticky) if live is not None else CHAMPION
-        answering = live.challenger if arm == CANARY else engine  # arm() says CANARY only while one serves
-        served.arm = arm if live is not None and live.active else None
+        answering, served.arm = route(served)
         shadow_requests = requests if served.arm is not None and live.shadowing else None
         try:
             async with asyncio.timeout_at(deadline):
@@ -516,7 +520,7 @@ def build_app(
         except BaseException as error:
             release()
             if isinstance(error, Exception):
-                metrics.failed(served.endpoint, time.perf_counter() - served.started)
+                failed(served, error)
                 raise _as_serve_error(error, settings) from None
             raise
         if stream:
@@ -527,7 +531,7 @@ def build_app(
                 if shadow_requests is not None:
                     _background(shadow(shadow_requests, served, body, chat))
 
-            events = _sse(started, chat, ident, created, served, deadline, settings, metrics, done)
+            events = _sse(started, chat, ident, created, served, deadline, settings, metrics, done, failed)
             headers = {VERSION_HEADER: started.version, "Cache-Control": "no-cache"}
             return _EventStream(events, on_close=lambda: (started.cancel(), release()), headers=headers)
         try:
@@ -536,7 +540,7 @@ def build_app(
             metrics.cancelled(served.endpoint)
             return Response(status_code=499)  # nobody reads it
         except Exception as error:
-            metrics.failed(served.endpoint, time.perf_counter() - served.started)
+            failed(served, error)
             raise _as_serve_error(error, settings) from None
         finally:
             started.cancel()
@@ -546,6 +550,33 @@ def build_app(
         if shadow_requests is not None:
             _background(shadow(shadow_requests, served, body, chat))
         return JSONResponse(body, headers={VERSION_HEADER: completion.version})
+
+    def failed(served: Served, error: BaseException) -> None:
+        """Count a request that failed; during a live experiment, a server error counts against its arm."""
+        metrics.failed(served.endpoint, time.perf_counter() - served.started)
+        if served.arm is None or live is None:
+            return
+        server_error = _status(error) >= 500
+        if server_error:
+            experiment = live.experiment
+            version = engine.version if served.arm == CHAMPION or experiment is None else experiment.version_id
+            metrics.live_failure(served.arm, version)
+        live.answered(served.arm, failed=server_error)
+
+    def route(served: Served) -> tuple[Engine, str | None]:
+        """The engine that answers, and the request's arm in the live experiment (None: not part of one).
+
+        A request for the alias is routed by the experiment; one that names a version gets that version
+        outside it (the running challenger by its name, else the champion), so a ``tao serve --engine
+        proxy`` in front, which names the version its own routing chose, is not routed twice."""
+        if live is None:
+            return engine, None
+        challenger, experiment = live.challenger, live.experiment
+        if served.asked != settings.model_alias:
+            named = challenger is not None and experiment is not None and served.asked == experiment.version_id
+            return (challenger if named else engine), None
+        arm = live.arm(served.sticky)  # CANARY only while a challenger serves; no await in between
+        return (challenger if arm == CANARY else engine), (arm if live.active else None)
 
     async def shadow(requests: list[GenerationRequest], served: Served, champion_body: dict, chat: bool) -> None:
         """The challenger answers the same request in the background; logged beside the champion's, never returned."""
@@ -560,6 +591,9 @@ def build_app(
             except Exception as error:  # noqa: BLE001 - a shadow failure is counted, never seen by the client
                 logger.warning("tao serve: the shadow answer failed: %s", error)
                 metrics.unlogged("shadow_failed")
+                if _status(error) >= 500:
+                    metrics.live_failure(SHADOW, challenger.version)
+                live.answered(SHADOW, failed=_status(error) >= 500)
                 return
         merged = completions[0]
         if len(completions) > 1:
@@ -581,6 +615,7 @@ def build_app(
             )
         if served.arm is not None:
             metrics.live_answer(served.arm, body["model"], seconds)
+            live.answered(served.arm, failed=False)
         if request_log is None:
             return
         if served.unlogged_because is not None:
@@ -704,6 +739,13 @@ async def _collect(stream: Stream, http: Request, deadline: float) -> Completion
     raise _ClientLeft
 
 
+def _status(error: BaseException) -> int:
+    """The HTTP status a failure is answered with (500 for anything unforeseen)."""
+    if isinstance(error, (ServeError, RequestRefused, EngineError)):
+        return error.status
+    return 504 if isinstance(error, TimeoutError) else 500
+
+
 def _as_serve_error(error: Exception, settings: ServeSettings) -> ServeError:
     if isinstance(error, ServeError):
         return error
@@ -774,8 +816,9 @@ def _task(body: _Sampling, settings: ServeSettings) -> str:
     return task.strip() if isinstance(task, str) and task.strip() else settings.default_task
 
 
-def _check_model(name: str, watcher: ChampionWatcher, alias: str) -> None:
-    if name != alias and not watcher.knows(name):
+def _check_model(name: str, watcher: ChampionWatcher, alias: str, live: LiveRouter | None) -> None:
+    challenger = live.experiment.version_id if live is not None and live.experiment is not None else None
+    if name not in (alias, challenger) and not watcher.knows(name):
         raise ServeError(
             404, f"model {name!r} is not served here: ask for {alias!r} (the champion)", "model", "model_not_found"
         )
@@ -841,6 +884,7 @@ async def _sse(
     settings: ServeSettings,
     metrics: ServeMetrics,
     on_done: Callable[[], None],
+    on_failed: Callable[[Served, BaseException], None],
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -870,7 +914,7 @@ async def _sse(
         on_done()  # the answer is whole at the client: logged before [DONE], so a client that has read it finds it
         yield "data: [DONE]\n\n"
     except (EngineError, TimeoutError) as error:
-        metrics.failed(served.endpoint, time.perf_counter() - served.started)
+        on_failed(served, error)
         failure = _as_serve_error(error, settings)
         yield f"data: {json.dumps(_error_body(failure))}\n\n"
     except asyncio.CancelledError:  # the client went away

@@ -17,9 +17,13 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
+
+from tao_pipeline.common.confidence_sequence import advantage_bounds
 from tao_pipeline.registry import LiveExperiment, ModelStore
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.serving.engine import Engine
+from tao_pipeline.settings import LiveSettings
 
 logger = logging.getLogger(__name__)
 CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
@@ -41,12 +45,60 @@ def in_canary(key: str, version_id: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+class FailurePairs:
+    """The requests of the two arms and their server errors, each challenger request paired with the champion
+    request next to it in time (a request waits for the other arm's next one; an older one still waiting is
+    dropped), so an outage that fails both arms adds nothing against the challenger."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}  # per arm: [requests, failures]
+        self.differences: list[int] = []  # challenger failed minus champion failed, per pair: -1, 0 or 1
+        self._waiting: dict[bool, int] = {}  # is the challenger's -> failed, of the newest unpaired request
+
+    def add(self, arm: str, failed: bool) -> bool:
+        """Count one request; True when it completed a pair."""
+        counts = self.counts.setdefault(arm, [0, 0])
+        counts[0] += 1
+        counts[1] += int(failed)
+        challenger = arm != CHAMPION
+        if (not challenger) not in self._waiting:
+            self._waiting[challenger] = int(failed)
+            return False
+        other = self._waiting.pop(not challenger)
+        self.differences.append(int(failed) - other if challenger else other - int(failed))
+        return True
+
+
+def error_guard(pairs: FailurePairs, guard: LiveSettings) -> str | None:
+    """Why the challenger must go on its failures alone, or None: its share of server errors proven above the
+    champion's by more than ``live.max_error_rate``, by the always-valid interval (checked after every pair)."""
+    if not pairs.differences:
+        return None
+    low, _ = advantage_bounds(np.asarray(pairs.differences, dtype=float), 1 - guard.confidence)
+    if low[-1] <= guard.max_error_rate:
+        return None
+    described = ", ".join(f"{arm} {failed} of {requests}" for arm, (requests, failed) in sorted(pairs.counts.items()))
+    return (
+        f"error guard: the challenger fails more often than the champion by at least {low[-1]:.1%} "
+        f"({guard.confidence:.0%}, always valid, {len(pairs.differences)} pairs; failed: {described}); "
+        f"live.max_error_rate={guard.max_error_rate}"
+    )
+
+
 class LiveRouter:
     def __init__(
-        self, store: ModelStore, make_engine: Callable[[], Engine], poll_seconds: float, drain_seconds: float = 300.0
+        self,
+        store: ModelStore,
+        make_engine: Callable[[], Engine],
+        poll_seconds: float,
+        drain_seconds: float = 300.0,
+        guard: LiveSettings | None = None,
     ):
         self.store, self.make_engine, self.poll_seconds = store, make_engine, poll_seconds
         self.drain_seconds = drain_seconds
+        self.guard = guard or LiveSettings()
+        self.outcomes = FailurePairs()  # this server's requests and failures per arm, this experiment
+        self.rolled_back: str | None = None  # why this server ended the experiment, if it did
         self.experiment: LiveExperiment | None = None
         self.challenger: Engine | None = None
         self.last_error: str | None = None
@@ -87,6 +139,8 @@ class LiveRouter:
         if running == self.experiment and (running is None or self.challenger is not None):
             return
         await self._close_challenger()
+        if running != self.experiment:
+            self.outcomes, self.rolled_back = FailurePairs(), None
         self.experiment = running
         if running is None:
             logger.info("tao serve: no live experiment")
@@ -101,6 +155,36 @@ class LiveRouter:
         self.challenger, self.last_error = engine, None
         logger.info("tao serve: %s of %s started (share %.2f)", running.mode, running.version_id, running.share)
 
+    def answered(self, arm: str, failed: bool) -> None:
+        """Count one request of ``arm`` (failed: a server error). The error guard may end the experiment in
+        the registry at once, without waiting for the lake: a failing challenger hurts its users now."""
+        if self.experiment is None:
+            return
+        paired = self.outcomes.add(arm, failed)
+        if not paired or self.rolled_back is not None:
+            return
+        reason = error_guard(self.outcomes, self.guard)
+        if reason is not None:
+            self.rolled_back = reason
+            counts = {name: list(counted) for name, counted in self.outcomes.counts.items()}
+            evidence = {"decision": "roll back", "n": len(self.outcomes.differences), "metric": "server errors",
+                        "reason": reason, "requests_and_failures": counts}  # fmt: skip
+            _background(self._roll_back(self.experiment, evidence))
+
+    async def _roll_back(self, experiment: LiveExperiment, evidence: dict) -> None:
+        logger.error("tao serve: rolling back %s: %s", experiment.version_id, evidence["reason"])
+        try:
+            await asyncio.to_thread(self._end_if_running, experiment, evidence)
+        except Exception as error:  # noqa: BLE001 - a locked registry: the next failure tries again
+            self.rolled_back = None
+            self._failed(error)
+            return
+        await self.check_now()
+
+    def _end_if_running(self, experiment: LiveExperiment, evidence: dict) -> None:
+        if self.store.live_experiment() == experiment:  # not one started since
+            self.store.end_live("rolled back", evidence, promote=False)
+
     def status(self) -> dict | None:
         if self.experiment is None:
             return None
@@ -110,6 +194,8 @@ class LiveRouter:
             "share": self.experiment.share,
             "serving": self.challenger is not None,
             "error": self.last_error,
+            "requests_and_failures": self.outcomes.counts,
+            "rolled_back": self.rolled_back,
         }
 
     async def _close_challenger(self) -> None:
@@ -135,3 +221,12 @@ class LiveRouter:
         if message != self.last_error:
             logger.error("tao serve: the live challenger does not answer: %s", message)
         self.last_error = message
+
+
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _background(work) -> None:
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)

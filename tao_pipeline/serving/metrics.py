@@ -50,6 +50,12 @@ class ServeMetrics:
             ["arm", "version"],
             registry=self.registry,
         )
+        self.live_failures = Counter(
+            "tao_serve_live_failures_total",
+            "During a live experiment: requests that failed with a server error, by arm and version.",
+            ["arm", "version"],
+            registry=self.registry,
+        )
 
     def answered(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.requests.labels(endpoint, "ok").inc()
@@ -77,6 +83,9 @@ class ServeMetrics:
 
     def live_answer(self, arm: str, version: str, seconds: float) -> None:
         self.live_latency.labels(arm, version).observe(seconds)
+
+    def live_failure(self, arm: str, version: str) -> None:
+        self.live_failures.labels(arm, version).inc()
 
     def unlogged(self, reason: str) -> None:
         self.unlogged_requests.labels(reason).inc()

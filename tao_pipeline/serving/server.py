@@ -52,7 +52,9 @@ def build_server(settings: TaoSettings) -> FastAPI:
         if serve.log_requests
         else None
     )
-    live = LiveRouter(store, lambda: build_engine(settings), serve.swap_poll_seconds, serve.request_timeout_s)
+    live = LiveRouter(
+        store, lambda: build_engine(settings), serve.swap_poll_seconds, serve.request_timeout_s, settings.live
+    )
     return build_app(build_engine(settings), watcher, serve, request_log, keys, live)
 
 

@@ -581,6 +581,17 @@ class LiveSettings(_Section):
     """Promotion on live traffic: a challenger shadowed or canaried beside the champion, decided by an
     always-valid sequential test on its answers (tao_pipeline/live/)."""
 
+    enabled: bool = Field(
+        False,
+        description="A challenger that passes the offline gate goes on live traffic (as live.mode) instead of "
+        "straight to every user; the live decision then promotes it or rolls it back.",
+    )
+    stages: list[Literal["shadow", "canary"]] = Field(
+        default_factory=lambda: ["canary"],
+        description="The stages a challenger goes through on live traffic, in order: each one it passes starts "
+        "the next, and passing the last promotes it; failing any rolls it back. ['shadow', 'canary'] shadows "
+        "it first (no user sees it) and canaries it once its answers hold up. live.enabled starts the first.",
+    )
     share: float = Field(0.1, gt=0.0, le=1.0, description="Share of conversations a canary answers (`tao canary`).")
     metric: Literal["score", "feedback"] = Field(
         "score",
@@ -596,6 +607,20 @@ class LiveSettings(_Section):
         2.0, gt=1.0, description="Guard: roll back when the challenger's p95 latency exceeds the champion's by this."
     )
     min_latency_answers: int = Field(20, ge=1, description="Answers of each version before the latency guard applies.")
+    max_error_rate: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Guard, in `tao serve` at once: roll back when the share of the challenger's requests that fail "
+        "with a server error is proven (always-valid interval at live.confidence) above the champion's by this.",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, stages: list[str]) -> list[str]:
+        if not stages or len(set(stages)) < len(stages) or stages not in (["shadow"], ["canary"], ["shadow", "canary"]):
+            raise ValueError(f"{stages}: give ['canary'], ['shadow'] or ['shadow', 'canary'] (shadow before canary)")
+        return stages
 
 
 class StorageSettings(_Section):

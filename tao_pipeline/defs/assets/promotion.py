@@ -1,12 +1,13 @@
-"""The promotion: the round's challenger becomes champion when its stored verdict says so."""
+"""The promotion: the round's challenger becomes champion when its stored verdict says so (with live.enabled,
+it goes on live traffic first)."""
 
 import dagster as dg
 
 from tao_pipeline.defs.partitions import ROUND_STAGE
 from tao_pipeline.defs.resources import LakeResource, ModelStoreResource, TaoSettingsResource
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict
+from tao_pipeline.live.gate import apply_gate_verdict
 from tao_pipeline.registry import ModelVersion
-from tao_pipeline.registry.policy import apply_verdict
 
 
 @dg.asset(**ROUND_STAGE, deps=["checkpoint_evaluation"], kinds={"duckdb"})
@@ -22,12 +23,12 @@ def champion(
     round_id, config = context.partition_key, settings.get()
     verdict = RoundVerdict.from_frame(lake.get().read(VERDICTS_TABLE, round_id))
     reason, collapse = verdict.promotion.reason, verdict.champion_collapse if config.evaluation.auto_rollback else None
-    current = apply_verdict(
-        model_store.get(), config.model, round_id, verdict.challenger_version, verdict.promote, reason,
-        champion_collapse=collapse,
-    )  # fmt: skip
-    context.log.info(f"champion after {round_id}: {current.version_id} ({reason})")
-    return dg.MaterializeResult(metadata={**_metadata(current, verdict), "auto_rollback": collapse or "no"})
+    current, live = apply_gate_verdict(
+        model_store.get(), config, round_id, verdict.challenger_version, verdict.promote, reason, collapse
+    )
+    context.log.info(f"champion after {round_id}: {current.version_id} ({reason}); on live traffic: {live}")
+    metadata = {**_metadata(current, verdict), "auto_rollback": collapse or "no", "live": live}
+    return dg.MaterializeResult(metadata=metadata)
 
 
 def _metadata(current: ModelVersion, verdict: RoundVerdict) -> dict:
