@@ -77,6 +77,9 @@ class Answer:
     text: str | None = None
     error: str | None = None  # the server failed to answer
     refused: str | None = None  # the server refused the request as the API says (a prompt over the context)
+    user: str | None = None
+    answer_id: str | None = None
+    rating: str | None = None  # what the simulated user said of it ("up" / "down"), during the live phases
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Bench:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     answers: list[Answer] = field(default_factory=list)
     events: dict[str, float] = field(default_factory=dict)
+    live: list = field(default_factory=list)  # LivePhase
     logs: Path = Path()
 
     @property
@@ -198,14 +202,20 @@ def _round_runs(bench: Bench) -> pd.DataFrame:
         )
 
 
-async def _send(bench: Bench, prompts: list[dict], phase: str, concurrency: int, max_tokens: int) -> None:
+async def _send(
+    bench: Bench, prompts: list[dict], phase: str, concurrency: int, max_tokens: int, rate=None, users=None
+) -> None:
+    """The app's requests, ``concurrency`` at a time; with ``users``, the i-th prompt is sent by user ``users[i]``
+    (OpenAI's ``user`` field), and with ``rate``, that user then rates the answer (``rate(prompt, answer)``:
+    "up", "down" or None) through the feedback API."""
     client = openai.AsyncOpenAI(base_url=bench.front + "/v1", api_key="none", max_retries=0, timeout=300)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(prompt: dict) -> None:
+    async def one(i: int, prompt: dict) -> None:
         async with gate:
             started, sent_at = time.perf_counter(), time.time()
-            answer = Answer(prompt, phase, sent_at, 0.0)
+            answer = Answer(prompt, phase, sent_at, 0.0, user=users[i] if users else None)
+            extra = {"user": answer.user} if answer.user else {}
             try:
                 completion = await client.chat.completions.create(
                     model="tao",
@@ -213,22 +223,152 @@ async def _send(bench: Bench, prompts: list[dict], phase: str, concurrency: int,
                     max_tokens=max_tokens,
                     temperature=0,
                     metadata={"task": prompt["task"]},
+                    **extra,
                 )
                 answer.model, answer.text = completion.model, completion.choices[0].message.content
+                answer.answer_id = completion.id
             except openai.OpenAIError as error:
                 if isinstance(error, openai.BadRequestError) and "maximum context length" in str(error):
                     answer.refused = "longer than the model's context"  # the API's 400, not a failure
                 else:
                     answer.error = f"{type(error).__name__}: {str(error)[:120]}"
             answer.seconds = time.perf_counter() - started
+            if rate is not None and answer.answer_id is not None:
+                answer.rating = rate(prompt, answer)
+                if answer.rating is not None:
+                    try:
+                        await client.post(
+                            "/feedback", cast_to=object, body={"response_id": answer.answer_id, "rating": answer.rating}
+                        )
+                    except openai.OpenAIError as error:
+                        answer.rating = f"not sent: {type(error).__name__}"
             bench.answers.append(answer)
 
-    await asyncio.gather(*(one(prompt) for prompt in prompts))
+    await asyncio.gather(*(one(i, prompt) for i, prompt in enumerate(prompts)))
     await client.close()
 
 
-def send(bench: Bench, prompts: list[dict], phase: str, args) -> None:
-    asyncio.run(_send(bench, prompts, phase, args.concurrency, args.max_tokens))
+def send(bench: Bench, prompts: list[dict], phase: str, args, rate=None, users=None) -> None:
+    asyncio.run(_send(bench, prompts, phase, args.concurrency, args.max_tokens, rate, users))
+
+
+def _live_rows(bench: Bench, version: str | None = None) -> pd.DataFrame:
+    """The registry's live experiments (of ``version``), oldest first; empty while the registry is busy."""
+    path = bench.home / "models" / "registry.duckdb"
+    try:
+        with connect_duckdb(path, read_only=True, timeout_s=60) as con:
+            rows = con.execute("SELECT * FROM live_experiments ORDER BY started_at").df()
+    except (duckdb.Error, TimeoutError):
+        return pd.DataFrame(columns=["version_id", "mode", "share", "started_at", "ended_at", "outcome", "evidence"])
+    return rows if version is None else rows[rows["version_id"] == version]
+
+
+def _decided(rows: pd.DataFrame) -> bool:
+    """The version's last stage ended with a decision that is not "go on to the next stage"."""
+    return len(rows) > 0 and pd.notna(rows["ended_at"].iloc[-1]) and not rows["outcome"].iloc[-1].startswith("passed")
+
+
+@dataclass
+class LivePhase:
+    name: str
+    version: str
+    outcome: str
+    stages: str  # each stage and how it ended
+    seconds: float  # from the first stage's start to the decision
+    requests: int  # the app's requests during the phase
+    answered_by_it: int
+    users_who_saw_it: int
+    users: int
+    pairs: int  # the paired answers the last decision was taken on
+
+
+def live_phase(bench: Bench, name: str, version: str, prompts: list[dict], rate, args, faults: bool) -> LivePhase:
+    """The app's users talk to the front, and rate what they can check, until the live decision on ``version``
+    is taken (by the daemon's live_decision_sensor, or by tao serve's error guard). With ``faults``: the daemon
+    is SIGKILLed before the first batch and restarted after it, the catalog is held read-write during the
+    second, and the upstream is down during the third."""
+    users = [f"{name}-user-{k}" for k in range(args.live_users)]
+    first = len(bench.answers)
+    sent, batch = 0, 32
+    while not _decided(_live_rows(bench, version)):
+        if sent >= args.live_requests:
+            raise SystemExit(f"bench-flywheel: no live decision on {version} after {sent} requests ({name})")
+        step = sent // batch
+        chunk = [prompts[(sent + i) % len(prompts)] for i in range(batch)]
+        chunk_users = [users[(sent + i) % len(users)] for i in range(batch)]
+        if faults and step == 0:
+            bench.kill("daemon")
+            print(f"  {name}: daemon SIGKILLed; the app goes on ({batch} requests), then it restarts")
+            send(bench, chunk, name, args, rate, chunk_users)
+            bench.start_daemon()
+        elif faults and step == 1:
+            with duckdb.connect(str(bench.home / "lake" / "catalog.duckdb")):
+                print(f"  {name}: catalog locked read-write for {args.lock_s}s during {batch} requests")
+                send(bench, chunk, name, args, rate, chunk_users)
+                time.sleep(args.lock_s)
+        elif faults and step == 2:
+            bench.kill("upstream")
+            print(f"  {name}: upstream killed for {args.outage_s}s; requests fail meanwhile, on both arms")
+            outage_end = time.monotonic() + args.outage_s
+            while time.monotonic() < outage_end:
+                send(bench, chunk[:4], f"{name}-outage", args, rate, chunk_users[:4])
+                time.sleep(2)
+            bench.start_upstream()
+            _wait("the upstream", lambda: _health(bench, "upstream").get("status") == "ok", 600)
+        else:
+            send(bench, chunk, name, args, rate, chunk_users)
+        sent += batch
+        time.sleep(args.live_pause_s)  # users arrive over time, not all at once
+    rows = _live_rows(bench, version)
+    answers = pd.DataFrame([a.__dict__ for a in bench.answers[first:]])
+    mine = answers[answers["model"] == version]
+    evidence = json.loads(rows["evidence"].iloc[-1] or "{}")
+    stages = "; ".join(
+        f"{row.mode}{f' {row.share:.0%}' if row.mode == 'canary' else ''}: {row.outcome}" for row in rows.itertuples()
+    )
+    seconds = (rows["ended_at"].iloc[-1] - rows["started_at"].iloc[0]).total_seconds()
+    return LivePhase(name, version, rows["outcome"].iloc[-1], stages, round(seconds, 1), len(answers), len(mine),
+                     mine["user"].nunique(), answers["user"].nunique(), int(evidence.get("n", 0)))  # fmt: skip
+
+
+def labeled_prompts(prompts: list[dict], settings) -> list[dict]:
+    """The app's prompts a user can check (the demo's labels know their answers)."""
+    labels = load_labels(settings.data.labels)
+    return [prompt for prompt in prompts if prompt["prompt"].strip() in labels]
+
+
+def labeled_rater(settings):
+    """A simulated user who knows the answer to a labeled question: up when the answer is right, down when not."""
+    labels = load_labels(settings.data.labels)
+    scorer = build_scorer(settings.scoring)
+
+    def rate(prompt: dict, answer: Answer) -> str | None:
+        accepted = labels.get(prompt["prompt"].strip())
+        if not accepted or answer.text is None:
+            return None
+        context = PromptContext(prompt["prompt"], prompt["task"])
+        right = scorer.matches_label(context, scorer.answers(context, [answer.text])[0], accepted)
+        return "up" if right else "down"
+
+    return rate
+
+
+def upside_down_challenger(bench: Bench, settings, champion: str) -> str:
+    """A challenger known to be worse: the champion tuned on the round's pairs turned upside down (chosen =
+    the worst answer), as the promise test builds one; registered beside the others."""
+    from tao_pipeline.data.lake import Lake
+    from tao_pipeline.registry import ModelStore
+    from tao_pipeline.training.tune import tune_checkpoint
+
+    pairs = Lake(settings.lake_dir).read("preference_pairs", "round-0001")
+    flipped = pairs.rename(
+        columns={"chosen": "rejected", "rejected": "chosen", "chosen_response_id": "rejected_response_id",
+                 "rejected_response_id": "chosen_response_id", "chosen_score": "rejected_score",
+                 "rejected_score": "chosen_score"}
+    )  # fmt: skip
+    store = ModelStore(settings.models_dir)
+    version, _ = tune_checkpoint(store, store.get(champion), flipped, settings, "bench-upside-down", progress=False)
+    return version.version_id
 
 
 def demo_prompts() -> list[dict]:
@@ -306,17 +446,50 @@ def run(args) -> dict:
         bench.events["outage_end"] = time.time()
         _wait("the upstream", lambda: _health(bench, "upstream").get("status") == "ok", 600)
 
+        # The gate passes the challenger to live traffic (shadow, then canary); the users' ratings decide.
+        def gated() -> bool:
+            runs = _round_runs(bench)
+            return len(_live_rows(bench)) > 0 or (runs["status"] == "SUCCESS").any()
+
+        labeled = labeled_prompts(prompts, settings)
+        rate = (lambda prompt, answer: "up") if args.tiny else labeled_rater(settings)
+        if args.live:
+            _wait("the round's verdict", gated, args.round_wait_s, 5)
+            live = _live_rows(bench)
+            if live.empty:
+                raise SystemExit("bench-flywheel: the round ended without putting its challenger on live traffic")
+            challenger = live["version_id"].iloc[0]
+            print(f"the gate passed {challenger}: {live['mode'].iloc[0]} beside {base}; {len(labeled)} labeled prompts")
+            real = live_phase(bench, "live-real", challenger, labeled, rate, args, faults=True)
+            bench.live.append(real)
+            print(f"  {real.stages} after {real.seconds:.0f} s, {real.users_who_saw_it} of {real.users} users saw it")
+
         # Promotion, then the swap, with nobody touching anything.
         _wait("a promotion", lambda: (row := _champion(bench)) and row[0] != base, args.round_wait_s, 5)
         print(f"promoted {_champion(bench)[0]}")
         version = _wait("the front server to serve the champion", lambda: _serves_champion(bench), 600, 0.5)
         bench.events["promoted"] = _champion(bench)[1].replace(tzinfo=UTC).timestamp()
         send(bench, prompts, "after", args)
+
+        if args.live:  # a challenger known to be worse, shadowed then canaried: it must be rolled back
+            worse = upside_down_challenger(bench, settings, version)
+            subprocess.run(bench.tao("shadow", worse), env=bench.environment(), check=True, capture_output=True)
+            print(f"shadow of {worse} (tuned on the round's pairs upside down) beside {version}")
+            if args.tiny:  # the tiny model's answers are noise: its users dislike the worse version, whatever it says
+                rate = lambda prompt, answer: "down" if answer.model == worse else "up"  # noqa: E731
+            bad = live_phase(bench, "live-worse", worse, labeled, rate, args, faults=False)
+            bench.live.append(bad)
+            print(f"  {bad.stages} after {bad.seconds:.0f} s, {bad.users_who_saw_it} of {bad.users} users saw it")
         served = sum(answer.error is None and answer.refused is None for answer in bench.answers)
 
         def all_in() -> bool:
-            logged, ingested, quarantined, _ = _rows(bench)
-            return logged == served and logged == ingested + quarantined
+            rows = _rows(bench)
+            answers = rows["answers"] + rows["shadow answers"]
+            return (
+                rows["answers"] == served
+                and answers == rows["ingested"] + rows["quarantined"]
+                and rows["feedback"] == rows["feedback ingested"]
+            )
 
         _wait("every answer to be logged and ingested", all_in, args.ingest_wait_s, 3)
         return report(bench, settings, base, version)
@@ -324,34 +497,49 @@ def run(args) -> dict:
         bench.stop_all()
 
 
-def _rows(bench: Bench) -> tuple[int, int, int, int]:
-    """Rows the server logged; of them, rows ingested and rows quarantined (with the reason, e.g. the
-    demo's over-long prompt); distinct ids among the ingested ones."""
+def _rows(bench: Bench) -> dict[str, int]:
+    """The rows the front server logged, by kind (answers the app got, shadow answers it never saw, users'
+    feedback), and what ingestion made of them: answer rows ingested and quarantined (with the reason, e.g.
+    the demo's over-long prompt), distinct ids among them, and feedback events. -1: the catalog is busy."""
     inbox = bench.home / "inbox"
-    logged = sum(
-        len(path.read_text().splitlines())
-        for folder in (inbox, inbox / "processed")
-        if folder.is_dir()
-        for path in folder.glob("serve-*.jsonl")
-    )
+    logged = {"answers": 0, "shadow answers": 0, "feedback": 0}
+    for folder in (inbox, inbox / "processed"):
+        for path in sorted(folder.glob("serve-*.jsonl")) if folder.is_dir() else []:
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                shadow = row.get("live_arm") == "shadow"
+                logged["feedback" if "feedback" in row else "shadow answers" if shadow else "answers"] += 1
+    figures = {**logged, "ingested": -1, "quarantined": -1, "distinct": -1, "feedback ingested": -1}
     try:
         with connect_duckdb(bench.home / "lake" / "catalog.duckdb", read_only=True, timeout_s=60) as con:
-            ingested, distinct = con.execute(
+            figures["ingested"], figures["distinct"] = con.execute(
                 "SELECT count(*), count(DISTINCT external_id) FROM usage_logs "
                 "WHERE external_id LIKE 'chatcmpl-%' OR external_id LIKE 'cmpl-%'"
             ).fetchone()
-            [quarantined] = con.execute(
+            [figures["quarantined"]] = con.execute(
                 "SELECT count(*) FROM quarantined_rows WHERE source_file LIKE '%/serve-%'"
             ).fetchone()
+            tables = set(con.execute("SELECT table_name FROM information_schema.tables").df()["table_name"])
+            figures["feedback ingested"] = (
+                con.execute("SELECT count(*) FROM log_events WHERE kind = 'feedback'").fetchone()[0]
+                if "log_events" in tables
+                else 0
+            )
     except (duckdb.Error, TimeoutError):  # no catalog yet, or locked by a writer too long
-        return logged, -1, -1, -1
-    return logged, ingested, quarantined, distinct
+        pass
+    return figures
 
 
 def report(bench: Bench, settings, base: str, version: str) -> dict:
     answers = pd.DataFrame([a.__dict__ for a in bench.answers])
     ok = answers[answers["error"].isna() & answers["refused"].isna()]
-    logged, ingested, quarantined, distinct = _rows(bench)
+    rows = _rows(bench)
+    logged, ingested, quarantined, distinct = (
+        rows["answers"] + rows["shadow answers"],
+        rows["ingested"],
+        rows["quarantined"],
+        rows["distinct"],
+    )
     runs = _round_runs(bench)
     completed = runs[runs["status"] == "SUCCESS"]
     first_new = ok[ok["model"] == version]["sent_at"].min()
@@ -363,19 +551,20 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
         heldout = set(con.execute("SELECT prompt FROM raw_prompts WHERE split = 'heldout'").df()["prompt"])
     unseen = served_accuracy(before[before["prompt_text"].isin(heldout)], after[after["prompt_text"].isin(heldout)],
                              settings)  # fmt: skip
-    outage = answers[answers["phase"] == "outage"]
+    in_outage = answers["phase"].str.endswith("outage")
+    outage = answers[in_outage]
     figures = {
         "requests sent": len(answers),
         "requests served": len(ok),
         "requests failed": int(answers["error"].notna().sum()),
         "requests refused as longer than the model's context (400)": int(answers["refused"].notna().sum()),
-        "failed outside the upstream outage": int(
-            answers[answers["error"].notna() & (answers["phase"] != "outage")].shape[0]
-        ),
-        "failed during the upstream outage": f"{int(outage['error'].notna().sum())} of {len(outage)}",
+        "failed outside the upstream outage": int(answers[answers["error"].notna() & ~in_outage].shape[0]),
+        "failed during the upstream outages": f"{int(outage['error'].notna().sum())} of {len(outage)}",
         "latency p50 (s)": round(float(ok["seconds"].quantile(0.5)), 2),
         "latency p95 (s)": round(float(ok["seconds"].quantile(0.95)), 2),
         "rows logged by the server": logged,
+        "of them: answers the app got / shadow answers nobody saw": f"{rows['answers']} / {rows['shadow answers']}",
+        "users' ratings logged / ingested": f"{rows['feedback']} / {rows['feedback ingested']}",
         "rows ingested": ingested,
         "rows quarantined (with a reason)": quarantined,
         "distinct ids ingested": distinct,
@@ -390,17 +579,28 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
         "after - before, same prompts (95% paired bootstrap CI)": paired["difference"],
         "after - before, the round's held-out prompts only": f"{unseen['difference']} ({unseen['after']})",
     }
+    for phase in bench.live:
+        label = "the round's challenger" if phase.name == "live-real" else "a challenger known to be worse"
+        figures[f"live: {label} ({phase.version})"] = f"{phase.outcome} ({phase.stages})"
+        figures[f"live: {label}: seconds to the decision / pairs it rests on"] = f"{phase.seconds:.0f} / {phase.pairs}"
+        figures[f"live: {label}: users who saw it / answers it gave"] = (
+            f"{phase.users_who_saw_it} of {phase.users} / {phase.answered_by_it} of {phase.requests}"
+        )
     print("\nthe live flywheel\n")
     print(pd.DataFrame({"figure": list(figures), "value": [str(v) for v in figures.values()]}).to_markdown(index=False))
-    assert logged == len(ok), (logged, len(ok))  # every answer served was logged
+    assert rows["answers"] == len(ok), (rows, len(ok))  # every answer served was logged
+    assert rows["feedback"] == rows["feedback ingested"], rows
     assert logged == ingested + quarantined and ingested == distinct > 0, (logged, ingested, quarantined, distinct)
     assert len(completed) >= 1, runs
-    failed = answers[answers["error"].notna() & (answers["phase"] != "outage")]
+    failed = answers[answers["error"].notna() & ~in_outage]
     assert figures["failed outside the upstream outage"] == 0, "\n".join(
         f"{row.phase}: {row.error}" for row in failed.head(8).itertuples()
     )
     assert (ok[ok["phase"] == "after"]["model"] == version).all(), ok[ok["phase"] == "after"]["model"].value_counts()
-    print("\ninvariants hold: every logged row ingested exactly once, the round completed, the server switched")
+    outcomes = {phase.name: phase.outcome for phase in bench.live}
+    assert not bench.live or outcomes == {"live-real": "promoted", "live-worse": "rolled back"}, outcomes
+    live = ", promoted on live evidence; the worse challenger was rolled back" if bench.live else ""
+    print(f"\ninvariants hold: every logged row ingested exactly once, the round completed{live}, the server switched")
     return figures
 
 
@@ -458,11 +658,19 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=60)
     parser.add_argument("--round-wait-s", type=float, default=3600)
     parser.add_argument("--ingest-wait-s", type=float, default=300)
+    parser.add_argument(
+        "--no-live", dest="live", action="store_false", help="promote after the offline gate: no live phases"
+    )
+    parser.add_argument("--live-users", type=int, default=400, help="the app's users during the live phases")
+    parser.add_argument("--live-requests", type=int, default=3000, help="most requests a live phase may take")
+    parser.add_argument("--live-pause-s", type=float, default=5, help="pause between batches of 32 live requests")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    common = ["data.logs=[]", "flywheel.sensor_interval_s=5", "flywheel.settle_seconds=2", "serve.log_roll_seconds=5",
+    common = ["data.logs=[]", "flywheel.sensor_interval_s=5", "flywheel.settle_seconds=2", "serve.log_roll_seconds=20",
               "serve.swap_poll_seconds=1", "flywheel.schedule_cron='0 0 1 1 *'"]  # fmt: skip
-    if args.tiny:
+    if args.live:
+        common += ["live.enabled=true", "live.stages=['shadow', 'canary']", "live.metric='feedback'", "live.share=0.5",
+                   *(["live.min_pairs=20", "live.margin=0.3"] if args.tiny else ["live.margin=0.05"])]  # fmt: skip
         common += [f"model.base='{args.tiny}'", "model.dtype='float32'", "flywheel.min_new_prompts=20",
                    "data.max_prompts=100", "generation.num_samples=2", "generation.max_new_tokens=8",
                    "training.max_steps=2", "evaluation.test_time_k=0", "evaluation.pool_samples=2",

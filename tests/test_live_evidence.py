@@ -16,3 +16,28 @@ def test_a_lake_from_before_live_serving_has_no_live_answers(tmp_path):
     experiment = LiveExperiment("b", "a", "canary", 0.1, datetime(2025, 1, 1))
     assert live_answers(Lake(tmp_path), experiment).empty
     assert live_answers(Lake(tmp_path / "empty"), experiment).empty
+
+
+def _served(**changes):
+    from tao_pipeline.data.ingest.validation import validated
+    from tao_pipeline.settings.sections import DataSettings
+
+    row = {
+        "id": "chatcmpl-live",
+        "request": {"model": "tao", "messages": [{"role": "user", "content": "What is 2 + 2?"}]},
+        "response": {"id": "chatcmpl-live", "object": "chat.completion", "created": 0, "model": "v2", "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "4"}}]},
+        "model_version": "v2", "latency_ms": 12.5, "live_arm": "canary", "received_at": "2026-12-03T06:35:29.877+00:00",
+        **changes,
+    }  # fmt: skip
+    return validated(row, "serve-x.jsonl", 1, DataSettings()).answer.live
+
+
+def test_a_live_answer_keeps_the_time_the_server_answered_it():
+    """The evidence of one stage must not take answers given before it (ingestion can lag by minutes)."""
+    live = _served()
+    assert (live.arm, live.latency_ms) == ("canary", 12.5)
+    assert live.answered_at == datetime(2026, 12, 3, 6, 35, 29, 877000)  # naive UTC, as the registry's times
+    assert _served(received_at="2026-12-03T07:35:29.877+01:00").answered_at == live.answered_at
+    for unreadable in ("yesterday", 17, None, "9" * 100):
+        assert _served(received_at=unreadable).answered_at is None  # the row stays good; ingestion time stands in

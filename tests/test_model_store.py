@@ -187,6 +187,22 @@ def test_atomic_directory_replaces_an_existing_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["v1"]
 
 
+@pytest.mark.parametrize("pointing_at", ["a folder that is gone", "a folder that is kept"])
+def test_atomic_directory_replaces_a_link_without_following_it(tmp_path, pointing_at):
+    """A models folder linked elsewhere (`tao bootstrap` after the cache it pointed to was cleared)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.txt").write_text("not ours to delete")
+    if pointing_at == "a folder that is gone":
+        elsewhere = tmp_path / "gone"
+    target = tmp_path / "models" / "v1"
+    target.parent.mkdir()
+    target.symlink_to(elsewhere, target_is_directory=True)
+    atomic_directory(target, lambda staging: (staging / "new.txt").write_text("new"))
+    assert not target.is_symlink() and [p.name for p in target.iterdir()] == ["new.txt"]
+    assert pointing_at == "a folder that is gone" or (tmp_path / "elsewhere" / "kept.txt").exists()
+
+
 def test_atomic_directory_leaves_nothing_when_build_raises(tmp_path):
     parent = tmp_path / "checkpoints"
     target = parent / "v1"

@@ -14,7 +14,8 @@ from dagster._core.events import EngineEventData
 from dagster._core.storage.dagster_run import DagsterRun
 
 from tao_pipeline.cli.instance import prepare_dagster_home
-from tao_pipeline.defs.jobs import ROUND_RETRIES, tao_round_job
+from tao_pipeline.defs.constants import INGEST_STAGE, STAGE_TAG
+from tao_pipeline.defs.jobs import ROUND_RETRIES, ingest_job, tao_round_job
 from tao_pipeline.defs.orphans import ORPHANED_TAG, WILL_RETRY_TAG, fail_orphaned_runs, retry_pending
 from tao_pipeline.settings import load_settings
 
@@ -48,6 +49,13 @@ def test_the_instance_turns_on_dagsters_run_monitoring_and_retries(instance):
     assert instance.run_retries_enabled and instance.run_retries_max_retries == 0  # only jobs that ask
     assert not instance.run_retries_retry_on_asset_or_op_failure
     assert tao_round_job.tags["dagster/max_retries"] == str(ROUND_RETRIES)
+
+
+def test_ingest_runs_queue_beyond_the_limit_instead_of_starting_together(instance):
+    """One run per inbox file: a burst of files must not start a process each at once and time out at start."""
+    limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {"key": STAGE_TAG, "value": INGEST_STAGE, "limit": 2} in limits
+    assert ingest_job.tags[STAGE_TAG] == INGEST_STAGE  # every ingest run carries it, from the sensor or the UI
 
 
 def test_a_run_whose_process_is_gone_is_marked_failed_and_a_live_one_is_not(instance):

@@ -324,7 +324,8 @@ def _start_live(version: str, mode: str, share: float, config_file: str | None, 
 @click.option("--decide", is_flag=True, help="Act on the evidence now: promote or roll back if it is conclusive.")
 def live(config_file: str | None, overrides: tuple[str, ...], decide: bool) -> None:
     """The live experiment, its evidence so far, and the always-valid decision it supports."""
-    from tao_pipeline.live.evidence import live_decision
+    from tao_pipeline.live.evidence import live_decision, next_stage
+    from tao_pipeline.live.sequential import PROMOTE
 
     settings = _load(config_file, overrides)
     store = _store(config_file, overrides)
@@ -338,7 +339,10 @@ def live(config_file: str | None, overrides: tuple[str, ...], decide: bool) -> N
     outcome = live_decision(settings, store, running, act=decide)
     click.echo(f"{running.mode} of {running.version_id} beside {running.champion_version} since {running.started_at}")
     click.echo(outcome.table.to_markdown(index=False))
-    click.echo(f"\n{outcome.verdict.decision}: {outcome.verdict.reason}")
+    decision, following = outcome.verdict.decision, next_stage(settings.live.stages, running.mode)
+    if decision == PROMOTE and following is not None:
+        decision = f"passes its {running.mode} (live.stages: {following} next)"
+    click.echo(f"\n{decision}: {outcome.verdict.reason}")
     if outcome.acted:
         click.echo(f"acted: {outcome.acted}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from tao_pipeline.defs.constants import INGEST_STAGE, STAGE_TAG
 from tao_pipeline.settings import TaoSettings
 
 MARK = "# Written by tao from its settings; edit those (or replace this file: then tao leaves it alone)."
@@ -47,6 +48,13 @@ def instance_config(settings: TaoSettings) -> dict:
             "poll_interval_seconds": min(MONITOR_POLL_S, max(1, start_timeout_s // 4)),
         },
         "run_retries": {"enabled": True, "max_retries": 0, "retry_on_asset_or_op_failure": False},
+        "concurrency": {
+            "runs": {
+                "tag_concurrency_limits": [
+                    {"key": STAGE_TAG, "value": INGEST_STAGE, "limit": settings.flywheel.max_concurrent_ingest_runs}
+                ]
+            }
+        },
     }
     variable = settings.storage.postgres_url_env
     if variable is not None:

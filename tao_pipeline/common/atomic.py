@@ -39,7 +39,9 @@ def atomic_directory(target: Path, build: Callable[[Path], None]) -> Path:
     staging.chmod(0o755)
     try:
         build(staging)
-        if target.exists():
+        if target.is_symlink():  # a link (perhaps to a folder that is gone) is replaced, never followed
+            target.unlink()
+        elif target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:

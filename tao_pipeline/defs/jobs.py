@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from tao_pipeline.defs.constants import INGEST_JOB, INGESTION_GROUP, ROUND_GROUP, ROUND_JOB
+from tao_pipeline.defs.constants import INGEST_JOB, INGEST_STAGE, INGESTION_GROUP, ROUND_GROUP, ROUND_JOB, STAGE_TAG
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 
 # A round whose process was lost (killed with the daemon, out of memory, a reboot, a run that never started) is
@@ -20,6 +20,7 @@ ingest_job = dg.define_asset_job(
     INGEST_JOB,
     selection=dg.AssetSelection.groups(INGESTION_GROUP),
     partitions_def=log_batches_partitions,
+    tags={STAGE_TAG: INGEST_STAGE},  # queued beyond flywheel.max_concurrent_ingest_runs (cli/instance.py)
     description="Ingest one usage-log file into the usage_logs table.",
 )
 

@@ -50,14 +50,17 @@ def live_answers(lake: Lake, experiment: LiveExperiment) -> pd.DataFrame:
         if events
         else "SELECT NULL::VARCHAR AS response_id, NULL::DOUBLE AS event_rating WHERE false"
     )
-    if not {"live_arm", "live_pair", "latency_ms"} <= set(lake.sql(f"SELECT * FROM {logs} LIMIT 0").columns):
+    columns = set(lake.sql(f"SELECT * FROM {logs} LIMIT 0").columns)
+    if not {"live_arm", "live_pair", "latency_ms"} <= columns:
         return pd.DataFrame(columns=[*ANSWER_COLUMNS, "received_at"])  # written before tao serve logged live arms
-    columns = ", ".join(f"u.{c}" for c in ANSWER_COLUMNS if c != "rating")
+    # When the server answered; rows ingested before answered_at existed have only their ingestion time.
+    answered = "coalesce(u.answered_at, u.received_at)" if "answered_at" in columns else "u.received_at"
+    selected = ", ".join(f"u.{c}" for c in ANSWER_COLUMNS if c != "rating")
     return lake.sql(
-        f"SELECT {columns}, coalesce(r.event_rating, u.rating) AS rating, u.received_at, u.line_number "
+        f"SELECT {selected}, coalesce(r.event_rating, u.rating) AS rating, {answered} AS received_at, u.line_number "
         f"FROM {logs} u LEFT JOIN ({ratings}) r USING (response_id) "
-        "WHERE u.live_arm IS NOT NULL AND u.received_at >= $started "
-        "AND u.response_model IN ($champion, $challenger) ORDER BY u.received_at, u.line_number",
+        f"WHERE u.live_arm IS NOT NULL AND {answered} >= $started "
+        f"AND u.response_model IN ($champion, $challenger) ORDER BY {answered}, u.source_file, u.line_number",
         {
             "started": experiment.started_at,
             "champion": experiment.champion_version,

@@ -502,6 +502,7 @@ def build_app(
     ) -> Response:
         if not watcher.ready:
             raise ServeError(503, f"no model loaded yet: {watcher.last_error}", code="unavailable")
+        answering, served.arm = route(served)
         rows = sum(request.n for request in requests)
         try:
             admission.enter(rows)
@@ -512,7 +513,6 @@ def build_app(
         requests = [dataclasses.replace(request, deadline=deadline) for request in requests]
         release = _once(lambda seconds=None: admission.leave(rows, seconds))
         ident, created = new_completion_id(chat), int(time.time())  # one id for the body, every chunk and the log
-        answering, served.arm = route(served)
         shadow_requests = requests if served.arm is not None and live.shadowing else None
         try:
             async with asyncio.timeout_at(deadline):
@@ -573,8 +573,14 @@ def build_app(
             return engine, None
         challenger, experiment = live.challenger, live.experiment
         if served.asked != settings.model_alias:
-            named = challenger is not None and experiment is not None and served.asked == experiment.version_id
-            return (challenger if named else engine), None
+            if experiment is None or served.asked != experiment.version_id:
+                return engine, None
+            if challenger is None:  # never the champion's answer under the challenger's name
+                raise ServeError(
+                    503, f"{served.asked} is starting on this server; try again", "model", "unavailable",
+                    **{"Retry-After": "1"},
+                )  # fmt: skip
+            return challenger, None
         arm = live.arm(served.sticky)  # CANARY only while a challenger serves; no await in between
         return (challenger if arm == CANARY else engine), (arm if live.active else None)
 

@@ -138,6 +138,10 @@ class LiveRouter:
             return
         if running == self.experiment and (running is None or self.challenger is not None):
             return
+        if running is not None and self.challenger is not None and running.version_id == self.experiment.version_id:
+            logger.info("tao serve: %s of %s (its engine kept)", running.mode, running.version_id)
+            self.experiment, self.outcomes, self.rolled_back = running, FailurePairs(), None  # its next stage
+            return
         await self._close_challenger()
         if running != self.experiment:
             self.outcomes, self.rolled_back = FailurePairs(), None

@@ -471,6 +471,13 @@ class FlywheelSettings(_Section):
         "yet, is failed by Dagster's run monitoring (its launch was interrupted, e.g. the daemon was killed) and "
         "retried: the round by Dagster's run retries, the file by the usage-log sensor.",
     )
+    max_concurrent_ingest_runs: int = Field(
+        2,
+        ge=1,
+        le=1024,
+        description="Ingest runs (one per inbox file) in progress at once; more wait in Dagster's run queue. Each "
+        "starts a process: many at once on a small machine thrash until they time out at start.",
+    )
     table_source: TableSourceSettings | None = None
 
     @field_validator("schedule_cron")

@@ -221,7 +221,8 @@ def _finish(
     if isinstance(version, str) and version:  # tao serve: the registry's version that answered
         out["model"] = version
     if record.get("live_arm") is not None:  # tao serve during a live experiment (validated with the row)
-        out.update({key: record[key] for key in ("live_arm", "live_pair", "latency_ms") if key in record})
+        live = ("live_arm", "live_pair", "latency_ms", "received_at")
+        out.update({key: record[key] for key in live if key in record})
     feedback = record.get("feedback")
     if feedback is not None:
         if not isinstance(feedback, dict):

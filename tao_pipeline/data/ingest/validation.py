@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from tao_pipeline.common.hashing import content_hash
@@ -66,6 +67,7 @@ class LiveServing:
     arm: str  # "champion", "canary" or "shadow" (answered in the background, never returned)
     pair: str | None = None  # a shadow answer's champion answer (its response id)
     latency_ms: float | None = None
+    answered_at: datetime | None = None  # the server's clock (UTC), from the row's ``received_at``
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,19 @@ def _live_serving(record: dict[str, Any]) -> LiveServing | None:
         isinstance(latency, bool) or not isinstance(latency, int | float) or not 0 <= latency < 1e9
     ):
         raise RowRejected(f"field 'latency_ms' must be a number of milliseconds, got {str(latency)[:40]!r}")
-    return LiveServing(arm, pair, None if latency is None else float(latency))
+    return LiveServing(arm, pair, None if latency is None else float(latency), _answered_at(record.get("received_at")))
+
+
+def _answered_at(value: Any) -> datetime | None:
+    """The time a serve row was written (ISO 8601), as naive UTC; None when absent or unreadable (the
+    row is still good: its ingestion time stands in)."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def validated(record: Any, source: str, number: int, limits: DataSettings) -> LogRow | LogEvent | dict[str, Any]:

@@ -46,6 +46,7 @@ _ANSWER_FIELDS = [  # the answer a row's app already gave, and what its user did
     ("live_arm", _TEXT),  # tao serve during a live experiment: champion, canary or shadow
     ("live_pair", _TEXT),
     ("latency_ms", pa.float64()),
+    ("answered_at", pa.timestamp("us")),  # when tao serve answered (received_at: when the row was ingested)
 ]
 USAGE_LOG_SCHEMA = pa.schema(
     [
@@ -328,4 +329,5 @@ def _answer_columns(answer: LoggedAnswer | None) -> dict[str, Any]:
         "live_arm": answer.live.arm if answer and answer.live else None,
         "live_pair": answer.live.pair if answer and answer.live else None,
         "latency_ms": answer.live.latency_ms if answer and answer.live else None,
+        "answered_at": answer.live.answered_at if answer and answer.live else None,
     }
