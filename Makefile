@@ -84,7 +84,7 @@ bench-incremental: setup  # a round, then a rerun after 10% new prompts
 bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streaming vs the whole file in memory
 	$(PY) bench/ingest_million.py --whole
 
-bench-flywheel: setup   # serve -> logs -> sensors -> round -> promotion -> swap, unattended, under faults (~15 min)
+bench-flywheel: setup   # serve -> logs -> sensors -> round -> shadow -> canary -> promotion -> swap, and a worse challenger rolled back; unattended, under faults (~1 h)
 	$(PY) bench/flywheel.py
 
 bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with the control arm: do rounds compound?

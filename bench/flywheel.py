@@ -14,13 +14,25 @@ Faults injected meanwhile: the daemon is SIGKILLed in the middle of the round an
 read-write connection holds the lake's catalog locked while new logs arrive; the upstream is killed
 for a while (the app's requests fail meanwhile) and restarted.
 
-Printed: requests served and failed, p50/p95 latency, rows logged vs rows ingested, rounds completed,
-minutes from the round's start to promotion and from promotion to the first answer by the new
-version, and the labeled accuracy of answers served before vs after the swap. The invariants are
-asserted: every logged row ingested exactly once, the round completed, the server switched.
+With live promotion on (the default; `--no-live` promotes after the offline gate, as before), the
+gate's challenger goes on live traffic instead (`live.stages = ["shadow", "canary"]`, canary share
+0.5, `live.metric = "feedback"`): the app's simulated users (`--live-users`, OpenAI's `user` field)
+ask labeled questions and rate each answer up when it is right and down when not, through the
+feedback API, until the daemon's live_decision_sensor decides. The daemon is SIGKILLed, the catalog
+locked and the upstream killed again meanwhile. Then a challenger known to be worse (the new
+champion tuned on the round's pairs upside down) is shadowed and canaried the same way.
+
+Printed: requests served and failed, p50/p95 latency, rows logged vs rows ingested (answers, shadow
+answers, ratings), rounds completed, minutes from the round's start to promotion and from promotion
+to the front serving the new version to everyone, the labeled accuracy of answers served before vs
+after the swap, and per live phase: the stages and how each ended, seconds from the first stage's
+start to the decision, the pairs it rests on, and the users who saw the challenger. The invariants
+are asserted: every logged row ingested exactly once, the round completed, the round's challenger
+promoted on live evidence and the worse one rolled back, the server switched.
 
 `--tiny` runs the same with a tiny random model, short faults and a gate that lets its challenger
-through (the mechanics, not the quality): that is the version CI runs (tests/test_flywheel_live.py).
+through (the mechanics, not the quality; its users, who cannot tell noise from noise, rate the worse
+challenger down and everything else up): that is the version CI runs (tests/test_flywheel_live.py).
 """
 
 from __future__ import annotations
@@ -289,10 +301,12 @@ def live_phase(bench: Bench, name: str, version: str, prompts: list[dict], rate,
     second, and the upstream is down during the third."""
     users = [f"{name}-user-{k}" for k in range(args.live_users)]
     first = len(bench.answers)
-    sent, batch = 0, 32
+    sent, batch, deadline = 0, 32, time.monotonic() + args.live_wait_s
     while not _decided(_live_rows(bench, version)):
-        if sent >= args.live_requests:
-            raise SystemExit(f"bench-flywheel: no live decision on {version} after {sent} requests ({name})")
+        if time.monotonic() > deadline:
+            raise SystemExit(
+                f"bench-flywheel: no live decision on {version} after {args.live_wait_s:.0f}s, {sent} requests ({name})"
+            )
         step = sent // batch
         chunk = [prompts[(sent + i) % len(prompts)] for i in range(batch)]
         chunk_users = [users[(sent + i) % len(users)] for i in range(batch)]
@@ -468,6 +482,7 @@ def run(args) -> dict:
         _wait("a promotion", lambda: (row := _champion(bench)) and row[0] != base, args.round_wait_s, 5)
         print(f"promoted {_champion(bench)[0]}")
         version = _wait("the front server to serve the champion", lambda: _serves_champion(bench), 600, 0.5)
+        bench.events["serving"] = time.time()  # to everyone (a canary's users had it already)
         bench.events["promoted"] = _champion(bench)[1].replace(tzinfo=UTC).timestamp()
         send(bench, prompts, "after", args)
 
@@ -542,7 +557,6 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
     )
     runs = _round_runs(bench)
     completed = runs[runs["status"] == "SUCCESS"]
-    first_new = ok[ok["model"] == version]["sent_at"].min()
     served = ok.assign(prompt_text=ok["prompt"].map(lambda p: p["prompt"]), task=ok["prompt"].map(lambda p: p["task"]))
     before = served[(served["phase"] == "before") & (served["model"] == base)]
     after = served[(served["phase"] == "after") & (served["model"] == version)]
@@ -573,7 +587,9 @@ def report(bench: Bench, settings, base: str, version: str) -> dict:
         "minutes from the round's start to promotion": round(
             (bench.events["promoted"] - runs["created"].min()) / 60, 1
         ),
-        "minutes from promotion to the first answer by it": round((first_new - bench.events["promoted"]) / 60, 2),
+        "minutes from promotion to the front serving it to everyone": round(
+            (bench.events["serving"] - bench.events["promoted"]) / 60, 2
+        ),
         f"labeled accuracy served before the swap ({base})": paired["before"],
         f"labeled accuracy served after the swap ({version})": paired["after"],
         "after - before, same prompts (95% paired bootstrap CI)": paired["difference"],
@@ -662,11 +678,11 @@ def main() -> None:
         "--no-live", dest="live", action="store_false", help="promote after the offline gate: no live phases"
     )
     parser.add_argument("--live-users", type=int, default=400, help="the app's users during the live phases")
-    parser.add_argument("--live-requests", type=int, default=3000, help="most requests a live phase may take")
+    parser.add_argument("--live-wait-s", type=float, default=2400, help="longest a live phase waits for a decision")
     parser.add_argument("--live-pause-s", type=float, default=5, help="pause between batches of 32 live requests")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    common = ["data.logs=[]", "flywheel.sensor_interval_s=5", "flywheel.settle_seconds=2", "serve.log_roll_seconds=20",
+    common = ["data.logs=[]", "flywheel.sensor_interval_s=5", "flywheel.settle_seconds=2", "serve.log_roll_seconds=30",
               "serve.swap_poll_seconds=1", "flywheel.schedule_cron='0 0 1 1 *'"]  # fmt: skip
     if args.live:
         common += ["live.enabled=true", "live.stages=['shadow', 'canary']", "live.metric='feedback'", "live.share=0.5",

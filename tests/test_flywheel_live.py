@@ -25,8 +25,8 @@ def test_the_flywheel_turns_by_itself_under_faults(tiny_model_dir, tmp_path, ins
     command = [sys.executable, str(BENCH), "--tiny", str(tiny_model_dir), "--prompts", "40", "--late-prompts", "10",
                "--kill-after-s", "3", "--lock-s", "5", "--outage-s", "6", "--round-wait-s", "480"]  # fmt: skip
     if instance == "sqlite":  # and the live phases: shadow, canary, promotion on live evidence, a rollback
-        command += ["--live-users", "40", "--live-pause-s", "3", "--live-requests", "1200"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        command += ["--live-users", "40", "--live-pause-s", "10", "--live-wait-s", "480"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     else:
         with running_postgres() as url:
             environment = {**os.environ, URL_ENV: url}
@@ -44,7 +44,7 @@ def test_the_flywheel_turns_by_itself_under_faults(tiny_model_dir, tmp_path, ins
     # The daemon died with the round's run worker: Dagster's run retries re-executed it once.
     assert figures["round runs that lost their process / resumes"] == "1 / 1"
     assert int(figures["rows logged by the server"]) == int(figures["requests served"])
-    assert float(figures["minutes from promotion to the first answer by it"]) < 1.0
+    assert float(figures["minutes from promotion to the front serving it to everyone"]) < 1.0
     if instance == "sqlite":
         live = {key.split(" (")[0]: value for key, value in figures.items() if key.startswith("live: ")}
         real, worse = live["live: the round's challenger"], live["live: a challenger known to be worse"]
