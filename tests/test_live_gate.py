@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tao_pipeline.common.confidence_sequence import RunningBounds
 from tao_pipeline.live.evidence import _act
 from tao_pipeline.live.gate import apply_gate_verdict
 from tao_pipeline.live.report import HEADING, report_last_ending, update_round_report
@@ -120,8 +121,12 @@ def test_failures_are_paired_with_the_other_arms_request_next_in_time():
     pairs = _pairs(
         (CHAMPION, False), (CHAMPION, True), (CANARY, True), (CANARY, False), (CANARY, True), (CHAMPION, False)
     )  # fmt: skip
-    assert pairs.differences == [0, 1]  # (champion failed, canary failed), then (canary failed, champion ok)
-    assert pairs.counts == {CHAMPION: [3, 1], CANARY: [3, 2]}
+    # (champion failed, canary failed): 0, then (canary failed, champion ok): +1
+    assert pairs.pairs == 2 and pairs.counts == {CHAMPION: [3, 1], CANARY: [3, 2]}
+    reference = RunningBounds(0.05)
+    for difference in (0, 1):
+        reference.add(difference)
+    assert (pairs.bounds.low, pairs.bounds.high) == (reference.low, reference.high)
 
 
 def _rounds(n: int, canary, champion, arm: str = CANARY) -> list[tuple[str, bool]]:
@@ -142,7 +147,7 @@ def _rounds(n: int, canary, champion, arm: str = CANARY) -> list[tuple[str, bool
 def test_the_error_guard(sequence, tripped):
     pairs = _pairs(*sequence)
     reason = error_guard(pairs, LiveSettings())
-    assert (reason is not None) == tripped, pairs.differences
+    assert (reason is not None) == tripped, (pairs.counts, pairs.bounds.low)
     if tripped:
         assert reason.startswith("error guard: the challenger fails more often") and "max_error_rate=0.05" in reason
 

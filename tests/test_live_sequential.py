@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from tao_pipeline.common.confidence_sequence import RunningBounds
 from tao_pipeline.live.sequential import CONTINUE, PROMOTE, ROLL_BACK, advantage_bounds, decide, first_decision
 
 SETTINGS = {"margin": 0.02, "confidence": 0.95, "min_pairs": 20}
@@ -55,3 +56,16 @@ def test_the_interval_narrows_with_evidence_and_with_ties():
     assert np.all(np.diff(widths) < 0) and low[-1] < 0 < high[-1]
     ties = decide([0.0] * 2000, **SETTINGS)  # two versions that always agree: no worse, and soon known
     assert ties.low < 0 < ties.high and ties.decision == PROMOTE
+
+
+def test_the_running_bounds_are_the_whole_sequences_one_step_at_a_time():
+    """tao serve's error guard keeps the interval pair by pair (constant time and memory per request)."""
+    rng = np.random.default_rng(7)
+    for differences in (rng.integers(-1, 2, 400).astype(float), rng.uniform(-1, 1, 200), np.ones(30), np.zeros(50)):
+        lows, highs = advantage_bounds(differences, 0.05)
+        running = RunningBounds(0.05)
+        for i, difference in enumerate(differences):
+            running.add(difference)
+            assert running.n == i + 1
+            assert running.low == pytest.approx(lows[i], abs=1e-12)
+            assert running.high == pytest.approx(highs[i], abs=1e-12)

@@ -37,3 +37,32 @@ def advantage_bounds(differences: np.ndarray, alpha: float) -> tuple[np.ndarray,
     """Bounds on the mean of differences in [-1, 1] after each one."""
     low, high = confidence_sequence((np.asarray(differences, dtype=float) + 1) / 2, alpha)
     return 2 * low - 1, 2 * high - 1
+
+
+class RunningBounds:
+    """:func:`advantage_bounds` kept one observation at a time, in constant time and memory: for a check
+    after every request (the server's error guard), where recomputing the whole sequence would grow with
+    the traffic."""
+
+    def __init__(self, alpha: float):
+        self.log_term = float(np.log(2 / alpha))
+        self.n = 0
+        self.low, self.high = -1.0, 1.0
+        self._sum = self._squares = self._bet_sum = self._weighted = self._penalty = 0.0
+        self._mean, self._variance = 0.5, 0.25  # the plug-in estimates before the next observation
+
+    def add(self, difference: float) -> None:
+        x = (float(np.clip(difference, -1.0, 1.0)) + 1) / 2
+        self.n += 1
+        t = self.n
+        bet = min(float(np.sqrt(2 * self.log_term / (self._variance * t * np.log1p(t)))), MAX_BET)
+        self._penalty += (x - self._mean) ** 2 * (-np.log1p(-bet) - bet)
+        self._bet_sum += bet
+        self._weighted += bet * x
+        center, half = self._weighted / self._bet_sum, (self.log_term + self._penalty) / self._bet_sum
+        self.low = max(self.low, 2 * float(np.clip(center - half, 0.0, 1.0)) - 1)
+        self.high = min(self.high, 2 * float(np.clip(center + half, 0.0, 1.0)) - 1)
+        self._sum += x
+        self._mean = (0.5 + self._sum) / (t + 1)
+        self._squares += (x - self._mean) ** 2
+        self._variance = (0.25 + self._squares) / (t + 1)

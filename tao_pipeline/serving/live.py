@@ -17,9 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
-
-from tao_pipeline.common.confidence_sequence import advantage_bounds
+from tao_pipeline.common.confidence_sequence import RunningBounds
 from tao_pipeline.registry import LiveExperiment, ModelStore
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.serving.engine import Engine
@@ -48,12 +46,17 @@ def in_canary(key: str, version_id: str, share: float) -> bool:
 class FailurePairs:
     """The requests of the two arms and their server errors, each challenger request paired with the champion
     request next to it in time (a request waits for the other arm's next one; an older one still waiting is
-    dropped), so an outage that fails both arms adds nothing against the challenger."""
+    dropped), so an outage that fails both arms adds nothing against the challenger. The always-valid bounds
+    on (challenger failed - champion failed) are kept pair by pair, in constant memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, confidence: float = 0.95) -> None:
         self.counts: dict[str, list[int]] = {}  # per arm: [requests, failures]
-        self.differences: list[int] = []  # challenger failed minus champion failed, per pair: -1, 0 or 1
+        self.bounds = RunningBounds(1 - confidence)
         self._waiting: dict[bool, int] = {}  # is the challenger's -> failed, of the newest unpaired request
+
+    @property
+    def pairs(self) -> int:
+        return self.bounds.n
 
     def add(self, arm: str, failed: bool) -> bool:
         """Count one request; True when it completed a pair."""
@@ -65,22 +68,19 @@ class FailurePairs:
             self._waiting[challenger] = int(failed)
             return False
         other = self._waiting.pop(not challenger)
-        self.differences.append(int(failed) - other if challenger else other - int(failed))
+        self.bounds.add(int(failed) - other if challenger else other - int(failed))
         return True
 
 
 def error_guard(pairs: FailurePairs, guard: LiveSettings) -> str | None:
     """Why the challenger must go on its failures alone, or None: its share of server errors proven above the
     champion's by more than ``live.max_error_rate``, by the always-valid interval (checked after every pair)."""
-    if not pairs.differences:
-        return None
-    low, _ = advantage_bounds(np.asarray(pairs.differences, dtype=float), 1 - guard.confidence)
-    if low[-1] <= guard.max_error_rate:
+    if pairs.pairs == 0 or pairs.bounds.low <= guard.max_error_rate:
         return None
     described = ", ".join(f"{arm} {failed} of {requests}" for arm, (requests, failed) in sorted(pairs.counts.items()))
     return (
-        f"error guard: the challenger fails more often than the champion by at least {low[-1]:.1%} "
-        f"({guard.confidence:.0%}, always valid, {len(pairs.differences)} pairs; failed: {described}); "
+        f"error guard: the challenger fails more often than the champion by at least {pairs.bounds.low:.1%} "
+        f"({guard.confidence:.0%}, always valid, {pairs.pairs} pairs; failed: {described}); "
         f"live.max_error_rate={guard.max_error_rate}"
     )
 
@@ -97,7 +97,7 @@ class LiveRouter:
         self.store, self.make_engine, self.poll_seconds = store, make_engine, poll_seconds
         self.drain_seconds = drain_seconds
         self.guard = guard or LiveSettings()
-        self.outcomes = FailurePairs()  # this server's requests and failures per arm, this experiment
+        self.outcomes = FailurePairs(self.guard.confidence)  # this server's requests per arm, this experiment
         self.rolled_back: str | None = None  # why this server ended the experiment, if it did
         self.experiment: LiveExperiment | None = None
         self.challenger: Engine | None = None
@@ -140,11 +140,11 @@ class LiveRouter:
             return
         if running is not None and self.challenger is not None and running.version_id == self.experiment.version_id:
             logger.info("tao serve: %s of %s (its engine kept)", running.mode, running.version_id)
-            self.experiment, self.outcomes, self.rolled_back = running, FailurePairs(), None  # its next stage
+            self.experiment, self.outcomes, self.rolled_back = running, FailurePairs(self.guard.confidence), None
             return
         await self._close_challenger()
         if running != self.experiment:
-            self.outcomes, self.rolled_back = FailurePairs(), None
+            self.outcomes, self.rolled_back = FailurePairs(self.guard.confidence), None
         self.experiment = running
         if running is None:
             logger.info("tao serve: no live experiment")
@@ -171,7 +171,7 @@ class LiveRouter:
         if reason is not None:
             self.rolled_back = reason
             counts = {name: list(counted) for name, counted in self.outcomes.counts.items()}
-            evidence = {"decision": "roll back", "n": len(self.outcomes.differences), "metric": "server errors",
+            evidence = {"decision": "roll back", "n": self.outcomes.pairs, "metric": "server errors",
                         "reason": reason, "requests_and_failures": counts}  # fmt: skip
             _background(self._roll_back(self.experiment, evidence))
 
