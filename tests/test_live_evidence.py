@@ -2,7 +2,9 @@
 
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.live.evidence import live_answers
@@ -41,3 +43,18 @@ def test_a_live_answer_keeps_the_time_the_server_answered_it():
     assert _served(received_at="2026-12-03T07:35:29.877+01:00").answered_at == live.answered_at
     for unreadable in ("yesterday", 17, None, "9" * 100):
         assert _served(received_at=unreadable).answered_at is None  # the row stays good; ingestion time stands in
+
+
+def test_canary_answers_are_paired_with_the_champion_answer_next_to_them_in_time():
+    """At a 10% share, pairing the k-th answers of each version would compare a canary answer of the evening
+    with a champion answer of the morning; here each pair is of one moment."""
+    from tao_pipeline.live.evidence import canary_differences, paired_in_time
+
+    morning, evening = [("champion", 1.0)] * 9 + [("canary", 1.0)], [("champion", -1.0)] * 9 + [("canary", -1.0)]
+    rows = enumerate(morning + evening)
+    answers = pd.DataFrame([{"live_arm": arm, "rating": rating, "response_id": f"r{i}"} for i, (arm, rating) in rows])
+    assert canary_differences(answers, scorer=None, metric="feedback").tolist() == [0.0, 0.0]
+    unrated = answers.assign(rating=[None, *answers["rating"].iloc[1:]])
+    assert canary_differences(unrated, scorer=None, metric="feedback").tolist() == [0.0, 0.0]
+    order = np.array([True, True, False, False, True])  # the first canary value waits, the second replaces it
+    assert paired_in_time(order, np.array([0.1, 0.2, 0.5, 0.7, 0.9])).tolist() == pytest.approx([0.2 - 0.5, 0.9 - 0.7])

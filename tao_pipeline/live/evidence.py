@@ -3,8 +3,8 @@
 Shadow: every request has the champion's answer and the challenger's (``live_pair`` links them);
 the two are scored together by the task's scorers, and each pair gives one difference. Canary:
 the two versions answered different conversations; each answer is worth its score alone (or, with
-``live.metric = "feedback"``, its user's rating), and the k-th answer of one version is paired with
-the k-th of the other, in the order they arrived. :func:`tao_pipeline.live.sequential.decide` turns
+``live.metric = "feedback"``, its user's rating), and each is paired with the other version's answer
+next to it in time (:func:`paired_in_time`). :func:`tao_pipeline.live.sequential.decide` turns
 the differences into promote / roll back / continue, and a latency guard rolls back a challenger
 much slower than the champion whatever its answers are worth.
 """
@@ -94,23 +94,43 @@ def shadow_differences(answers: pd.DataFrame, scorer) -> np.ndarray:
 
 
 def canary_differences(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
-    """The k-th canary answer's worth minus the k-th champion answer's, in arrival order (NaN: not scored)."""
-    worth = {arm: _worth(answers[answers["live_arm"] == arm], scorer, metric) for arm in ("canary", "champion")}
-    n = min(len(worth["canary"]), len(worth["champion"]))
-    return worth["canary"][:n] - worth["champion"][:n]
+    """A canary answer's worth minus that of the champion answer next to it in time (NaN: not scored).
+
+    Answers (with ``metric = "feedback"``, rated answers) are taken in the order they were given; each
+    waits for the other version's next one, and an older one still waiting is dropped. So at a small
+    share each canary answer meets a champion answer of the same moment, not one given long before,
+    and whatever changes with time (the traffic's mix, an outage) touches both sides of a pair alike.
+    """
+    answers = answers[answers["live_arm"].isin(["canary", "champion"])]
+    if metric == "feedback":
+        answers = answers[answers["rating"].notna()]
+    worth = _worth(answers, scorer, metric)
+    return paired_in_time((answers["live_arm"] == "canary").to_numpy(), worth)
+
+
+def paired_in_time(is_challenger: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Challenger minus champion, each value paired with the other side's next one in order."""
+    waiting: dict[bool, float] = {}
+    differences = []
+    for challenger, value in zip(is_challenger.tolist(), values.tolist(), strict=True):
+        if (not challenger) in waiting:
+            other = waiting.pop(not challenger)
+            differences.append(value - other if challenger else other - value)
+        else:
+            waiting[challenger] = value
+    return np.asarray(differences, dtype=float)
 
 
 def _worth(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:
     if metric == "feedback":
-        rated = answers["rating"].dropna().to_numpy(dtype=float)
-        return (np.clip(rated, -1.0, 1.0) + 1) / 2
+        return (np.clip(answers["rating"].to_numpy(dtype=float), -1.0, 1.0) + 1) / 2
     from tao_pipeline.scoring import score_responses
 
     if answers.empty:
         return np.array([])
     alone = answers.assign(prompt_id=answers["response_id"])  # each answer its own group
     scores = score_responses(alone[["response_id", "prompt_id", "response"]], alone, scorer, progress=False)
-    return scores["score"].to_numpy(dtype=float)
+    return scores.set_index("response_id")["score"].reindex(answers["response_id"]).to_numpy(dtype=float)
 
 
 def arm_table(answers: pd.DataFrame) -> pd.DataFrame:
