@@ -329,6 +329,7 @@ def live_phase(bench: Bench, name: str, version: str, prompts: list[dict], rate,
                 time.sleep(2)
             bench.start_upstream()
             _wait("the upstream", lambda: _health(bench, "upstream").get("status") == "ok", 600)
+            _wait("the front to see it", lambda: _health(bench).get("status") == "ok", 120, 0.5)
         else:
             send(bench, chunk, name, args, rate, chunk_users)
         sent += batch
@@ -461,9 +462,8 @@ def run(args) -> dict:
         _wait("the upstream", lambda: _health(bench, "upstream").get("status") == "ok", 600)
 
         # The gate passes the challenger to live traffic (shadow, then canary); the users' ratings decide.
-        def gated() -> bool:
-            runs = _round_runs(bench)
-            return len(_live_rows(bench)) > 0 or (runs["status"] == "SUCCESS").any()
+        def gated() -> bool:  # the round's run is over (its last step started the experiment, or not)
+            return (_round_runs(bench)["status"] == "SUCCESS").any()
 
         labeled = labeled_prompts(prompts, settings)
         rate = (lambda prompt, answer: "up") if args.tiny else labeled_rater(settings)

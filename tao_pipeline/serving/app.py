@@ -575,6 +575,8 @@ def build_app(
         if served.asked != settings.model_alias:
             if experiment is None or served.asked != experiment.version_id:
                 return engine, None
+            if challenger is None and live.draining is not None and live.draining.version == served.asked:
+                return live.draining, None  # its experiment just ended: a proxy in front may not know yet
             if challenger is None:  # never the champion's answer under the challenger's name
                 raise ServeError(
                     503, f"{served.asked} is starting on this server; try again", "model", "unavailable",

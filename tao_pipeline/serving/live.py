@@ -101,6 +101,7 @@ class LiveRouter:
         self.rolled_back: str | None = None  # why this server ended the experiment, if it did
         self.experiment: LiveExperiment | None = None
         self.challenger: Engine | None = None
+        self.draining: Engine | None = None  # a challenger whose experiment ended, finishing what it was given
         self.last_error: str | None = None
         self.shadow_slots = asyncio.Semaphore(8)  # background answers at once; more are skipped, not queued
         self._task: asyncio.Task | None = None
@@ -203,16 +204,25 @@ class LiveRouter:
         }
 
     async def _close_challenger(self) -> None:
-        """No new request goes to the challenger; those it is answering finish first (up to drain_seconds)."""
+        """No request for the alias goes to the challenger any more; those it is answering finish first (up to
+        drain_seconds). For two poll intervals it still answers requests that name it (``draining``): a proxy in
+        front, polling the same registry, may not have seen the experiment end yet, and its request must get
+        the version it names, never the champion's answer under the challenger's name."""
         challenger, self.challenger = self.challenger, None
         if challenger is None:
             return
-        deadline = time.monotonic() + self.drain_seconds
-        while time.monotonic() < deadline:
-            status = challenger.status()
-            if not status.get("running_rows", 0) and not status.get("queued_rows", 0):
-                break
-            await asyncio.sleep(0.1)
+        self.draining = challenger
+        now = time.monotonic()
+        grace, deadline = now + 2 * self.poll_seconds, now + self.drain_seconds
+        try:
+            while time.monotonic() < deadline:
+                status = challenger.status()
+                idle = not status.get("running_rows", 0) and not status.get("queued_rows", 0)
+                if idle and time.monotonic() >= grace:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            self.draining = None
         await challenger.close()
 
     async def _poll(self) -> None:
