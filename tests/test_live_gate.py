@@ -170,14 +170,14 @@ def test_the_server_rolls_a_failing_canary_back_at_once_in_the_registry(gated):
     store.start_live(CHALLENGER, "canary", 0.5)
 
     async def serve_and_fail() -> LiveRouter:
-        router = LiveRouter(store, _Engine, poll_seconds=60, guard=LiveSettings())
+        router = LiveRouter(store, _Engine, poll_seconds=0.1, guard=LiveSettings())
         await router.check_now()
         assert router.active
         for i in range(100):  # one in two canary requests fails, one in twenty champion ones
             router.answered(CANARY, failed=i % 2 == 0)
             router.answered(CHAMPION, failed=i % 20 == 0)
         for _ in range(100):
-            if store.live_experiment() is None and not router.active:
+            if store.live_experiment() is None and router.experiment is None:
                 return router
             await asyncio.sleep(0.05)
         raise AssertionError(router.status())
