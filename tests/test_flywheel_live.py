@@ -43,7 +43,10 @@ def test_the_flywheel_turns_by_itself_under_faults(tiny_model_dir, tmp_path, ins
     assert figures["failed outside the upstream outage"] == "0" and figures["rounds completed"] == "1"
     # The daemon died with the round's run worker: Dagster's run retries re-executed it once.
     assert figures["round runs that lost their process / resumes"] == "1 / 1"
-    assert int(figures["rows logged by the server"]) == int(figures["requests served"])
+    answers, shadows = figures["of them: answers the app got / shadow answers nobody saw"].split(" / ")
+    assert int(answers) == int(figures["requests served"])
+    logged, ingested = int(figures["rows logged by the server"]), int(figures["rows ingested"])
+    assert logged == int(answers) + int(shadows) == ingested + int(figures["rows quarantined (with a reason)"])
     assert float(figures["minutes from promotion to the front serving it to everyone"]) < 1.0
     if instance == "sqlite":
         live = {key.split(" (")[0]: value for key, value in figures.items() if key.startswith("live: ")}
