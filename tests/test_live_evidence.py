@@ -48,7 +48,8 @@ def test_a_live_answer_keeps_the_time_the_server_answered_it():
 def test_canary_answers_are_paired_with_the_champion_answer_next_to_them_in_time():
     """At a 10% share, pairing the k-th answers of each version would compare a canary answer of the evening
     with a champion answer of the morning; here each pair is of one moment."""
-    from tao_pipeline.live.evidence import canary_differences, paired_in_time
+    from tao_pipeline.common.pairing import paired_in_time
+    from tao_pipeline.live.evidence import canary_differences
 
     morning, evening = [("champion", 1.0)] * 9 + [("canary", 1.0)], [("champion", -1.0)] * 9 + [("canary", -1.0)]
     rows = enumerate(morning + evening)
@@ -57,4 +58,4 @@ def test_canary_answers_are_paired_with_the_champion_answer_next_to_them_in_time
     unrated = answers.assign(rating=[None, *answers["rating"].iloc[1:]])
     assert canary_differences(unrated, scorer=None, metric="feedback").tolist() == [0.0, 0.0]
     order = np.array([True, True, False, False, True])  # the first canary value waits, the second replaces it
-    assert paired_in_time(order, np.array([0.1, 0.2, 0.5, 0.7, 0.9])).tolist() == pytest.approx([0.2 - 0.5, 0.9 - 0.7])
+    assert paired_in_time(order, np.array([0.1, 0.2, 0.5, 0.7, 0.9])) == pytest.approx([0.2 - 0.5, 0.9 - 0.7])

@@ -4,7 +4,7 @@ Shadow: every request has the champion's answer and the challenger's (``live_pai
 the two are scored together by the task's scorers, and each pair gives one difference. Canary:
 the two versions answered different conversations; each answer is worth its score alone (or, with
 ``live.metric = "feedback"``, its user's rating), and each is paired with the other version's answer
-next to it in time (:func:`paired_in_time`). :func:`tao_pipeline.live.sequential.decide` turns
+next to it in time (:mod:`tao_pipeline.common.pairing`). :func:`tao_pipeline.live.sequential.decide` turns
 the differences into promote / roll back / continue, and a latency guard rolls back a challenger
 much slower than the champion whatever its answers are worth.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from tao_pipeline.common.pairing import paired_in_time
 from tao_pipeline.data.ingest.writer import EVENTS_TABLE, USAGE_TABLE
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.live.report import refresh_live_report
@@ -105,20 +106,7 @@ def canary_differences(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray
     if metric == "feedback":
         answers = answers[answers["rating"].notna()]
     worth = _worth(answers, scorer, metric)
-    return paired_in_time((answers["live_arm"] == "canary").to_numpy(), worth)
-
-
-def paired_in_time(is_challenger: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Challenger minus champion, each value paired with the other side's next one in order."""
-    waiting: dict[bool, float] = {}
-    differences = []
-    for challenger, value in zip(is_challenger.tolist(), values.tolist(), strict=True):
-        if (not challenger) in waiting:
-            other = waiting.pop(not challenger)
-            differences.append(value - other if challenger else other - value)
-        else:
-            waiting[challenger] = value
-    return np.asarray(differences, dtype=float)
+    return np.asarray(paired_in_time((answers["live_arm"] == "canary").tolist(), worth.tolist()), dtype=float)
 
 
 def _worth(answers: pd.DataFrame, scorer, metric: str) -> np.ndarray:

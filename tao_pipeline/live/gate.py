@@ -23,7 +23,8 @@ def apply_gate_verdict(
         store, settings.model, round_id, challenger, promote, reason,
         champion_collapse=champion_collapse, live=settings.live,
     )  # fmt: skip
-    live = live_status(store, challenger)
+    history = store.live_history()
+    live = live_status(store, challenger, history)
     if live != "no":
-        refresh_live_report(store, settings.reports_dir, challenger)
+        refresh_live_report(store, settings.reports_dir, challenger, history)
     return current, live

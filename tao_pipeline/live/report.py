@@ -15,11 +15,11 @@ from tao_pipeline.registry.policy import live_status
 HEADING = "## On live traffic"
 
 
-def live_section(store: ModelStore, version_id: str) -> str:
+def live_section(store: ModelStore, version_id: str, history: pd.DataFrame | None = None) -> str:
     """The section for ``version_id``: where it stands, and the evidence its last experiment ended on."""
-    history = store.live_history()
+    history = store.live_history() if history is None else history
     mine = history[history["version_id"] == version_id]
-    lines = [HEADING, "", f"**{version_id}:** {live_status(store, version_id)}", ""]
+    lines = [HEADING, "", f"**{version_id}:** {live_status(store, version_id, history)}", ""]
     if mine.empty:
         return "\n".join(lines)
     if len(mine) > 1:
@@ -57,13 +57,15 @@ def update_round_report(report: Path, section: str) -> bool:
     return True
 
 
-def refresh_live_report(store: ModelStore, reports_dir: Path, version_id: str) -> Path | None:
+def refresh_live_report(
+    store: ModelStore, reports_dir: Path, version_id: str, history: pd.DataFrame | None = None
+) -> Path | None:
     """Rewrite the live section of the report of the round that made ``version_id``; its path, or None."""
     round_id = store.get(version_id).round
     if round_id is None:
         return None
     report = Path(reports_dir) / round_id / "report.md"
-    return report if update_round_report(report, live_section(store, version_id)) else None
+    return report if update_round_report(report, live_section(store, version_id, history)) else None
 
 
 def report_last_ending(store: ModelStore, reports_dir: Path, seen: str | None) -> str | None:
@@ -76,5 +78,5 @@ def report_last_ending(store: ModelStore, reports_dir: Path, seen: str | None) -
     last = ended.sort_values("ended_at").iloc[-1]
     key = f"{last['version_id']}@{last['ended_at']}"
     if key != seen:
-        refresh_live_report(store, reports_dir, last["version_id"])
+        refresh_live_report(store, reports_dir, last["version_id"], history)
     return key

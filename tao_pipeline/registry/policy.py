@@ -75,9 +75,10 @@ def start_live_after_gate(
     return models.start_live(challenger, live.stages[0], live.share)
 
 
-def live_status(models: ModelStore, version_id: str) -> str:
-    """One line on a version's time on live traffic: running, how it ended, or never."""
-    history = models.live_history()
+def live_status(models: ModelStore, version_id: str, history: pd.DataFrame | None = None) -> str:
+    """One line on a version's time on live traffic: running, how it ended, or never (``history``: the
+    registry's ``live_history()``, when the caller has read it already)."""
+    history = models.live_history() if history is None else history
     mine = history[history["version_id"] == version_id]
     if mine.empty:
         return "no"

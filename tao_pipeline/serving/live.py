@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from tao_pipeline.common.confidence_sequence import RunningBounds
+from tao_pipeline.common.pairing import PairsInTime
 from tao_pipeline.registry import LiveExperiment, ModelStore
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.serving.engine import Engine
@@ -52,7 +53,7 @@ class FailurePairs:
     def __init__(self, confidence: float = 0.95) -> None:
         self.counts: dict[str, list[int]] = {}  # per arm: [requests, failures]
         self.bounds = RunningBounds(1 - confidence)
-        self._waiting: dict[bool, int] = {}  # is the challenger's -> failed, of the newest unpaired request
+        self._in_time = PairsInTime()
 
     @property
     def pairs(self) -> int:
@@ -63,12 +64,10 @@ class FailurePairs:
         counts = self.counts.setdefault(arm, [0, 0])
         counts[0] += 1
         counts[1] += int(failed)
-        challenger = arm != CHAMPION
-        if (not challenger) not in self._waiting:
-            self._waiting[challenger] = int(failed)
+        difference = self._in_time.add(arm != CHAMPION, int(failed))
+        if difference is None:
             return False
-        other = self._waiting.pop(not challenger)
-        self.bounds.add(int(failed) - other if challenger else other - int(failed))
+        self.bounds.add(difference)
         return True
 
 
