@@ -8,7 +8,6 @@ from tao_pipeline.defs.assets.promotion import champion
 from tao_pipeline.defs.resources import build_resources
 from tao_pipeline.evaluation import VERDICTS_TABLE, ControlVerdict, RoundVerdict, Verdict, decide
 from tao_pipeline.evaluation.history import champion_collapse
-from tao_pipeline.evaluation.pooling import heldout_prompts, inconclusive_rounds_before
 from tao_pipeline.evaluation.review import RoundEvaluation, store_evaluation
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.registry.policy import apply_verdict
@@ -71,34 +70,6 @@ def test_a_verdict_with_its_evidence_reads_back_whole_and_an_older_one_without_i
     read = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, "round-0002")).promotion
     assert read.win_rate_low is None and read.evidence == "" and read.mcnemar_p is None
     assert read.win_rate == written.promotion.win_rate and read.promote
-
-
-def test_inconclusive_rounds_pool_their_heldout_prompts_into_the_next(tmp_path):
-    lake = Lake(tmp_path)
-    inconclusive = ["win"] * 4 + ["loss"] * 2 + ["tie"] * 2
-    for round_id, verdict_ in [
-        ("round-0001", decided("round-0001", ["win"] * 40 + ["tie"] * 4)),  # promoted
-        ("round-0002", decided("round-0002", inconclusive, champion="round-0001-dpo-x")),
-        ("round-0003", decided("round-0003", inconclusive, champion="round-0001-dpo-x")),
-    ]:
-        lake.write(VERDICTS_TABLE, round_id, verdict_.to_frame())
-        prompts = pd.DataFrame(
-            {"prompt_id": [f"{round_id}-h", f"{round_id}-t", "shared-h"], "split": ["heldout", "train", "heldout"]}
-        )
-        lake.write("raw_prompts", round_id, prompts)
-    assert decided("round-0001", ["win"] * 40 + ["tie"] * 4).promote
-    assert inconclusive_rounds_before(lake, "round-0004", "round-0001-dpo-x") == ["round-0003", "round-0002"]
-    assert inconclusive_rounds_before(lake, "round-0003", "round-0001-dpo-x") == ["round-0002"]
-    assert inconclusive_rounds_before(lake, "round-0002", "round-0001-dpo-x") == []  # round-0001 was decided
-    assert inconclusive_rounds_before(lake, "round-0004", "base-tiny") == []  # another champion's rounds
-
-    own = pd.DataFrame({"prompt_id": ["round-0004-h", "round-0004-t"], "split": ["heldout", "train"]})
-    heldout, pooled_from = heldout_prompts(lake, "round-0004", own, "round-0001-dpo-x", pool=True)
-    assert pooled_from == ["round-0003", "round-0002"]
-    assert heldout["prompt_id"].tolist() == ["round-0004-h", "round-0003-h", "shared-h", "round-0002-h"]
-    assert set(heldout["split"]) == {"heldout"}  # a training prompt is never pooled
-    unpooled, none = heldout_prompts(lake, "round-0004", own, "round-0001-dpo-x", pool=False)
-    assert unpooled["prompt_id"].tolist() == ["round-0004-h"] and none == []
 
 
 def registered(store: ModelStore, model_dir) -> ModelSettings:

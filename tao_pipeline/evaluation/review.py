@@ -8,7 +8,7 @@ lineage and the control arm), evaluates them on the held-out prompts, and review
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from tao_pipeline.evaluation.evaluate import Contender, evaluate
 from tao_pipeline.evaluation.history import EVALUATION_TABLE, champion_collapse, collapse_alerts, round_history
 from tao_pipeline.evaluation.labels import load_labels
 from tao_pipeline.evaluation.plots import round_plots
-from tao_pipeline.evaluation.pooling import heldout_prompts
+from tao_pipeline.evaluation.pooling import HeldoutPool, heldout_prompts
 from tao_pipeline.evaluation.report import write_round_report
 from tao_pipeline.evaluation.verdict import (
     VERDICTS_TABLE,
@@ -70,7 +70,7 @@ class RoundEvaluation:
     rows: pd.DataFrame  # one per held-out prompt
     review: RoundReview
     verdict: RoundVerdict  # stored beside the rows; what the promotion check and `champion` act on
-    pooled_from: list[str] = field(default_factory=list)  # earlier rounds whose held-out prompts joined
+    heldout: HeldoutPool | None = None  # the prompts it was evaluated on: its own, and earlier rounds' pooled
 
 
 def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
@@ -98,15 +98,16 @@ def evaluate_round(
     progress: bool = True,
 ) -> RoundEvaluation:
     """The tuned checkpoint (a tuned_checkpoint row) against the model it started from on the round's
-    held-out ``prompts`` (pooled with earlier inconclusive rounds', evaluation.pool_heldout), with the
+    held-out ``prompts`` (pooled with every earlier round's, evaluation.pool_heldout), with the
     base model's test-time baselines and the control arm (a control_checkpoint row, if enabled)."""
-    heldout, pooled_from = heldout_prompts(
-        lake, round_id, prompts, tuned["parent_version"], pool=settings.evaluation.pool_heldout
-    )
+    pool = heldout_prompts(
+        lake, round_id, prompts, settings.data,
+        pool=settings.evaluation.pool_heldout, limit=settings.evaluation.max_heldout_prompts,
+    )  # fmt: skip
     parent = models.get(tuned["parent_version"])
     base = models.ancestors(parent.version_id)[-1]
     rows = evaluate(
-        heldout,
+        pool.prompts,
         Contender(parent.version_id, parent.path),
         Contender(tuned["version_id"], tuned["path"]),
         build_scorer(settings.scoring, settings.cache_dir),
@@ -120,7 +121,7 @@ def evaluate_round(
     )
     review = review_round(lake, round_id, rows, settings)
     verdict = review.round_verdict(round_id, parent.version_id, tuned["version_id"])
-    return RoundEvaluation(rows, review, verdict, pooled_from)
+    return RoundEvaluation(rows, review, verdict, pool)
 
 
 def store_evaluation(lake: Lake, models: ModelStore, evaluated: RoundEvaluation, settings: TaoSettings):

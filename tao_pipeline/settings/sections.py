@@ -375,8 +375,15 @@ class EvaluationSettings(_Section):
     )
     pool_heldout: bool = Field(
         True,
-        description="A round after rounds that ended with 'not enough evidence' against the same champion also "
-        "evaluates on their held-out prompts (never trained on; the champion's answers come from the cache).",
+        description="Every verdict also evaluates on earlier rounds' held-out prompts (held out by hash, so never "
+        "trained on; the champion's answers come from the cache), this round's own first, then newest first: "
+        "the evidence grows with traffic. Off: each round's own held-out prompts only.",
+    )
+    max_heldout_prompts: int | None = Field(
+        512,
+        ge=1,
+        description="At most this many held-out prompts per verdict, pooled or not (None: all). Each costs the "
+        "challenger a greedy answer and evaluation.pool_samples samples.",
     )
     max_accuracy_drop: float = Field(0.0, ge=0.0, le=1.0, description="Allowed labeled-accuracy regression.")
     max_length_ratio: float = Field(2.0, gt=0.0, description="Guard: challenger's mean length / champion's.")
@@ -603,7 +610,9 @@ class LiveSettings(_Section):
     metric: Literal["score", "feedback"] = Field(
         "score",
         description="What one live answer is worth: 'score', the task's scorers on it (shadow: both versions' "
-        "answers to the same request, scored together); 'feedback', its user's rating (canary only).",
+        "answers to the same request, scored together); 'feedback', its user's rating (canary only). A shadow "
+        "scored by self-consistency alone cannot tell two versions apart (two answers to one request agree "
+        "alike): it guards errors, latency and format, and the canary's ratings decide quality.",
     )
     margin: float = Field(
         0.02, ge=0.0, le=1.0, description="Promote once the challenger is proven no worse than the champion by this."

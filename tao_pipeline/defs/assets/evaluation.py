@@ -41,7 +41,7 @@ def _verdict(evaluated: RoundEvaluation) -> dict:
     promotion = verdict.promotion
     return {
         "heldout_prompts": len(evaluated.rows),
-        "heldout_pooled_from": ", ".join(evaluated.pooled_from) or "none (this round's own held-out prompts)",
+        "heldout_pool": evaluated.heldout.describe() if evaluated.heldout else "this round's own",
         "wins_losses_ties": f"{promotion.wins} / {promotion.losses} / {promotion.ties}",
         "win_rate": round(promotion.win_rate, 3),
         "win_rate_interval": f"{promotion.win_rate_interval} at {promotion.win_rate_interval.percent}",
