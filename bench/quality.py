@@ -9,18 +9,31 @@ which only evaluation reads. Prints the figures and how they compare with the ta
 - on at least one task, the tuned greedy answer reaches the base model's maj@8;
 - the control within 2 points of the model it started from.
 
-    .venv/bin/python bench/quality.py [--rounds 2] [--base-model-from ~/.tao]
+Then every arm on the demo's labeled held-out prompts, paired with the base model: TAO round 1, TAO
+after the last round, the control, and the labeled arm TAO is measured against: supervised
+fine-tuning (TRL SFT) of the base model on the gold answers of round 1's train prompts, with the
+same LoRA, steps and learning rate (`bench/labeled.py`; the pipeline never sees those answers).
+
+    .venv/bin/python bench/quality.py [--rounds 2] [--base-model-from ~/.tao] [--set key=value ...]
+    .venv/bin/python bench/quality.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
 """
 
 from __future__ import annotations
 
 import time
 
-from common import DEMO, bench_parser, fresh_home, show
+import pandas as pd
+from common import DEMO, TINY_ROUND, bench_parser, fresh_home, show
+from labeled import fixed_heldout, fixed_set_accuracy, train_labeled_arm, versus_labeled
 
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.lake import Lake
-from tao_pipeline.evaluation import collapse_alerts, compare_control, round_history, tuned_vs_sampling_table
+from tao_pipeline.evaluation import (
+    collapse_alerts,
+    compare_control,
+    round_history,
+    tuned_vs_sampling_table,
+)
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
@@ -31,9 +44,13 @@ CONTROL_BAND = 0.02
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="another settings override")
+    parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     args = parser.parse_args()
     home = fresh_home("quality", args.base_model_from)
-    overrides = ["evaluation.control_arm=true", "evaluation.test_time_k=8"]
+    overrides = ["evaluation.control_arm=true", "evaluation.test_time_k=8", *args.extra]
+    if args.tiny:
+        overrides += [*TINY_ROUND, f"model.base='{args.tiny}'", "evaluation.test_time_k=2"]
     print(f"home {home}; settings: defaults + {overrides}")
     started = time.perf_counter()
     for number in range(1, args.rounds + 1):
@@ -50,6 +67,32 @@ def main() -> None:
         print(f"\ncontrol: {compare_control(rows, load_settings(DEMO, overrides).evaluation).message}")
     print(f"\nall rounds: {(time.perf_counter() - started) / 60:.1f} min")
     summarize_against_targets(load_settings(DEMO, overrides))
+    compare_arms(load_settings(DEMO, overrides), home, args.rounds)
+
+
+def compare_arms(settings, home, rounds: int) -> None:
+    """Base, TAO round 1, TAO after the last round, control and labeled SFT on the same labeled held-out prompts."""
+    lake, store = Lake(settings.lake_dir), ModelStore(settings.models_dir)
+    history = round_history(lake)
+    first = history.iloc[0]
+    base = store.ancestors(first["starting_model"])[-1]
+    champion = store.champion(settings.model)
+    control = lake.read("control_checkpoint", first["round"]).iloc[0]
+    sft_name, sft_weights, examples = train_labeled_arm(settings, [first["round"]], home / "labeled")
+    arms = {
+        "TAO round 1": (first["tuned_model"], store.get(first["tuned_model"]).path),
+        f"TAO champion after {rounds} rounds": (champion.version_id, champion.path),
+        "control (round 1)": (control["version_id"], control["path"]) if control["enabled"] else None,
+        f"labeled SFT ({examples} gold answers)": (sft_name, sft_weights),
+    }
+    heldout = fixed_heldout()
+    accuracy = fixed_set_accuracy(settings, heldout, base.version_id, arms, store)
+    table = [{"arm": f"base ({base.version_id})", "accuracy": accuracy["base"], "arm - base": ""}]
+    table += [
+        {"arm": name, "accuracy": accuracy[name], "arm - base": accuracy[f"{name}-base"]} for name in arms if arms[name]
+    ]
+    show(f"every arm on the {len(heldout)} labeled held-out prompts (paired with the base model)", pd.DataFrame(table))
+    print("\n" + versus_labeled(settings, heldout, (champion.version_id, champion.path), (sft_name, sft_weights)))
 
 
 def summarize_against_targets(settings) -> None:

@@ -22,16 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 from common import DEMO, PROMISE_ROUND, TINY_ROUND, bench_parser, fresh_home, show
+from labeled import fixed_heldout, fixed_set_accuracy, train_labeled_arm, versus_labeled
 
 from tao_pipeline.cli.runner import run_round
-from tao_pipeline.data.ingest import load_prompts
 from tao_pipeline.data.lake import Lake
-from tao_pipeline.evaluation import Contender, evaluate
-from tao_pipeline.evaluation.labels import load_labels
-from tao_pipeline.evaluation.significance import accuracy_test, format_p, proportion_interval
 from tao_pipeline.evaluation.verdict import VERDICTS_TABLE, RoundVerdict
 from tao_pipeline.registry import ModelStore
-from tao_pipeline.scoring import build_scorer
 from tao_pipeline.settings import load_settings
 
 
@@ -62,6 +58,20 @@ def main() -> None:
         table.append(round_row(settings, report.round_id, heldout, report.seconds))
         show("rounds so far (accuracy on the fixed held-out set)", pd.DataFrame(table))
     print(f"\nall rounds: {(time.perf_counter() - started) / 60:.1f} min")
+    against_labeled(settings, home, [row["round"] for row in table], heldout)
+
+
+def against_labeled(settings, home: Path, round_ids: list[str], heldout: pd.DataFrame) -> None:
+    """The champion after every round against the labeled arm: SFT of the base model on the gold answers of
+    every train prompt the rounds saw, with as many steps as the rounds took together."""
+    name, weights, examples = train_labeled_arm(settings, round_ids, home / "labeled")
+    store = ModelStore(settings.models_dir)
+    champion = store.champion(settings.model)
+    base = store.ancestors(champion.version_id)[-1]
+    arms = {"champion": (champion.version_id, champion.path), f"labeled SFT ({examples} gold answers)": (name, weights)}
+    accuracy = fixed_set_accuracy(settings, heldout, base.version_id, arms, store)
+    show("the champion after every round and the labeled arm (fixed held-out set)", pd.DataFrame([accuracy]))
+    print("\n" + versus_labeled(settings, heldout, arms["champion"], (name, weights)))
 
 
 def split_logs(home: Path, parts: int) -> list[Path]:
@@ -76,15 +86,6 @@ def split_logs(home: Path, parts: int) -> list[Path]:
         path.write_text("\n".join(lines[part * size : (part + 1) * size]) + "\n", encoding="utf-8")
         paths.append(path)
     return paths
-
-
-def fixed_heldout() -> pd.DataFrame:
-    """Every labeled held-out prompt of the demo logs: the same yardstick after each round."""
-    settings = load_settings(DEMO)
-    prompts = load_prompts(settings.data.logs, settings.data).prompts
-    labels = load_labels(settings.data.labels)
-    heldout = prompts[prompts["split"] == "heldout"]
-    return heldout[heldout["prompt"].str.strip().isin(labels)].reset_index(drop=True)
 
 
 def round_row(settings, round_id: str, heldout: pd.DataFrame, seconds: float) -> dict:
@@ -116,28 +117,6 @@ def round_row(settings, round_id: str, heldout: pd.DataFrame, seconds: float) ->
         **accuracy,
         "champion_after": champion.version_id,
     }
-
-
-def fixed_set_accuracy(settings, heldout, base_id: str, models: dict, store: ModelStore) -> dict:
-    """Greedy accuracy of the base model and each model on the fixed held-out set (cached generations)."""
-    # Greedy answers are all this needs: no base samples, the smallest reference pool for the outcome.
-    evaluation = settings.evaluation.model_copy(update={"test_time_k": 0, "pool_samples": 1})
-    settings = settings.model_copy(update={"evaluation": evaluation})
-    scorer, labels = build_scorer(settings.scoring, settings.cache_dir), load_labels(settings.data.labels)
-    base = Contender(base_id, store.get(base_id).path)
-    confidence = settings.evaluation.confidence
-    row: dict = {}
-    for name, model in models.items():
-        if model is None:
-            continue
-        rows = evaluate(heldout, base, Contender(*model), scorer, labels, settings)
-        test = accuracy_test(rows["champion_correct"], rows["challenger_correct"], confidence)
-        if "base" not in row:
-            row["base"] = f"{test.champion:.3f} {test.champion_interval}"
-        hits = int(rows["challenger_correct"].dropna().astype(bool).sum())
-        row[name] = f"{test.challenger:.3f} {proportion_interval(hits, test.n, confidence)}"
-        row[f"{name}-base"] = f"{test.difference:+.3f} {test.difference_interval} p={format_p(test.mcnemar_p)}"
-    return row
 
 
 def all_agree_share(lake: Lake, round_id: str) -> float:

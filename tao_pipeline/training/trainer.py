@@ -228,17 +228,19 @@ class ThreadsFollowTheLoad(TrainerCallback):
 
 
 class LossProgressBar(TrainerCallback):
-    """A progress bar with the live DPO loss and reward margin, instead of a printed dict per step."""
+    """A progress bar with the live loss (and DPO's reward margin), instead of a printed dict per step."""
 
-    def __init__(self):
+    def __init__(self, desc: str = "dpo"):
+        self.desc = desc
         self.bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc="dpo", unit="step")
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", margin=f"{logs.get('rewards/margins', 0.0):.3f}")
+            margin = {"margin": f"{logs['rewards/margins']:.3f}"} if "rewards/margins" in logs else {}
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", **margin)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
