@@ -20,6 +20,13 @@ from tao_pipeline.serving.server import build_server
 from tao_pipeline.settings import TaoSettings, load_settings
 
 
+def jsonl_lines(path: Path) -> list[str]:
+    """A served log file's lines as ingestion reads them: each ends at "\\n" only. ``str.splitlines`` would also
+    cut at U+2028, U+0085 and the like, which an answer may hold raw (JSON escapes only control characters)."""
+    with path.open(encoding="utf-8", newline="\n") as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

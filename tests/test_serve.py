@@ -21,7 +21,7 @@ from tao_pipeline.registry import ModelStore
 from tao_pipeline.serving.request_log import RequestLog, recover_partial_files
 from tao_pipeline.serving.server import ServeRefused, build_server, is_loopback
 from tests.helpers import build_tiny_model
-from tests.serve_helpers import free_port, load, register_checkpoint, running_server, serve_config
+from tests.serve_helpers import free_port, jsonl_lines, load, register_checkpoint, running_server, serve_config
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def client_for(server, key: str = "none", **options) -> openai.OpenAI:
 def inbox_rows(server) -> list[dict]:
     server.app.state.request_log.flush()
     files = sorted(server.settings.inbox_dir.glob("serve-*.jsonl"))
-    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    return [json.loads(line) for path in files for line in jsonl_lines(path)]
 
 
 def test_chat_completion_names_the_version_in_the_body_and_the_header(server, base):
@@ -223,7 +223,7 @@ def test_a_log_file_is_handed_over_whole_and_a_dead_servers_file_is_recovered(tm
     assert len(list(inbox.glob("serve-*.jsonl"))) == 2 and len(list(inbox.glob(".serve-*.partial"))) == 1
     log.close()
     files = sorted(inbox.glob("serve-*.jsonl"))
-    assert sum(len(path.read_text().splitlines()) for path in files) == 7 and not list(inbox.glob(".*"))
+    assert sum(len(jsonl_lines(path)) for path in files) == 7 and not list(inbox.glob(".*"))
 
     # A server killed in the middle of a line: its file comes back without the broken line.
     dead = inbox / ".serve-999999999-1.jsonl.partial"

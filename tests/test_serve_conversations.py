@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from tests.serve_helpers import load, running_server, serve_config
+from tests.serve_helpers import jsonl_lines, load, running_server, serve_config
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -36,7 +36,7 @@ def rows_of(server, completion_id: str) -> list[dict]:
     """The inbox rows logged under one completion id, in choice order."""
     server.app.state.request_log.flush()
     files = sorted(server.settings.inbox_dir.glob("serve-*.jsonl"))
-    rows = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for path in files for line in jsonl_lines(path)]
     return sorted(
         (row for row in rows if row["id"] == completion_id), key=lambda r: r["response"]["choices"][0]["index"]
     )

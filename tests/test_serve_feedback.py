@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from tests.serve_helpers import load, running_server, serve_config
+from tests.serve_helpers import jsonl_lines, load, running_server, serve_config
 
 KEY = "feedback-test-key"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
@@ -38,7 +38,7 @@ def post(server, body, key: str | None = KEY) -> httpx.Response:
 
 def inbox_rows(server) -> list[dict]:
     files = sorted(server.settings.inbox_dir.glob("serve-*.jsonl"))
-    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    return [json.loads(line) for path in files for line in jsonl_lines(path)]
 
 
 def wait_for_row(server, ident: str, seconds: float = 15.0) -> dict:

@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from tests.serve_helpers import load, raw_exchange, running_server, serve_config
+from tests.serve_helpers import jsonl_lines, load, raw_exchange, running_server, serve_config
 
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
 # The tiny model writes its 400 tokens with this seed (checked by LONG's own test): a request that stays busy.
@@ -271,7 +271,7 @@ def test_a_request_past_its_deadline_gets_504_and_stops_costing(tmp_path, tiny_m
 
 def logged_rows(server) -> int:
     server.app.state.request_log.flush()
-    return sum(len(path.read_text().splitlines()) for path in server.settings.inbox_dir.glob("serve-*.jsonl"))
+    return sum(len(jsonl_lines(path)) for path in server.settings.inbox_dir.glob("serve-*.jsonl"))
 
 
 def test_a_client_that_hangs_up_is_cancelled_and_not_logged(tmp_path, tiny_model_dir):

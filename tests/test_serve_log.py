@@ -24,7 +24,7 @@ from tao_pipeline.cli import main
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.serving import request_log as request_log_module
 from tao_pipeline.serving.request_log import RequestLog
-from tests.serve_helpers import load, running_server, serve_config
+from tests.serve_helpers import jsonl_lines, load, running_server, serve_config
 
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -34,7 +34,7 @@ def served_files(inbox: Path) -> list[Path]:
 
 
 def rows_in(inbox: Path) -> list[dict]:
-    return [json.loads(line) for path in served_files(inbox) for line in path.read_text().splitlines()]
+    return [json.loads(line) for path in served_files(inbox) for line in jsonl_lines(path)]
 
 
 def ingest(config: Path) -> int:
@@ -231,7 +231,7 @@ def test_a_killed_writers_partial_is_recovered_without_its_cut_line(tmp_path):
     log = RequestLog(inbox)
     [recovered] = log.start()
     log.close()
-    assert [json.loads(line)["id"] for line in recovered.read_text().splitlines()] == ["0", "1", "2", "3", "4"]
+    assert [json.loads(line)["id"] for line in jsonl_lines(recovered)] == ["0", "1", "2", "3", "4"]
 
 
 def test_recovery_leaves_links_hard_links_folders_and_fifos_alone(tmp_path, tiny_model_dir):
@@ -267,3 +267,34 @@ def test_recovery_leaves_links_hard_links_folders_and_fifos_alone(tmp_path, tiny
     assert (inbox / ".serve-h-1-aa-1.jsonl.partial").is_symlink()
     assert os.stat(other).st_nlink == 2 and (inbox / ".serve-h-1-cc-1.jsonl.partial").is_dir()
     assert [row["id"] for row in rows_in(inbox)] == ["dead"]
+
+
+def test_an_answer_with_unicode_line_separators_is_logged_and_read_back_as_one_row(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped (they are not control characters), and a model may write
+    them; `str.splitlines` would cut the logged line there. The log keeps one line per row, and ingestion (which
+    ends lines at "\\n" only) reads it back whole."""
+    from tao_pipeline.data.ingest import load_prompts
+    from tao_pipeline.settings import DataSettings
+
+    prompt, answer = "What is 2 + 2?\u2028Reply\x85briefly.", "4\u2029"
+    log = RequestLog(tmp_path / "inbox", roll_rows=100, roll_seconds=3600)
+    log.start()
+    try:
+        assert log.write(
+            {
+                "id": "chatcmpl-sep",
+                "request": {"model": "tao", "messages": [{"role": "user", "content": prompt}]},
+                "response": {"id": "chatcmpl-sep", "object": "chat.completion", "created": 0, "model": "v1",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": answer}}]},
+                "model_version": "v1",
+            }
+        )  # fmt: skip
+        log.flush()
+    finally:
+        log.close()
+    [path] = served_files(tmp_path / "inbox")
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 4  # what a naive reader would see
+    assert [row["id"] for row in rows_in(tmp_path / "inbox")] == ["chatcmpl-sep"]
+    batch = load_prompts([path], DataSettings())
+    assert batch.quarantine.empty and batch.prompts["prompt"].tolist() == [prompt]
