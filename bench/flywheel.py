@@ -520,8 +520,9 @@ def _rows(bench: Bench) -> dict[str, int]:
     logged = {"answers": 0, "shadow answers": 0, "feedback": 0}
     for folder in (inbox, inbox / "processed"):
         for path in sorted(folder.glob("serve-*.jsonl")) if folder.is_dir() else []:
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
+            with path.open(encoding="utf-8", newline="\n") as handle:  # lines end at "\n" only, as ingestion reads
+                rows = [json.loads(line) for line in handle if line.strip()]
+            for row in rows:
                 shadow = row.get("live_arm") == "shadow"
                 logged["feedback" if "feedback" in row else "shadow answers" if shadow else "answers"] += 1
     figures = {**logged, "ingested": -1, "quarantined": -1, "distinct": -1, "feedback ingested": -1}
