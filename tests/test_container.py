@@ -102,3 +102,28 @@ def test_a_bad_setting_or_a_missing_database_url_stops_the_container_in_one_line
     assert nothing.returncode == 2 and "usage: tao-entrypoint" in nothing.stderr
     unknown = entrypoint(installed, home, "no-such-command-here")
     assert unknown.returncode == 127 and "cannot run 'no-such-command-here'" in unknown.stderr
+
+
+def test_under_the_dagster_chart_every_process_opens_the_chart_s_instance_untouched(installed, tmp_path):
+    """storage.platform_instance: the chart mounts its dagster.yaml (Postgres, the K8sRunLauncher) at $DAGSTER_HOME in
+    the run pods; tao must open that one, not write its own under the home and point $DAGSTER_HOME there."""
+    home, platform = tmp_path / "data" / "tao", tmp_path / "opt" / "dagster_home"
+    platform.mkdir(parents=True)
+    theirs = "telemetry:\n  enabled: false\nrun_launcher:\n  module: dagster\n  class: DefaultRunLauncher\n"
+    (platform / "dagster.yaml").write_text(theirs)
+    settings = tmp_path / "etc" / "tao.toml"  # as the chart's ConfigMap mounts it
+    settings.parent.mkdir()
+    settings.write_text("[storage]\nplatform_instance = true\n")
+    chart = {"TAO_CONFIG": str(settings), "DAGSTER_HOME": str(platform)}
+    show = "import os; print(os.environ['DAGSTER_HOME'])"
+    where = entrypoint(installed, home, sys.executable, "-c", show, **chart)
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.strip() == str(platform) and (platform / "dagster.yaml").read_text() == theirs
+    assert not (home / "dagster").exists()
+
+    doctor = entrypoint(installed, home, sys.executable, "-m", "tao_pipeline.cli", "doctor", **chart)
+    assert f"the platform's instance at {platform} (SQLite files; DefaultRunLauncher), left as it is" in doctor.stdout
+
+    unset = {"TAO_CONFIG": str(settings)}
+    doctor = entrypoint(installed, home, sys.executable, "-m", "tao_pipeline.cli", "doctor", **unset)
+    assert doctor.returncode != 0 and "storage.platform_instance is set but $DAGSTER_HOME is not" in doctor.stdout

@@ -6,6 +6,9 @@ from the environment by Dagster and never written. tests/test_flywheel_live.py r
 daemon killed mid-round, retries) against it too.
 """
 
+import json
+import os
+
 import dagster as dg
 import pytest
 
@@ -109,3 +112,25 @@ def test_doctor_checks_the_postgres_instance_without_showing_its_url(tiny_config
     [finding] = [f for f in diagnose(settings) if f.area == "dagster"]
     assert not finding.ok and finding.detail.startswith(f"Postgres at ${URL_ENV}: ")
     assert "s3cret-pw" not in finding.detail and "\n" not in finding.detail
+
+
+def test_a_round_runs_on_the_platform_s_instance_untouched_with_its_run_tags(tiny_config, on_postgres, tmp_path):
+    """Under the Dagster Helm chart: the chart's dagster.yaml (Postgres) at $DAGSTER_HOME, storage.platform_instance,
+    and the round's run tags from the settings (a GPU for the run's pod)."""
+    platform = tmp_path / "chart-instance"
+    platform.mkdir()
+    theirs = f"storage:\n  postgres:\n    postgres_url:\n      env: {URL_ENV}\ntelemetry:\n  enabled: false\n"
+    (platform / "dagster.yaml").write_text(theirs)
+    overrides = ["storage.platform_instance=true", "flywheel.round_run_tags={ 'dagster-k8s/config' = { a = 'b' } }"]
+    os.environ["DAGSTER_HOME"] = str(platform)  # as the chart sets it in the pod (on_postgres restores it)
+    settings = load_settings(tiny_config, overrides)
+    assert prepare_dagster_home(settings) == platform
+    with dg.DagsterInstance.get() as instance:
+        _wipe(instance)
+    report = run_round(str(tiny_config), overrides, echo=lambda *_: None)
+    assert report.completed, report.failure
+    assert (platform / "dagster.yaml").read_text() == theirs and not (settings.home / "dagster").exists()
+    with dg.DagsterInstance.get() as instance:
+        [run] = instance.get_runs(dg.RunsFilter(job_name="tao_round"))
+        assert json.loads(run.tags["dagster-k8s/config"]) == {"a": "b"}
+    assert not list(platform.glob("**/*.db")), "the round's runs went to the platform's Postgres"

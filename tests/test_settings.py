@@ -342,3 +342,24 @@ def test_section_classes_compose():
     assert settings.generation.num_samples == 2
     with pytest.raises(ValidationError):
         DataSettings(unknown=1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["flywheel.round_run_tags={ 'dagster/max_retries' = '9' }"], "set by tao itself"),
+        (["flywheel.round_run_tags={ 'tao/orphaned' = 'no' }"], "set by tao itself"),
+        (["flywheel.round_run_tags={ when = 1979-05-27 }"], "a string or a table, not date"),
+        (["storage.platform_instance=true", "storage.postgres_url_env='DB_URL'"], "unset postgres_url_env"),
+    ],
+)
+def test_deployment_settings_that_cannot_work_are_refused_naming_why(overrides, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(None, overrides)
+
+
+def test_the_platform_instance_is_dagster_home_as_the_platform_set_it(monkeypatch, tmp_path):
+    settings = load_settings(None, ["storage.platform_instance=true"])
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "chart"))
+    assert settings.dagster_home == tmp_path / "chart"
+    assert load_settings(None, []).dagster_home == tmp_path / "env-home" / "dagster"

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tao_pipeline.cli.instance import InstanceConfigError, is_tao_config, postgres_url
+import yaml
+
+from tao_pipeline.cli.errors import one_line
+from tao_pipeline.cli.instance import InstanceConfigError, is_tao_config, platform_home, postgres_url
 from tao_pipeline.common.safe_files import shown
 from tao_pipeline.data.ingest import scan_inbox
 from tao_pipeline.data.ingest.inbox import ingested_digests
@@ -107,6 +110,8 @@ def _registry(settings: TaoSettings) -> list[Finding]:
 
 
 def _instance(settings: TaoSettings) -> list[Finding]:
+    if settings.storage.platform_instance:
+        return [_platform_instance()]
     try:
         url = postgres_url(settings)
     except InstanceConfigError as error:
@@ -124,6 +129,26 @@ def _instance(settings: TaoSettings) -> list[Finding]:
     if not is_tao_config(config):
         return [Finding("dagster", True, f"instance at {settings.dagster_home}: your own dagster.yaml, left as it is")]
     return [Finding("dagster", True, f"instance at {settings.dagster_home}: {storage}, run monitoring and retries on")]
+
+
+def _platform_instance() -> Finding:
+    """The platform's instance (storage.platform_instance): where it is, its storage and run launcher."""
+    try:
+        home = platform_home()
+    except InstanceConfigError as error:
+        return Finding("dagster", False, str(error), "set DAGSTER_HOME, or unset storage.platform_instance")
+    config = home / "dagster.yaml"
+    if not config.is_file():
+        return Finding("dagster", False, f"the platform's instance: no dagster.yaml at {home}",
+                       "mount the instance there (the Dagster Helm chart's instance ConfigMap)")  # fmt: skip
+    try:
+        instance = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        return Finding("dagster", False, f"the platform's {config}: {one_line(error)}", "fix the file")
+    storage = ", ".join(sorted(key for key in ("storage", "run_storage", "event_log_storage") if key in instance))
+    launcher = (instance.get("run_launcher") or {}).get("class", "DefaultRunLauncher")
+    return Finding("dagster", True, f"the platform's instance at {home} ({storage or 'SQLite files'}; {launcher}), "
+                   "left as it is")  # fmt: skip
 
 
 def _postgres_problem(url: str) -> str | None:

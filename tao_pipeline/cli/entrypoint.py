@@ -3,7 +3,8 @@
 Every process of a deployment (the code location's gRPC server, the webserver, the daemon, a run pod,
 `tao serve`) starts through it, so they all open the same instance (``$DAGSTER_HOME/dagster.yaml``, with
 Postgres when ``storage.postgres_url_env`` is set) and fail at once, in one line, on a bad setting or a
-missing database URL instead of later inside a run.
+missing database URL instead of later inside a run. Under the Dagster Helm chart (storage.platform_instance) the
+instance is the chart's, mounted at ``$DAGSTER_HOME``: the settings are still checked, the instance left alone.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     try:
-        prepare_dagster_home(SettingsSource.from_environment().load())
+        settings = SettingsSource.from_environment().load()
+        if not settings.storage.platform_instance:  # the platform's instance is left to the platform (Helm chart)
+            prepare_dagster_home(settings)
     except Exception as error:  # noqa: BLE001 - one line, never a traceback, before anything starts
         print(f"tao-entrypoint: {one_line(error)}", file=sys.stderr)
         return 1

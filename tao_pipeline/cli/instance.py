@@ -82,8 +82,11 @@ def postgres_url(settings: TaoSettings) -> str | None:
 
 def prepare_dagster_home(settings: TaoSettings) -> Path:
     """Write ``<home>/dagster/dagster.yaml`` from the settings (unless it is a user's own) and point
-    ``$DAGSTER_HOME`` at it, so that everything this process starts opens the same instance."""
+    ``$DAGSTER_HOME`` at it, so that everything this process starts opens the same instance. With
+    storage.platform_instance, the platform's ``$DAGSTER_HOME`` instead, untouched."""
     postgres_url(settings)
+    if settings.storage.platform_instance:
+        return platform_home()
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
@@ -95,6 +98,17 @@ def prepare_dagster_home(settings: TaoSettings) -> Path:
         temporary.replace(config)  # a daemon reading it meanwhile sees the old file or the new one, never half
     os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def platform_home() -> Path:
+    """$DAGSTER_HOME as the platform set it (storage.platform_instance), left as it is; one line if it is unset."""
+    folder = os.environ.get("DAGSTER_HOME", "")
+    if not folder:
+        raise InstanceConfigError(
+            "storage.platform_instance is set but $DAGSTER_HOME is not: set it to the folder holding the platform's "
+            "dagster.yaml (the Dagster Helm chart sets it in every pod)"
+        )
+    return Path(folder)
 
 
 def is_tao_config(path: Path) -> bool:

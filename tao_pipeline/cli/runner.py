@@ -23,6 +23,7 @@ from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import decide_next_round
 from tao_pipeline.definitions import load_definitions
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, MIRROR_JOB, ROUND_JOB, ROUNDS
+from tao_pipeline.defs.jobs import round_run_tags
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
 from tao_pipeline.registry.policy import live_status
 from tao_pipeline.registry.store import ModelStore
@@ -207,7 +208,11 @@ def run_round(
             raise NothingNewError(f"there is no round {rerun!r} to rerun")
         echo(f"{round_id}: " + ("re-materializing" if rerun else f"tuning {champion.version_id}"))
         result = definitions.resolve_job_def(ROUND_JOB).execute_in_process(
-            instance=instance, partition_key=round_id, run_config=run_config(source), raise_on_error=False
+            instance=instance,
+            partition_key=round_id,
+            run_config=run_config(source),
+            tags=round_run_tags(settings.flywheel.round_run_tags),  # this round's settings, not the process's
+            raise_on_error=False,
         )
         stages = stage_timings(instance, result.run_id)
         warnings = run_warnings(instance, result.run_id)

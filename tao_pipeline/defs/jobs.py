@@ -1,21 +1,40 @@
 """The two jobs the automation launches, and the code location's executor."""
 
+import json
+from collections.abc import Mapping
+from typing import Any
+
 import dagster as dg
 
 from tao_pipeline.defs.constants import INGEST_JOB, INGEST_STAGE, INGESTION_GROUP, ROUND_GROUP, ROUND_JOB, STAGE_TAG
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
+from tao_pipeline.defs.resources import startup_settings
 
 # A round whose process was lost (killed with the daemon, out of memory, a reboot, a run that never started) is
 # re-executed by Dagster's run retries from the stage it lost, reusing every cached shard; never one that failed
 # on its own error (the instance sets retry_on_asset_or_op_failure: false). See cli/instance.py.
 ROUND_RETRIES = 2
-tao_round_job = dg.define_asset_job(
-    ROUND_JOB,
-    selection=dg.AssetSelection.groups(ROUND_GROUP),
-    partitions_def=rounds_partitions,
-    tags={"dagster/max_retries": str(ROUND_RETRIES), "dagster/retry_strategy": "FROM_FAILURE"},
-    description="One TAO round: prompts -> candidates -> scores -> pairs -> DPO -> evaluation -> promotion.",
-)
+ROUND_TAGS = {"dagster/max_retries": str(ROUND_RETRIES), "dagster/retry_strategy": "FROM_FAILURE"}
+
+
+def round_run_tags(extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """A round run's tags: flywheel.round_run_tags (a table as JSON, as Dagster reads it), then tao's own."""
+    encoded = {key: value if isinstance(value, str) else json.dumps(value) for key, value in (extra_tags or {}).items()}
+    return {**encoded, **ROUND_TAGS}
+
+
+def round_job(extra_tags: Mapping[str, Any] | None = None):
+    """The round job, with flywheel.round_run_tags (e.g. a GPU for the run's pod on Kubernetes) on every run."""
+    return dg.define_asset_job(
+        ROUND_JOB,
+        selection=dg.AssetSelection.groups(ROUND_GROUP),
+        partitions_def=rounds_partitions,
+        tags=round_run_tags(extra_tags),
+        description="One TAO round: prompts -> candidates -> scores -> pairs -> DPO -> evaluation -> promotion.",
+    )
+
+
+tao_round_job = round_job()
 ingest_job = dg.define_asset_job(
     INGEST_JOB,
     selection=dg.AssetSelection.groups(INGESTION_GROUP),
@@ -29,4 +48,5 @@ ingest_job = dg.define_asset_job(
 def jobs() -> dg.Definitions:
     # One process per run, as `tao round` does: with Dagster's default (a process per step) every
     # step would import torch and load a model again. Heavy steps are serialized by the gpu pool.
-    return dg.Definitions(jobs=[tao_round_job, ingest_job], executor=dg.in_process_executor)
+    tags = startup_settings().flywheel.round_run_tags
+    return dg.Definitions(jobs=[round_job(tags), ingest_job], executor=dg.in_process_executor)

@@ -17,6 +17,8 @@ from tao_pipeline.settings.vocabulary import check_scoring_names
 
 EMBEDDED_MODEL = "embedded"
 _DAY_S = 86_400.0  # the longest wait or timeout any setting may ask for
+# Run tags tao sets on a round itself (defs/jobs.py, defs/orphans.py); flywheel.round_run_tags may not replace them.
+RESERVED_ROUND_TAGS = ("dagster/max_retries", "dagster/retry_strategy", "dagster/partition")
 
 
 class _Section(BaseModel):
@@ -485,7 +487,23 @@ class FlywheelSettings(_Section):
         description="Ingest runs (one per inbox file) in progress at once; more wait in Dagster's run queue. Each "
         "starts a process: many at once on a small machine thrash until they time out at start.",
     )
+    round_run_tags: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Tags on every round run (the sensors', the schedule's and one launched in the UI), e.g. "
+        '{"dagster-k8s/config" = {container_config = {resources = {limits = {"nvidia.com/gpu" = "1"}}}}} to give '
+        "the run's pod a GPU under the K8sRunLauncher; a table is passed as JSON, as Dagster's run tags are.",
+    )
     table_source: TableSourceSettings | None = None
+
+    @field_validator("round_run_tags")
+    @classmethod
+    def _round_run_tags(cls, tags: dict[str, Any]) -> dict[str, Any]:
+        for key, value in tags.items():
+            if key in RESERVED_ROUND_TAGS or key.startswith("tao/"):
+                raise ValueError(f"{key!r} is set by tao itself (the round's run retries); it cannot be replaced")
+            if not isinstance(value, str | int | float | bool | dict | list):
+                raise ValueError(f"{key!r}: a tag is a string or a table, not {type(value).__name__}")
+        return tags
 
     @field_validator("schedule_cron")
     @classmethod
@@ -649,12 +667,27 @@ class StorageSettings(_Section):
         "schedules, sensor cursors) lives in that database instead of SQLite files under <home>/dagster, so "
         "`tao ui`, `tao round`, the daemon, the runs and `tao serve` share it across machines.",
     )
+    platform_instance: bool = Field(
+        False,
+        description="The Dagster instance belongs to the platform: every process opens $DAGSTER_HOME as it is (the "
+        "Dagster Helm chart mounts its instance there: Postgres, the K8sRunLauncher, run monitoring) and tao writes "
+        "no dagster.yaml of its own. Off: the instance is <home>/dagster, written from these settings.",
+    )
     lake_mirror_url: str | None = Field(
         None,
         pattern=r"^s3://[^/]+/.+",
         description="s3://bucket/prefix: after each round the lake's Parquet files that changed are uploaded "
         "there (credentials and endpoint from the standard AWS environment); query them with DuckDB's httpfs.",
     )
+
+    @model_validator(mode="after")
+    def _one_instance(self) -> StorageSettings:
+        if self.platform_instance and self.postgres_url_env:
+            raise ValueError(
+                "postgres_url_env and platform_instance are both set: the platform's dagster.yaml names the database, "
+                "so unset postgres_url_env"
+            )
+        return self
 
 
 class CostSettings(_Section):
@@ -801,6 +834,9 @@ class TaoSettings(_Section):
 
     @property
     def dagster_home(self) -> Path:
+        """The Dagster instance's folder: the platform's $DAGSTER_HOME (storage.platform_instance) or <home>/dagster."""
+        if self.storage.platform_instance:
+            return Path(os.environ.get("DAGSTER_HOME") or "/opt/dagster/dagster_home")
         return self.home / "dagster"
 
     @property
