@@ -201,3 +201,18 @@ def test_round_run_tags_reach_the_round_job_as_dagster_run_tags(tmp_path, monkey
     assert tags["team"] == "ml" and json.loads(tags["dagster-k8s/config"]) == gpu
     assert tags["dagster/max_retries"] == "2"  # tao's own tags stay
     assert load_definitions().resolve_job_def("ingest_usage_logs").tags.get("dagster-k8s/config") is None
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [("{ container_confg = {} }", '"container_confg"'), ("{ container_config = { resourcez = 1 } }", "resourcez")],
+)
+def test_a_mistyped_kubernetes_config_stops_the_round_before_it_starts_naming_the_setting(tiny_config, config, problem):
+    """The K8sRunLauncher would reject it only when it starts the round's pod; dagster-k8s checks it at load."""
+    from tao_pipeline.cli.runner import run_round
+    from tao_pipeline.settings import SettingsError
+
+    tags = f"flywheel.round_run_tags={{ 'dagster-k8s/config' = {config} }}"
+    with pytest.raises(SettingsError, match=rf"flywheel.round_run_tags\['dagster-k8s/config'\].*{problem}"):
+        run_round(str(tiny_config), [tags], echo=lambda *_: None)
+    assert not (tiny_config.parent / "home" / "lake").exists()  # nothing ingested, no round opened

@@ -121,7 +121,8 @@ def test_a_round_runs_on_the_platform_s_instance_untouched_with_its_run_tags(tin
     platform.mkdir()
     theirs = f"storage:\n  postgres:\n    postgres_url:\n      env: {URL_ENV}\ntelemetry:\n  enabled: false\n"
     (platform / "dagster.yaml").write_text(theirs)
-    overrides = ["storage.platform_instance=true", "flywheel.round_run_tags={ 'dagster-k8s/config' = { a = 'b' } }"]
+    gpu = "{ container_config = { resources = { limits = { 'nvidia.com/gpu' = '1' } } } }"
+    overrides = ["storage.platform_instance=true", f"flywheel.round_run_tags={{ 'dagster-k8s/config' = {gpu} }}"]
     os.environ["DAGSTER_HOME"] = str(platform)  # as the chart sets it in the pod (on_postgres restores it)
     settings = load_settings(tiny_config, overrides)
     assert prepare_dagster_home(settings) == platform
@@ -132,5 +133,6 @@ def test_a_round_runs_on_the_platform_s_instance_untouched_with_its_run_tags(tin
     assert (platform / "dagster.yaml").read_text() == theirs and not (settings.home / "dagster").exists()
     with dg.DagsterInstance.get() as instance:
         [run] = instance.get_runs(dg.RunsFilter(job_name="tao_round"))
-        assert json.loads(run.tags["dagster-k8s/config"]) == {"a": "b"}
+        resources = json.loads(run.tags["dagster-k8s/config"])["container_config"]["resources"]
+        assert resources == {"limits": {"nvidia.com/gpu": "1"}}
     assert not list(platform.glob("**/*.db")), "the round's runs went to the platform's Postgres"

@@ -197,6 +197,7 @@ def run_round(
     source = SettingsSource(config_file, tuple(overrides or ()))
     settings = source.load()
     check_scorers(settings.scoring, settings.cache_dir)  # a bad scorer option fails now, not after generation
+    tags = round_run_tags(settings.flywheel.round_run_tags)  # so does a bad Kubernetes config for the run's pod
     prepare_dagster_home(settings)
     champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
     started = time.perf_counter()
@@ -211,7 +212,7 @@ def run_round(
             instance=instance,
             partition_key=round_id,
             run_config=run_config(source),
-            tags=round_run_tags(settings.flywheel.round_run_tags),  # this round's settings, not the process's
+            tags=tags,  # from this round's settings, not those the code location was loaded with
             raise_on_error=False,
         )
         stages = stage_timings(instance, result.run_id)
