@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 APT_GET := DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: setup browser postgres demo lint test test-full test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-threads bench-serve gpu-wheels gpu-check clean
+.PHONY: setup browser postgres demo lint test test-full test-fast test-ui ui serve bench bench-quality bench-incremental bench-ingest bench-flywheel bench-rounds bench-compute bench-recipe bench-threads bench-serve gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,9 @@ bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with
 
 bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2): accuracy with intervals, the curve as a PNG
 	$(PY) bench/compute.py --set data.max_prompts=96
+
+bench-recipe: setup     # DPO recipes (fp32, learning rate, beta, epochs) on one round's pairs, each vs the default (~35 min)
+	$(PY) bench/recipe.py
 
 bench-threads: setup    # sampling and DPO steps with 0-2 busy processes (nice 0 and 19) per torch thread setting (~1 hour)
 	$(PY) bench/threads.py --json bench/results/threads.json

@@ -83,15 +83,20 @@ def train_labeled_arm(settings, round_ids: list[str], out: Path) -> tuple[str, P
     return name, weights, len(examples)
 
 
-def versus_labeled(settings, heldout: pd.DataFrame, tao: tuple[str, Path], labeled: tuple[str, Path]) -> str:
-    """One line: the TAO model's labeled accuracy minus the labeled arm's, paired on ``heldout``."""
+def paired_difference(settings, heldout: pd.DataFrame, first: tuple[str, Path], second: tuple[str, Path]) -> str:
+    """Labeled accuracy of ``second`` minus ``first`` (name, weights), paired on ``heldout``: the difference with
+    Newcombe's interval and McNemar's p."""
     rows = evaluate(
-        heldout, Contender(*labeled), Contender(*tao),
+        heldout, Contender(*first), Contender(*second),
         build_scorer(settings.scoring, settings.cache_dir), load_labels(settings.data.labels), settings, progress=False,
     )  # fmt: skip
     test = accuracy_test(rows["champion_correct"], rows["challenger_correct"], settings.evaluation.confidence)
-    verdict = "TAO behind the labeled arm" if test.difference < 0 else "TAO level with or ahead of the labeled arm"
-    return (
-        f"TAO {tao[0]} - labeled SFT: {test.difference:+.3f} {test.difference_interval} "
-        f"p={format_p(test.mcnemar_p)} ({verdict}; n = {test.n})"
-    )
+    return f"{test.difference:+.3f} {test.difference_interval} p={format_p(test.mcnemar_p)} (n = {test.n})"
+
+
+def versus_labeled(settings, heldout: pd.DataFrame, tao: tuple[str, Path], labeled: tuple[str, Path]) -> str:
+    """One line: the TAO model's labeled accuracy minus the labeled arm's, paired on ``heldout``."""
+    difference = paired_difference(settings, heldout, labeled, tao)
+    behind = difference.startswith("-")
+    verdict = "TAO behind the labeled arm" if behind else "TAO level with or ahead of the labeled arm"
+    return f"TAO {tao[0]} - labeled SFT: {difference} ({verdict})"
