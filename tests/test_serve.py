@@ -355,3 +355,31 @@ def test_a_proxy_started_before_its_upstream_answers_503_then_serves(tmp_path, t
                 time.sleep(0.2)
             answer = client_for(proxy).chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
             assert answer.model == base
+
+
+def test_the_version_just_swapped_in_is_served_by_name_before_the_registry_is_read_again(
+    tmp_path, tiny_model_dir, base, monkeypatch
+):
+    """/v1/models lists the new champion as soon as the engine has it; a proxy in front then names it. The registry
+    read that follows the swap may wait on a lock: meanwhile a request naming the new version must not get 404
+    (it did, in CI: a tao serve --engine proxy in front of a tao serve got 20 of 20 refused after a promotion)."""
+    settings = load(serve_config(tmp_path, tiny_model_dir))
+    other_weights = build_tiny_model(tmp_path / "other", seed=1)
+    with running_server(settings) as running:
+        register_checkpoint(settings, other_weights, "round-0001-dpo-cafe", parent=base)
+        held, read_versions = threading.Event(), ModelStore.versions
+
+        def versions_after_a_lock(store):  # the registry read after the swap, held up by another process's lock
+            held.wait(30)
+            return read_versions(store)
+
+        monkeypatch.setattr(ModelStore, "versions", versions_after_a_lock)
+        ModelStore(settings.models_dir).record_promotion("round-0001-dpo-cafe", "promote", "test: a round promoted it")
+        deadline = time.monotonic() + 10
+        while requests.get(running.root + "/health", timeout=5).json()["model_version"] != "round-0001-dpo-cafe":
+            assert time.monotonic() < deadline, "no swap within 10 s"
+            time.sleep(0.1)
+        listed = {model.id for model in client_for(running).models.list()}
+        answer = client_for(running).chat.completions.create(model="round-0001-dpo-cafe", messages=CHAT, max_tokens=2)
+        held.set()
+    assert "round-0001-dpo-cafe" in listed and answer.model == "round-0001-dpo-cafe"

@@ -64,8 +64,11 @@ class ChampionWatcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def knows(self, version_id: str) -> bool:
-        """A version this registry holds: a client may still name the champion it saw before a swap."""
-        return version_id in self._known
+        """A version this registry holds: a client may still name the champion it saw before a swap. The one this
+        server serves always: /v1/models lists it the moment it is swapped in, before the registry is read again
+        (a proxy in front names it from then on)."""
+        serving = self._engine.version if self._engine is not None else None
+        return version_id == serving or version_id in self._known
 
     def status(self) -> dict:
         return {"ready": self._started, "swaps": self.swap_count, "last_swap_error": self.last_error}
