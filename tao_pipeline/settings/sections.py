@@ -500,7 +500,7 @@ class FlywheelSettings(_Section):
     def _round_run_tags(cls, tags: dict[str, Any]) -> dict[str, Any]:
         for key, value in tags.items():
             if key in RESERVED_ROUND_TAGS or key.startswith("tao/"):
-                raise ValueError(f"{key!r} is set by tao itself (the round's run retries); it cannot be replaced")
+                raise ValueError(f"{key!r} is set by tao itself on every round run; it cannot be replaced")
             if not isinstance(value, str | int | float | bool | dict | list):
                 raise ValueError(f"{key!r}: a tag is a string or a table, not {type(value).__name__}")
         return tags
@@ -835,7 +835,7 @@ class TaoSettings(_Section):
     @property
     def dagster_home(self) -> Path:
         """The Dagster instance's folder: the platform's $DAGSTER_HOME (storage.platform_instance) or <home>/dagster."""
-        if self.storage.platform_instance:
+        if self.storage.platform_instance:  # unset: the Dagster chart's default (cli/instance.py says it is unset)
             return Path(os.environ.get("DAGSTER_HOME") or "/opt/dagster/dagster_home")
         return self.home / "dagster"
 
