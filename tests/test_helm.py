@@ -197,10 +197,11 @@ def test_round_run_tags_reach_the_round_job_as_dagster_run_tags(tmp_path, monkey
         "{ container_config = { resources = { limits = { 'nvidia.com/gpu' = '1' } } } } }\n"
     )
     monkeypatch.setenv("TAO_CONFIG", str(settings_file))
-    tags = load_definitions().resolve_job_def("tao_round").tags
+    definitions = load_definitions()
+    tags = definitions.resolve_job_def("tao_round").tags
     assert tags["team"] == "ml" and json.loads(tags["dagster-k8s/config"]) == gpu
     assert tags["dagster/max_retries"] == "2"  # tao's own tags stay
-    assert load_definitions().resolve_job_def("ingest_usage_logs").tags.get("dagster-k8s/config") is None
+    assert definitions.resolve_job_def("ingest_usage_logs").tags.get("dagster-k8s/config") is None
 
 
 @pytest.mark.parametrize(
