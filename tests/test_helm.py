@@ -78,6 +78,45 @@ def test_the_settings_the_chart_mounts_load_and_put_a_gpu_on_every_round_run(ren
     assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
+def _code_server_container_context(deployment: dict) -> dict:
+    """The container context the Dagster chart gives the code server (its helper k8sContainerContext, as rendered by
+    the 1.13 chart), which every run pod inherits with includeConfigInLaunchedRuns."""
+    return {
+        "env": deployment["env"],
+        "image_pull_policy": deployment["image"]["pullPolicy"],
+        "resources": deployment["resources"],
+        "volumes": deployment["volumes"],
+        "volume_mounts": deployment["volumeMounts"],
+        "run_k8s_config": {"pod_spec_config": {"security_context": deployment["podSecurityContext"]}},
+    }
+
+
+def test_a_round_pod_gets_a_gpu_and_memory_over_what_run_pods_inherit_and_an_ingest_pod_stays_small(
+    rendered, dagster_values, tmp_path, monkeypatch
+):
+    """How the K8sRunLauncher builds a run's pod (dagster-k8s' own merge): the code server's context, then the run's
+    dagster-k8s/config tag. The round's tag must lift the memory limit, not only add a GPU under a 4Gi limit."""
+    from dagster_k8s.container_context import K8sContainerContext
+    from dagster_k8s.job import get_user_defined_k8s_config
+
+    from tao_pipeline.defs.jobs import round_run_tags
+
+    [deployment] = dagster_values["dagster-user-deployments"]["deployments"]
+    inherited = K8sContainerContext.create_from_config({"k8s": _code_server_container_context(deployment)})
+    settings_file = tmp_path / "tao.toml"
+    settings_file.write_text(rendered[("ConfigMap", f"{RELEASE}-settings")]["data"]["tao.toml"])
+    monkeypatch.setenv("TAO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    tags = round_run_tags(load_settings(settings_file).flywheel.round_run_tags)
+    round_pod = inherited.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(tags)))
+    container, ingest_container = round_pod.run_k8s_config.container_config, inherited.run_k8s_config.container_config
+    assert container["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    for kept in ("env", "volume_mounts"):  # the same home and settings
+        assert container[kept] == ingest_container[kept]
+    assert ingest_container["resources"] == {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+
+
 def test_tao_serve_runs_through_the_image_entrypoint_with_keys_probes_and_the_shared_home(rendered):
     container = serve_container(rendered)
     assert "command" not in container  # the image's ENTRYPOINT (tini, tao-entrypoint) stays in front
@@ -130,15 +169,26 @@ def test_the_dagster_values_run_tao_s_code_location_on_the_same_home_and_setting
     assert str(Path(mounts["tao-settings"]) / "tao.toml") == environment["TAO_CONFIG"]
     assert deployment["podSecurityContext"]["runAsUser"] == _dockerfile_uid()
     assert dagster_values["runLauncher"]["type"] == "K8sRunLauncher"
+    # No password in the values: the chart would create its Secret with its default one.
+    assert dagster_values["generatePostgresqlPasswordSecret"] is False
+    assert "postgresqlPassword" not in dagster_values["postgresql"]
+    assert dagster_values["postgresql"]["existingSecret"] == "dagster-postgresql-secret"  # the chart's default name
 
 
 def test_the_dagster_chart_s_instance_keeps_tao_s_retries_and_limits(dagster_values, tmp_path):
-    """The instance the chart writes from these values (its blocks for run monitoring and concurrency in Dagster's
-    format, plus additionalInstanceConfig as it is) loads in Dagster and retries, queues and limits as tao's own."""
+    """The instance the chart writes from these values (its blocks for run retries, run monitoring and concurrency,
+    in Dagster's format as the 1.13 chart's configmap-instance.yaml writes them) loads in Dagster and retries, queues
+    and limits as tao's own."""
+    retries = dagster_values["dagsterDaemon"]["runRetries"]
     monitoring = dagster_values["dagsterDaemon"]["runMonitoring"]
     concurrency = dagster_values["concurrency"]
+    assert "additionalInstanceConfig" not in dagster_values  # or the chart could write a block twice
     instance_yaml = {
-        **dagster_values["additionalInstanceConfig"],
+        "run_retries": {
+            "enabled": retries["enabled"],
+            **({"max_retries": retries["maxRetries"]} if retries["maxRetries"] else {}),  # the chart omits a 0
+            "retry_on_asset_or_op_failure": retries["retryOnAssetOrOpFailure"],
+        },
         "run_monitoring": {
             "enabled": monitoring["enabled"],
             "start_timeout_seconds": monitoring["startTimeoutSeconds"],
@@ -157,7 +207,6 @@ def test_the_dagster_chart_s_instance_keeps_tao_s_retries_and_limits(dagster_val
             },
         },
     }
-    assert not dagster_values["dagsterDaemon"]["runRetries"]["enabled"]  # or the chart writes run_retries twice
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml))
     platform = dg.DagsterInstance.from_config(str(tmp_path))
     defaults = TaoSettings(home=tmp_path / "home")
