@@ -140,7 +140,7 @@ def lake_writer(root: str, writer: int, start_flag: str) -> dict:
     """Rewrite this writer's partitions of the shared tables; now and then start a table of its own."""
     _wait_for_start(start_flag)
     lake = Lake(root)
-    slowest = 0.0
+    slowest, unseen = 0.0, []
     for version in range(WRITES_PER_WRITER):
         partition = f"w{writer}-p{version % PARTITIONS_PER_WRITER}"
         tables = list(SHARED_TABLES)
@@ -150,8 +150,10 @@ def lake_writer(root: str, writer: int, start_flag: str) -> dict:
             started = time.perf_counter()
             lake.write(table, partition, partition_frame(table, writer, partition, version))
             slowest = max(slowest, time.perf_counter() - started)
+            if not lake.view_is_current(table):  # read after write, from a new connection
+                unseen.append(table)
         time.sleep(0.1)  # a step's pace: writes come between stretches of work
-    return {"slowest_write_s": slowest}
+    return {"slowest_write_s": slowest, "views_unseen_after_write": unseen}
 
 
 def catalog_holder(root: str, start_flag: str, stop_flag: str) -> dict:
@@ -217,6 +219,8 @@ def test_concurrent_writers_and_readers_keep_every_partition_and_the_catalog_int
         writer.join(120)
     stop.touch()
     results = workers.join(timeout_s=60)
+    unseen = {name: value["views_unseen_after_write"] for name, value in results.items() if name.startswith("writer")}
+    assert not any(unseen.values()), f"a view was missing right after its write: {unseen}"
 
     for name in ("reader-0", "reader-1"):
         assert results[name]["problems"] == [] and results[name]["queries"] >= 4, results[name]

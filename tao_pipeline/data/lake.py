@@ -188,6 +188,9 @@ class Lake:
             con.execute(f'CREATE OR REPLACE VIEW "{table}" AS SELECT * FROM {source}')
             con.execute(f'COMMENT ON VIEW "{table}" IS {_sql_string(source)}')
             con.execute("COMMIT")
+            # Into the catalog file itself before the lock is released: the view then depends neither on this
+            # process closing cleanly nor on the next opener replaying a write-ahead log.
+            con.execute("CHECKPOINT")
 
         # Creating the view reads every partition's schema, so it too must not race a rewrite.
         self._read_consistently(f'"{table}"', lambda: self._with_catalog(create))
