@@ -12,6 +12,7 @@ interval and McNemar's p. Also per round, why it could (not) add anything: promp
 share of train prompts whose candidates all gave the same answer (no pair can come from those).
 
     .venv/bin/python bench/rounds.py [--rounds 3] [--replay 0.5] [--set key=value ...] [--base-model-from ~/.tao]
+    .venv/bin/python bench/rounds.py --rounds 5 --set "flywheel.start_from='challenger'"   # stack unproven rounds
     .venv/bin/python bench/rounds.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in a minute
 """
 
@@ -109,6 +110,7 @@ def round_row(settings, round_id: str, heldout: pd.DataFrame, seconds: float) ->
         "minutes": round(seconds / 60, 1),
         "train_prompts": len(train),
         "replayed": int(train["prompt_id"].isin(used_before).sum()),
+        "started_from": lake.read("candidate_responses", round_id)["model_version"].iloc[0],
         "pairs": len(lake.read("preference_pairs", round_id)),
         "all_agree": round(all_agree_share(lake, round_id), 3),
         "gate": verdict.promotion.evidence or ("promoted" if verdict.promote else "kept"),

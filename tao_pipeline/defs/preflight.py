@@ -39,7 +39,9 @@ def preflight_signal(
     if store.exists(CANDIDATES_TABLE, round_id):
         return _not_run(f"{round_id} has its candidates already: a preflight comes before generation")
     try:
-        start = round_starting_model(model_store.get(), store, round_id, config.model, log=context.log.info)
+        start = round_starting_model(
+            model_store.get(), store, round_id, config.model, config.flywheel.start_from, log=context.log.info
+        )
         with StageMeter() as meter:  # its samples and scores are the round's: part of what the round cost
             # No labels here: inside a round only evaluation reads them (`tao preflight` may, by hand).
             report = run_preflight(store.read("raw_prompts", round_id), start.path, start.version_id, config)

@@ -97,14 +97,16 @@ def evaluate_round(
     settings: TaoSettings,
     progress: bool = True,
 ) -> RoundEvaluation:
-    """The tuned checkpoint (a tuned_checkpoint row) against the model it started from on the round's
+    """The tuned checkpoint (a tuned_checkpoint row) against the champion it was built on on the round's
     held-out ``prompts`` (pooled with every earlier round's, evaluation.pool_heldout), with the
     base model's test-time baselines and the control arm (a control_checkpoint row, if enabled)."""
     pool = heldout_prompts(
         lake, round_id, prompts, settings.data,
         pool=settings.evaluation.pool_heldout, limit=settings.evaluation.max_heldout_prompts,
     )  # fmt: skip
-    parent = models.get(tuned["parent_version"])
+    # The champion the challenger was built on: its parent, or further back past unpromoted challengers
+    # (flywheel.start_from = "challenger"); the gate compares with a model that served.
+    parent = models.get(models.champion_before(tuned["version_id"]) or tuned["parent_version"])
     base = models.ancestors(parent.version_id)[-1]
     rows = evaluate(
         pool.prompts,

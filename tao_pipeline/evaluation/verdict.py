@@ -191,9 +191,10 @@ class RoundVerdict:
     def warnings(self) -> list[str]:
         return ([self.control.message] if self.control.alarm else []) + self.collapse_alerts
 
-    def registry_metrics(self) -> dict[str, float | None]:
-        """What the model registry records about the challenger."""
+    def registry_metrics(self) -> dict[str, float | str | None]:
+        """What the model registry records about the challenger, and which champion it was compared with."""
         return {
+            "heldout_champion": self.champion_version,
             "heldout_win_rate": self.promotion.win_rate,
             "heldout_win_rate_low": self.promotion.win_rate_low,
             "heldout_win_rate_high": self.promotion.win_rate_high,

@@ -2,25 +2,72 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pandas as pd
 
 from tao_pipeline.data.lake import Lake
-from tao_pipeline.registry.store import LiveExperiment, ModelStore, ModelVersion
+from tao_pipeline.registry.store import LiveExperiment, ModelStore, ModelVersion, checkpoint_problem
 from tao_pipeline.settings import LiveSettings, ModelSettings
 
 CANDIDATES_TABLE = "candidate_responses"
 
 
 def round_starting_model(
-    models: ModelStore, lake: Lake, round_id: str, model: ModelSettings, log: Callable[[str], None] = print
+    models: ModelStore,
+    lake: Lake,
+    round_id: str,
+    model: ModelSettings,
+    start_from: str = "champion",
+    log: Callable[[str], None] = print,
 ) -> ModelVersion:
     """The model a round tunes: the one that wrote its candidates if it has any, so re-materializing
-    a round keeps its starting model, else the champion of this moment."""
+    a round keeps its starting model, else the champion of this moment; with ``start_from =
+    "challenger"`` (flywheel.start_from) the newest challenger built on that champion that its gate did
+    not find worse (:func:`unrefuted_challenger`), if there is one. The champion serves either way."""
     if lake.exists(CANDIDATES_TABLE, round_id):
         return models.get(lake.read(CANDIDATES_TABLE, round_id)["model_version"].iloc[0])
-    return models.champion(model, log=log)
+    champion = models.champion(model, log=log)
+    if start_from != "challenger":
+        return champion
+    challenger = unrefuted_challenger(models, champion.version_id)
+    if challenger is None:
+        return champion
+    log(
+        f"{round_id} tunes {challenger.version_id}, the newest challenger built on the champion {champion.version_id} "
+        "that its gate did not find worse (flywheel.start_from = challenger); the champion goes on serving"
+    )
+    return challenger
+
+
+def unrefuted_challenger(models: ModelStore, champion_id: str) -> ModelVersion | None:
+    """The newest version tuned on top of ``champion_id`` (directly or through other such challengers)
+    whose gate saw it no worse than that champion (held-out win rate at least 0.5 and, where labels gave
+    accuracies, no lower accuracy), on which nothing was decided yet (no promotion, shadow or canary,
+    rollback or rejection in the registry's log) and whose weights are all there. Rounds that start
+    from it stack their small steps until one is proven better than the champion."""
+    decided = set(models.promotions()["version_id"])
+    for row in models.versions().iloc[::-1].itertuples():
+        if row.round is None or pd.isna(row.round) or row.version_id in decided:
+            continue
+        metrics = json.loads(row.metrics or "{}")
+        if metrics.get("heldout_champion") != champion_id or not _no_worse(metrics):
+            continue  # gated against another champion (or never gated), or found worse
+        if models.champion_before(row.version_id) != champion_id:
+            continue  # built on another champion
+        version = models.get(row.version_id)
+        if checkpoint_problem(version) is None:
+            return version
+    return None
+
+
+def _no_worse(metrics: dict) -> bool:
+    win_rate = metrics.get("heldout_win_rate")
+    if win_rate is None or win_rate < 0.5:
+        return False  # refuted, or never evaluated (its round failed before the gate)
+    accuracy, champion_accuracy = metrics.get("heldout_accuracy"), metrics.get("parent_heldout_accuracy")
+    return accuracy is None or champion_accuracy is None or accuracy >= champion_accuracy
 
 
 def apply_verdict(
@@ -43,7 +90,7 @@ def apply_verdict(
     whose starting model collapsed (``champion_collapse``): a descendant of a collapsing model is no cure.
     """
     if champion_collapse:
-        return roll_back_collapsed(models, model, round_id, models.get(challenger).parent_version, champion_collapse)
+        return roll_back_collapsed(models, model, round_id, models.champion_before(challenger), champion_collapse)
     if promote and live is not None and live.enabled:
         start_live_after_gate(models, model, challenger, live)
         return models.champion(model)

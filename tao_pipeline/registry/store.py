@@ -243,17 +243,14 @@ class ModelStore:
         return chain
 
     def rollback(self, reason: str, to_version: str | None = None) -> ModelVersion:
-        """Make an earlier version champion again (default: the current champion's parent)."""
+        """Make an earlier version champion again (default: the champion it was built on, :meth:`champion_before`)."""
 
         def roll_back(con: duckdb.DuckDBPyConnection) -> str:
             # One transaction: a promotion by a concurrent round cannot slip in between.
             current = _champion_id(con)
             if current is None:
                 raise ModelNotFoundError("there is no champion to roll back")
-            target = to_version
-            if target is None:
-                parent = "SELECT parent_version FROM versions WHERE version_id = ?"
-                target = con.execute(parent, [current]).fetchone()[0]
+            target = to_version or _champion_before(con, current)
             if target is None:
                 raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
             if con.execute("SELECT 1 FROM versions WHERE version_id = ?", [target]).fetchone() is None:
@@ -273,11 +270,11 @@ class ModelStore:
         return version
 
     def rollback_target(self, to_version: str | None = None) -> str:
-        """The version a rollback would make champion: ``to_version``, else the champion's parent."""
+        """The version a rollback would make champion: ``to_version``, else the champion it was built on."""
         current = self._current_champion_id()
         if current is None:
             raise ModelNotFoundError("there is no champion to roll back")
-        target = to_version or self.get(current).parent_version
+        target = to_version or self.champion_before(current)
         if target is None:
             raise ModelNotFoundError(f"{current} is a base model: nothing to roll back to")
         return target
@@ -296,6 +293,12 @@ class ModelStore:
         if is_object_url(destination):
             return export_to_object_store(files, str(destination), version_id)
         return export_files(files, Path(destination), self.root.parent, version_id)
+
+    def champion_before(self, version_id: str) -> str | None:
+        """The nearest ancestor of ``version_id`` that has been champion: the model its round was gated
+        against and the one a rollback returns to. Usually its parent; with ``flywheel.start_from =
+        "challenger"`` the challengers in between, which never served, are skipped. None for a base model."""
+        return self._registry(lambda con: _champion_before(con, version_id))
 
     def champion_id(self) -> str | None:
         """The champion's version id, or None before the first round (nothing registered yet)."""
@@ -431,6 +434,20 @@ def _champion_id(con: duckdb.DuckDBPyConnection) -> str | None:
         "SELECT version_id FROM promotions WHERE action = 'promote' ORDER BY decided_at DESC LIMIT 1"
     ).fetchone()
     return row[0] if row else None
+
+
+def _champion_before(con: duckdb.DuckDBPyConnection, version_id: str) -> str | None:
+    parent_of = "SELECT parent_version FROM versions WHERE version_id = ?"
+    served = "SELECT 1 FROM promotions WHERE version_id = ? AND action = 'promote' LIMIT 1"
+    row = con.execute(parent_of, [version_id]).fetchone()
+    ancestor, seen = (row[0] if row else None), {version_id}
+    while ancestor is not None and ancestor not in seen:  # a hand-edited registry could hold a cycle
+        if con.execute(served, [ancestor]).fetchone() is not None:
+            return ancestor
+        seen.add(ancestor)
+        row = con.execute(parent_of, [ancestor]).fetchone()
+        ancestor = row[0] if row else None
+    return None
 
 
 def _running_live(con: duckdb.DuckDBPyConnection) -> LiveExperiment | None:

@@ -468,6 +468,13 @@ class FlywheelSettings(_Section):
     min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
     schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
     replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
+    start_from: Literal["champion", "challenger"] = Field(
+        "champion",
+        description="The model a round tunes. champion: the one serving. challenger: the newest challenger built "
+        "on the champion that its gate did not find worse (win rate >= 0.5 on the held-out pool), so rounds whose "
+        "steps are too small to prove one at a time stack up until one is proven better than the champion; every "
+        "gate still compares with the champion, and only a proven winner serves.",
+    )
     sensor_interval_s: int = Field(30, ge=5, le=int(_DAY_S))
     settle_seconds: float = Field(
         10.0, ge=0.0, le=_DAY_S, description="An inbox file is read once unchanged this long (see the inbox contract)."

@@ -28,7 +28,9 @@ def candidate_responses(
     config, store, round_id = settings.get(), lake.get(), context.partition_key
     prompts = store.read("raw_prompts", round_id)
     train = prompts[prompts["split"] == "train"]
-    start = round_starting_model(model_store.get(), store, round_id, config.model, log=context.log.info)
+    start = round_starting_model(
+        model_store.get(), store, round_id, config.model, config.flywheel.start_from, log=context.log.info
+    )
     context.log.info(f"generating with {start.version_id} for {len(train)} prompts")
     logged = logged_answers(store, train["prompt_id"].tolist())
     _warn_of_unknown_feedback(context, logged)
