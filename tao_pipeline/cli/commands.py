@@ -272,10 +272,10 @@ def promote(version: str, reason: str, config_file: str | None, overrides: tuple
 
 @main.command()
 @click.option("--reason", required=True, help="Recorded in the registry.")
-@click.option("--to", "to_version", help="Version to restore (default: the champion's parent).")
+@click.option("--to", "to_version", help="Version to restore (default: the champion before, usually its parent).")
 @_settings_options
 def rollback(reason: str, to_version: str | None, config_file: str | None, overrides: tuple[str, ...]) -> None:
-    """Roll the champion back to its parent (or --to a version), recorded with the reason."""
+    """Roll the champion back to the champion before it (or --to a version), recorded with the reason."""
     store = _store(config_file, overrides)
     try:
         target = store.require_complete(store.rollback_target(to_version)).version_id

@@ -59,6 +59,17 @@ class Scorer(Protocol):
     def score_group(self, context: PromptContext, responses: list[str]) -> list[Score]: ...
 
 
+def group_minmax(values: list[float | Failed]) -> list[Score]:
+    """Raw values rescaled to [0, 1] within one prompt's candidates (all equal: 0.5); Failed ones stay."""
+    scored = [v for v in values if not isinstance(v, Failed)]
+    if not scored:
+        return list(values)
+    low, high = min(scored), max(scored)
+    if high == low:
+        return [v if isinstance(v, Failed) else 0.5 for v in values]
+    return [v if isinstance(v, Failed) else (v - low) / (high - low) for v in values]
+
+
 def score_each(scorer_name: str, responses: list[str], score_one) -> list[Score]:
     """Apply a per-response function, turning an exception on one response into Failed."""
     results: list[Score] = []

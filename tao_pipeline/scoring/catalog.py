@@ -30,6 +30,7 @@ SCORER_CLASSES = {
     "sql_execution": "tao_pipeline.scoring.sql:SqlExecutionVerifier",
     "embedding_consensus": "tao_pipeline.scoring.embedding:EmbeddingConsensusScorer",
     "reward_model": "tao_pipeline.scoring.reward_model:RewardModelScorer",
+    "self_certainty": "tao_pipeline.scoring.self_certainty:SelfCertaintyScorer",
     "llm_judge": "tao_pipeline.scoring.judge:LLMJudgeScorer",
     "feedback": "tao_pipeline.scoring.feedback:FeedbackScorer",
 }

@@ -11,7 +11,15 @@ from tao_pipeline.common.threads import use_torch_threads
 from tao_pipeline.data.conversation import build_chat
 from tao_pipeline.registry.errors import ModelNotFoundError
 from tao_pipeline.registry.loading import load_tokenizer, resolve_dtype
-from tao_pipeline.scoring.base import BatchSize, Failed, PromptContext, Score, TokenCount, scorer_options
+from tao_pipeline.scoring.base import (
+    BatchSize,
+    Failed,
+    PromptContext,
+    Score,
+    TokenCount,
+    group_minmax,
+    scorer_options,
+)
 
 NORMALIZATIONS = ("sigmoid", "group_minmax")
 OPTION = "scoring.options.reward_model"
@@ -62,7 +70,7 @@ class RewardModelScorer:
         encoded = [self._encode_or_fail(context, response) for response in responses]
         rewards = self._rewards(encoded)
         if self.normalize == "group_minmax":
-            return _group_minmax(rewards)
+            return group_minmax(rewards)
         return [r if isinstance(r, Failed) else _sigmoid(r) for r in rewards]
 
     def _load(self) -> None:
@@ -161,13 +169,3 @@ def _existing_model_dir(model: str | Path | None) -> Path:
 
 def _sigmoid(value: float) -> float:
     return 0.5 * (1.0 + math.tanh(value / 2.0))  # equals 1 / (1 + e^-x) without overflowing
-
-
-def _group_minmax(rewards: list[float | Failed]) -> list[Score]:
-    values = [r for r in rewards if not isinstance(r, Failed)]
-    if not values:
-        return list(rewards)
-    low, high = min(values), max(values)
-    if high == low:
-        return [r if isinstance(r, Failed) else 0.5 for r in rewards]
-    return [r if isinstance(r, Failed) else (r - low) / (high - low) for r in rewards]

@@ -23,6 +23,7 @@ SCORER_NAMES = (
     "sql_execution",
     "embedding_consensus",
     "reward_model",
+    "self_certainty",
     "llm_judge",
     "feedback",
 )
