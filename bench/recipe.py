@@ -8,7 +8,12 @@ never by the pipeline), paired with the base model and with the default arm: acc
 the difference with Newcombe's interval, McNemar's p. Training seconds per arm are measured in this run, one
 arm after another on the same machine.
 
+Scorer arms instead score the round's candidates another way (the self-certainty scorer, alone or beside the
+demo's vote), build their own pairs, and tune the base model with the default recipe for as many steps as the
+default arm took: the same candidates and the same training budget, another signal.
+
     .venv/bin/python bench/recipe.py [--arm NAME=key=value[,key=value...]] [--base-model-from ~/.tao]
+    .venv/bin/python bench/recipe.py --no-training-arms   # the scorer arms only
     .venv/bin/python bench/recipe.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
 """
 
@@ -25,8 +30,10 @@ from labeled import fixed_heldout, fixed_set_accuracy, paired_difference
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.registry import ModelStore
+from tao_pipeline.scoring import build_scorer, score_responses
 from tao_pipeline.settings import load_settings
 from tao_pipeline.training.dpo import train_dpo
+from tao_pipeline.training.pairs import build_pairs
 
 # One change each from the demo's recipe (bf16 autocast where the CPU has it, lr 5e-5, beta 0.1, 2 epochs).
 ARMS = {
@@ -34,6 +41,18 @@ ARMS = {
     "lr 1e-4": ["training.learning_rate=1e-4"],
     "beta 0.05": ["training.beta=0.05"],
     "3 epochs": ["training.epochs=3"],
+}
+
+
+# The demo's two tasks scored by the model's own confidence (the base model's: scoring.options.self_certainty.model
+# is set to it), alone and beside the demo's recipe.
+DEMO_RECIPES = {"short_answer": "concise_format", "arithmetic": "number_format"}
+SCORER_ARMS = {
+    "self-certainty": [f"scoring.scorers.{task}={{self_certainty=1.0}}" for task in DEMO_RECIPES],
+    "vote + self-certainty": [
+        f"scoring.scorers.{task}={{self_consistency=1.0, {fmt}=0.25, self_certainty=0.5}}"
+        for task, fmt in DEMO_RECIPES.items()
+    ],
 }
 
 
@@ -51,12 +70,15 @@ def parse_arms(items: list[str]) -> dict[str, list[str]]:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--arm", action="append", default=[], help="NAME=key=value[,key=value...] (repeatable)")
+    parser.add_argument("--scorer-arm", action="append", default=[], help="NAME=scoring overrides (repeatable)")
+    parser.add_argument("--no-training-arms", action="store_true", help="only the default and the scorer arms")
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     args = parser.parse_args()
-    arms = parse_arms(args.arm) if args.arm else ARMS
+    arms = {} if args.no_training_arms else parse_arms(args.arm) if args.arm else ARMS
+    scorer_arms = parse_arms(args.scorer_arm) if args.scorer_arm else SCORER_ARMS
     home = fresh_home("recipe", args.base_model_from)
     overrides = [*TINY_ROUND, f"model.base='{args.tiny}'"] if args.tiny else []
-    print(f"home {home}; arms: {arms}")
+    print(f"home {home}; arms: {arms}; scorer arms: {scorer_arms}")
 
     report = run_round(DEMO, overrides, echo=print)
     if not report.completed:
@@ -83,6 +105,27 @@ def main() -> None:
         trained[name] = (f"arm-{name.replace(' ', '-')}", out)
         print(f"{name}: {result.steps} steps, final loss {result.series('loss')[-1]:.3f}, {seconds[name]:.0f} s")
 
+    for name, arm in scorer_arms.items():
+        arm_settings = load_settings(
+            DEMO,
+            [
+                *overrides,
+                *arm,
+                f"scoring.options.self_certainty.model='{store.get(base_id).path}'",
+                f"training.max_steps={steps}",  # the default arm's budget
+            ],
+        )
+        out = home / "arms" / name.replace(" ", "-").replace("+", "and")
+        started = time.perf_counter()
+        arm_pairs = rescored_pairs(lake, report.round_id, arm_settings)
+        result = train_dpo(store.get(base_id).path, arm_pairs, arm_settings.training, out, progress=True)
+        seconds[name] = time.perf_counter() - started
+        trained[name] = (f"arm-{out.name}", out)
+        print(
+            f"{name}: {len(arm_pairs)} pairs, {result.steps} steps, final loss {result.series('loss')[-1]:.3f}, "
+            f"{seconds[name]:.0f} s (scoring included)"
+        )
+
     heldout = fixed_heldout()
     table = pd.DataFrame([fixed_set_accuracy(settings, heldout, base_id, trained, store)]).T.reset_index()
     table.columns = ["model", "labeled accuracy on the fixed held-out set (vs base)"]
@@ -93,9 +136,17 @@ def main() -> None:
             "training seconds": round(float(seconds[name] or 0)),
             "arm - default": paired_difference(settings, heldout, trained["default"], trained[name]),
         }
-        for name in arms
+        for name in [*arms, *scorer_arms]
     ]
     show("each arm against the default recipe, paired on the same prompts", pd.DataFrame(versus_default))
+
+
+def rescored_pairs(lake: Lake, round_id: str, settings) -> pd.DataFrame:
+    """The round's candidates scored with ``settings.scoring``, paired as the round pairs them."""
+    prompts, candidates = lake.read("raw_prompts", round_id), lake.read("candidate_responses", round_id)
+    scores = score_responses(candidates, prompts, build_scorer(settings.scoring, settings.cache_dir))
+    pairs, _ = build_pairs(prompts, candidates, scores, settings.pairs.min_margin)
+    return pairs
 
 
 if __name__ == "__main__":
