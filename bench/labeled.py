@@ -23,9 +23,10 @@ from tao_pipeline.settings import load_settings
 from tao_pipeline.training.sft import train_sft
 
 
-def fixed_heldout() -> pd.DataFrame:
-    """Every labeled held-out prompt of the demo logs: the same yardstick after each round."""
-    settings = load_settings(DEMO)
+def fixed_heldout(overrides: list[str] | None = None) -> pd.DataFrame:
+    """Every labeled held-out prompt of the demo logs (or of the logs and labels ``overrides`` name): the same
+    yardstick after each round."""
+    settings = load_settings(DEMO, overrides or [])
     prompts = load_prompts(settings.data.logs, settings.data).prompts
     labels = load_labels(settings.data.labels)
     heldout = prompts[prompts["split"] == "heldout"]

@@ -14,6 +14,7 @@ default arm took: the same candidates and the same training budget, another sign
 
     .venv/bin/python bench/recipe.py [--arm NAME=key=value[,key=value...]] [--base-model-from ~/.tao]
     .venv/bin/python bench/recipe.py --no-training-arms   # the scorer arms only
+    .venv/bin/python bench/recipe.py --family procedural   # on a generated task family (bench/procedural.py)
     .venv/bin/python bench/recipe.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from common import DEMO, TINY_ROUND, bench_parser, fresh_home, show
 from labeled import fixed_heldout, fixed_set_accuracy, paired_difference
+from procedural import TASKS, family_overrides, write_family
 
 from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.lake import Lake
@@ -44,16 +46,21 @@ ARMS = {
 }
 
 
-# The demo's two tasks scored by the model's own confidence (the base model's: scoring.options.self_certainty.model
-# is set to it), alone and beside the demo's recipe.
+# Each task's format verifier in its recipe (the demo's, and the generated family's: bench/procedural.py).
 DEMO_RECIPES = {"short_answer": "concise_format", "arithmetic": "number_format"}
-SCORER_ARMS = {
-    "self-certainty": [f"scoring.scorers.{task}={{self_certainty=1.0}}" for task in DEMO_RECIPES],
-    "vote + self-certainty": [
-        f"scoring.scorers.{task}={{self_consistency=1.0, {fmt}=0.25, self_certainty=0.5}}"
-        for task, fmt in DEMO_RECIPES.items()
-    ],
-}
+FAMILY_RECIPES = dict.fromkeys(TASKS, "number_format")
+
+
+def scorer_arms_for(recipes: dict[str, str]) -> dict[str, list[str]]:
+    """Every task scored by the model's own confidence (the base model's: scoring.options.self_certainty.model is
+    set to it), alone and beside the task's own recipe (the vote plus its format verifier)."""
+    return {
+        "self-certainty": [f"scoring.scorers.{task}={{self_certainty=1.0}}" for task in recipes],
+        "vote + self-certainty": [
+            f"scoring.scorers.{task}={{self_consistency=1.0, {fmt}=0.25, self_certainty=0.5}}"
+            for task, fmt in recipes.items()
+        ],
+    }
 
 
 def parse_arms(items: list[str]) -> dict[str, list[str]]:
@@ -72,12 +79,18 @@ def main() -> None:
     parser.add_argument("--arm", action="append", default=[], help="NAME=key=value[,key=value...] (repeatable)")
     parser.add_argument("--scorer-arm", action="append", default=[], help="NAME=scoring overrides (repeatable)")
     parser.add_argument("--no-training-arms", action="store_true", help="only the default and the scorer arms")
+    parser.add_argument(
+        "--family", choices=("demo", "procedural"), default="demo", help="the demo logs, or bench/procedural.py's"
+    )
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     args = parser.parse_args()
     arms = {} if args.no_training_arms else parse_arms(args.arm) if args.arm else ARMS
-    scorer_arms = parse_arms(args.scorer_arm) if args.scorer_arm else SCORER_ARMS
+    recipes = FAMILY_RECIPES if args.family == "procedural" else DEMO_RECIPES
+    scorer_arms = parse_arms(args.scorer_arm) if args.scorer_arm else scorer_arms_for(recipes)
     home = fresh_home("recipe", args.base_model_from)
     overrides = [*TINY_ROUND, f"model.base='{args.tiny}'"] if args.tiny else []
+    if args.family == "procedural":
+        overrides += family_overrides(*write_family(home / "family"))
     print(f"home {home}; arms: {arms}; scorer arms: {scorer_arms}")
 
     report = run_round(DEMO, overrides, echo=print)
@@ -126,7 +139,7 @@ def main() -> None:
             f"{seconds[name]:.0f} s (scoring included)"
         )
 
-    heldout = fixed_heldout()
+    heldout = fixed_heldout(overrides)
     table = pd.DataFrame([fixed_set_accuracy(settings, heldout, base_id, trained, store)]).T.reset_index()
     table.columns = ["model", "labeled accuracy on the fixed held-out set (vs base)"]
     show(f"every arm on the {len(heldout)} labeled held-out prompts, paired with the base model", table)

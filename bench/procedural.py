@@ -1,0 +1,66 @@
+"""A task family the demo does not contain, generated from a seed, its labels kept apart from the pipeline.
+
+Two tasks a small instruction model gets right part of the time, so there is room to gain and to lose:
+
+- ``compare``: "Which number is larger, 417 or 392? Reply with just the number."
+- ``sequence``: "What number comes next: 3, 7, 11, 15? Reply with just the number." (arithmetic steps)
+
+``write_family`` writes usage logs in the inbox format (what an app would log: no answers) and, in a separate
+file, the gold answers, which only the evaluation reads (``data.labels``). ``family_overrides`` are the settings
+a round on them needs: the files, and a scoring recipe per task (the vote on the extracted number, as for the
+demo's arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TASKS = ("compare", "sequence")
+
+
+def compare(rng: random.Random) -> tuple[str, str]:
+    digits = rng.choice((2, 3, 3, 4))
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    first, second = rng.sample(range(low, high + 1), 2)
+    return f"Which number is larger, {first} or {second}? Reply with just the number.", str(max(first, second))
+
+
+def sequence(rng: random.Random) -> tuple[str, str]:
+    start, step, length = rng.randint(1, 40), rng.choice((2, 3, 4, 5, 6, 7, 9, 10, 11)), rng.randint(4, 5)
+    if rng.random() < 0.3:
+        step = -step
+        start += 60
+    terms = [start + step * i for i in range(length)]
+    shown = ", ".join(str(term) for term in terms)
+    return f"What number comes next: {shown}? Reply with just the number.", str(terms[-1] + step)
+
+
+def write_family(folder: Path, count: int = 400, seed: int = 7) -> tuple[Path, Path]:
+    """``count`` distinct prompts (half per task) as usage logs, and their gold answers in another file."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    logs, labels, seen = [], [], set()
+    while len(logs) < count:
+        task = TASKS[len(logs) % len(TASKS)]
+        prompt, answer = (compare if task == "compare" else sequence)(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        logs.append({"id": f"proc-{len(logs):05d}", "prompt": prompt, "task": task})
+        labels.append({"prompt": prompt, "answer": answer, "aliases": [], "task": task})
+    logs_path, labels_path = folder / "usage_logs.jsonl", folder / "labels.jsonl"
+    logs_path.write_text("".join(json.dumps(row) + "\n" for row in logs), encoding="utf-8")
+    labels_path.write_text("".join(json.dumps(row) + "\n" for row in labels), encoding="utf-8")
+    return logs_path, labels_path
+
+
+def family_overrides(logs: Path, labels: Path) -> list[str]:
+    """Settings overrides (over the demo's) for a round on the generated family."""
+    return [
+        f"data.logs=['{logs}']",
+        f"data.labels='{labels}'",
+        *[f"scoring.scorers.{task}={{self_consistency=1.0, number_format=0.25}}" for task in TASKS],
+        *[f"scoring.extractors.{task}='last_number'" for task in TASKS],
+    ]
