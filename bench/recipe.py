@@ -10,10 +10,11 @@ arm after another on the same machine.
 
 Scorer arms instead score the round's candidates another way (the self-certainty scorer, alone or beside the
 demo's vote), build their own pairs, and tune the base model with the default recipe for as many steps as the
-default arm took: the same candidates and the same training budget, another signal.
+default arm took: the same candidates and the same training budget, another signal. The method arm tunes the
+base model with GRPO on the round's train prompts, the round's scorer as its reward, for as many steps.
 
     .venv/bin/python bench/recipe.py [--arm NAME=key=value[,key=value...]] [--base-model-from ~/.tao]
-    .venv/bin/python bench/recipe.py --no-training-arms   # the scorer arms only
+    .venv/bin/python bench/recipe.py --groups scorer,method   # the scorer arms and GRPO only
     .venv/bin/python bench/recipe.py --family procedural   # on a generated task family (bench/procedural.py)
     .venv/bin/python bench/recipe.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
 """
@@ -35,6 +36,7 @@ from tao_pipeline.registry import ModelStore
 from tao_pipeline.scoring import build_scorer, score_responses
 from tao_pipeline.settings import load_settings
 from tao_pipeline.training.dpo import train_dpo
+from tao_pipeline.training.methods import TrainingJob, run_training
 from tao_pipeline.training.pairs import build_pairs
 
 # One change each from the demo's recipe (bf16 autocast where the CPU has it, lr 5e-5, beta 0.1, 2 epochs).
@@ -45,6 +47,10 @@ ARMS = {
     "3 epochs": ["training.epochs=3"],
 }
 
+
+# GRPO on the round's train prompts with the round's own scorer as the reward (online RL from the label-free
+# vote, as TTRL does), for as many steps as the default DPO arm took.
+METHOD_ARMS = {"grpo (same steps)": ["training.method='grpo'"]}
 
 # Each task's format verifier in its recipe (the demo's, and the generated family's: bench/procedural.py).
 DEMO_RECIPES = {"short_answer": "concise_format", "arithmetic": "number_format"}
@@ -78,20 +84,28 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--arm", action="append", default=[], help="NAME=key=value[,key=value...] (repeatable)")
     parser.add_argument("--scorer-arm", action="append", default=[], help="NAME=scoring overrides (repeatable)")
-    parser.add_argument("--no-training-arms", action="store_true", help="only the default and the scorer arms")
+    parser.add_argument(
+        "--groups",
+        default="training,scorer,method",
+        help="which arms beside the default: training (one setting each), scorer, method (GRPO); comma-separated",
+    )
     parser.add_argument(
         "--family", choices=("demo", "procedural"), default="demo", help="the demo logs, or bench/procedural.py's"
     )
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     args = parser.parse_args()
-    arms = {} if args.no_training_arms else parse_arms(args.arm) if args.arm else ARMS
+    groups = set(args.groups.split(","))
+    arms = (parse_arms(args.arm) if args.arm else ARMS) if "training" in groups else {}
     recipes = FAMILY_RECIPES if args.family == "procedural" else DEMO_RECIPES
-    scorer_arms = parse_arms(args.scorer_arm) if args.scorer_arm else scorer_arms_for(recipes)
+    scorer_arms = (
+        (parse_arms(args.scorer_arm) if args.scorer_arm else scorer_arms_for(recipes)) if "scorer" in groups else {}
+    )
+    method_arms = METHOD_ARMS if "method" in groups else {}
     home = fresh_home("recipe", args.base_model_from)
     overrides = [*TINY_ROUND, f"model.base='{args.tiny}'"] if args.tiny else []
     if args.family == "procedural":
         overrides += family_overrides(*write_family(home / "family"))
-    print(f"home {home}; arms: {arms}; scorer arms: {scorer_arms}")
+    print(f"home {home}; arms: {arms}; scorer arms: {scorer_arms}; method arms: {method_arms}")
 
     report = run_round(DEMO, overrides, echo=print)
     if not report.completed:
@@ -139,6 +153,20 @@ def main() -> None:
             f"{seconds[name]:.0f} s (scoring included)"
         )
 
+    for name, arm in method_arms.items():
+        arm_settings = load_settings(DEMO, [*overrides, *arm, f"training.max_steps={steps}"])
+        out = home / "arms" / name.split(" ")[0]
+        prompts = lake.read("raw_prompts", report.round_id)
+        job = TrainingJob(
+            "grpo", store.get(base_id).path, out, arm_settings, prompts=prompts[prompts["split"] == "train"]
+        )
+        started = time.perf_counter()
+        result = run_training(job)
+        seconds[name] = time.perf_counter() - started
+        trained[name] = (f"arm-{out.name}", out)
+        rewards = result.series("reward") or [float("nan")]
+        print(f"{name}: {result.steps} steps, reward {rewards[0]:.3f} -> {rewards[-1]:.3f}, {seconds[name]:.0f} s")
+
     heldout = fixed_heldout(overrides)
     table = pd.DataFrame([fixed_set_accuracy(settings, heldout, base_id, trained, store)]).T.reset_index()
     table.columns = ["model", "labeled accuracy on the fixed held-out set (vs base)"]
@@ -149,7 +177,7 @@ def main() -> None:
             "training seconds": round(float(seconds[name] or 0)),
             "arm - default": paired_difference(settings, heldout, trained["default"], trained[name]),
         }
-        for name in [*arms, *scorer_arms]
+        for name in [*arms, *scorer_arms, *method_arms]
     ]
     show("each arm against the default recipe, paired on the same prompts", pd.DataFrame(versus_default))
 
