@@ -25,11 +25,13 @@ def store(tmp_path, tiny_model_dir) -> tuple[ModelStore, ModelSettings, str]:
 
 
 def challenger(models: ModelStore, version: str, parent: str, gated_against: str | None, win_rate: float, **metrics):
-    """A tuned version as a round registers it, with what its gate recorded (none if it never got there)."""
+    """A tuned version as a round registers it, with what its gate recorded (none if it never got there): by
+    default a win rate whose interval reaches 0.1 either side."""
     round_id = "round-" + version.split("-")[1]
     models.register(version, models.get(parent).path, parent_version=parent, round_id=round_id, method="dpo+lora")
     if gated_against is not None:
-        models.add_metrics(version, {"heldout_champion": gated_against, "heldout_win_rate": win_rate, **metrics})
+        recorded = {"heldout_win_rate_low": win_rate - 0.1, "heldout_win_rate_high": win_rate + 0.1, **metrics}
+        models.add_metrics(version, {"heldout_champion": gated_against, "heldout_win_rate": win_rate, **recorded})
 
 
 def start(models: ModelStore, model: ModelSettings, tmp_path, start_from: str, round_id: str = "round-0009") -> str:
@@ -52,14 +54,17 @@ def test_a_chain_of_unproven_challengers_goes_on_from_the_newest_that_was_not_wo
     assert start(models, model, tmp_path, "challenger") == "c-0001"
     challenger(models, "c-0002", "c-0001", base, 0.52, heldout_accuracy=0.40, parent_heldout_accuracy=0.40)
     assert start(models, model, tmp_path, "challenger") == "c-0002"
-    # Worse by its win rate, or by labeled accuracy where there was any: the chain goes on from the one before.
+    # Behind but not shown worse (its interval reaches 0.5): the chain goes on from it.
     challenger(models, "c-0003", "c-0002", base, 0.45)
-    assert start(models, model, tmp_path, "challenger") == "c-0002"
-    challenger(models, "c-0004", "c-0002", base, 0.60, heldout_accuracy=0.35, parent_heldout_accuracy=0.40)
-    assert start(models, model, tmp_path, "challenger") == "c-0002"
+    assert start(models, model, tmp_path, "challenger") == "c-0003"
+    # Shown worse by its win rate (upper end below 0.5), or by labeled accuracy: on from the one before.
+    challenger(models, "c-0004", "c-0003", base, 0.30, heldout_win_rate_high=0.45)
+    assert start(models, model, tmp_path, "challenger") == "c-0003"
+    challenger(models, "c-0005", "c-0003", base, 0.60, heldout_accuracy=0.35, parent_heldout_accuracy=0.40)
+    assert start(models, model, tmp_path, "challenger") == "c-0003"
     # A round that failed before its gate recorded nothing: not a starting point either.
-    challenger(models, "c-0005", "c-0002", None, 0.0)
-    assert start(models, model, tmp_path, "challenger") == "c-0002"
+    challenger(models, "c-0006", "c-0003", None, 0.0)
+    assert start(models, model, tmp_path, "challenger") == "c-0003"
 
 
 def test_a_challenger_whose_weights_are_gone_is_skipped(store, tmp_path, tiny_model_dir):
@@ -133,7 +138,7 @@ def test_a_round_after_a_refused_one_tunes_its_challenger_and_is_gated_against_t
     models, lake, base = ModelStore(settings.models_dir), Lake(settings.lake_dir), f"base-{tiny_model_dir.name}"
     refused = lake.read("tuned_checkpoint", "round-0001")["version_id"].iloc[0]
     recorded = json.loads(models.versions().set_index("version_id").loc[refused, "metrics"])
-    assert recorded["heldout_champion"] == base and recorded["heldout_win_rate"] >= 0.5, recorded
+    assert recorded["heldout_champion"] == base and recorded["heldout_win_rate_high"] >= 0.5, recorded
 
     write_logs(settings.inbox_dir / "more.jsonl", [{"id": f"n-{i}", "prompt": f"What is {i} * 3?"} for i in range(12)])
     said: list[str] = []

@@ -43,16 +43,16 @@ def round_starting_model(
 
 def unrefuted_challenger(models: ModelStore, champion_id: str) -> ModelVersion | None:
     """The newest version tuned on top of ``champion_id`` (directly or through other such challengers)
-    whose gate saw it no worse than that champion (held-out win rate at least 0.5 and, where labels gave
-    accuracies, no lower accuracy), on which nothing was decided yet (no promotion, shadow or canary,
-    rollback or rejection in the registry's log) and whose weights are all there. Rounds that start
-    from it stack their small steps until one is proven better than the champion."""
+    whose gate did not find it worse than that champion (its held-out win rate's interval reaches 0.5
+    and, where labels gave accuracies, its accuracy is not lower), on which nothing was decided yet (no
+    promotion, shadow or canary, rollback or rejection in the registry's log) and whose weights are all
+    there. Rounds that start from it stack their small steps until one is proven better than the champion."""
     decided = set(models.promotions()["version_id"])
     for row in models.versions().iloc[::-1].itertuples():
         if row.round is None or pd.isna(row.round) or row.version_id in decided:
             continue
         metrics = json.loads(row.metrics or "{}")
-        if metrics.get("heldout_champion") != champion_id or not _no_worse(metrics):
+        if metrics.get("heldout_champion") != champion_id or not _not_found_worse(metrics):
             continue  # gated against another champion (or never gated), or found worse
         if models.champion_before(row.version_id) != champion_id:
             continue  # built on another champion
@@ -62,10 +62,15 @@ def unrefuted_challenger(models: ModelStore, champion_id: str) -> ModelVersion |
     return None
 
 
-def _no_worse(metrics: dict) -> bool:
-    win_rate = metrics.get("heldout_win_rate")
-    if win_rate is None or win_rate < 0.5:
-        return False  # refuted, or never evaluated (its round failed before the gate)
+def _not_found_worse(metrics: dict) -> bool:
+    """The gate's evidence does not show the challenger worse: its win rate's interval reaches 0.5 (as a
+    promotion needs the lower end above it, a refutation needs the upper end below), and where labels gave
+    accuracies it is not less accurate."""
+    win_rate, high = metrics.get("heldout_win_rate"), metrics.get("heldout_win_rate_high")
+    if win_rate is None:
+        return False  # never evaluated: its round failed before the gate
+    if (high if high is not None else win_rate) < 0.5 - 1e-9:
+        return False
     accuracy, champion_accuracy = metrics.get("heldout_accuracy"), metrics.get("parent_heldout_accuracy")
     return accuracy is None or champion_accuracy is None or accuracy >= champion_accuracy
 

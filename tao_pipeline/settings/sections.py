@@ -471,9 +471,9 @@ class FlywheelSettings(_Section):
     start_from: Literal["champion", "challenger"] = Field(
         "champion",
         description="The model a round tunes. champion: the one serving. challenger: the newest challenger built "
-        "on the champion that its gate did not find worse (win rate >= 0.5 on the held-out pool), so rounds whose "
-        "steps are too small to prove one at a time stack up until one is proven better than the champion; every "
-        "gate still compares with the champion, and only a proven winner serves.",
+        "on the champion that its gate did not find worse (its win rate's interval on the held-out pool reaches "
+        "0.5), so rounds whose steps are too small to prove one at a time stack up until one is proven better than "
+        "the champion; every gate still compares with the champion, and only a proven winner serves.",
     )
     sensor_interval_s: int = Field(30, ge=5, le=int(_DAY_S))
     settle_seconds: float = Field(
