@@ -144,6 +144,7 @@ def test_a_round_after_a_refused_one_tunes_its_challenger_and_is_gated_against_t
     said: list[str] = []
     second = run_round(str(config), overrides, echo=said.append)
     assert second.completed and second.round_id == "round-0002", second.failure
+    assert f"round-0002: tuning {refused} ({base} serves)" in said, said
     assert set(lake.read("candidate_responses", "round-0002")["model_version"]) == {refused}
     tuned = lake.read("tuned_checkpoint", "round-0002").iloc[0]
     assert models.get(tuned["version_id"]).parent_version == refused

@@ -25,7 +25,7 @@ from tao_pipeline.definitions import load_definitions
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, MIRROR_JOB, ROUND_JOB, ROUNDS
 from tao_pipeline.defs.jobs import round_run_tags
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
-from tao_pipeline.registry.policy import live_status
+from tao_pipeline.registry.policy import live_status, round_starting_model
 from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
@@ -183,6 +183,14 @@ def settled_scan(settings: TaoSettings, known: set[str], echo: Callable[[str], N
     return scan
 
 
+def _starting_model(settings: TaoSettings, models: ModelStore, round_id: str) -> str:
+    """The model the round will tune, as its generation stage picks it (flywheel.start_from)."""
+    lake = Lake(settings.lake_dir)
+    start = round_starting_model(models, lake, round_id, settings.model, settings.flywheel.start_from, log=str)
+    champion = models.champion_id()
+    return start.version_id if start.version_id == champion else f"{start.version_id} ({champion} serves)"
+
+
 def run_round(
     config_file: str | None = None,
     overrides: list[str] | None = None,
@@ -199,7 +207,8 @@ def run_round(
     check_scorers(settings.scoring, settings.cache_dir)  # a bad scorer option fails now, not after generation
     tags = round_run_tags(settings.flywheel.round_run_tags)  # so does a bad Kubernetes config for the run's pod
     prepare_dagster_home(settings)
-    champion = ModelStore(settings.models_dir).champion(settings.model, log=echo)  # fetch the base model up front
+    models = ModelStore(settings.models_dir)
+    models.champion(settings.model, log=echo)  # fetch the base model up front
     started = time.perf_counter()
     definitions = code_location()
     with dg.DagsterInstance.get() as instance:
@@ -207,7 +216,8 @@ def run_round(
         round_id = rerun or _open_round(instance, settings)
         if rerun and rerun not in instance.get_dynamic_partitions(ROUNDS):
             raise NothingNewError(f"there is no round {rerun!r} to rerun")
-        echo(f"{round_id}: " + ("re-materializing" if rerun else f"tuning {champion.version_id}"))
+        action = "re-materializing" if rerun else f"tuning {_starting_model(settings, models, round_id)}"
+        echo(f"{round_id}: {action}")
         result = definitions.resolve_job_def(ROUND_JOB).execute_in_process(
             instance=instance,
             partition_key=round_id,
