@@ -19,7 +19,9 @@ RESPONSES = ["5", "The answer is 5.", "five, I think, or maybe six", "5 5 5 5 5 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir) -> SelfCertaintyScorer:
-    return SelfCertaintyScorer(model=str(tiny_model_dir), dtype="float32", batch_size=3)
+    loaded = SelfCertaintyScorer(model=str(tiny_model_dir), dtype="float32", batch_size=3)
+    loaded.certainties(CONTEXT, ["5"])  # loads the model and tokenizer the checks below read
+    return loaded
 
 
 def definition(scorer: SelfCertaintyScorer, context: PromptContext, response: str) -> float:

@@ -62,6 +62,9 @@ def test_a_chain_of_unproven_challengers_goes_on_from_the_newest_that_was_not_wo
     assert start(models, model, tmp_path, "challenger") == "c-0003"
     challenger(models, "c-0005", "c-0003", base, 0.60, heldout_accuracy=0.35, parent_heldout_accuracy=0.40)
     assert start(models, model, tmp_path, "challenger") == "c-0003"
+    # Refused by a guard (responses grew past evaluation.max_length_ratio), ahead on the vote or not: not either.
+    challenger(models, "c-0007", "c-0003", base, 0.70, heldout_evidence="guard")
+    assert start(models, model, tmp_path, "challenger") == "c-0003"
     # A round that failed before its gate recorded nothing: not a starting point either.
     challenger(models, "c-0006", "c-0003", None, 0.0)
     assert start(models, model, tmp_path, "challenger") == "c-0003"

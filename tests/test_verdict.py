@@ -36,6 +36,7 @@ def test_a_stored_verdict_reads_back_as_it_was_written(tmp_path):
     assert stored.warnings == ["CONTROL GAINS AS MUCH AS TAO: ...", *stored.collapse_alerts]
     assert stored.registry_metrics() == {
         "heldout_champion": "base-tiny",
+        "heldout_evidence": "",
         "heldout_win_rate": 0.4,
         "heldout_win_rate_low": None,
         "heldout_win_rate_high": None,

@@ -195,6 +195,7 @@ class RoundVerdict:
         """What the model registry records about the challenger, and which champion it was compared with."""
         return {
             "heldout_champion": self.champion_version,
+            "heldout_evidence": self.promotion.evidence,
             "heldout_win_rate": self.promotion.win_rate,
             "heldout_win_rate_low": self.promotion.win_rate_low,
             "heldout_win_rate_high": self.promotion.win_rate_high,

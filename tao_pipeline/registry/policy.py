@@ -63,12 +63,12 @@ def unrefuted_challenger(models: ModelStore, champion_id: str) -> ModelVersion |
 
 
 def _not_found_worse(metrics: dict) -> bool:
-    """The gate's evidence does not show the challenger worse: its win rate's interval reaches 0.5 (as a
-    promotion needs the lower end above it, a refutation needs the upper end below), and where labels gave
-    accuracies it is not less accurate."""
+    """The gate's evidence does not show the challenger worse: no guard refused it (labeled accuracy, length),
+    its win rate's interval reaches 0.5 (as a promotion needs the lower end above it, a refutation needs the
+    upper end below), and where labels gave accuracies it is not less accurate."""
     win_rate, high = metrics.get("heldout_win_rate"), metrics.get("heldout_win_rate_high")
-    if win_rate is None:
-        return False  # never evaluated: its round failed before the gate
+    if win_rate is None or metrics.get("heldout_evidence") in ("guard", "no outcomes"):
+        return False  # never evaluated (its round failed before the gate), refused by a guard, or nothing judged
     if (high if high is not None else win_rate) < 0.5 - 1e-9:
         return False
     accuracy, champion_accuracy = metrics.get("heldout_accuracy"), metrics.get("parent_heldout_accuracy")

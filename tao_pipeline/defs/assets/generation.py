@@ -22,12 +22,11 @@ def candidate_responses(
     lake: LakeResource,
     model_store: ModelStoreResource,
 ) -> dg.MaterializeResult:
-    """Sample generation.num_samples responses per train prompt from the round's starting model: the
-    champion when the round first generates, the same model when it is re-materialized (cached responses
+    """Sample generation.num_samples responses per train prompt from the round's starting model (the champion,
+    or the challenger flywheel.start_from picks), the same model when it is re-materialized (cached responses
     are not generated again)."""
     config, store, round_id = settings.get(), lake.get(), context.partition_key
-    prompts = store.read("raw_prompts", round_id)
-    train = prompts[prompts["split"] == "train"]
+    train = store.read("raw_prompts", round_id).query("split == 'train'")
     start = round_starting_model(
         model_store.get(), store, round_id, config.model, config.flywheel.start_from, log=context.log.info
     )
