@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -68,6 +69,29 @@ def group_minmax(values: list[float | Failed]) -> list[Score]:
     if high == low:
         return [v if isinstance(v, Failed) else 0.5 for v in values]
     return [v if isinstance(v, Failed) else (v - low) / (high - low) for v in values]
+
+
+def forward_in_batches(scorer_name: str, items: list, batch_size: int, forward, what: str) -> list[Score]:
+    """``forward(batch)`` gives one float per item; run batch by batch. A batch that raises is run again item by
+    item, so only the culprit fails; a non-finite ``what`` (e.g. "reward") fails too."""
+
+    def finite(value: float) -> Score:
+        return value if math.isfinite(value) else Failed(f"{scorer_name}: non-finite {what} {value}")
+
+    def alone(item) -> Score:
+        try:
+            return finite(forward([item])[0])
+        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
+            return Failed(f"{scorer_name}: {type(error).__name__}: {error}"[:300])
+
+    values: list[Score] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        try:
+            values.extend(finite(value) for value in forward(batch))
+        except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
+            values.extend(alone(item) for item in batch)
+    return values
 
 
 def score_each(scorer_name: str, responses: list[str], score_one) -> list[Score]:

@@ -17,6 +17,7 @@ from tao_pipeline.scoring.base import (
     PromptContext,
     Score,
     TokenCount,
+    forward_in_batches,
     group_minmax,
     scorer_options,
 )
@@ -125,27 +126,10 @@ class RewardModelScorer:
     def _rewards(self, encoded: list[list[int] | Failed]) -> list[float | Failed]:
         rewards: list[float | Failed] = list(encoded)  # Failed entries stay as they are
         ready = [i for i, ids in enumerate(encoded) if not isinstance(ids, Failed)]
-        for start in range(0, len(ready), self.batch_size):
-            batch = ready[start : start + self.batch_size]
-            for index, reward in zip(batch, self._batch_rewards([encoded[i] for i in batch])):
-                rewards[index] = reward
+        values = forward_in_batches(self.name, [encoded[i] for i in ready], self.batch_size, self._forward, "reward")
+        for index, value in zip(ready, values):
+            rewards[index] = value
         return rewards
-
-    def _batch_rewards(self, batch: list[list[int]]) -> list[float | Failed]:
-        try:
-            values = self._forward(batch)
-        except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
-            return [self._forward_or_fail(ids) for ids in batch]
-        return [self._finite_or_fail(value) for value in values]
-
-    def _forward_or_fail(self, ids: list[int]) -> float | Failed:
-        try:
-            return self._finite_or_fail(self._forward([ids])[0])
-        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
-            return Failed(f"{self.name}: {type(error).__name__}: {error}"[:300])
-
-    def _finite_or_fail(self, value: float) -> float | Failed:
-        return value if math.isfinite(value) else Failed(f"{self.name}: non-finite reward {value}")
 
     def _forward(self, batch: list[list[int]]) -> list[float]:
         use_torch_threads(None, "reward_model")  # sized to the CPUs other processes leave free

@@ -29,6 +29,7 @@ from tao_pipeline.scoring.base import (
     PromptContext,
     Score,
     TokenCount,
+    forward_in_batches,
     group_minmax,
     scorer_options,
 )
@@ -86,12 +87,13 @@ class SelfCertaintyScorer:
         """Each response's raw self-certainty in nats (None for an empty response, Failed if it cannot be scored)."""
         self._load()
         encoded = [self._encode_or_fail(context, response) for response in responses]
-        values: list[float | Failed | None] = [None if item is None else item for item in encoded]
+        values: list = list(encoded)  # None (empty) and Failed stay; the encoded ones get their certainty
         ready = [i for i, item in enumerate(encoded) if isinstance(item, tuple)]
-        for start in range(0, len(ready), self.batch_size):
-            batch = ready[start : start + self.batch_size]
-            for index, value in zip(batch, self._batch_certainties([encoded[i] for i in batch])):
-                values[index] = value
+        certainties = forward_in_batches(
+            self.name, [encoded[i] for i in ready], self.batch_size, self._forward, "certainty"
+        )
+        for index, value in zip(ready, certainties):
+            values[index] = value
         return values
 
     def _load(self) -> None:
@@ -129,22 +131,6 @@ class SelfCertaintyScorer:
                 )
             )
         return self._tokenizer(f"{context.prompt}\n\n", add_special_tokens=True)["input_ids"]
-
-    def _batch_certainties(self, batch: list[tuple[list[int], int]]) -> list[float | Failed]:
-        try:
-            values = self._forward(batch)
-        except Exception:  # noqa: BLE001 - retry one by one so only the culprit fails
-            return [self._forward_or_fail(item) for item in batch]
-        return [self._finite_or_fail(value) for value in values]
-
-    def _forward_or_fail(self, item: tuple[list[int], int]) -> float | Failed:
-        try:
-            return self._finite_or_fail(self._forward([item])[0])
-        except Exception as error:  # noqa: BLE001 - one response's failure is recorded, not raised
-            return Failed(f"{self.name}: {type(error).__name__}: {error}"[:300])
-
-    def _finite_or_fail(self, value: float) -> float | Failed:
-        return value if math.isfinite(value) else Failed(f"{self.name}: non-finite certainty {value}")
 
     def _forward(self, batch: list[tuple[list[int], int]]) -> list[float]:
         use_torch_threads(None, "self_certainty")  # sized to the CPUs other processes leave free
