@@ -135,7 +135,7 @@ gpu-wheels: setup
 gpu-check:
 	$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 	  --target $(GPU_SITE) $(WHEELS)/*.whl
-	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py --json $(GPU_CHECK_JSON)
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py --json $(GPU_CHECK_JSON) $(if $(PHASES),--phases $(PHASES))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -122,14 +122,16 @@ def main() -> None:
     sys.path.insert(0, str(REPO))  # on a bare GPU machine the project is not installed: run it from the tree
     for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(variable, "1")  # nothing here needs the hub; without a network a lookup would hang
-    report = run_check(args.tiny, args.tokenizer, args.json)
+    report = run_check(args.tiny, args.tokenizer, args.json, args.phases)
     print()
     print(markdown_table(report))
     if any(phase["status"] != "ok" for phase in report["phases"]):
         sys.exit(1)
 
 
-def run_check(tiny: bool, tokenizer: Path | None, json_path: Path | None) -> dict[str, Any]:
+def run_check(
+    tiny: bool, tokenizer: Path | None, json_path: Path | None, only: list[str] | None = None
+) -> dict[str, Any]:
     """Every phase in turn on a fresh random model; the report is rewritten to ``json_path`` after each."""
     import torch
 
@@ -150,6 +152,8 @@ def run_check(tiny: bool, tokenizer: Path | None, json_path: Path | None) -> dic
         report["model"] = {**model, "tokenizer": str(tokenizer_dir)}
         print(f"{report['device']}: {describe_model(report['model'])}", flush=True)
         for name, measure in phases(workload).items():
+            if only and name not in only:
+                continue
             phase = run_phase(name, measure, model_dir, Path(scratch) / name, workload.phase_limit_s[name])
             report["phases"].append(asdict(phase))
             report["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -167,6 +171,9 @@ def parse_args() -> argparse.Namespace:
         help="a tokenizer folder (default: .whl/tokenizer, else the bootstrapped embedded model)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    parser.add_argument(
+        "--phases", nargs="+", choices=list(phases(TINY)), help="run only these phases (default: all of them)"
+    )
     return parser.parse_args()
 
 

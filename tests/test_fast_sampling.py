@@ -242,3 +242,17 @@ def test_a_pass_with_fewer_samples_decodes_more_prompts_together(tiny_model_dir,
     generator.generate(three_prompts(), SamplingParams(4, 4, temperature=0.8, top_p=0.95), progress=False)
     generator.generate(three_prompts(), SamplingParams(8, 4, temperature=0.8, top_p=0.95), progress=False)
     assert calls == [(3, 1), (2, 4), (1, 4), (2, 8), (1, 8)]
+
+
+def test_decode_steps_on_a_gpu_leave_out_cudnn_attention():
+    """cuDNN's attention builds a plan per new key length, and each decode step is a new length (README, "GPU
+    check": 85 ms a step against 28 on an H200); on a CPU the kernels torch picks are left alone."""
+    from tao_pipeline.generation.decoding import _attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with _attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with _attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

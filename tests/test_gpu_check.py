@@ -127,3 +127,24 @@ def requirements(name: str) -> list[str]:
         if requirement.marker is None or requirement.marker.evaluate(GPU_PYTHON):
             found.append(canonicalize_name(requirement.name))
     return found
+
+
+@pytest.mark.parametrize("arms", [[], ["--attention"]])
+def test_the_decode_profile_runs_its_arms_on_the_tiny_model(tiny_model_dir, tmp_path, arms):
+    """bench/gpu_decode_profile.py, which found cuDNN's per-length attention plans on the H200, still runs."""
+    report_file = tmp_path / "profile.json"
+    command = [sys.executable, "bench/gpu_decode_profile.py", "--tiny", "--tokenizer", str(tiny_model_dir), *arms]
+    run = subprocess.run([*command, "--json", str(report_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = json.loads(report_file.read_text())["arms"]
+    expected = "cuDNN allowed (default), new lengths" if arms else "decode, top-p 0.95 (the sampler)"
+    assert figures[expected]["tok/s"] > 0
+
+
+def test_one_phase_runs_alone(tiny_model_dir, tmp_path):
+    report_file = tmp_path / "report.json"
+    command = [sys.executable, "bench/gpu_check.py", "--tiny", "--tokenizer", str(tiny_model_dir)]
+    command += ["--phases", "sampling"]
+    run = subprocess.run([*command, "--json", str(report_file)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [phase["name"] for phase in json.loads(report_file.read_text())["phases"]] == ["sampling"]

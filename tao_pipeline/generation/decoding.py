@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from functools import partial
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -82,15 +84,29 @@ def _forward_with(model) -> Callable[..., torch.Tensor]:
 
 
 def _forward(model, cache_keyword: str, input_ids, mask, positions, cache) -> torch.Tensor:
-    output = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_keyword: cache},
-    )
+    with _attention_kernels(input_ids.device):
+        output = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword: cache},
+        )
     return output.logits[:, -1]
+
+
+# Measured on an H200 (README, "GPU check"): cuDNN's attention, which torch picks first there, builds a plan for
+# every new shape, and a decode step's keys are one longer every step: 85 ms a step at lengths not seen before
+# against 28 ms with flash or memory-efficient attention (24.7 and 30.6 once cuDNN has seen them all).
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attention_kernels(device: torch.device):
+    """The attention kernels a decode step may use on ``device``: all but cuDNN's on a GPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    return sdpa_kernel(DECODE_ATTENTION, set_priority=True)
 
 
 class PreallocatedLayer(DynamicLayer):
