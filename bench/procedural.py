@@ -3,7 +3,11 @@
 Two tasks a small instruction model gets right part of the time, so there is room to gain and to lose:
 
 - ``compare``: "Which number is larger, 417 or 392? Reply with just the number."
-- ``sequence``: "What number comes next: 3, 7, 11, 15? Reply with just the number." (arithmetic steps)
+- ``difference``: "What is 17 minus 9? Reply with just the number." (two numbers up to 30, never negative)
+
+A first version had ``sequence`` ("What number comes next: 3, 7, 11, 15?") instead of ``difference``: the
+embedded 135M model answered 0 of 44 held-out ones before and after a round (README, "Training recipe"), a task
+with no room to gain, so it was replaced.
 
 ``write_family`` writes usage logs in the inbox format (what an app would log: no answers) and, in a separate
 file, the gold answers, which only the evaluation reads (``data.labels``). ``family_overrides`` are the settings
@@ -17,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-TASKS = ("compare", "sequence")
+TASKS = ("compare", "difference")
 
 
 def compare(rng: random.Random) -> tuple[str, str]:
@@ -27,14 +31,9 @@ def compare(rng: random.Random) -> tuple[str, str]:
     return f"Which number is larger, {first} or {second}? Reply with just the number.", str(max(first, second))
 
 
-def sequence(rng: random.Random) -> tuple[str, str]:
-    start, step, length = rng.randint(1, 40), rng.choice((2, 3, 4, 5, 6, 7, 9, 10, 11)), rng.randint(4, 5)
-    if rng.random() < 0.3:
-        step = -step
-        start += 60
-    terms = [start + step * i for i in range(length)]
-    shown = ", ".join(str(term) for term in terms)
-    return f"What number comes next: {shown}? Reply with just the number.", str(terms[-1] + step)
+def difference(rng: random.Random) -> tuple[str, str]:
+    first, second = sorted(rng.sample(range(2, 31), 2), reverse=True)
+    return f"What is {first} minus {second}? Reply with just the number.", str(first - second)
 
 
 def write_family(folder: Path, count: int = 400, seed: int = 7) -> tuple[Path, Path]:
@@ -44,7 +43,7 @@ def write_family(folder: Path, count: int = 400, seed: int = 7) -> tuple[Path, P
     logs, labels, seen = [], [], set()
     while len(logs) < count:
         task = TASKS[len(logs) % len(TASKS)]
-        prompt, answer = (compare if task == "compare" else sequence)(rng)
+        prompt, answer = (compare if task == "compare" else difference)(rng)
         if prompt in seen:
             continue
         seen.add(prompt)
