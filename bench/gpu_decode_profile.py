@@ -11,6 +11,10 @@ and batch, one after another and each timed with the GPU synchronised:
   peaked logits (as a trained model's are), per call;
 - torch's profiler over a few decode steps: the operators that take the most CPU and GPU time.
 
+With --attention instead: the decode loop with and without cuDNN's attention (``decoding.DECODE_ATTENTION``
+swapped for each arm), at key lengths the process has not run yet and at lengths it has, then the whole
+sampler both ways. That is how cuDNN's plan-per-shape cost was found; decoding now leaves cuDNN out.
+
     python3 bench/gpu_decode_profile.py [--tiny] [--attention] [--tokenizer DIR] [--json PATH]
 """
 
@@ -21,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -89,7 +94,7 @@ def run_attention_arms(model_dir: Path, workload, new_tokens: int, report: dict)
     """The same decode with and without cuDNN's attention, each at key lengths this process has not run yet
     (cuDNN builds and caches a plan per shape), then cuDNN again at lengths it has seen, then the whole sampler."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     from tao_pipeline.generation.base import SamplingParams
     from tao_pipeline.generation.decoding import decode
@@ -114,7 +119,7 @@ def run_attention_arms(model_dir: Path, workload, new_tokens: int, report: dict)
         "flash/efficient only, lengths seen": (without_cudnn, new_tokens),
     }
     for name, (backends, tokens) in arms.items():
-        with sdpa_kernel(backends, set_priority=True):
+        with decode_attention(backends):
             seconds = timed(lambda tokens=tokens: run(max_new_tokens=tokens))
         report["arms"][name] = arm(rows * tokens, seconds, tokens)
         print(name, report["arms"][name], flush=True)
@@ -123,11 +128,25 @@ def run_attention_arms(model_dir: Path, workload, new_tokens: int, report: dict)
     for name, backends in (("sampler, flash/efficient only", without_cudnn), ("sampler, default", everything)):
         part = whole.iloc[: workload.sample_batch] if "only" in name else whole.iloc[workload.sample_batch :]
         before = replace(generator.stats)
-        with sdpa_kernel(backends, set_priority=True):
+        with decode_attention(backends):
             generator.generate(part, params, progress=False)
         tokens, seconds = generator.stats.new_tokens - before.new_tokens, generator.stats.seconds - before.seconds
         report["arms"][name + f", {workload.new_tokens} new tokens"] = arm(tokens, seconds, workload.new_tokens)
         print(name, report["arms"][name + f", {workload.new_tokens} new tokens"], flush=True)
+
+
+@contextmanager
+def decode_attention(backends):
+    """The decode loop's attention kernels (generation/decoding.py picks them inside each forward, so an
+    outer ``sdpa_kernel`` would be overridden): these ones, in this order of priority, for the block."""
+    from tao_pipeline.generation import decoding
+
+    chosen = decoding.DECODE_ATTENTION
+    decoding.DECODE_ATTENTION = backends
+    try:
+        yield
+    finally:
+        decoding.DECODE_ATTENTION = chosen
 
 
 def timed(work) -> float:
