@@ -58,20 +58,27 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=1))
 
 
-def run_arms(model_dir: Path, workload, new_tokens: int, report: dict) -> None:
+def loaded(model_dir: Path, workload):
+    """The project's generator on the model, one batch of prompts (texts and token ids), a seeded generator."""
     import torch
 
-    from tao_pipeline.generation.decoding import decode
-    from tao_pipeline.generation.sampling import choose_tokens
     from tao_pipeline.generation.transformers_backend import TransformersGenerator
 
     generator = TransformersGenerator(model_dir, "profile", dtype="bfloat16", batch_size=workload.sample_batch)
+    texts = prompt_table(workload.sample_batch, workload.prompt_words)["prompt"].tolist()
+    prompts = [generator.tokenizer(text)["input_ids"] for text in texts]
+    return generator, texts, prompts, torch.Generator(device=generator.model.device).manual_seed(0)
+
+
+def run_arms(model_dir: Path, workload, new_tokens: int, report: dict) -> None:
+
+    from tao_pipeline.generation.decoding import decode
+    from tao_pipeline.generation.sampling import choose_tokens
+
+    generator, texts, prompts, seed = loaded(model_dir, workload)
     model, tokenizer = generator.model, generator.tokenizer
     report["attention"] = getattr(model.config, "_attn_implementation", "?")
-    texts = prompt_table(workload.sample_batch, workload.prompt_words)["prompt"].tolist()
-    prompts = [tokenizer(text)["input_ids"] for text in texts]
     samples, rows = workload.samples, workload.sample_batch * workload.samples
-    seed = torch.Generator(device=model.device).manual_seed(0)
     sampled = partial(choose_tokens, greedy=False, temperature=0.8, generator=seed)
     choices = {
         "decode, top-p 0.95 (the sampler)": partial(sampled, top_p=0.95),
@@ -93,24 +100,20 @@ def run_arms(model_dir: Path, workload, new_tokens: int, report: dict) -> None:
 def run_attention_arms(model_dir: Path, workload, new_tokens: int, report: dict) -> None:
     """The same decode with and without cuDNN's attention, each at key lengths this process has not run yet
     (cuDNN builds and caches a plan per shape), then cuDNN again at lengths it has seen, then the whole sampler."""
-    import torch
     from torch.nn.attention import SDPBackend
 
+    from tao_pipeline.generation import decoding
     from tao_pipeline.generation.base import SamplingParams
     from tao_pipeline.generation.decoding import decode
     from tao_pipeline.generation.sampling import choose_tokens
-    from tao_pipeline.generation.transformers_backend import TransformersGenerator
 
-    generator = TransformersGenerator(model_dir, "profile", dtype="bfloat16", batch_size=workload.sample_batch)
-    model, tokenizer = generator.model, generator.tokenizer
-    texts = prompt_table(workload.sample_batch, workload.prompt_words)["prompt"].tolist()
-    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    generator, _, prompts, seed = loaded(model_dir, workload)
+    model = generator.model
     rows = workload.sample_batch * workload.samples
-    seed = torch.Generator(device=model.device).manual_seed(0)
     choose = partial(choose_tokens, greedy=False, temperature=0.8, top_p=0.95, generator=seed)
     run = partial(decode, model, prompts, samples=workload.samples, eos_ids={-1}, pad_id=0, choose=choose)
     run(max_new_tokens=2)  # CUDA context and kernels, two lengths only
-    without_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    without_cudnn = decoding.DECODE_ATTENTION  # what decoding uses
     everything = [SDPBackend.CUDNN_ATTENTION, *without_cudnn]
     arms = {
         "flash/efficient only, new lengths": (without_cudnn, new_tokens),

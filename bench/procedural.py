@@ -41,7 +41,9 @@ def write_family(folder: Path, count: int = 400, seed: int = 7) -> tuple[Path, P
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     logs, labels, seen = [], [], set()
-    while len(logs) < count:
+    for _ in range(100 * count):  # bounded: a task has finitely many distinct prompts
+        if len(logs) == count:
+            break
         task = TASKS[len(logs) % len(TASKS)]
         prompt, answer = (compare if task == "compare" else difference)(rng)
         if prompt in seen:
@@ -49,6 +51,8 @@ def write_family(folder: Path, count: int = 400, seed: int = 7) -> tuple[Path, P
         seen.add(prompt)
         logs.append({"id": f"proc-{len(logs):05d}", "prompt": prompt, "task": task})
         labels.append({"prompt": prompt, "answer": answer, "aliases": [], "task": task})
+    if len(logs) < count:
+        raise ValueError(f"only {len(logs)} distinct prompts found for count={count}: the tasks have too few")
     logs_path, labels_path = folder / "usage_logs.jsonl", folder / "labels.jsonl"
     logs_path.write_text("".join(json.dumps(row) + "\n" for row in logs), encoding="utf-8")
     labels_path.write_text("".join(json.dumps(row) + "\n" for row in labels), encoding="utf-8")
