@@ -1,6 +1,8 @@
 """The layout's promises that a linter cannot check: thin assets, one vocabulary for settings and scoring."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tao_pipeline.scoring.catalog import SCORER_CLASSES
@@ -40,3 +42,18 @@ def test_every_scorer_name_settings_accept_is_implemented_and_no_other():
 def test_every_extractor_name_settings_accept_is_implemented_and_no_other():
     assert set(EXTRACTOR_NAMES) == set(EXTRACTORS)
     assert set(PARAMETERISED_EXTRACTOR_NAMES) == set(PARAMETERISED_EXTRACTORS)
+
+
+HEAVY_LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "scipy", "matplotlib")
+
+
+def test_loading_the_code_location_imports_no_model_or_plotting_library():
+    """Every Dagster run process, the code server and every sensor tick's process load the code location: an
+    ingest run must not pay for torch and TRL (about 5 CPU-seconds a process, 2026-12-04), only a stage that
+    uses them."""
+    probe = (
+        "import sys, tao_pipeline.definitions as d; d.load_definitions(); "
+        f"print(','.join(m for m in {HEAVY_LIBRARIES!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert not loaded, f"loading the code location imported {loaded}: import them inside the function that uses them"

@@ -9,30 +9,34 @@ from __future__ import annotations
 import io
 import json
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import pandas as pd  # noqa: E402
-
-from tao_pipeline.data.lake import Lake  # noqa: E402
-from tao_pipeline.evaluation.tables import TEST_TIME_METHODS, tuned_vs_sampling_table  # noqa: E402
+from tao_pipeline.data.lake import Lake
+from tao_pipeline.evaluation.tables import TEST_TIME_METHODS, tuned_vs_sampling_table
 
 FIGURE_SIZE = (6.4, 3.6)
 DPI = 90
+
+
+def _figure():
+    """A figure and its axes, drawn without pyplot: no global figure registry, no display, and matplotlib
+    loads when a plot is drawn, not in every process that imports this module (the code location does)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=FIGURE_SIZE)
+    return figure, figure.subplots()
 
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=DPI)
-    plt.close(figure)
     return buffer.getvalue()
 
 
 def score_distribution_plot(scores: pd.DataFrame) -> bytes:
     """Histogram of candidate scores, one series per task."""
-    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    figure, axis = _figure()
     for task, subset in sorted(scores.groupby("task")):
         axis.hist(subset["score"].astype(float), bins=20, range=(0, 1), alpha=0.6, label=f"{task} (n={len(subset)})")
     axis.set(title="Candidate scores", xlabel="label-free score", ylabel="responses")
@@ -43,7 +47,7 @@ def score_distribution_plot(scores: pd.DataFrame) -> bytes:
 def training_curves_plot(log_history: list[dict]) -> bytes:
     """Loss and reward margin (DPO) or reward (GRPO) per logged step."""
     frame = pd.DataFrame(log_history)
-    figure, loss_axis = plt.subplots(figsize=FIGURE_SIZE)
+    figure, loss_axis = _figure()
     if "loss" in frame and "step" in frame:
         loss_axis.plot(frame["step"], frame["loss"], color="tab:blue", label="loss")
     loss_axis.set(title="Training", xlabel="step", ylabel="loss")
@@ -61,7 +65,7 @@ def accuracy_per_task_plot(rows: pd.DataFrame) -> bytes:
     """Labeled accuracy per task: the base model with test-time compute vs the greedy answers of each model."""
     table = tuned_vs_sampling_table(rows).set_index("task")
     methods = [m for m in TEST_TIME_METHODS if table[m].notna().any()]
-    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    figure, axis = _figure()
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         axis.bar([x + i * width for x in range(len(table))], table[method].fillna(0), width, label=method)
@@ -72,7 +76,7 @@ def accuracy_per_task_plot(rows: pd.DataFrame) -> bytes:
 
 
 def accuracy_per_round_plot(history: pd.DataFrame) -> bytes:
-    figure, axis = plt.subplots(figsize=FIGURE_SIZE)
+    figure, axis = _figure()
     rounds = history["round"]
     for column, label in [
         ("base_greedy_accuracy", "base pass@1"),

@@ -8,7 +8,9 @@
 - :func:`mean_interval`: a bootstrap interval for any per-prompt figure (score, length, quantiles);
 - :func:`required_heldout`: how many held-out prompts would show an effect of a given size.
 
-Every bootstrap is seeded, so the same rows always give the same verdict.
+Every bootstrap is seeded, so the same rows always give the same verdict. scipy is imported by the
+functions that use it: the code location imports this module, and every process that loads it (each
+Dagster run, the code server) would otherwise pay for scipy.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 BOOTSTRAP_RESAMPLES = 4999
 BOOTSTRAP_SEED = 0
@@ -52,6 +53,8 @@ def mean_interval(
     statistic: Callable[..., float] = np.mean,
 ) -> Interval:
     """Bootstrap (BCa, percentile where BCa is undefined) interval of ``statistic`` over per-prompt values."""
+    from scipy import stats
+
     data = np.asarray(values, dtype=float)
     data = data[~np.isnan(data)]
     if len(data) == 0:
@@ -79,6 +82,8 @@ def mean_interval(
 
 def proportion_interval(successes: int, n: int, confidence: float) -> Interval:
     """Wilson score interval: sound for small n and for proportions near 0 or 1."""
+    from scipy import stats
+
     if n == 0:
         return _unknown(confidence)
     ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
@@ -88,6 +93,8 @@ def proportion_interval(successes: int, n: int, confidence: float) -> Interval:
 def required_heldout(spread: float, effect: float, confidence: float, power: float = POWER) -> int:
     """Held-out prompts needed to detect a mean shift of ``effect`` in per-prompt values of standard
     deviation ``spread`` (one-sided, at ``confidence``'s two-sided error split as the intervals split it)."""
+    from scipy import stats
+
     if effect <= 0:
         return 0
     alpha = (1 - confidence) / 2
@@ -119,6 +126,8 @@ def win_scores(outcomes) -> np.ndarray:
 
 
 def win_rate_test(outcomes, confidence: float) -> WinRateTest:
+    from scipy import stats
+
     scores = win_scores(outcomes)
     wins, losses = int((scores == 1.0).sum()), int((scores == 0.0).sum())
     ties = len(scores) - wins - losses
@@ -161,6 +170,8 @@ class AccuracyTest:
 
 def accuracy_test(champion_correct, challenger_correct, confidence: float) -> AccuracyTest | None:
     """Paired labeled accuracy on the prompts both models were checked on; None without labels."""
+    from scipy import stats
+
     pairs = [
         (bool(a), bool(b))
         for a, b in zip(champion_correct, challenger_correct, strict=True)
@@ -218,6 +229,8 @@ def paired_difference_interval(before: np.ndarray, after: np.ndarray, confidence
 
 
 def _wilson(successes: int, n: int, confidence: float) -> tuple[float, float]:
+    from scipy import stats
+
     ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
 

@@ -1,16 +1,24 @@
-"""Loading models and tokenizers the same way everywhere: safetensors only, no remote code by default."""
+"""Loading models and tokenizers the same way everywhere: safetensors only, no remote code by default.
+
+torch and transformers are imported where a model is loaded, not with this module: the code location
+imports it (through training), and every process that loads the code location would pay for them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tao_pipeline.registry.errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     """'auto' is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    import torch
+
     if dtype == "bfloat16":
         return torch.bfloat16
     if dtype == "float32":
@@ -19,6 +27,8 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def bf16_supported() -> bool:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return _cpu_has_bf16()
@@ -46,6 +56,7 @@ def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False, padding
 
 
 def load_model(path: Path | str, *, dtype: str = "auto", trust_remote_code: bool = False):
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

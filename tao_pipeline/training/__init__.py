@@ -1,7 +1,7 @@
 """Training: preference pairs from scores, then DPO (default) or GRPO with TRL, LoRA by default.
 
 - ``pairs``: scores -> preference pairs (best vs worst candidate, when the margin is clear);
-- ``trainer``: what every TRL trainer shares (arguments, progress bars, merged checkpoints);
+- ``trainer``: what every TRL trainer shares (arguments, merged checkpoints); ``callbacks``: threads, progress bars;
 - ``dpo``, ``grpo``: the two methods; ``methods``: the one dispatch table (dpo, grpo, control);
 - ``tune``: a round's checkpoint, trained, saved atomically and registered;
 - ``distributed``, ``worker``: the same methods under `accelerate launch`.

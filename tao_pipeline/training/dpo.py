@@ -10,7 +10,8 @@ import pandas as pd
 
 from tao_pipeline.data.conversation import HistoryCuts, row_chat
 from tao_pipeline.settings import TrainingSettings
-from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+from tao_pipeline.training.callbacks import LossProgressBar
+from tao_pipeline.training.trainer import TrainingResult, fit_and_save, trainer_arguments
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

@@ -19,7 +19,8 @@ from tao_pipeline.data.conversation import HistoryCuts, row_chat
 from tao_pipeline.scoring import TaoScorer
 from tao_pipeline.scoring.base import PromptContext, prompt_context
 from tao_pipeline.settings import TrainingSettings
-from tao_pipeline.training.trainer import LossProgressBar, TrainingResult, fit_and_save, trainer_arguments
+from tao_pipeline.training.callbacks import LossProgressBar
+from tao_pipeline.training.trainer import TrainingResult, fit_and_save, trainer_arguments
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

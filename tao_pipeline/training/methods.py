@@ -15,8 +15,6 @@ import pandas as pd
 
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.settings import TaoSettings
-from tao_pipeline.training.dpo import train_dpo
-from tao_pipeline.training.grpo import train_grpo
 from tao_pipeline.training.pairs import shuffle_directions
 from tao_pipeline.training.trainer import TrainingResult
 
@@ -38,6 +36,8 @@ class TrainingJob:
 
 
 def _dpo(job: TrainingJob) -> TrainingResult:
+    from tao_pipeline.training.dpo import train_dpo  # TRL and torch load in the process that trains, only
+
     return train_dpo(
         job.parent_path,
         job.pairs,
@@ -51,6 +51,8 @@ def _dpo(job: TrainingJob) -> TrainingResult:
 def _grpo(job: TrainingJob) -> TrainingResult:
     if job.prompts is None:
         raise ValueError("training.method='grpo' needs the round's train prompts")
+    from tao_pipeline.training.grpo import train_grpo
+
     scorer = build_scorer(job.settings.scoring, job.settings.cache_dir)
     return train_grpo(
         job.parent_path,

@@ -12,20 +12,17 @@ import os
 import tempfile
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tqdm.auto import tqdm
-from transformers import ProgressCallback, TrainerCallback
-
-from tao_pipeline.common.threads import ThreadChoice, use_torch_threads
 from tao_pipeline.registry.loading import bf16_supported, load_model, load_tokenizer
 from tao_pipeline.settings import TrainingSettings
 from tao_pipeline.training.lm_head import completions_only_on_cpu
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 ADAPTER_DIR = "adapter"
 TRAINING_LOG_FILE = "training_log.json"
@@ -76,6 +73,8 @@ def trainer_arguments(
 
     TRL defaults to bf16 and gradient checkpointing on and a 1e-6 learning rate; tao decides each.
     """
+    import torch
+
     # TRL still passes the deprecated name; the warning is noise for our users.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     shared_defaults = {
@@ -131,7 +130,9 @@ def fit_and_save(
     :mod:`tao_pipeline.training.lm_head`), while the trainer is built and trains.
     """
     from peft import LoraConfig
-    from transformers import set_seed
+    from transformers import ProgressCallback, set_seed
+
+    from tao_pipeline.training.callbacks import ThreadsFollowTheLoad
 
     threads = ThreadsFollowTheLoad(settings.threads)
     tokenizer = load_tokenizer(parent_path, trust_remote_code=trust_remote_code, padding_side="left")
@@ -191,6 +192,7 @@ def hold_frozen_weights_in_bf16(model) -> None:
     adapter's fp32, which autocast casts back down. The adapters, the embeddings, the norms and the LM head keep
     their dtype.
     """
+    import torch
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
@@ -199,56 +201,6 @@ def hold_frozen_weights_in_bf16(model) -> None:
             for parameter in module.get_base_layer().parameters(recurse=False):
                 if parameter.dtype == torch.float32 and not parameter.requires_grad:
                     parameter.data = parameter.data.to(torch.bfloat16)
-
-
-class ThreadsFollowTheLoad(TrainerCallback):
-    """torch's threads for training (``training.threads``), chosen before the trainer is built and again before
-    each step: unset, the pool follows the CPUs other processes leave free (measured at most every few seconds)."""
-
-    def __init__(self, setting: int | None):
-        self.setting = setting
-        self.steps: Counter[int] = Counter()
-        self.latest = self.choose()
-
-    def choose(self) -> ThreadChoice:
-        self.latest = use_torch_threads(self.setting, "training.threads")
-        return self.latest
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.steps[self.choose().threads] += 1
-
-    def used(self) -> dict[str, int | str]:
-        """The thread count most steps ran with, and why (the latest choice's reason, and other counts used)."""
-        if not self.steps:
-            return self.latest.metadata()
-        threads = self.steps.most_common(1)[0][0]
-        others = sorted(set(self.steps) - {threads})
-        why = self.latest.reason + (f"; some steps ran with {others} as the load changed" if others else "")
-        return ThreadChoice(threads, why).metadata()
-
-
-class LossProgressBar(TrainerCallback):
-    """A progress bar with the live loss (and DPO's reward margin), instead of a printed dict per step."""
-
-    def __init__(self, desc: str = "dpo"):
-        self.desc = desc
-        self.bar: tqdm | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is not None and logs and "loss" in logs:
-            margin = {"margin": f"{logs['rewards/margins']:.3f}"} if "rewards/margins" in logs else {}
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", **margin)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def step_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
