@@ -90,8 +90,8 @@ bench-flywheel: setup   # serve -> logs -> sensors -> round -> shadow -> canary 
 bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with the control arm: do rounds compound?
 	$(PY) bench/rounds.py
 
-bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2): accuracy with intervals, the curve as a PNG
-	$(PY) bench/compute.py --set data.max_prompts=96
+bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2) and seed (0, 1): accuracy with intervals, the curve as a PNG
+	$(PY) bench/compute.py --seeds 0 1 --set data.max_prompts=96
 
 bench-recipe: setup     # DPO recipes (fp32, learning rate, beta, epochs) on one round's pairs, each vs the default (~35 min)
 	$(PY) bench/recipe.py

@@ -5,10 +5,13 @@ description). Each setting runs one round in its own fresh home on the same prom
 same embedded base model, and is measured the same way: the tuned model's labeled accuracy on the
 round's held-out prompts (Wilson interval), its paired difference to the base model (Newcombe's
 score interval, McNemar p), the gate's win rate with its interval, wall minutes, and the tokens
-generated for tuning (candidates) and for evaluation. Writes a markdown report and the curve
+generated for tuning (candidates) and for evaluation. ``--seeds`` runs each setting once per seed
+(``generation.seed`` and ``training.seed``: other samples, another adapter initialisation and example
+order), each in its own home, on the same held-out prompts. Writes a markdown report and the curve
 as a PNG (``--out``, default bench/results/compute).
 
-    .venv/bin/python bench/compute.py [--scales 0.25 0.5 1 2] [--set k=v ...] [--out DIR] [--base-model-from HOME]
+    .venv/bin/python bench/compute.py [--scales 0.25 0.5 1 2] [--seeds 0 1] [--set k=v ...] [--out DIR]
+        [--base-model-from HOME]
     .venv/bin/python bench/compute.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in minutes
 """
 
@@ -34,6 +37,7 @@ from tao_pipeline.settings import load_settings  # noqa: E402
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one round per setting and seed")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compute"))
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="another settings override")
@@ -44,21 +48,22 @@ def main() -> None:
     source = args.base_model_from
     table = []
     for scale in args.scales:
-        home = fresh_home(f"compute-{scale}", source)
-        overrides = [*base, f"compute_scale={scale}"]
-        settings = load_settings(DEMO, overrides)
-        print(
-            f"\n=== compute_scale {scale}: {settings.generation.num_samples} samples per prompt, "
-            f"{settings.training.max_steps} DPO steps (home {home})"
-        )
-        started = time.perf_counter()
-        report = run_round(DEMO, overrides, echo=print)
-        if not report.completed:
-            raise SystemExit(f"compute_scale {scale}: {report.round_id} failed: {report.failure}")
-        table.append(measure(settings, report.round_id, scale, time.perf_counter() - started))
-        show("quality against tuning compute so far", pd.DataFrame(table).drop(columns=_PLOT_ONLY))
-        if not args.tiny:  # later settings copy the converted base model instead of converting it again
-            source = source or str(home)
+        for seed in args.seeds:
+            home = fresh_home(f"compute-{scale}-seed{seed}", source)
+            overrides = [*base, f"compute_scale={scale}", f"generation.seed={seed}", f"training.seed={seed}"]
+            settings = load_settings(DEMO, overrides)
+            print(
+                f"\n=== compute_scale {scale}, seed {seed}: {settings.generation.num_samples} samples per prompt, "
+                f"{settings.training.max_steps} DPO steps (home {home})"
+            )
+            started = time.perf_counter()
+            report = run_round(DEMO, overrides, echo=print)
+            if not report.completed:
+                raise SystemExit(f"compute_scale {scale}, seed {seed}: {report.round_id} failed: {report.failure}")
+            table.append(measure(settings, report.round_id, scale, seed, time.perf_counter() - started))
+            show("quality against tuning compute so far", pd.DataFrame(table).drop(columns=_PLOT_ONLY))
+            if not args.tiny:  # later settings copy the converted base model instead of converting it again
+                source = source or str(home)
     frame = pd.DataFrame(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def main() -> None:
 _PLOT_ONLY = ["accuracy", "low", "high", "base_accuracy"]
 
 
-def measure(settings, round_id: str, scale: float, seconds: float) -> dict:
+def measure(settings, round_id: str, scale: float, seed: int, seconds: float) -> dict:
     lake = Lake(settings.lake_dir)
     rows = lake.read("checkpoint_evaluation", round_id)
     verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, round_id)).promotion
@@ -82,6 +87,7 @@ def measure(settings, round_id: str, scale: float, seconds: float) -> dict:
     tuned = lake.read("tuned_checkpoint", round_id).iloc[0]
     return {
         "compute_scale": scale,
+        "seed": seed,
         "samples_per_prompt": settings.generation.num_samples,
         "dpo_steps": int(tuned["steps"]),
         "pairs": len(lake.read("preference_pairs", round_id)),
@@ -103,8 +109,10 @@ def curve(frame: pd.DataFrame) -> bytes:
     import io
 
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
-    errors = [frame["accuracy"] - frame["low"], frame["high"] - frame["accuracy"]]
-    axis.errorbar(frame["tuning_tokens"], frame["accuracy"], yerr=errors, marker="o", capsize=4, label="tuned model")
+    for marker, (seed, rows) in zip("osd^v", frame.groupby("seed"), strict=False):
+        errors = [rows["accuracy"] - rows["low"], rows["high"] - rows["accuracy"]]
+        axis.errorbar(rows["tuning_tokens"], rows["accuracy"], yerr=errors, marker=marker, capsize=4,
+                      label=f"tuned model, seed {seed}", alpha=0.8)  # fmt: skip
     for row in frame.itertuples():
         axis.annotate(f"x{row.compute_scale:g}", (row.tuning_tokens, row.accuracy), textcoords="offset points",
                       xytext=(6, -12), fontsize=8)  # fmt: skip
@@ -125,11 +133,22 @@ def curve(frame: pd.DataFrame) -> bytes:
 
 def report_markdown(frame: pd.DataFrame) -> str:
     shown = frame.drop(columns=_PLOT_ONLY)
+    per_scale = frame.groupby("compute_scale").agg(
+        seeds=("seed", "count"),
+        mean_tuned_accuracy=("accuracy", "mean"),
+        min_tuned=("accuracy", "min"),
+        max_tuned=("accuracy", "max"),
+        base_accuracy=("base_accuracy", "first"),
+    )
     return "\n".join(
         [
             "# Quality against tuning compute (bench/compute.py)",
             "",
             shown.to_markdown(index=False),
+            "",
+            "Per setting, over its seeds (the same held-out prompts):",
+            "",
+            per_scale.round(3).to_markdown(),
             "",
             "![accuracy against tuning compute](compute_curve.png)",
             "",
