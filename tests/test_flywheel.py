@@ -1,12 +1,17 @@
 """The flywheel's automation on a real ephemeral Dagster instance: ingestion sensor, round sensor, schedule."""
 
 import json
+import os
+import uuid
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
 
+from tao_pipeline.data.lake import Lake
 from tao_pipeline.defs.assets.prompts import raw_prompts
+from tao_pipeline.defs.orphans import RANGE_END_TAG, RANGE_START_TAG
 from tao_pipeline.defs.resources import TaoSettingsResource, build_resources
 from tao_pipeline.defs.schedules import build_periodic_round_schedule
 from tao_pipeline.defs.sensors import build_round_sensor, build_usage_log_sensor
@@ -38,13 +43,25 @@ def flywheel(tmp_path, monkeypatch, tiny_model_dir):
 
 
 def ingest(instance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    """The run a request asks for: one partition, or a range of them (the range's tags)."""
     return dg.materialize(
         ingest_assets(),
         partition_key=request.partition_key,
         instance=instance,
         resources=build_resources(),
         run_config=request.run_config,
+        tags=request.tags,
+        raise_on_error=False,
     )
+
+
+def queued(instance, request: dg.RunRequest) -> None:
+    """The request's run, created and not started yet, as when the ingest slots are taken."""
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    tags = {**request.tags, **({"dagster/partition": request.partition_key} if request.partition_key else {})}
+    status = dg.DagsterRunStatus.NOT_STARTED
+    instance.add_run(DagsterRun(job_name="ingest_usage_logs", run_id=str(uuid.uuid4()), status=status, tags=tags))
 
 
 def apply(instance, result: dg.SensorResult) -> None:
@@ -59,17 +76,99 @@ def test_ingestion_sensor_requests_each_new_file_exactly_once(flywheel):
     write_logs(settings.inbox_dir / "monday.jsonl", sample_logs(6))
     write_logs(settings.inbox_dir / "tuesday.jsonl", sample_logs(12)[6:])
     result = tick(usage_log_sensor, instance=instance)
-    assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 2
-    keys = [r.partition_key for r in result.run_requests]
-    assert [r.run_key for r in result.run_requests] == keys
+    assert isinstance(result, dg.SensorResult)
+    [request] = result.run_requests  # one run, a partition per file: the range of the two
+    keys = list(result.dynamic_partitions_requests[0].partition_keys)
     assert {k.split("-")[0] for k in keys} == {"monday", "tuesday"}
-    assert list(result.dynamic_partitions_requests[0].partition_keys) == keys
+    assert (request.tags[RANGE_START_TAG], request.tags[RANGE_END_TAG]) == (keys[0], keys[-1])
+    assert set(request.run_config["ops"]["usage_logs"]["config"]["paths"]) == set(keys)
 
-    apply(instance, result)  # the tick's partitions exist now, as after a real tick
+    apply(instance, result)  # the tick's partitions exist now, and its run waits in the queue, as after a real tick
+    queued(instance, request)
     again = tick(usage_log_sensor, instance=instance, cursor=result.cursor)
     assert isinstance(again, dg.SkipReason)
     (settings.inbox_dir / "monday-copy.jsonl").write_bytes((settings.inbox_dir / "monday.jsonl").read_bytes())
     assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
+
+    run = ingest(instance, request)
+    assert run.success and instance.get_materialized_partitions(dg.AssetKey("usage_logs")) == set(keys)
+    assert len(pd.read_parquet(settings.lake_dir / "usage_logs" / f"{keys[0]}.parquet")) == 6
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)  # committed, the copy too
+
+
+def keys_of(request: dg.RunRequest) -> list[str]:
+    config = request.run_config["ops"]["usage_logs"]["config"]
+    return [request.partition_key] if request.partition_key else list(config["paths"])
+
+
+def test_files_arriving_while_the_ingest_slots_are_taken_wait_and_then_go_in_few_runs(flywheel):
+    """flywheel.max_concurrent_ingest_runs (2) runs in flight: new files wait. Once the slots free up, the file
+    whose run failed and the new ones go in ranges of consecutive partitions, at most 3 files a run here."""
+    settings, instance = flywheel
+    config = Path(os.environ["TAO_CONFIG"])
+    config.write_text(config.read_text().replace("[flywheel]\n", "[flywheel]\nmax_files_per_ingest_run = 3\n"))
+    days, rows = ("mon", "tue", "wed", "thu", "fri", "sat", "sun"), sample_logs(14)
+    logs = {day: rows[2 * i : 2 * i + 2] for i, day in enumerate(days)}  # different files: a copy is not new
+    first = {}
+    for day in ("mon", "tue"):
+        write_logs(settings.inbox_dir / f"{day}.jsonl", logs[day])
+        result = tick(usage_log_sensor, instance=instance)
+        apply(instance, result)
+        [first[day]] = result.run_requests
+        queued(instance, first[day])
+    for day in days[2:]:
+        write_logs(settings.inbox_dir / f"{day}.jsonl", logs[day])
+    waiting = tick(usage_log_sensor, instance=instance)
+    assert isinstance(waiting, dg.SkipReason) and "5 log file(s) ready wait for one of the 2" in waiting.skip_message
+
+    for run in instance.get_runs():  # monday's run ingests its file; tuesday's fails
+        if run.tags["dagster/partition"].startswith("mon"):
+            instance.delete_run(run.run_id)
+            assert ingest(instance, first["mon"]).success
+        else:
+            instance.report_run_failed(run)
+    result = tick(usage_log_sensor, instance=instance)
+    requested = [[key.split("-")[0] for key in keys_of(request)] for request in result.run_requests]
+    assert requested == [["tue", "fri", "sat"], ["sun", "thu", "wed"]]  # partitions in the order they were added
+    apply(instance, result)
+    assert all(ingest(instance, request).success for request in result.run_requests)
+    assert len(instance.get_materialized_partitions(dg.AssetKey("usage_logs"))) == 7
+    assert len(Lake(settings.lake_dir).query("SELECT * FROM usage_logs")) == 14
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
+
+
+def test_a_file_that_fails_in_a_run_of_several_is_retried_alone_and_the_others_are_in(flywheel, monkeypatch):
+    settings, instance = flywheel
+    for i, day in enumerate(("mon", "tue", "wed")):
+        write_logs(settings.inbox_dir / f"{day}.jsonl", sample_logs(9)[3 * i : 3 * i + 3])
+    from tao_pipeline.data.ingest import batch as batch_module
+
+    real = batch_module.ingest_to_lake
+
+    def full_on_tuesday(path, *args, **kwargs):
+        if path.name == "tue.jsonl":
+            raise OSError("No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "ingest_to_lake", full_on_tuesday)
+    result = tick(usage_log_sensor, instance=instance)
+    apply(instance, result)
+    [request] = result.run_requests
+    run = ingest(instance, request)
+    assert not run.success
+    failure = next(event for event in run.all_events if event.is_step_failure)
+    assert "1 of 3 log files failed and will be retried: tue-" in str(failure.event_specific_data.error)
+    assert "(tue.jsonl): OSError: No space left on device" in str(failure.event_specific_data.error)
+    done = instance.get_materialized_partitions(dg.AssetKey("usage_logs"))
+    assert sorted(key.split("-")[0] for key in done) == ["mon", "wed"]  # committed, and shown so
+    assert (settings.inbox_dir / "tue.jsonl").exists() and not (settings.inbox_dir / "mon.jsonl").exists()
+
+    monkeypatch.setattr(batch_module, "ingest_to_lake", real)
+    retry = tick(usage_log_sensor, instance=instance)
+    [again] = retry.run_requests
+    assert again.partition_key.startswith("tue-") and not retry.dynamic_partitions_requests
+    assert ingest(instance, again).success
+    assert len(Lake(settings.lake_dir).query("SELECT * FROM usage_logs")) == 9
 
 
 def test_ingestion_quarantines_bad_rows_and_archives_the_file(flywheel):
@@ -118,10 +217,9 @@ def test_parquet_and_csv_logs_are_ingested(flywheel):
     counts = {}
     for request in result.run_requests:
         assert ingest(instance, request).success
-        counts[request.partition_key.split("-")[0]] = len(
-            pd.read_parquet(settings.lake_dir / "usage_logs" / f"{request.partition_key}.parquet")
-        )
-    assert counts == {"app": 5} or sorted(counts.values()) == [3, 5]
+        for key in keys_of(request):
+            counts[key] = len(pd.read_parquet(settings.lake_dir / "usage_logs" / f"{key}.parquet"))
+    assert sorted(counts.values()) == [3, 5]  # app.parquet and app.csv: two batches, each its own partition
 
 
 def ingest_all(instance) -> None:

@@ -59,7 +59,11 @@ def run_requests(instance, result) -> list[dg.ExecuteInProcessResult]:
     job = code_location().resolve_job_def("ingest_usage_logs")
     return [
         job.execute_in_process(
-            instance=instance, partition_key=request.partition_key, run_config=request.run_config, raise_on_error=False
+            instance=instance,
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            tags=request.tags,
+            raise_on_error=False,
         )
         for request in result.run_requests
     ]
@@ -230,10 +234,12 @@ def test_a_failed_ingest_is_retried_on_a_later_tick(inbox_home, monkeypatch):
 
     monkeypatch.setattr(batch_module, "ingest_to_lake", flaky)
     with dg.instance_for_test() as instance:
-        [first] = run_requests(instance, tick(instance))
+        requested = tick(instance)
+        [first] = run_requests(instance, requested)
         assert not first.success and (settings.inbox_dir / "logs.jsonl").exists()
-        retry = tick(instance)
-        assert [r.run_key.split("#")[-1] for r in retry.run_requests] == ["retry-1"]
+        retry = tick(instance)  # the same partition again, no new one
+        assert [r.partition_key for r in retry.run_requests] == [r.partition_key for r in requested.run_requests]
+        assert not retry.dynamic_partitions_requests
         [second] = run_requests(instance, retry)
         assert second.success
         assert isinstance(tick(instance), dg.SkipReason)  # committed: never again

@@ -20,6 +20,9 @@ import psutil
 
 ORPHANED_TAG = "tao/orphaned"
 PARTITION_TAG = "dagster/partition"
+# A run over a range of partitions (an ingest run taking several log files) carries these instead.
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 # Set by Dagster on a failed run: whether its run retries will re-execute it, and the retry's id once they did.
 WILL_RETRY_TAG = "dagster/will_retry"
 RETRY_RUN_TAG = "dagster/auto_retry_run_id"

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import dagster as dg
 
-from tao_pipeline.data.ingest import archive_ingested, pending_log_files
+from tao_pipeline.data.ingest import archive_ingested, pending_log_files, plan_ingest_runs
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.data.rounds import RoundDecision, decide_next_round
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, ROUND_JOB, ROUNDS
-from tao_pipeline.defs.orphans import PARTITION_TAG, fail_orphaned_runs, retry_pending, will_retry
+from tao_pipeline.defs.orphans import (
+    PARTITION_TAG,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    fail_orphaned_runs,
+    retry_pending,
+    will_retry,
+)
 from tao_pipeline.defs.partitions import log_batches_partitions, rounds_partitions
 from tao_pipeline.defs.resources import TaoSettingsResource, startup_settings
 from tao_pipeline.live.evidence import live_decision
@@ -40,28 +47,36 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
     def usage_log_sensor(
         context: dg.SensorEvaluationContext, settings: TaoSettingsResource
     ) -> dg.SensorResult | dg.SkipReason:
-        """One log-batch partition and one ingest run per file ready in the inbox (or in data.logs),
-        after pulling rows appended to flywheel.table_source (if set) into a file.
+        """A log-batch partition per file ready in the inbox (or in data.logs), and ingest runs over ranges of
+        them, after pulling rows appended to flywheel.table_source (if set) into a file.
 
-        A file is ready once unchanged for flywheel.settle_seconds, and new until its rows are
-        committed to the lake (keyed by its content hash, so a copy under another name is not new):
-        a file whose run failed is requested again on a later tick, one that is in flight is not.
+        A file is ready once unchanged for flywheel.settle_seconds, and new until its rows are committed to
+        the lake (keyed by its content hash, so a copy under another name is not new). A file in a run in flight
+        waits; one whose run failed is requested again. At most flywheel.max_concurrent_ingest_runs runs are in
+        flight: files that arrive meanwhile wait, and the next run takes them all (up to
+        flywheel.max_files_per_ingest_run), so ingestion catches up instead of queueing a run per file.
         """
         config = settings.get()
         for orphan in fail_orphaned_runs(context.instance, INGEST_JOB):
-            context.log.warning(f"ingest run {orphan.run_id} lost its process: marked failed, its file is retried")
-        known = set(context.instance.get_dynamic_partitions(LOG_BATCHES))
-        scan = pending_log_files(config, Lake(config.lake_dir), known)
+            context.log.warning(f"ingest run {orphan.run_id} lost its process: marked failed, its files are retried")
+        in_flight = context.instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, statuses=_IN_FLIGHT))
+        known = list(context.instance.get_dynamic_partitions(LOG_BATCHES))  # in the order they were added
+        busy = batches_in_runs(in_flight, known)  # read before the scan: a run ending meanwhile has committed
+        scan = pending_log_files(config, Lake(config.lake_dir), set(known))
         archive_ingested(scan, config.inbox_dir)
         for refusal in scan.refusals():
             context.log.warning(refusal)
-        ready = {key: path for key, path in scan.ready.items() if key not in known or _failed(context.instance, key)}
-        if not ready:
-            return dg.SkipReason(scan.describe(config.inbox_dir))
+        flywheel = config.flywheel
+        free = flywheel.max_concurrent_ingest_runs - len(in_flight)
+        runs = plan_ingest_runs(known, scan.ready, busy, flywheel.max_files_per_ingest_run, free)
+        if not runs:
+            return _nothing_to_request(scan, busy, len(in_flight), config.inbox_dir)
+        added = set(known)
+        new = [key for run in runs for key in run if key not in added]
         return dg.SensorResult(
-            run_requests=[_ingest_request(context.instance, key, path) for key, path in ready.items()],
-            dynamic_partitions_requests=[log_batches_partitions.build_add_request(sorted(set(ready) - known))],
-            cursor=max(ready),
+            run_requests=[_ingest_request(run, scan.ready) for run in runs],
+            dynamic_partitions_requests=[log_batches_partitions.build_add_request(new)] if new else [],
+            cursor=max(key for run in runs for key in run),
         )
 
     return usage_log_sensor
@@ -133,21 +148,41 @@ def build_live_sensor(interval_s: int) -> dg.SensorDefinition:
     return live_decision_sensor
 
 
-def _failed(instance: dg.DagsterInstance, key: str) -> bool:
-    """Whether the last ingest run of a known batch failed (or was canceled): then it is retried.
-    A batch whose run is on its way or still running is left alone."""
-    runs = instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, tags={PARTITION_TAG: key}), limit=1)
-    return bool(runs) and runs[0].status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+def batches_in_runs(runs: list[dg.DagsterRun], known: list[str]) -> set[str]:
+    """The log batches these ingest runs cover: a run's partition, or every partition of its range."""
+    position = {key: index for index, key in enumerate(known)}
+    covered: set[str] = set()
+    for run in runs:
+        start, end = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
+        if start in position and end in position:
+            covered.update(known[position[start] : position[end] + 1])
+        elif PARTITION_TAG in run.tags:
+            covered.add(run.tags[PARTITION_TAG])
+    return covered
 
 
-def _ingest_request(instance: dg.DagsterInstance, key: str, path: Path) -> dg.RunRequest:
-    """The run for one file; a retry gets its own run key (Dagster runs a run key once)."""
-    attempts = instance.get_runs_count(dg.RunsFilter(job_name=INGEST_JOB, tags={PARTITION_TAG: key}))
-    return dg.RunRequest(
-        run_key=key if attempts == 0 else f"{key}#retry-{attempts}",
-        partition_key=key,
-        run_config={"ops": {"usage_logs": {"config": {"path": str(path)}}}},
-    )
+def _nothing_to_request(scan, busy: set[str], in_flight: int, inbox: Path) -> dg.SkipReason:
+    waiting = len(set(scan.ready) - busy)
+    if waiting:
+        return dg.SkipReason(
+            f"{waiting} log file(s) ready wait for one of the {in_flight} ingest runs in flight to end "
+            "(flywheel.max_concurrent_ingest_runs); the next run takes them all"
+        )
+    return dg.SkipReason(scan.describe(inbox))
+
+
+def _ingest_request(keys: list[str], ready: dict[str, Path]) -> dg.RunRequest:
+    """The run for one file (a partition) or several (a range of consecutive partitions, a file each).
+    No run key: the runs in flight, read each tick, are what keeps a file from being requested twice."""
+    if len(keys) == 1:
+        return dg.RunRequest(partition_key=keys[0], run_config=_ingest_config({"path": str(ready[keys[0]])}))
+    paths = {key: str(ready[key]) for key in keys}
+    tags = {RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]}
+    return dg.RunRequest(tags=tags, run_config=_ingest_config({"paths": paths}))
+
+
+def _ingest_config(config: dict) -> dict:
+    return {"ops": {"usage_logs": {"config": config}}}
 
 
 def round_decision(instance: dg.DagsterInstance, settings: TaoSettings, min_unused: int) -> RoundDecision:

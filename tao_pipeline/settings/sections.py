@@ -491,8 +491,17 @@ class FlywheelSettings(_Section):
         2,
         ge=1,
         le=1024,
-        description="Ingest runs (one per inbox file) in progress at once; more wait in Dagster's run queue. Each "
-        "starts a process: many at once on a small machine thrash until they time out at start.",
+        description="Ingest runs in progress at once; more wait in Dagster's run queue. Each starts a process: many at "
+        "once on a small machine thrash until they time out at start. While this many are in flight, the usage-log "
+        "sensor holds new files back, and the next run takes all of them (up to max_files_per_ingest_run).",
+    )
+    max_files_per_ingest_run: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Inbox files one ingest run takes: each stays its own log_batches partition (the run covers "
+        "their range), but a run's process starts once for all of them, so ingestion catches up after a burst "
+        "instead of queueing a run per file. 1: a run per file.",
     )
     round_run_tags: dict[str, Any] = Field(
         default_factory=dict,

@@ -10,13 +10,14 @@
 - ``offline``: files straight into prompts, without a lake (notebooks, benchmarks).
 """
 
-from tao_pipeline.data.ingest.batch import BatchOutcome, ingest_log_batch
+from tao_pipeline.data.ingest.batch import BatchOutcome, FilesOutcome, ingest_log_batch, ingest_log_files
 from tao_pipeline.data.ingest.inbox import (
     InboxScan,
     archive_file,
     archive_ingested,
     batch_key,
     pending_log_files,
+    plan_ingest_runs,
     scan_inbox,
 )
 from tao_pipeline.data.ingest.offline import PromptBatch, load_prompts
@@ -38,6 +39,7 @@ from tao_pipeline.data.ingest.writer import (
 
 __all__ = [
     "BatchOutcome",
+    "FilesOutcome",
     "CHUNK_ROWS",
     "LOG_SUFFIXES",
     "QUARANTINE_COLUMNS",
@@ -57,10 +59,12 @@ __all__ = [
     "export_new_table_rows",
     "ingest_file",
     "ingest_log_batch",
+    "ingest_log_files",
     "ingest_to_lake",
     "load_prompts",
     "parse_record",
     "pending_log_files",
+    "plan_ingest_runs",
     "scan_inbox",
     "quarantine_unreadable_file",
     "read_jsonl",

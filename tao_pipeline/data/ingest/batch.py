@@ -1,4 +1,6 @@
 """One log batch end to end: a file streamed into the lake, then archived out of the inbox.
+Several at once (an ingest run over a range of log batches): each file on its own, so one that fails
+leaves the others committed and is retried alone.
 
 A file that cannot be read at all is quarantined once (one row naming the problem) and moved to
 ``inbox/failed/``, so nobody retries it forever; a file that was read goes to ``inbox/processed/``.
@@ -8,7 +10,8 @@ has already committed (the same file, ingested twice at once) is a no-op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tao_pipeline.common.safe_files import UnsafePathError
@@ -65,3 +68,29 @@ def _archived(outcome: BatchOutcome, settings: TaoSettings, folder: str) -> Batc
     except UnsafePathError as error:
         outcome.archive_problem = f"{outcome.path.name} was not archived: {error}"
     return outcome
+
+
+@dataclass
+class FilesOutcome:
+    """Several files ingested in one run: each one's outcome, or the error that stopped it, by batch key."""
+
+    outcomes: dict[str, BatchOutcome] = field(default_factory=dict)
+    errors: dict[str, Exception] = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def failure(self) -> str:
+        """One line per file that failed, naming it: these batches are retried, the others are in."""
+        lines = [f"{key} ({self.paths[key].name}): {type(e).__name__}: {e}" for key, e in self.errors.items()]
+        return f"{len(self.errors)} of {len(self.paths)} log files failed and will be retried: " + "; ".join(lines)
+
+
+def ingest_log_files(files: Mapping[str, Path], settings: TaoSettings, lake: Lake) -> FilesOutcome:
+    """Ingest each file as its own batch (:func:`ingest_log_batch`), in order; a file whose ingestion raises
+    is recorded and the next one goes on, so a run over many files commits every file it can."""
+    result = FilesOutcome(paths=dict(files))
+    for key, path in files.items():
+        try:
+            result.outcomes[key] = ingest_log_batch(path, settings, lake, key)
+        except Exception as error:  # any error: reported with its file's name once the others are committed
+            result.errors[key] = error
+    return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,3 +215,31 @@ def _archive_name(path: Path, copy: int) -> str:
         return path.name
     tagged = f"{path.stem}-{file_digest(path)[:8]}"
     return f"{tagged}{path.suffix}" if copy == 1 else f"{tagged}-{copy}{path.suffix}"
+
+
+def plan_ingest_runs(
+    known: Sequence[str], ready: Mapping[str, Path], busy: set[str], max_files: int, max_runs: int
+) -> list[list[str]]:
+    """The ingest runs to request now, each a list of batch keys that are consecutive partitions.
+
+    ``known`` are the log_batches partitions in the order they were added; new ready files come after them,
+    in key order, as the sensor adds them. A ready file not in a run in flight (``busy``) is taken: a new
+    one, or a known one whose run failed or never committed it. Runs cover ranges of consecutive ready
+    partitions, oldest first, at most ``max_files`` each and ``max_runs`` in all (the free ingest slots):
+    what does not fit waits for a later tick and then goes in one run, so a burst of files or an ingestion
+    that fell behind catches up in a few runs instead of a queue of one run per file.
+    """
+    known_set = set(known)
+    order = [*known, *sorted(key for key in ready if key not in known_set)]
+    runs: list[list[str]] = []
+    current: list[str] = []
+    for key in order:
+        wanted = key in ready and key not in busy
+        if current and (not wanted or len(current) == max_files):
+            runs.append(current)
+            current = []
+        if wanted:
+            current.append(key)
+    if current:
+        runs.append(current)
+    return runs[: max(max_runs, 0)]
