@@ -9,14 +9,16 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from tao_pipeline.cli.runner import code_location
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.defs.assets.prompts import raw_prompts
+from tao_pipeline.defs.constants import INGEST_JOB
 from tao_pipeline.defs.orphans import RANGE_END_TAG, RANGE_START_TAG
 from tao_pipeline.defs.resources import TaoSettingsResource, build_resources
 from tao_pipeline.defs.schedules import build_periodic_round_schedule
 from tao_pipeline.defs.sensors import build_round_sensor, build_usage_log_sensor
 from tao_pipeline.settings import load_settings
-from tests.helpers import ingest_assets, sample_logs, write_flywheel_config, write_logs
+from tests.helpers import sample_logs, write_flywheel_config, write_logs
 
 usage_log_sensor = build_usage_log_sensor(interval_s=30)
 new_prompts_round_sensor = build_round_sensor(interval_s=30)
@@ -43,15 +45,17 @@ def flywheel(tmp_path, monkeypatch, tiny_model_dir):
 
 
 def ingest(instance, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
-    """The run a request asks for: one partition, or a range of them (the range's tags)."""
-    return dg.materialize(
-        ingest_assets(),
-        partition_key=request.partition_key,
-        instance=instance,
-        resources=build_resources(),
-        run_config=request.run_config,
-        tags=request.tags,
-        raise_on_error=False,
+    """The run a request asks for, of the code location's ingest job: one partition, or a range of them."""
+    return (
+        code_location()
+        .resolve_job_def(INGEST_JOB)
+        .execute_in_process(
+            instance=instance,
+            partition_key=request.partition_key,
+            run_config=request.run_config,
+            tags=request.tags,
+            raise_on_error=False,
+        )
     )
 
 
@@ -205,6 +209,22 @@ def test_an_unreadable_file_is_reported_once_not_retried(flywheel):
     quarantine = pd.read_parquet(settings.lake_dir / "quarantined_rows" / f"{request.partition_key}.parquet")
     assert "not a readable Parquet file" in quarantine["reason"].iloc[0]
     assert (settings.inbox_dir / "failed" / "corrupt.parquet").exists()
+    assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
+
+
+def test_an_unreadable_configured_file_is_quarantined_once_and_left_alone(flywheel, tmp_path):
+    """A data.logs file stays where it is; its run succeeds (the file quarantined with the reason), so later
+    ticks do not read it again although none of its rows are in the lake."""
+    settings, instance = flywheel
+    corrupt = tmp_path / "exports" / "broken.parquet"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    config = Path(os.environ["TAO_CONFIG"])
+    config.write_text(config.read_text().replace("logs = []", f"logs = ['{corrupt}']"))
+    result = tick(usage_log_sensor, instance=instance)
+    apply(instance, result)
+    [request] = result.run_requests
+    assert ingest(instance, request).success and corrupt.exists()
     assert isinstance(tick(usage_log_sensor, instance=instance), dg.SkipReason)
 
 

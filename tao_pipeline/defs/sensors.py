@@ -35,6 +35,8 @@ _IN_FLIGHT = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+_ENDED_UNCOMMITTED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+_RECENT_INGEST_RUNS = 500  # searched for the latest run of a batch that is still pending
 
 
 def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
@@ -52,9 +54,10 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
 
         A file is ready once unchanged for flywheel.settle_seconds, and new until its rows are committed to
         the lake (keyed by its content hash, so a copy under another name is not new). A file in a run in flight
-        waits; one whose run failed is requested again. At most flywheel.max_concurrent_ingest_runs runs are in
-        flight: files that arrive meanwhile wait, and the next run takes them all (up to
-        flywheel.max_files_per_ingest_run), so ingestion catches up instead of queueing a run per file.
+        waits; one whose run failed (or lost its process) is requested again. At most
+        flywheel.max_concurrent_ingest_runs runs are in flight: files that arrive meanwhile wait, and the next
+        run takes them all (up to flywheel.max_files_per_ingest_run), so ingestion catches up instead of
+        queueing a run per file.
         """
         config = settings.get()
         for orphan in fail_orphaned_runs(context.instance, INGEST_JOB):
@@ -66,12 +69,14 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
         archive_ingested(scan, config.inbox_dir)
         for refusal in scan.refusals():
             context.log.warning(refusal)
+        added = set(known)
+        retry = _failed(context.instance, known, {key for key in scan.ready if key in added} - busy)
+        wanted = {key: path for key, path in scan.ready.items() if key not in added or key in retry}
         flywheel = config.flywheel
         free = flywheel.max_concurrent_ingest_runs - len(in_flight)
-        runs = plan_ingest_runs(known, scan.ready, busy, flywheel.max_files_per_ingest_run, free)
+        runs = plan_ingest_runs(known, wanted, busy, flywheel.max_files_per_ingest_run, free)
         if not runs:
-            return _nothing_to_request(scan, busy, len(in_flight), config.inbox_dir)
-        added = set(known)
+            return _nothing_to_request(scan, len(set(wanted) - busy), len(in_flight), config.inbox_dir)
         new = [key for run in runs for key in run if key not in added]
         return dg.SensorResult(
             run_requests=[_ingest_request(run, scan.ready) for run in runs],
@@ -151,18 +156,37 @@ def build_live_sensor(interval_s: int) -> dg.SensorDefinition:
 def batches_in_runs(runs: list[dg.DagsterRun], known: list[str]) -> set[str]:
     """The log batches these ingest runs cover: a run's partition, or every partition of its range."""
     position = {key: index for index, key in enumerate(known)}
-    covered: set[str] = set()
-    for run in runs:
-        start, end = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
-        if start in position and end in position:
-            covered.update(known[position[start] : position[end] + 1])
-        elif PARTITION_TAG in run.tags:
-            covered.add(run.tags[PARTITION_TAG])
-    return covered
+    return {key for run in runs for key in _covered(run, known, position)}
 
 
-def _nothing_to_request(scan, busy: set[str], in_flight: int, inbox: Path) -> dg.SkipReason:
-    waiting = len(set(scan.ready) - busy)
+def _covered(run: dg.DagsterRun, known: list[str], position: dict[str, int]) -> list[str]:
+    start, end = run.tags.get(RANGE_START_TAG), run.tags.get(RANGE_END_TAG)
+    if start in position and end in position:
+        return known[position[start] : position[end] + 1]
+    return [run.tags[PARTITION_TAG]] if PARTITION_TAG in run.tags else []
+
+
+def _failed(instance: dg.DagsterInstance, known: list[str], pending: set[str]) -> set[str]:
+    """Known batches, still not in the lake, whose latest ingest run failed or was canceled: taken again.
+    One whose run succeeded without committing it (an unreadable file configured in data.logs, quarantined
+    and left in place) is not: retrying it would read it every tick."""
+    if not pending:
+        return set()
+    position, latest = {key: index for index, key in enumerate(known)}, {}
+    for run in instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB), limit=_RECENT_INGEST_RUNS):  # newest first
+        for key in pending.intersection(_covered(run, known, position)):
+            latest.setdefault(key, run)
+    for key in pending - set(latest):  # last ingested long ago: by its own run, as a partition
+        for run in instance.get_runs(_partition_runs(key), limit=1):
+            latest[key] = run
+    return {key for key, run in latest.items() if run.status in _ENDED_UNCOMMITTED}
+
+
+def _partition_runs(key: str) -> dg.RunsFilter:
+    return dg.RunsFilter(job_name=INGEST_JOB, tags={PARTITION_TAG: key})
+
+
+def _nothing_to_request(scan, waiting: int, in_flight: int, inbox: Path) -> dg.SkipReason:
     if waiting:
         return dg.SkipReason(
             f"{waiting} log file(s) ready wait for one of the {in_flight} ingest runs in flight to end "
