@@ -81,8 +81,9 @@ bench-quality: setup    # base vs TAO vs control, two rounds (~35 min on 2 CPU c
 bench-incremental: setup  # a round, then a rerun after 10% new prompts
 	$(PY) bench/incremental.py
 
-bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streaming vs the whole file in memory
+bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streaming vs the whole file in memory; a burst of files through the daemon
 	$(PY) bench/ingest_million.py --whole
+	$(PY) bench/ingest_burst.py
 
 bench-flywheel: setup   # serve -> logs -> sensors -> round -> shadow -> canary -> promotion -> swap, and a worse challenger rolled back; unattended, under faults (~1 h)
 	$(PY) bench/flywheel.py
