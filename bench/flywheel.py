@@ -191,6 +191,25 @@ def _serves_champion(bench: Bench) -> str | None:
     return serving if champion and serving == champion[0] else None
 
 
+def _round_passed(bench: Bench) -> bool:
+    """Whether the round's run succeeded (its gate passed); False while it runs or Dagster will retry it.
+    A run that failed for good ends the bench at once, with the round's verdict: nothing is left to wait for."""
+    runs = _round_runs(bench)
+    if (runs["status"] == "SUCCESS").any():
+        return True
+    final = runs[(runs["status"] == "FAILURE") & (runs["will_retry"] == "false")]
+    if final.empty:
+        return False
+    report = bench.home / "reports" / str(final["partition"].iloc[0]) / "report.md"
+    verdicts = (
+        [line for line in report.read_text().splitlines() if line.startswith("**Verdict:**")] if report.exists() else []
+    )
+    raise SystemExit(
+        f"bench-flywheel: {final['partition'].iloc[0]} failed for good, so there is no challenger to go live or be "
+        f"promoted: {verdicts[0] if verdicts else 'see its run in the Dagster UI'}"
+    )
+
+
 def _round_runs(bench: Bench) -> pd.DataFrame:
     import dagster as dg
 
@@ -206,11 +225,12 @@ def _round_runs(bench: Bench) -> pd.DataFrame:
                     # a retry inherits its parent's tags: only the run that failed was orphaned
                     "orphaned": "tao/orphaned" in r.dagster_run.tags and r.dagster_run.status.value == "FAILURE",
                     "resumed": r.dagster_run.parent_run_id is not None,  # a retry by Dagster's run retries
+                    "will_retry": r.dagster_run.tags.get("dagster/will_retry"),  # set by Dagster once it decided
                     "ended": r.end_time,
                 }
                 for r in records
             ],
-            columns=["run_id", "partition", "status", "created", "ended", "orphaned", "resumed"],
+            columns=["run_id", "partition", "status", "created", "ended", "orphaned", "resumed", "will_retry"],
         )
 
 
@@ -463,7 +483,7 @@ def run(args) -> dict:
 
         # The gate passes the challenger to live traffic (shadow, then canary); the users' ratings decide.
         def gated() -> bool:  # the round's run is over (its last step started the experiment, or not)
-            return (_round_runs(bench)["status"] == "SUCCESS").any()
+            return _round_passed(bench)
 
         labeled = labeled_prompts(prompts, settings)
         rate = (lambda prompt, answer: "up") if args.tiny else labeled_rater(settings)
@@ -479,7 +499,8 @@ def run(args) -> dict:
             print(f"  {real.stages} after {real.seconds:.0f} s, {real.users_who_saw_it} of {real.users} users saw it")
 
         # Promotion, then the swap, with nobody touching anything.
-        _wait("a promotion", lambda: (row := _champion(bench)) and row[0] != base, args.round_wait_s, 5)
+        _wait("a promotion", lambda: _round_passed(bench) and (row := _champion(bench)) and row[0] != base,
+              args.round_wait_s, 5)  # fmt: skip
         print(f"promoted {_champion(bench)[0]}")
         version = _wait("the front server to serve the champion", lambda: _serves_champion(bench), 600, 0.5)
         bench.events["serving"] = time.time()  # to everyone (a canary's users had it already)
@@ -690,7 +711,7 @@ def main() -> None:
     common += [f"serve.log_roll_seconds={5 if args.tiny else 30}"]
     if args.live:
         common += ["live.enabled=true", "live.stages=['shadow', 'canary']", "live.metric='feedback'", "live.share=0.5",
-                   *(["live.min_pairs=20", "live.margin=0.5"] if args.tiny else ["live.margin=0.05"])]  # fmt: skip
+                   *(["live.min_pairs=20", "live.margin=0.3"] if args.tiny else ["live.margin=0.05"])]  # fmt: skip
     if args.tiny:
         common += [f"model.base='{args.tiny}'", "model.dtype='float32'", "flywheel.min_new_prompts=20",
                    "data.max_prompts=100", "generation.num_samples=2", "generation.max_new_tokens=8",
