@@ -224,7 +224,7 @@ def plan_ingest_runs(
 
     ``known`` are the log_batches partitions in the order they were added; new ready files come after them,
     in key order, as the sensor adds them. A ready file not in a run in flight (``busy``) is taken: a new
-    one, or a known one whose run failed or never committed it. Runs cover ranges of consecutive ready
+    one, or a known one the sensor takes again (its last run failed). Runs cover ranges of consecutive ready
     partitions, oldest first, at most ``max_files`` each and ``max_runs`` in all (the free ingest slots):
     what does not fit waits for a later tick and then goes in one run, so a burst of files or an ingestion
     that fell behind catches up in a few runs instead of a queue of one run per file.
