@@ -69,3 +69,17 @@ def test_the_running_bounds_are_the_whole_sequences_one_step_at_a_time():
             assert running.n == i + 1
             assert running.low == pytest.approx(lows[i], abs=1e-12)
             assert running.high == pytest.approx(highs[i], abs=1e-12)
+
+
+def test_an_experiment_undecided_after_max_pairs_is_rolled_back_never_promoted():
+    """A challenger worse by about the margin keeps the test undecided; at live.max_pairs it ends, rolled back."""
+    stream = _streams(np.random.default_rng(3), -0.02, 1, 600)[0]
+    assert decide(stream, **SETTINGS).decision == CONTINUE  # no bound: still undecided after 600 pairs
+    ended = decide(stream, **SETTINGS, max_pairs=500)
+    assert ended.decision == ROLL_BACK and ended.n == 600
+    assert "no decision after live.max_pairs=500 pairs, not proven no worse than -0.02" in ended.reason
+    assert ended.reason.startswith("advantage ")  # the interval it ended on, as every verdict gives it
+    assert decide(stream[:400], **SETTINGS, max_pairs=500).decision == CONTINUE
+    better = _streams(np.random.default_rng(4), 0.3, 1, 600)[0]
+    assert decide(better, **SETTINGS, max_pairs=500).decision == PROMOTE  # a decision stands, bound or not
+    assert decide(stream[:10], **SETTINGS, max_pairs=5).decision == CONTINUE  # min_pairs comes first

@@ -167,7 +167,8 @@ def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExpe
         differences = canary_differences(answers, scorer, live.metric)
     unscored = int((~np.isfinite(differences)).sum())  # a scorer that failed: left out, and said so
     differences = differences[np.isfinite(differences)]
-    verdict = decide(differences, margin=live.margin, confidence=live.confidence, min_pairs=live.min_pairs)
+    verdict = decide(differences, margin=live.margin, confidence=live.confidence, min_pairs=live.min_pairs,
+                     max_pairs=live.max_pairs)  # fmt: skip
     if unscored:
         note = f" ({unscored} pairs left out: an answer could not be scored)"
         verdict = dataclasses.replace(verdict, reason=verdict.reason + note)

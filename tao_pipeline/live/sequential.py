@@ -21,7 +21,7 @@ The decision is a non-inferiority test on that interval, with ``margin`` >= 0:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -50,13 +50,24 @@ class LiveVerdict:
         }
 
 
-def decide(differences, *, margin: float, confidence: float, min_pairs: int) -> LiveVerdict:
-    """The decision after these paired differences (challenger minus champion, each in [-1, 1])."""
+def decide(
+    differences, *, margin: float, confidence: float, min_pairs: int, max_pairs: int | None = None
+) -> LiveVerdict:
+    """The decision after these paired differences (challenger minus champion, each in [-1, 1]).
+
+    With ``max_pairs``, an experiment still undecided after that many pairs ends as a rollback: the
+    challenger was not proven no worse (a true difference near ``-margin`` can take the test very long
+    either way). Ending there never promotes without proof, so the promotion's error rate stays bounded.
+    """
     values = _checked(differences)
     if values.size == 0:
         return LiveVerdict(CONTINUE, 0, 0.0, -1.0, 1.0, "no paired observations yet")
     lows, highs = advantage_bounds(values, 1 - confidence)
-    return _verdict(values, float(lows[-1]), float(highs[-1]), margin, confidence, min_pairs)
+    verdict = _verdict(values, float(lows[-1]), float(highs[-1]), margin, confidence, min_pairs)
+    if verdict.decision == CONTINUE and max_pairs is not None and verdict.n >= max(max_pairs, min_pairs):
+        reason = f"{verdict.reason.rsplit(':', 1)[0]}: no decision after live.max_pairs={max_pairs} pairs, "
+        return replace(verdict, decision=ROLL_BACK, reason=reason + f"not proven no worse than -{margin}")
+    return verdict
 
 
 def first_decision(differences, *, margin: float, confidence: float, min_pairs: int) -> LiveVerdict:

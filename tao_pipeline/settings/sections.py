@@ -653,6 +653,13 @@ class LiveSettings(_Section):
     )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Of the always-valid interval behind each decision.")
     min_pairs: int = Field(50, ge=1, description="Paired live answers before any decision is taken.")
+    max_pairs: int | None = Field(
+        20_000,
+        ge=1,
+        description="Paired live answers after which an undecided experiment ends: rolled back as not proven no "
+        "worse, the champion stays (never a promotion without proof). A challenger whose true difference is near "
+        "-margin can keep the always-valid test undecided for very long. None: no bound.",
+    )
     max_latency_ratio: float = Field(
         2.0, gt=1.0, description="Guard: roll back when the challenger's p95 latency exceeds the champion's by this."
     )
