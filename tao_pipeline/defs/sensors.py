@@ -64,20 +64,20 @@ def build_usage_log_sensor(interval_s: int) -> dg.SensorDefinition:
             context.log.warning(f"ingest run {orphan.run_id} lost its process: marked failed, its files are retried")
         in_flight = context.instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, statuses=_IN_FLIGHT))
         known = list(context.instance.get_dynamic_partitions(LOG_BATCHES))  # in the order they were added
-        busy = batches_in_runs(in_flight, known)  # read before the scan: a run ending meanwhile has committed
+        position = {key: index for index, key in enumerate(known)}
+        busy = _batches_in_runs(in_flight, known, position)  # before the scan: a run ending meanwhile has committed
         scan = pending_log_files(config, Lake(config.lake_dir), set(known))
         archive_ingested(scan, config.inbox_dir)
         for refusal in scan.refusals():
             context.log.warning(refusal)
-        added = set(known)
-        retry = _failed(context.instance, known, {key for key in scan.ready if key in added} - busy)
-        wanted = {key: path for key, path in scan.ready.items() if key not in added or key in retry}
+        retry = _failed(context.instance, known, position, {key for key in scan.ready if key in position} - busy)
+        wanted = {key: path for key, path in scan.ready.items() if key not in position or key in retry}
         flywheel = config.flywheel
         free = flywheel.max_concurrent_ingest_runs - len(in_flight)
         runs = plan_ingest_runs(known, wanted, busy, flywheel.max_files_per_ingest_run, free)
         if not runs:
             return _nothing_to_request(scan, len(set(wanted) - busy), len(in_flight), config.inbox_dir)
-        new = [key for run in runs for key in run if key not in added]
+        new = [key for run in runs for key in run if key not in position]
         return dg.SensorResult(
             run_requests=[_ingest_request(run, scan.ready) for run in runs],
             dynamic_partitions_requests=[log_batches_partitions.build_add_request(new)] if new else [],
@@ -153,9 +153,8 @@ def build_live_sensor(interval_s: int) -> dg.SensorDefinition:
     return live_decision_sensor
 
 
-def batches_in_runs(runs: list[dg.DagsterRun], known: list[str]) -> set[str]:
+def _batches_in_runs(runs: list[dg.DagsterRun], known: list[str], position: dict[str, int]) -> set[str]:
     """The log batches these ingest runs cover: a run's partition, or every partition of its range."""
-    position = {key: index for index, key in enumerate(known)}
     return {key for run in runs for key in _covered(run, known, position)}
 
 
@@ -166,13 +165,13 @@ def _covered(run: dg.DagsterRun, known: list[str], position: dict[str, int]) -> 
     return [run.tags[PARTITION_TAG]] if PARTITION_TAG in run.tags else []
 
 
-def _failed(instance: dg.DagsterInstance, known: list[str], pending: set[str]) -> set[str]:
+def _failed(instance: dg.DagsterInstance, known: list[str], position: dict[str, int], pending: set[str]) -> set[str]:
     """Known batches, still not in the lake, whose latest ingest run failed or was canceled: taken again.
     One whose run succeeded without committing it (an unreadable file configured in data.logs, quarantined
     and left in place) is not: retrying it would read it every tick."""
     if not pending:
         return set()
-    position, latest = {key: index for index, key in enumerate(known)}, {}
+    latest: dict[str, dg.DagsterRun] = {}
     for run in instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB), limit=_RECENT_INGEST_RUNS):  # newest first
         for key in pending.intersection(_covered(run, known, position)):
             latest.setdefault(key, run)
