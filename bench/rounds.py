@@ -13,7 +13,12 @@ share of train prompts whose candidates all gave the same answer (no pair can co
 
     .venv/bin/python bench/rounds.py [--rounds 3] [--replay 0.5] [--set key=value ...] [--base-model-from ~/.tao]
     .venv/bin/python bench/rounds.py --rounds 5 --set "flywheel.start_from='challenger'"   # stack unproven rounds
+    .venv/bin/python bench/rounds.py --rounds 5 --replay 1 --recipe demo   # the chosen recipe, all traffic replayed
     .venv/bin/python bench/rounds.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in a minute
+
+--recipe short (the default) tunes with 6 samples and 30 DPO steps a round, as the promise test does;
+--recipe demo with the recipe `make bench-recipe` chose and the demo round uses (8 samples, 2 epochs
+over the round's pairs). Both skip the base model's maj@k evaluation, which does not change a model.
 """
 
 from __future__ import annotations
@@ -31,17 +36,21 @@ from tao_pipeline.evaluation.verdict import VERDICTS_TABLE, RoundVerdict
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
 
+RECIPES = {"short": PROMISE_ROUND, "demo": ["evaluation.test_time_k=0"]}
+
 
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replay", type=float, default=0.5, help="flywheel.replay_fraction from round 2 on")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="another settings override")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="short", help="the tuning recipe (see above)")
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     args = parser.parse_args()
     home = fresh_home("rounds", args.base_model_from)
     arrivals = split_logs(home, args.rounds)
-    base = ["evaluation.control_arm=true", "data.logs=[]", *(TINY_ROUND if args.tiny else PROMISE_ROUND), *args.extra]
+    recipe = TINY_ROUND if args.tiny else RECIPES[args.recipe]
+    base = ["evaluation.control_arm=true", "data.logs=[]", *recipe, *args.extra]
     if args.tiny:
         base.append(f"model.base='{args.tiny}'")
     settings = load_settings(DEMO, base)
