@@ -59,3 +59,26 @@ def test_canary_answers_are_paired_with_the_champion_answer_next_to_them_in_time
     assert canary_differences(unrated, scorer=None, metric="feedback").tolist() == [0.0, 0.0]
     order = np.array([True, True, False, False, True])  # the first canary value waits, the second replaces it
     assert paired_in_time(order, np.array([0.1, 0.2, 0.5, 0.7, 0.9])) == pytest.approx([0.2 - 0.5, 0.9 - 0.7])
+
+
+def test_a_stage_still_undecided_after_live_max_hours_is_rolled_back_even_without_traffic(tmp_path, tiny_model_dir):
+    """A quiet app may never send live.min_pairs pairs: the stage must still end, the champion staying."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from tao_pipeline.live.evidence import live_decision
+    from tao_pipeline.registry import ModelStore
+    from tests.serve_helpers import load, register_checkpoint, serve_config
+
+    settings = load(serve_config(tmp_path, tiny_model_dir))
+    store = ModelStore(settings.models_dir)
+    champion = store.champion(settings.model).version_id
+    register_checkpoint(settings, tiny_model_dir, "round-0001-dpo-quiet", parent=champion)
+    experiment = store.start_live("round-0001-dpo-quiet", "canary", 0.1)
+    assert live_decision(settings, store, experiment, act=True).verdict.decision == "continue"
+    three_days_ago = replace(experiment, started_at=experiment.started_at - timedelta(hours=73))
+    outcome = live_decision(settings, store, three_days_ago, act=True)
+    assert outcome.verdict.decision == "roll back" and outcome.verdict.n == 0
+    assert "no decision 73.0 h after it started (live.max_hours=72), not proven no worse" in outcome.verdict.reason
+    assert outcome.acted == f"round-0001-dpo-quiet rolled back; {champion} answers everyone"
+    assert store.live_experiment() is None and store.champion_id() == champion

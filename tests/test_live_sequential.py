@@ -83,3 +83,14 @@ def test_an_experiment_undecided_after_max_pairs_is_rolled_back_never_promoted()
     better = _streams(np.random.default_rng(4), 0.3, 1, 600)[0]
     assert decide(better, **SETTINGS, max_pairs=500).decision == PROMOTE  # a decision stands, bound or not
     assert decide(stream[:10], **SETTINGS, max_pairs=5).decision == CONTINUE  # min_pairs comes first
+
+
+def test_an_experiment_undecided_after_max_hours_is_rolled_back_whatever_its_pairs():
+    stream = _streams(np.random.default_rng(3), -0.02, 1, 600)[0]
+    assert decide(stream, **SETTINGS, hours=71.9, max_hours=72).decision == CONTINUE
+    ended = decide(stream, **SETTINGS, hours=72.0, max_hours=72)
+    assert ended.decision == ROLL_BACK and "no decision 72.0 h after it started (live.max_hours=72)" in ended.reason
+    assert decide(stream[:3], **SETTINGS, hours=80, max_hours=72).decision == ROLL_BACK  # before min_pairs too
+    assert decide([], **SETTINGS, hours=80, max_hours=72).decision == ROLL_BACK  # and with no traffic at all
+    better = _streams(np.random.default_rng(4), 0.3, 1, 600)[0]
+    assert decide(better, **SETTINGS, hours=80, max_hours=72).decision == PROMOTE  # a decision stands

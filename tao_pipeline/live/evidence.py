@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -167,8 +168,9 @@ def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExpe
         differences = canary_differences(answers, scorer, live.metric)
     unscored = int((~np.isfinite(differences)).sum())  # a scorer that failed: left out, and said so
     differences = differences[np.isfinite(differences)]
+    hours = (datetime.now(UTC).replace(tzinfo=None) - experiment.started_at).total_seconds() / 3600
     verdict = decide(differences, margin=live.margin, confidence=live.confidence, min_pairs=live.min_pairs,
-                     max_pairs=live.max_pairs)  # fmt: skip
+                     max_pairs=live.max_pairs, hours=hours, max_hours=live.max_hours)  # fmt: skip
     if unscored:
         note = f" ({unscored} pairs left out: an answer could not be scored)"
         verdict = dataclasses.replace(verdict, reason=verdict.reason + note)

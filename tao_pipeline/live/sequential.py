@@ -51,23 +51,39 @@ class LiveVerdict:
 
 
 def decide(
-    differences, *, margin: float, confidence: float, min_pairs: int, max_pairs: int | None = None
+    differences,
+    *,
+    margin: float,
+    confidence: float,
+    min_pairs: int,
+    max_pairs: int | None = None,
+    hours: float = 0.0,
+    max_hours: float | None = None,
 ) -> LiveVerdict:
     """The decision after these paired differences (challenger minus champion, each in [-1, 1]).
 
-    With ``max_pairs``, an experiment still undecided after that many pairs ends as a rollback: the
-    challenger was not proven no worse (a true difference near ``-margin`` can take the test very long
-    either way). Ending there never promotes without proof, so the promotion's error rate stays bounded.
+    An experiment still undecided after ``max_pairs`` pairs, or ``max_hours`` after it started
+    (``hours`` ago; whatever the traffic, min_pairs or not), ends as a rollback: the challenger was not
+    proven no worse (a true difference near ``-margin`` can take the test very long either way, and a
+    quiet app may never send enough). Ending there never promotes without proof, so the promotion's
+    error rate stays bounded.
     """
     values = _checked(differences)
     if values.size == 0:
-        return LiveVerdict(CONTINUE, 0, 0.0, -1.0, 1.0, "no paired observations yet")
-    lows, highs = advantage_bounds(values, 1 - confidence)
-    verdict = _verdict(values, float(lows[-1]), float(highs[-1]), margin, confidence, min_pairs)
-    if verdict.decision == CONTINUE and max_pairs is not None and verdict.n >= max(max_pairs, min_pairs):
-        reason = f"{verdict.reason.rsplit(':', 1)[0]}: no decision after live.max_pairs={max_pairs} pairs, "
-        return replace(verdict, decision=ROLL_BACK, reason=reason + f"not proven no worse than -{margin}")
-    return verdict
+        verdict = LiveVerdict(CONTINUE, 0, 0.0, -1.0, 1.0, "no paired observations yet")
+    else:
+        lows, highs = advantage_bounds(values, 1 - confidence)
+        verdict = _verdict(values, float(lows[-1]), float(highs[-1]), margin, confidence, min_pairs)
+    if verdict.decision != CONTINUE:
+        return verdict
+    if max_pairs is not None and verdict.n >= max(max_pairs, min_pairs):
+        bound = f"no decision after live.max_pairs={max_pairs} pairs"
+    elif max_hours is not None and hours >= max_hours:
+        bound = f"no decision {hours:.1f} h after it started (live.max_hours={max_hours:g})"
+    else:
+        return verdict
+    reason = f"{verdict.reason.rsplit(':', 1)[0]}: {bound}, not proven no worse than -{margin}"
+    return replace(verdict, decision=ROLL_BACK, reason=reason)
 
 
 def first_decision(differences, *, margin: float, confidence: float, min_pairs: int) -> LiveVerdict:

@@ -660,6 +660,12 @@ class LiveSettings(_Section):
         "worse, the champion stays (never a promotion without proof). A challenger whose true difference is near "
         "-margin can keep the always-valid test undecided for very long. None: no bound.",
     )
+    max_hours: float | None = Field(
+        72.0,
+        gt=0.0,
+        description="Hours a stage (shadow or canary) may run undecided, however little traffic came: then it ends "
+        "rolled back as not proven no worse, the champion stays. None: no bound.",
+    )
     max_latency_ratio: float = Field(
         2.0, gt=1.0, description="Guard: roll back when the challenger's p95 latency exceeds the champion's by this."
     )
