@@ -88,8 +88,8 @@ bench-ingest: setup     # 250k and 1M log rows: rows/s and peak memory, streamin
 bench-flywheel: setup   # serve -> logs -> sensors -> round -> shadow -> canary -> promotion -> swap, and a worse challenger rolled back; unattended, under faults (~1 h)
 	$(PY) bench/flywheel.py
 
-bench-rounds: setup     # three rounds on the demo logs arriving in thirds, with the control arm: do rounds compound?
-	$(PY) bench/rounds.py
+bench-rounds: setup     # five rounds on the demo logs arriving in fifths, all replayed, the chosen recipe, control and labeled arms (~19 min)
+	$(PY) bench/rounds.py --rounds 5 --replay 1 --recipe demo
 
 bench-compute: setup    # one round at each compute_scale (0.25, 0.5, 1, 2) and seed (0, 1): accuracy with intervals, the curve as a PNG
 	$(PY) bench/compute.py --seeds 0 1 --set data.max_prompts=96
