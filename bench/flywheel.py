@@ -419,7 +419,8 @@ def demo_prompts() -> list[dict]:
             continue
     seen, prompts = set(), []
     for row in rows:
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        good = isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip()
+        if good and isinstance(row.get("task") or "general", str):  # one broken line's task is a list
             if row["prompt"] not in seen:
                 seen.add(row["prompt"])
                 prompts.append({"prompt": row["prompt"], "task": row.get("task") or "general"})
