@@ -108,3 +108,37 @@ def test_a_silent_upstream_is_known_by_its_silence_not_at_the_deadline(tmp_path,
         with pytest.raises(openai.APIStatusError) as caught:
             client.chat.completions.create(model="tao", messages=CHAT, max_tokens=2)
         assert caught.value.status_code == 502 and time.monotonic() - started < 15
+
+
+def test_a_proxied_challenger_that_ends_finishes_the_requests_it_was_given(upstream):
+    """At a promotion or rollback the front closes its challenger's engine. A proxy's request waiting for the
+    upstream's answer must finish first: closing its client under it failed such requests with 502s (two in
+    the full-size bench-flywheel run of 2026-12-05, canary requests at the moment of promotion)."""
+    import asyncio
+    from pathlib import Path
+
+    from tao_pipeline.registry import ModelVersion
+    from tao_pipeline.serving.engine import GenerationRequest
+    from tao_pipeline.serving.live import LiveRouter
+    from tao_pipeline.serving.proxy import ProxyEngine
+
+    async def scenario() -> None:
+        engine = ProxyEngine(upstream.url, model_names={"challenger": "tao"})
+        await engine.start(ModelVersion("challenger", Path("."), None, None, "dpo", False))
+        router = LiveRouter(store=None, make_engine=lambda: engine, poll_seconds=0.05, drain_seconds=30)
+        router.challenger = engine
+        upstream.frozen.set()  # the upstream is slow to answer: the request waits for its response headers
+        request = GenerationRequest(messages=CHAT, prompt=None, max_tokens=2, temperature=0.0)
+        answer = asyncio.create_task(engine.complete(request))
+        await asyncio.sleep(0.3)
+        assert engine.status()["in_flight_requests"] == 1
+        closing = asyncio.create_task(router._close_challenger())
+        await asyncio.sleep(0.5)  # well past the grace of two polls
+        assert not closing.done() and router.draining is engine  # it waits for the request it was given
+        upstream.frozen.clear()
+        completion = await asyncio.wait_for(answer, 30)
+        assert completion.choices[0].finish_reason is not None
+        await asyncio.wait_for(closing, 10)
+        assert engine.status()["in_flight_requests"] == 0 and router.draining is None
+
+    asyncio.run(scenario())

@@ -204,9 +204,10 @@ class LiveRouter:
 
     async def _close_challenger(self) -> None:
         """No request for the alias goes to the challenger any more; those it is answering finish first (up to
-        drain_seconds). For two poll intervals it still answers requests that name it (``draining``): a proxy in
-        front, polling the same registry, may not have seen the experiment end yet, and its request must get
-        the version it names, never the champion's answer under the challenger's name."""
+        drain_seconds: a local engine's rows, a proxy's requests still waiting for their answer). For two poll
+        intervals it still answers requests that name it (``draining``): a proxy in front, polling the same
+        registry, may not have seen the experiment end yet, and its request must get the version it names,
+        never the champion's answer under the challenger's name."""
         challenger, self.challenger = self.challenger, None
         if challenger is None:
             return
@@ -216,7 +217,7 @@ class LiveRouter:
         try:
             while time.monotonic() < deadline:
                 status = challenger.status()
-                idle = not status.get("running_rows", 0) and not status.get("queued_rows", 0)
+                idle = not any(status.get(key, 0) for key in ("running_rows", "queued_rows", "in_flight_requests"))
                 if idle and time.monotonic() >= grace:
                     break
                 await asyncio.sleep(0.1)

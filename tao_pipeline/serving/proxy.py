@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import openai
@@ -98,6 +98,7 @@ class ProxyEngine:
             name=f"upstream {self.base_url}",
         )
         self.probe_seconds = probe_seconds
+        self.in_flight = 0  # requests from their call until their answer is read or dropped (draining waits on it)
         self.upstream_error: str | None = "not asked yet"
         self._probe: asyncio.Task | None = None
         self._version = ""
@@ -123,6 +124,7 @@ class ProxyEngine:
             "circuit": self.breaker.state,
             "circuit_open_seconds": open_for,
             "failures_in_a_row": self.breaker.failure_count,
+            "in_flight_requests": self.in_flight,
         }
 
     async def _probe_upstream(self) -> None:
@@ -199,17 +201,41 @@ class ProxyEngine:
         arguments = {**self._arguments(request, version), "stream": True, "stream_options": {"include_usage": True}}
         create = self.client.chat.completions.create if request.messages is not None else self.client.completions.create
         self._closed_circuit()
+        done = self._count_in_flight()
         try:
             with self.breaker:
                 async with _deadline(request.deadline):
                     chunks = await create(**arguments)
-        except openai.OpenAIError as error:
-            raise self._failure(error) from error
+        except BaseException as error:
+            done()
+            if isinstance(error, openai.OpenAIError):
+                raise self._failure(error) from error
+            raise
         completion = Completion(version, [Choice() for _ in range(request.n)])
-        deltas = self._deltas(chunks, completion, request.messages is not None, request.deadline)
-        return Stream(version, deltas, completion, lambda: asyncio.ensure_future(_close(chunks)))
+        deltas = self._deltas(chunks, completion, request.messages is not None, request.deadline, done)
 
-    async def _deltas(self, chunks, completion: Completion, chat: bool, deadline: float | None) -> AsyncIterator[Delta]:
+        def cancel() -> None:
+            done()
+            asyncio.ensure_future(_close(chunks))
+
+        return Stream(version, deltas, completion, cancel)
+
+    def _count_in_flight(self) -> Callable[[], None]:
+        """One more request in flight; the function returned counts it out, once however often it is called."""
+        self.in_flight += 1
+        counted = True
+
+        def done() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self.in_flight -= 1
+
+        return done
+
+    async def _deltas(
+        self, chunks, completion: Completion, chat: bool, deadline: float | None, done: Callable[[], None]
+    ) -> AsyncIterator[Delta]:
         try:
             with self.breaker:
                 async with _deadline(deadline):
@@ -230,6 +256,8 @@ class ProxyEngine:
         except Exception as error:  # the HTTP client's own errors mid-stream: a stall is its read timeout
             message = f"upstream {self.base_url}: the answer stopped coming: {_reason(error)}"
             raise EngineError(message, status=502, code="upstream_error") from error
+        finally:
+            done()
 
     def _failure(self, error: openai.OpenAIError) -> Exception:
         """An upstream 4xx is the client's (its own status and message); anything else is the upstream's (502)."""
