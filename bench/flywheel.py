@@ -321,7 +321,7 @@ def live_phase(bench: Bench, name: str, version: str, prompts: list[dict], rate,
     second, and the upstream is down during the third."""
     users = [f"{name}-user-{k}" for k in range(args.live_users)]
     first = len(bench.answers)
-    sent, batch, deadline = 0, 32, time.monotonic() + args.live_wait_s
+    sent, batch, deadline = 0, args.live_batch, time.monotonic() + args.live_wait_s
     while not _decided(_live_rows(bench, version)):
         if time.monotonic() > deadline:
             raise SystemExit(
@@ -706,7 +706,8 @@ def main() -> None:
     )
     parser.add_argument("--live-users", type=int, default=400, help="the app's users during the live phases")
     parser.add_argument("--live-wait-s", type=float, default=2400, help="longest a live phase waits for a decision")
-    parser.add_argument("--live-pause-s", type=float, default=5, help="pause between batches of 32 live requests")
+    parser.add_argument("--live-batch", type=int, default=32, help="live requests sent together, then a pause")
+    parser.add_argument("--live-pause-s", type=float, default=5, help="pause between batches of live requests")
     parser.add_argument(
         "--worse-lr-scale", type=float, default=4.0,
         help="the worse challenger is tuned upside down at this multiple of training.learning_rate (at 1x, on "
