@@ -75,7 +75,7 @@ serve: setup
 bench: setup            # the three speed ratios side by side: generation, DPO step, the demo round before vs now (~26 min)
 	$(PY) bench/throughput.py
 
-bench-quality: setup    # base vs TAO vs control, two rounds (~35 min on 2 CPU cores)
+bench-quality: setup    # base vs TAO vs control vs labeled SFT, two rounds (~16 min on 2 CPU cores)
 	$(PY) bench/quality.py
 
 bench-incremental: setup  # a round, then a rerun after 10% new prompts
