@@ -21,6 +21,9 @@ PROMISE_ROUND = [
     "evaluation.test_time_k=0",
     "evaluation.pool_samples=2",
 ]
+# The tuning recipes a bench can run a round with: the promise test's short one, or the one `make bench-recipe`
+# chose and the demo round uses (8 samples, 2 epochs over the round's pairs); both skip the base model's maj@k.
+RECIPES = {"short": PROMISE_ROUND, "demo": ["evaluation.test_time_k=0"]}
 TINY_ROUND = [
     "generation.num_samples=2",
     "training.max_steps=2",

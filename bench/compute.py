@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from common import DEMO, PROMISE_ROUND, TINY_ROUND, bench_parser, fresh_home, show  # noqa: E402
+from common import DEMO, RECIPES, TINY_ROUND, bench_parser, fresh_home, show  # noqa: E402
 
 from tao_pipeline.cli.runner import run_round  # noqa: E402
 from tao_pipeline.data.lake import Lake  # noqa: E402
@@ -42,8 +42,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compute"))
     parser.add_argument("--tiny", help="a tiny model folder instead of the embedded model (checks the plumbing)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="another settings override")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="short", help="short: 6 samples, 30 DPO steps at "
+                        "scale 1; demo: the chosen recipe, 8 samples, 2 epochs")  # fmt: skip
     args = parser.parse_args()
-    base = [*(TINY_ROUND if args.tiny else PROMISE_ROUND), *args.extra] + (
+    base = [*(TINY_ROUND if args.tiny else RECIPES[args.recipe]), *args.extra] + (
         [f"model.base='{args.tiny}'"] if args.tiny else []
     )
     source = args.base_model_from
@@ -55,7 +57,7 @@ def main() -> None:
             settings = load_settings(DEMO, overrides)
             print(
                 f"\n=== compute_scale {scale}, seed {seed}: {settings.generation.num_samples} samples per prompt, "
-                f"{settings.training.max_steps} DPO steps (home {home})"
+                f"{settings.training.max_steps or f'{settings.training.epochs:g} epochs of'} DPO steps (home {home})"
             )
             started = time.perf_counter()
             report = run_round(DEMO, overrides, echo=print)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import DEMO, PROMISE_ROUND, TINY_ROUND, bench_parser, fresh_home, show
+from common import DEMO, RECIPES, TINY_ROUND, bench_parser, fresh_home, show
 from labeled import fixed_heldout, fixed_set_accuracy, train_labeled_arm, versus_labeled
 
 from tao_pipeline.cli.runner import run_round
@@ -35,8 +35,6 @@ from tao_pipeline.data.lake import Lake
 from tao_pipeline.evaluation.verdict import VERDICTS_TABLE, RoundVerdict
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.settings import load_settings
-
-RECIPES = {"short": PROMISE_ROUND, "demo": ["evaluation.test_time_k=0"]}
 
 
 def main() -> None:
