@@ -82,3 +82,47 @@ def test_a_stage_still_undecided_after_live_max_hours_is_rolled_back_even_withou
     assert "no decision 73.0 h after it started (live.max_hours=72), not proven no worse" in outcome.verdict.reason
     assert outcome.acted == f"round-0001-dpo-quiet rolled back; {champion} answers everyone"
     assert store.live_experiment() is None and store.champion_id() == champion
+
+
+@pytest.mark.parametrize(
+    ("stages", "mode", "following"),
+    [
+        (["shadow", "canary"], "shadow", "canary"),
+        (["shadow", "canary"], "canary", None),
+        (["canary"], "canary", None),
+        (["canary"], "shadow", "canary"),  # a shadow started by hand: the configured canary still follows
+        (["shadow"], "shadow", None),
+        (["shadow"], "canary", None),  # a canary by hand is past every shadow
+    ],
+)
+def test_the_stage_after_one_is_the_next_of_live_stages_in_order(stages, mode, following):
+    from tao_pipeline.live.evidence import next_stage
+
+    assert next_stage(stages, mode) == following
+
+
+@pytest.mark.parametrize("stages", [["canary"], ["shadow", "canary"], ["shadow"]])
+def test_a_shadow_that_passes_starts_the_canary_live_stages_asks_for_even_when_started_by_hand(
+    tmp_path, tiny_model_dir, monkeypatch, stages
+):
+    """With live.stages = ['canary'], `tao shadow` then a passing shadow once promoted straight to every user:
+    a version no user had seen, on the scorers' evidence alone."""
+    from tao_pipeline.live import evidence
+    from tao_pipeline.registry import ModelStore
+    from tests.serve_helpers import load, register_checkpoint, serve_config
+
+    live = f"[live]\nstages = {stages}\nmin_pairs = 10\nmargin = 0.5\n"
+    settings = load(serve_config(tmp_path, tiny_model_dir, live))
+    store = ModelStore(settings.models_dir)
+    champion = store.champion(settings.model).version_id
+    register_checkpoint(settings, tiny_model_dir, "round-0001-dpo-shadowed", parent=champion)
+    experiment = store.start_live("round-0001-dpo-shadowed", "shadow", 1.0)  # as `tao shadow` starts it
+    monkeypatch.setattr(evidence, "shadow_differences", lambda answers, scorer: np.zeros(400))  # equal answers
+    outcome = evidence.live_decision(settings, store, experiment, act=True)
+    assert outcome.verdict.decision == "promote"
+    if "canary" in stages:
+        assert outcome.acted == "round-0001-dpo-shadowed passed its shadow: now canary"
+        assert store.live_experiment().mode == "canary" and store.champion_id() == champion
+    else:
+        assert outcome.acted == "round-0001-dpo-shadowed is the champion"
+        assert store.live_experiment() is None and store.champion_id() == "round-0001-dpo-shadowed"

@@ -49,14 +49,15 @@ def _ask(client, user: str, question: str):
 def test_a_shadow_answers_beside_the_champion_unseen_and_an_equal_one_is_promoted(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    config = serve_config(tmp_path, tiny_model_dir, LIVE + "margin = 0.2\n")
+    config = serve_config(tmp_path, tiny_model_dir, LIVE + "margin = 0.2\nstages = ['shadow']\n")  # shadow alone
     settings = load(config)
     store = ModelStore(settings.models_dir)
     with running_server(settings) as running:
         client = openai.OpenAI(base_url=running.url, api_key="unused", max_retries=0)
         champion = _ask(client, "u0", "warm up").model
         register_checkpoint(settings, tiny_model_dir, "round-0001-dpo-same", parent=champion)  # the same weights
-        assert "shadow: round-0001-dpo-same answers every request" in _cli(config, "shadow", "round-0001-dpo-same")
+        started = _cli(config, "shadow", "round-0001-dpo-same")
+        assert "shadow: round-0001-dpo-same answers every request" in started and "passing it promotes it" in started
         _wait_for_the_challenger(running, "shadow")
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda i: _ask(client, f"u{i}", f"question {i}"), range(90)))
@@ -138,11 +139,14 @@ def test_live_commands_refuse_what_cannot_run_in_one_line(tmp_path, tiny_model_d
         result = runner.invoke(main, [*args, "--config", str(config)])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert "no live experiment is running" in _cli(config, "canary", "stop")
-    _cli(config, "canary", "round-0001-dpo-x")  # live.share by default
+    assert "passing it promotes it" in _cli(config, "canary", "round-0001-dpo-x")  # live.share by default
     assert store.live_experiment().share == pytest.approx(0.1)
     assert "stopped: canary of round-0001-dpo-x" in _cli(config, "canary", "stop")
+    # live.stages is ['canary']: a shadow started by hand leads to the canary, it never promotes on its own.
+    assert "passing it starts the canary (live.stages)" in _cli(config, "shadow", "round-0001-dpo-x")
+    assert "stopped: shadow of round-0001-dpo-x" in _cli(config, "canary", "stop")
     assert store.champion_id() == champion
-    assert list(store.promotions()["action"])[-2:] == ["canary", "live stop"]
+    assert list(store.promotions()["action"])[-4:] == ["canary", "live stop", "shadow", "live stop"]
 
 
 def test_stopping_a_canary_lets_its_answers_in_flight_finish(tmp_path, tiny_model_dir):

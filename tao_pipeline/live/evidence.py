@@ -191,9 +191,15 @@ def live_decision(settings: TaoSettings, store: ModelStore, experiment: LiveExpe
     return outcome
 
 
+STAGE_ORDER = ("shadow", "canary")  # what no user sees comes before what some users see
+
+
 def next_stage(stages: list[str], mode: str) -> str | None:
-    """The stage after ``mode`` in live.stages; None when it is the last (or not one of them): promote."""
-    return stages[stages.index(mode) + 1] if mode in stages[:-1] else None
+    """The first of live.stages that comes after ``mode`` (shadow before canary); None when none does: passing
+    ``mode`` promotes. A stage started by hand that live.stages leaves out leads to the configured stages after
+    it: `tao shadow` with live.stages = ['canary'] goes on to the canary, it never promotes from a shadow."""
+    later = [stage for stage in stages if STAGE_ORDER.index(stage) > STAGE_ORDER.index(mode)]
+    return later[0] if later else None
 
 
 def _act(settings: TaoSettings, store: ModelStore, experiment: LiveExperiment, passed: bool, evidence: dict):
