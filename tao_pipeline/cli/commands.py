@@ -311,14 +311,15 @@ def canary(version: str, share: float | None, config_file: str | None, overrides
 def _start_live(version: str, mode: str, share: float, config_file: str | None, overrides: tuple[str, ...]) -> None:
     from tao_pipeline.live.evidence import next_stage
 
-    store = _store(config_file, overrides)
+    settings = _load(config_file, overrides)
+    store = ModelStore(settings.models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
     try:
         running = store.start_live(version, mode, share)
     except (ModelNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     who = "every request, in the background" if mode == "shadow" else f"{running.share:.0%} of the conversations"
     click.echo(f"{mode}: {version} answers {who}, beside the champion {running.champion_version}")
-    following = next_stage(_load(config_file, overrides).live.stages, mode)
+    following = next_stage(settings.live.stages, mode)
     click.echo(f"passing it starts the {following} (live.stages)" if following else "passing it promotes it")
     click.echo("tao serve picks it up at its next registry poll; `tao live` shows the evidence")
 
