@@ -163,6 +163,7 @@ def demo_pairs(count: int) -> pd.DataFrame:
             "prompt_id": [f"prompt-{i}" for i in range(len(rows))],
             "prompt": rows["prompt"],
             "system": rows["system"].astype(object).where(rows["system"].notna(), None),
+            "history": rows["history"].astype(object).where(rows["history"].notna(), None),
             "task": rows["task"],
             "chosen_response_id": [f"c{i}" for i in range(len(rows))],
             "rejected_response_id": [f"r{i}" for i in range(len(rows))],
