@@ -55,7 +55,12 @@ def _load(config_file: str | None, overrides: tuple[str, ...]) -> TaoSettings:
 
 
 def _store(config_file: str | None, overrides: tuple[str, ...]) -> ModelStore:
-    return ModelStore(_load(config_file, overrides).models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
+    return _command_store(_load(config_file, overrides))
+
+
+def _command_store(settings: TaoSettings) -> ModelStore:
+    """The registry as a command opens it: a lock held elsewhere fails the command after a while, not forever."""
+    return ModelStore(settings.models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
 
 
 @click.group(cls=TaoGroup)
@@ -312,7 +317,7 @@ def _start_live(version: str, mode: str, share: float, config_file: str | None, 
     from tao_pipeline.live.evidence import next_stage
 
     settings = _load(config_file, overrides)
-    store = ModelStore(settings.models_dir, lock_timeout_s=COMMAND_LOCK_TIMEOUT_S)
+    store = _command_store(settings)
     try:
         running = store.start_live(version, mode, share)
     except (ModelNotFoundError, ValueError) as error:
