@@ -1,5 +1,7 @@
 """The verdict is computed once, stored with the evaluation, and what the checks, `champion` and the CLI act on."""
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
@@ -8,9 +10,10 @@ from tao_pipeline.defs.assets.promotion import champion
 from tao_pipeline.defs.resources import build_resources
 from tao_pipeline.evaluation import VERDICTS_TABLE, ControlVerdict, RoundVerdict, Verdict, decide
 from tao_pipeline.evaluation.history import champion_collapse
-from tao_pipeline.evaluation.review import RoundEvaluation, store_evaluation
+from tao_pipeline.evaluation.review import RoundEvaluation, store_evaluation, unguarded_promotion
 from tao_pipeline.registry import ModelStore
 from tao_pipeline.registry.policy import apply_verdict
+from tao_pipeline.registry.store import ModelVersion
 from tao_pipeline.settings import EvaluationSettings, ModelSettings, load_settings
 
 
@@ -189,3 +192,36 @@ def test_the_brake_applies_when_the_evaluation_is_stored_even_if_the_gate_holds_
     apply_verdict(store, settings.model, "round-0001", "round-0001-dpo-x", True, "won again")
     assert store_evaluation(lake, store, evaluated, off)[1] is None
     assert store.champion(settings.model).version_id == "round-0001-dpo-x"
+
+
+def _held_out(outcomes: list[str], labeled: bool) -> pd.DataFrame:
+    correct = [True, False] * (len(outcomes) // 2) if labeled else [None] * len(outcomes)
+    return pd.DataFrame(
+        {
+            "outcome": outcomes,
+            "champion_correct": correct,
+            "challenger_correct": correct,
+            "champion_chars": 10,
+            "challenger_chars": 10,
+        }
+    )
+
+
+def test_a_promotion_on_the_vote_alone_from_a_tuned_model_comes_with_a_caution():
+    tuned = ModelVersion("round-0002-dpo-a", Path("/w"), "round-0001-dpo-b", "round-0002", "dpo", False)
+    base = ModelVersion("base-tiny", Path("/w"), None, None, "base", True)
+    won, lost = ["win"] * 30 + ["tie"] * 30, ["loss"] * 30 + ["tie"] * 30
+    unlabeled, labeled = (
+        decide(_held_out(won, False), EvaluationSettings()),
+        decide(_held_out(won, True), EvaluationSettings()),
+    )
+    assert unlabeled.promote and labeled.promote and unlabeled.challenger_accuracy is None
+
+    caution = unguarded_promotion(unlabeled, tuned)
+    assert "tuned from round-0002-dpo-a" in caution and "data.labels" in caution, caution
+    assert unguarded_promotion(unlabeled, base) is None  # a first-generation round: the vote is what was measured
+    assert unguarded_promotion(labeled, tuned) is None  # the accuracy guard checked it
+    assert unguarded_promotion(decide(_held_out(lost, False), EvaluationSettings()), tuned) is None  # nothing served
+
+    evaluated = RoundEvaluation(pd.DataFrame(), None, verdict(True), cautions=[caution])
+    assert evaluated.warnings == [*verdict(True).warnings, caution]  # what the evaluation asset logs

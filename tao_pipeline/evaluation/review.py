@@ -8,7 +8,7 @@ lineage and the control arm), evaluates them on the held-out prompts, and review
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from tao_pipeline.evaluation.verdict import (
     decide,
 )
 from tao_pipeline.registry.policy import roll_back_collapsed
-from tao_pipeline.registry.store import ModelStore
+from tao_pipeline.registry.store import ModelStore, ModelVersion
 from tao_pipeline.scoring import build_scorer
 from tao_pipeline.settings import TaoSettings
 
@@ -71,6 +71,28 @@ class RoundEvaluation:
     review: RoundReview
     verdict: RoundVerdict  # stored beside the rows; what the promotion check and `champion` act on
     heldout: HeldoutPool | None = None  # the prompts it was evaluated on: its own, and earlier rounds' pooled
+    cautions: list[str] = field(default_factory=list)  # said beside the verdict; they change nothing
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.verdict.warnings + self.cautions
+
+
+def unguarded_promotion(verdict: Verdict, starting_model: ModelVersion) -> str | None:
+    """The caution for a challenger promoted on the label-free vote alone after tuning an already tuned model.
+
+    bench/rounds.py (README, "Do rounds compound?") found the vote between a model tuned on its own votes and
+    the champion passing challengers whose labeled accuracy was lower: its samples agree with each other more
+    without being right more often. Only the accuracy guard refused them, and it needs labeled held-out prompts.
+    """
+    if not verdict.promote or verdict.challenger_accuracy is not None or starting_model.parent_version is None:
+        return None
+    return (
+        f"promoted on the label-free vote alone, tuned from {starting_model.version_id}, itself a tuned model: "
+        "no labeled held-out prompt checked its accuracy. From tuned models the vote has favoured less accurate "
+        "challengers (README, 'Do rounds compound?'); a few labeled prompts (data.labels) let the accuracy guard "
+        "refuse them"
+    )
 
 
 def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
@@ -123,7 +145,8 @@ def evaluate_round(
     )
     review = review_round(lake, round_id, rows, settings)
     verdict = review.round_verdict(round_id, parent.version_id, tuned["version_id"])
-    return RoundEvaluation(rows, review, verdict, pool)
+    caution = unguarded_promotion(review.verdict, models.get(tuned["parent_version"]))
+    return RoundEvaluation(rows, review, verdict, pool, [caution] if caution else [])
 
 
 def store_evaluation(lake: Lake, models: ModelStore, evaluated: RoundEvaluation, settings: TaoSettings):

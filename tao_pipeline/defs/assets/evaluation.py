@@ -29,7 +29,7 @@ def checkpoint_evaluation(
     with StageMeter() as memory:
         evaluated = evaluate_round(store, models, round_id, prompts, tuned, control, config)
     path, rolled_back = store_evaluation(store, models, evaluated, config)
-    for warning in evaluated.verdict.warnings + ([f"auto-rollback: champion is {rolled_back}"] if rolled_back else []):
+    for warning in evaluated.warnings + ([f"auto-rollback: champion is {rolled_back}"] if rolled_back else []):
         context.log.warning(warning)
     cost = evaluation_and_round_cost(store, models, evaluated, memory, config)
     metadata = {**_verdict(evaluated), **memory.metadata(), **cost, **_tables(evaluated, path)}
