@@ -154,3 +154,27 @@ def test_a_round_after_a_refused_one_tunes_its_challenger_and_is_gated_against_t
     verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, "round-0002"))
     assert verdict.champion_version == base  # compared with the model that serves, not with its parent
     assert models.champion_id() == base
+
+
+@pytest.mark.slow(minutes=1)
+def test_a_second_generation_promotion_without_labels_warns_and_a_first_does_not(tmp_path, tiny_model_dir, monkeypatch):
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("labels =")))
+    settings = load_settings(config)
+    assert settings.data.labels is None
+    monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # run_round sets it; restored afterwards
+    overrides = ["evaluation.min_win_rate=0.0"]  # every challenger promoted: what matters is what it tuned
+    first = run_round(str(config), overrides, echo=lambda *_: None)
+    assert first.completed and first.promoted, first.failure
+    assert not [warning for warning in first.warnings if "vote alone" in warning], first.warnings  # tuned the base
+
+    write_logs(settings.inbox_dir / "more.jsonl", [{"id": f"n-{i}", "prompt": f"What is {i} * 3?"} for i in range(12)])
+    second = run_round(str(config), overrides, echo=lambda *_: None)
+    assert second.completed and second.promoted, second.failure
+    tuned_from = ModelStore(settings.models_dir).get(
+        Lake(settings.lake_dir).read("tuned_checkpoint", "round-0002")["parent_version"].iloc[0]
+    )
+    assert tuned_from.parent_version is not None  # the first round's tuned model
+    [caution] = [warning for warning in second.warnings if "vote alone" in warning]
+    assert caution.startswith("checkpoint_evaluation: promoted") and tuned_from.version_id in caution, caution
+    assert "data.labels" in caution
