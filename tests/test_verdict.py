@@ -49,17 +49,22 @@ def test_a_stored_verdict_reads_back_as_it_was_written(tmp_path):
     }
 
 
-def decided(round_id: str, outcomes: list[str], champion: str = "base-tiny") -> RoundVerdict:
-    rows = pd.DataFrame(
+def held_out_rows(outcomes: list[str], labeled: bool = True) -> pd.DataFrame:
+    """Evaluation rows with these outcomes; labeled: the challenger right on every prompt, the champion on half."""
+    half = len(outcomes) // 2
+    return pd.DataFrame(
         {
             "outcome": outcomes,
-            "champion_correct": [True, False] * (len(outcomes) // 2),
-            "challenger_correct": [True, True] * (len(outcomes) // 2),
+            "champion_correct": [True, False] * half if labeled else None,
+            "challenger_correct": [True, True] * half if labeled else None,
             "champion_chars": 10,
             "challenger_chars": 12,
         }
     )
-    promotion = decide(rows, EvaluationSettings())
+
+
+def decided(round_id: str, outcomes: list[str], champion: str = "base-tiny") -> RoundVerdict:
+    promotion = decide(held_out_rows(outcomes), EvaluationSettings())
     return RoundVerdict(round_id, champion, f"{round_id}-dpo-x", promotion, ControlVerdict(False, ""))
 
 
@@ -194,26 +199,13 @@ def test_the_brake_applies_when_the_evaluation_is_stored_even_if_the_gate_holds_
     assert store.champion(settings.model).version_id == "round-0001-dpo-x"
 
 
-def _held_out(outcomes: list[str], labeled: bool) -> pd.DataFrame:
-    correct = [True, False] * (len(outcomes) // 2) if labeled else [None] * len(outcomes)
-    return pd.DataFrame(
-        {
-            "outcome": outcomes,
-            "champion_correct": correct,
-            "challenger_correct": correct,
-            "champion_chars": 10,
-            "challenger_chars": 10,
-        }
-    )
-
-
 def test_a_promotion_on_the_vote_alone_from_a_tuned_model_comes_with_a_caution():
     tuned = ModelVersion("round-0002-dpo-a", Path("/w"), "round-0001-dpo-b", "round-0002", "dpo", False)
     base = ModelVersion("base-tiny", Path("/w"), None, None, "base", True)
     won, lost = ["win"] * 30 + ["tie"] * 30, ["loss"] * 30 + ["tie"] * 30
     unlabeled, labeled = (
-        decide(_held_out(won, False), EvaluationSettings()),
-        decide(_held_out(won, True), EvaluationSettings()),
+        decide(held_out_rows(won, labeled=False), EvaluationSettings()),
+        decide(held_out_rows(won), EvaluationSettings()),
     )
     assert unlabeled.promote and labeled.promote and unlabeled.challenger_accuracy is None
 
@@ -221,7 +213,9 @@ def test_a_promotion_on_the_vote_alone_from_a_tuned_model_comes_with_a_caution()
     assert "tuned from round-0002-dpo-a" in caution and "data.labels" in caution, caution
     assert unguarded_promotion(unlabeled, base) is None  # a first-generation round: the vote is what was measured
     assert unguarded_promotion(labeled, tuned) is None  # the accuracy guard checked it
-    assert unguarded_promotion(decide(_held_out(lost, False), EvaluationSettings()), tuned) is None  # nothing served
+    assert (
+        unguarded_promotion(decide(held_out_rows(lost, labeled=False), EvaluationSettings()), tuned) is None
+    )  # nothing served
 
     evaluated = RoundEvaluation(pd.DataFrame(), None, verdict(True), cautions=[caution])
     assert evaluated.warnings == [*verdict(True).warnings, caution]  # what the evaluation asset logs
