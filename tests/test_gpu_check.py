@@ -129,6 +129,7 @@ def requirements(name: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # its own process: torch, transformers and trl imported anew (13-24 s on 2 slow cores)
 @pytest.mark.parametrize("arms", [[], ["--attention"]])
 def test_the_decode_profile_runs_its_arms_on_the_tiny_model(tiny_model_dir, tmp_path, arms):
     """bench/gpu_decode_profile.py, which found cuDNN's per-length attention plans on the H200, still runs."""
@@ -141,6 +142,7 @@ def test_the_decode_profile_runs_its_arms_on_the_tiny_model(tiny_model_dir, tmp_
     assert figures[expected]["tok/s"] > 0
 
 
+@pytest.mark.slow  # its own process, as above: 23.5 s of its own time in one CI run on 2 slow cores
 def test_one_phase_runs_alone(tiny_model_dir, tmp_path):
     report_file = tmp_path / "report.json"
     command = [sys.executable, "bench/gpu_check.py", "--tiny", "--tokenizer", str(tiny_model_dir)]
