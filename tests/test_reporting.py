@@ -89,6 +89,12 @@ def test_plots_are_pngs_and_the_report_links_them(tmp_path):
     assert "# TAO r1" in text and "promoted" in text and "base maj@k" in text and "k=8" in text
     for name in plots:
         assert f"![{name}]({name}.png)" in text and (tmp_path / "r1" / f"{name}.png").read_bytes().startswith(PNG)
+    assert "**Caution:**" not in text
+    cautioned = write_round_report(
+        tmp_path / "r2", "r2", rows, verdict, ControlVerdict(False, ""), table, [], {}, cautions=["vote alone"]
+    ).read_text()
+    assert "**Verdict:** promoted" in cautioned and "**Caution:** vote alone" in cautioned
+    assert cautioned.index("**Verdict:**") < cautioned.index("**Caution:**") < cautioned.index("**Control arm:**")
 
 
 def test_review_round_gives_the_verdict_the_collapse_warning_the_plots_and_the_report(tmp_path):

@@ -178,3 +178,7 @@ def test_a_second_generation_promotion_without_labels_warns_and_a_first_does_not
     [caution] = [warning for warning in second.warnings if "vote alone" in warning]
     assert caution.startswith("checkpoint_evaluation: promoted") and tuned_from.version_id in caution, caution
     assert "data.labels" in caution
+    reports = settings.reports_dir
+    assert "**Caution:**" not in (reports / "round-0001" / "report.md").read_text()
+    second_report = (reports / "round-0002" / "report.md").read_text()
+    assert f"**Caution:** {caution.removeprefix('checkpoint_evaluation: ')}" in second_report

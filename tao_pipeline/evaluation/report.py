@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,7 @@ def write_round_report(
     alerts: list[str],
     plots: dict[str, bytes],
     feedback: pd.DataFrame | None = None,
+    cautions: Sequence[str] = (),
 ) -> Path:
     """<folder>/report.md with the plots beside it; returns the report's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,6 +36,7 @@ def write_round_report(
         "",
         f"**Verdict:** {'promoted' if verdict.promote else 'not promoted'}: {verdict.reason}",
         "",
+        *[line for caution in cautions for line in (f"**Caution:** {caution}", "")],
         f"**Control arm:** {control.message}",
         "",
         "**Collapse guard:** " + ("; ".join(alerts) if alerts else "no round where reward rose while accuracy fell"),

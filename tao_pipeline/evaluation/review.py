@@ -47,6 +47,7 @@ class RoundReview:
     plots: dict[str, bytes]
     report: Path
     champion_collapse: str | None = None  # the alert that implicates this round's starting model
+    cautions: list[str] = field(default_factory=list)  # said beside the verdict; they change nothing
 
     @property
     def warnings(self) -> list[str]:
@@ -95,18 +96,24 @@ def unguarded_promotion(verdict: Verdict, starting_model: ModelVersion) -> str |
     )
 
 
-def review_round(lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings) -> RoundReview:
+def review_round(
+    lake: Lake, round_id: str, rows: pd.DataFrame, settings: TaoSettings, starting_model: ModelVersion | None = None
+) -> RoundReview:
     """Judge a round from its evaluation rows: promotion verdict, control arm, collapse guard across
-    rounds (this one's rows replace any the lake holds for it), plots, and ``<reports>/<round>/report.md``."""
+    rounds (this one's rows replace any the lake holds for it), plots, and ``<reports>/<round>/report.md``;
+    with the model the round tuned (``starting_model``), the cautions its verdict calls for."""
     verdict, control = decide(rows, settings.evaluation), compare_control(rows, settings.evaluation)
+    caution = unguarded_promotion(verdict, starting_model) if starting_model is not None else None
+    cautions = [caution] if caution else []
     history = round_history(lake, current=(round_id, rows))
     alerts = collapse_alerts(history)
     plots = round_plots(lake, round_id, rows, history)
     feedback = feedback_rates(lake)
     report = write_round_report(
-        settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots, feedback
+        settings.reports_dir / round_id, round_id, rows, verdict, control, history, alerts, plots, feedback, cautions
     )
-    return RoundReview(verdict, control, history, alerts, plots, report, champion_collapse(history, round_id))
+    collapse = champion_collapse(history, round_id)
+    return RoundReview(verdict, control, history, alerts, plots, report, collapse, cautions)
 
 
 def evaluate_round(
@@ -143,10 +150,9 @@ def evaluate_round(
         if control is not None and control["enabled"]
         else None,
     )
-    review = review_round(lake, round_id, rows, settings)
+    review = review_round(lake, round_id, rows, settings, starting_model=models.get(tuned["parent_version"]))
     verdict = review.round_verdict(round_id, parent.version_id, tuned["version_id"])
-    caution = unguarded_promotion(review.verdict, models.get(tuned["parent_version"]))
-    return RoundEvaluation(rows, review, verdict, pool, [caution] if caution else [])
+    return RoundEvaluation(rows, review, verdict, pool, review.cautions)
 
 
 def store_evaluation(lake: Lake, models: ModelStore, evaluated: RoundEvaluation, settings: TaoSettings):
