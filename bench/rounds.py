@@ -13,6 +13,7 @@ share of train prompts whose candidates all gave the same answer (no pair can co
 
     .venv/bin/python bench/rounds.py [--rounds 3] [--replay 0.5] [--set key=value ...] [--base-model-from ~/.tao]
     .venv/bin/python bench/rounds.py --rounds 5 --set "flywheel.start_from='challenger'"   # stack unproven rounds
+    .venv/bin/python bench/rounds.py --rounds 5 --replay 1 --set "flywheel.start_from='base'"   # retrain the base
     .venv/bin/python bench/rounds.py --rounds 5 --replay 1 --recipe demo   # the chosen recipe, all traffic replayed
     .venv/bin/python bench/rounds.py --tiny MODEL_DIR   # a tiny random model: the plumbing, in a minute
 
@@ -118,6 +119,7 @@ def round_row(settings, round_id: str, heldout: pd.DataFrame, seconds: float) ->
         "train_prompts": len(train),
         "replayed": int(train["prompt_id"].isin(used_before).sum()),
         "started_from": lake.read("candidate_responses", round_id)["model_version"].iloc[0],
+        "weights_from": lake.read("tuned_checkpoint", round_id).get("weights_from", pd.Series([None])).iloc[0],
         "pairs": len(lake.read("preference_pairs", round_id)),
         "all_agree": round(all_agree_share(lake, round_id), 3),
         "gate": verdict.promotion.evidence or ("promoted" if verdict.promote else "kept"),

@@ -1,5 +1,6 @@
 """flywheel.start_from = "challenger": rounds stack on the newest challenger the gate did not find worse,
-every gate compares with the champion that serves, and a rollback returns to a model that served."""
+every gate compares with the champion that serves, and a rollback returns to a model that served;
+"base": the champion answers and training starts again from the base model's weights."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from tao_pipeline.cli.runner import run_round
 from tao_pipeline.data.lake import Lake
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict
 from tao_pipeline.registry import ModelStore
+from tao_pipeline.registry.lineage import version_lineage
 from tao_pipeline.registry.policy import apply_verdict, round_starting_model, unrefuted_challenger
 from tao_pipeline.settings import ModelSettings, load_settings
+from tao_pipeline.training import checkpoint_version_id, tune
+from tao_pipeline.training.tune import train_into_place
 from tests.helpers import write_logs, write_tiny_config
 
 
@@ -182,3 +186,52 @@ def test_a_second_generation_promotion_without_labels_warns_and_a_first_does_not
     assert "**Caution:**" not in (reports / "round-0001" / "report.md").read_text()
     second_report = (reports / "round-0002" / "report.md").read_text()
     assert f"**Caution:** {caution.removeprefix('checkpoint_evaluation: ')}" in second_report
+
+
+@pytest.mark.slow(minutes=1)
+def test_with_start_from_base_the_champion_answers_and_training_starts_again_from_the_base_weights(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    config = write_tiny_config(tmp_path, tiny_model_dir)
+    settings = load_settings(config)
+    monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # run_round sets it; restored afterwards
+    trained_from: list[tuple[str, str]] = []  # (method, weights' folder) of every training run, which runs for real
+
+    def spy(job):
+        trained_from.append((job.method, str(job.parent_path)))
+        return train_into_place(job)
+
+    monkeypatch.setattr(tune, "train_into_place", spy)
+    overrides = ["flywheel.start_from='base'", "evaluation.min_win_rate=0.0", "evaluation.control_arm=true"]
+    first = run_round(str(config), overrides, echo=lambda *_: None)
+    assert first.completed and first.promoted, first.failure
+    models, lake, base = ModelStore(settings.models_dir), Lake(settings.lake_dir), f"base-{tiny_model_dir.name}"
+    first_version = models.champion_id()
+    assert lake.read("tuned_checkpoint", "round-0001")["weights_from"].iloc[0] == base  # round 1: base and parent
+
+    write_logs(settings.inbox_dir / "more.jsonl", [{"id": f"n-{i}", "prompt": f"What is {i} * 3?"} for i in range(12)])
+    said: list[str] = []
+    second = run_round(str(config), overrides, echo=said.append)
+    assert second.completed and second.round_id == "round-0002", second.failure
+    assert f"round-0002: tuning {base}'s weights on {first_version}'s answers (flywheel.start_from = base)" in said
+    assert set(lake.read("candidate_responses", "round-0002")["model_version"]) == {first_version}
+    tuned = lake.read("tuned_checkpoint", "round-0002").iloc[0]
+    control = lake.read("control_checkpoint", "round-0002").iloc[0]
+    assert tuned["parent_version"] == control["parent_version"] == first_version  # built on the champion's answers
+    assert tuned["weights_from"] == control["weights_from"] == base
+    base_path = str(models.get(base).path)
+    assert sorted(trained_from[-2:]) == [("control", base_path), ("dpo", base_path)], trained_from
+    assert (
+        json.loads(models.versions().set_index("version_id").loc[tuned["version_id"], "hyperparameters"])[
+            "weights_from"
+        ]
+        == base
+    )
+    pair_ids = lake.read("preference_pairs", "round-0002")["pair_id"].tolist()
+    training = load_settings(config, overrides=overrides).training
+    assert tuned["version_id"] == checkpoint_version_id("round-0002", first_version, pair_ids, training, base)
+    assert tuned["version_id"] != checkpoint_version_id("round-0002", first_version, pair_ids, training)
+    verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, "round-0002"))
+    assert verdict.champion_version == first_version  # gated against the champion whose answers it learned
+    chain = version_lineage(models, lake, tuned["version_id"]).chain.set_index("version_id")
+    assert chain.loc[tuned["version_id"], "weights_from"] == base and chain.loc[first_version, "weights_from"] == base

@@ -188,7 +188,11 @@ def _starting_model(settings: TaoSettings, models: ModelStore, round_id: str) ->
     lake = Lake(settings.lake_dir)
     start = round_starting_model(models, lake, round_id, settings.model, settings.flywheel.start_from, log=str)
     champion = models.champion_id()
-    return start.version_id if start.version_id == champion else f"{start.version_id} ({champion} serves)"
+    built_on = start.version_id if start.version_id == champion else f"{start.version_id} ({champion} serves)"
+    base = models.ancestors(start.version_id)[-1].version_id
+    if settings.flywheel.start_from == "base" and base != start.version_id:
+        return f"{base}'s weights on {built_on}'s answers (flywheel.start_from = base)"
+    return built_on
 
 
 def run_round(

@@ -22,10 +22,12 @@ def round_starting_model(
     start_from: str = "champion",
     log: Callable[[str], None] = print,
 ) -> ModelVersion:
-    """The model a round tunes: the one that wrote its candidates if it has any, so re-materializing
+    """The model a round builds on: the one that wrote its candidates if it has any, so re-materializing
     a round keeps its starting model, else the champion of this moment; with ``start_from =
     "challenger"`` (flywheel.start_from) the newest challenger built on that champion that its gate did
-    not find worse (:func:`unrefuted_challenger`), if there is one. The champion serves either way."""
+    not find worse (:func:`unrefuted_challenger`), if there is one. The champion serves either way.
+    With ``start_from = "base"`` the champion writes the candidates and training starts from the base
+    model's weights (training.tune.starting_weights)."""
     if lake.exists(CANDIDATES_TABLE, round_id):
         return models.get(lake.read(CANDIDATES_TABLE, round_id)["model_version"].iloc[0])
     champion = models.champion(model, log=log)

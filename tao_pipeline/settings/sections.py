@@ -468,12 +468,15 @@ class FlywheelSettings(_Section):
     min_new_prompts: int = Field(100, ge=1, description="Open a round once this many unused prompts arrived.")
     schedule_cron: str = Field("0 3 * * 1", description="Periodic round (if anything is new); default weekly.")
     replay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Share of already-used prompts a round re-takes.")
-    start_from: Literal["champion", "challenger"] = Field(
+    start_from: Literal["champion", "challenger", "base"] = Field(
         "champion",
         description="The model a round tunes. champion: the one serving. challenger: the newest challenger built "
         "on the champion that its gate did not find worse (its win rate's interval on the held-out pool reaches "
         "0.5), so rounds whose steps are too small to prove one at a time stack up until one is proven better than "
-        "the champion; every gate still compares with the champion, and only a proven winner serves.",
+        "the champion. base: the champion answers the round's prompts, and training starts again from the base "
+        "model's weights (as STaR does), so with replay_fraction = 1 each round learns from all traffic so far "
+        "without stacking one round's drift on the last's. Every gate compares with the champion, and only a "
+        "proven winner serves.",
     )
     sensor_interval_s: int = Field(30, ge=5, le=int(_DAY_S))
     settle_seconds: float = Field(

@@ -23,7 +23,7 @@ from tao_pipeline.training.methods import TrainingJob, run_training
 from tao_pipeline.training.trainer import TrainingResult
 
 JOB_FOLDER = ".job"
-CONTROL_COLUMNS = ["round", "enabled", "version_id", "parent_version", "path", "log_history"]
+CONTROL_COLUMNS = ["round", "enabled", "version_id", "parent_version", "weights_from", "path", "log_history"]
 
 
 @dataclass
@@ -35,16 +35,33 @@ class RoundCheckpoint:
     trained_on: str  # e.g. "120 pairs (DPO)"
 
 
-def checkpoint_version_id(round_id: str, parent_version: str, pair_ids: list[str], settings: TrainingSettings) -> str:
-    """Deterministic: the same parent, pairs and hyperparameters give the same version id.
+def checkpoint_version_id(
+    round_id: str,
+    parent_version: str,
+    pair_ids: list[str],
+    settings: TrainingSettings,
+    weights_from: str | None = None,
+) -> str:
+    """Deterministic: the same parent, starting weights, pairs and hyperparameters give the same version id.
 
-    How many threads compute it is not a hyperparameter, and an empty TRL table is as if absent (so ids made
-    before those settings existed stay the same).
+    How many threads compute it is not a hyperparameter, an empty TRL table is as if absent, and weights that
+    are the parent's are not named apart (so ids made before those settings existed stay the same).
     """
     empty_tables = {name for name in ("dpo_args", "grpo_args") if not getattr(settings, name)}
     hyperparameters = settings.model_dump_json(exclude={"threads", *empty_tables})
-    digest = content_hash(parent_version, ",".join(sorted(pair_ids)), hyperparameters)
+    other_weights = [weights_from] if weights_from not in (None, parent_version) else []
+    digest = content_hash(parent_version, *other_weights, ",".join(sorted(pair_ids)), hyperparameters)
     return f"{round_id}-{settings.method}-{digest[:8]}"
+
+
+def starting_weights(models: ModelStore, parent_version: str, settings: TaoSettings) -> ModelVersion:
+    """The weights a round's training starts from: its parent's (the model that wrote its candidates), or with
+    ``flywheel.start_from = "base"`` the base model at the root of the parent's lineage, retrained each round on
+    what the parent answered (every prompt so far with flywheel.replay_fraction = 1), so rounds accumulate
+    traffic without stacking one round's drift on the last's."""
+    if settings.flywheel.start_from == "base":
+        return models.ancestors(parent_version)[-1]
+    return models.get(parent_version)
 
 
 def tune_checkpoint(
@@ -56,17 +73,23 @@ def tune_checkpoint(
     *,
     prompts: pd.DataFrame | None = None,
     progress: bool = True,
+    weights: ModelVersion | None = None,
 ) -> tuple[ModelVersion, TrainingResult]:
-    """Train (DPO on the pairs, or GRPO on the prompts with the round's scorer as reward), store, register."""
+    """Train (DPO on the pairs, or GRPO on the prompts with the round's scorer as reward), store, register.
+
+    ``parent`` is the model the checkpoint is built on (its round's candidates, its gate's champion);
+    training starts from ``weights`` (default: the parent's), recorded as ``weights_from`` when they differ.
+    """
     training = settings.training
     grpo = training.method == "grpo"
     if grpo and prompts is None:
         raise ValueError("training.method='grpo' needs the round's train prompts")
+    weights = weights or parent
     source_ids = prompts["prompt_id"].tolist() if grpo else pairs["pair_id"].tolist()
-    version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, training)
+    version_id = checkpoint_version_id(round_id, parent.version_id, source_ids, training, weights.version_id)
     job = TrainingJob(
         training.method,
-        parent.path,
+        weights.path,
         store.checkpoint_dir(version_id),
         settings,
         pairs,
@@ -81,10 +104,14 @@ def tune_checkpoint(
         parent_version=parent.version_id,
         round_id=round_id,
         method=f"{training.method}+lora" if training.use_lora else training.method,
-        hyperparameters=training.model_dump(),
+        hyperparameters=training.model_dump() | _weights_note(parent, weights),
         metrics={**result.metrics(), **trained_on},
     )
     return version, result
+
+
+def _weights_note(parent: ModelVersion, weights: ModelVersion) -> dict[str, str]:
+    return {"weights_from": weights.version_id} if weights.version_id != parent.version_id else {}
 
 
 def train_control(
@@ -93,15 +120,18 @@ def train_control(
     settings: TaoSettings,
     round_id: str,
     progress: bool = True,
+    weights: ModelVersion | None = None,
 ) -> tuple[str, Path, TrainingResult]:
-    """The control arm: the same DPO run on the same pairs with random preference directions.
+    """The control arm: the same DPO run on the same pairs, from the same weights, with random preference
+    directions.
 
     Saved under models/controls/, outside the registry, so a control can never be promoted.
     """
+    weights = weights or parent
     version_id = "control-" + checkpoint_version_id(
-        round_id, parent.version_id, pairs["pair_id"].tolist(), settings.training
+        round_id, parent.version_id, pairs["pair_id"].tolist(), settings.training, weights.version_id
     )
-    job = TrainingJob("control", parent.path, settings.controls_dir / version_id, settings, pairs, None, progress)
+    job = TrainingJob("control", weights.path, settings.controls_dir / version_id, settings, pairs, None, progress)
     return version_id, job.output_dir, train_into_place(job)
 
 
@@ -130,17 +160,26 @@ def tune_round(
     settings: TaoSettings,
     round_id: str,
 ) -> RoundCheckpoint:
-    """The round's challenger, tuned from the model that wrote its candidates, with its lineage.
+    """The round's challenger, built on the model that wrote its candidates (tuned from its weights, or from the
+    base model's with flywheel.start_from = "base"), with its lineage.
 
     DPO learns from the pairs; GRPO from the train prompts directly, with the round's scorer as reward.
     """
     grpo = settings.training.method == "grpo"
+    weights = starting_weights(models, parent_version, settings)
     version, result = tune_checkpoint(
-        models, models.get(parent_version), pairs, settings, round_id, prompts=train_prompts if grpo else None
+        models,
+        models.get(parent_version),
+        pairs,
+        settings,
+        round_id,
+        prompts=train_prompts if grpo else None,
+        weights=weights,
     )
     record = {
         "version_id": version.version_id,
         "parent_version": parent_version,
+        "weights_from": weights.version_id,
         "round": round_id,
         "method": version.method,
         "path": str(version.path),
@@ -163,16 +202,19 @@ def control_round(
             "enabled": False,
             "version_id": None,
             "parent_version": None,
+            "weights_from": None,
             "path": None,
             "log_history": "[]",
         }
         return RoundCheckpoint(pd.DataFrame([off], columns=CONTROL_COLUMNS), None, "")
-    version_id, path, result = train_control(models.get(parent_version), pairs, settings, round_id)
+    weights = starting_weights(models, parent_version, settings)
+    version_id, path, result = train_control(models.get(parent_version), pairs, settings, round_id, weights=weights)
     record = {
         "round": round_id,
         "enabled": True,
         "version_id": version_id,
         "parent_version": parent_version,
+        "weights_from": weights.version_id,
         "path": str(path),
         "log_history": json.dumps(result.log_history),
     }
