@@ -142,3 +142,35 @@ def test_a_proxied_challenger_that_ends_finishes_the_requests_it_was_given(upstr
         assert engine.status()["in_flight_requests"] == 0 and router.draining is None
 
     asyncio.run(scenario())
+
+
+def test_a_champion_is_loaded_as_an_adapter_only_if_it_was_tuned_from_the_upstreams_base(tmp_path, upstream):
+    """serve.load_lora_adapters: a LoRA adapter applies to the weights it was trained on. A champion tuned from
+    another round's weights is refused with the reason; one tuned from the base (flywheel.start_from = "base"),
+    whatever champion it was built on, is sent to the upstream (a `tao serve` here, which has no
+    /v1/load_lora_adapter: vLLM's answer is what the real upstream would give)."""
+    import asyncio
+
+    from tao_pipeline.registry import ModelVersion
+    from tao_pipeline.serving.engine import SwapError
+    from tao_pipeline.serving.proxy import ProxyEngine
+
+    (tmp_path / "checkpoint" / "adapter").mkdir(parents=True)
+    stacked = ModelVersion("round-0002-dpo-a", tmp_path / "checkpoint", "round-0001-dpo-b", "round-0002", "dpo", False)
+    retrained = ModelVersion(
+        "round-0002-dpo-c", tmp_path / "checkpoint", "round-0001-dpo-b", "round-0002", "dpo", False, "base-x"
+    )
+
+    async def swap_to(champion: ModelVersion) -> str:
+        engine = ProxyEngine(upstream.url, load_lora_adapters=True, upstream_base_version="base-x")
+        try:
+            with pytest.raises(SwapError) as refused:
+                await engine.switch_to(champion)
+            return str(refused.value)
+        finally:
+            await engine.close()
+
+    assert "round-0002-dpo-a is not a LoRA adapter on base-x (it was tuned from round-0001-dpo-b)" in asyncio.run(
+        swap_to(stacked)
+    )
+    assert f"did not load the adapter {tmp_path / 'checkpoint' / 'adapter'}" in asyncio.run(swap_to(retrained))

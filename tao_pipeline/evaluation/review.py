@@ -150,8 +150,7 @@ def evaluate_round(
         if control is not None and control["enabled"]
         else None,
     )
-    weights_from = tuned.get("weights_from")  # absent from checkpoints tuned before 2026-12-06: the parent's
-    tuned_from = models.get(weights_from if isinstance(weights_from, str) else tuned["parent_version"])
+    tuned_from = models.get(models.get(tuned["version_id"]).tuned_from)
     review = review_round(lake, round_id, rows, settings, starting_model=tuned_from)
     verdict = review.round_verdict(round_id, parent.version_id, tuned["version_id"])
     return RoundEvaluation(rows, review, verdict, pool, review.cautions)

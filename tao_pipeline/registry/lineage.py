@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pandas as pd
@@ -22,13 +21,12 @@ def version_lineage(store: ModelStore, lake: Lake, version_id: str) -> Lineage:
     """Everything that shaped ``version_id``, through all its ancestors' rounds (each built on its parent's
     answers; tuned from its parent's weights, or from those ``weights_from`` names: flywheel.start_from)."""
     chain = store.ancestors(version_id)
-    weights_from = _weights_from(store)
     chain_table = pd.DataFrame(
         [
             {
                 "version_id": v.version_id,
                 "parent_version": v.parent_version,
-                "weights_from": weights_from.get(v.version_id, v.parent_version),
+                "weights_from": v.tuned_from,
                 "round": v.round,
                 "method": v.method,
                 "promoted": v.promoted,
@@ -66,10 +64,3 @@ def version_lineage(store: ModelStore, lake: Lake, version_id: str) -> Lineage:
         .reset_index()
     )
     return Lineage(chain_table, per_round, rows)
-
-
-def _weights_from(store: ModelStore) -> dict[str, str]:
-    """Each version tuned from weights other than its parent's: version id -> the version whose weights."""
-    versions = store.versions()
-    notes = {row.version_id: json.loads(row.hyperparameters or "{}") for row in versions.itertuples()}
-    return {version: note["weights_from"] for version, note in notes.items() if "weights_from" in note}

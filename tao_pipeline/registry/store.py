@@ -85,10 +85,16 @@ class LiveExperiment:
 class ModelVersion:
     version_id: str
     path: Path
-    parent_version: str | None
+    parent_version: str | None  # the model it was built on: its round's candidates, its gate's champion
     round: str | None
     method: str
     promoted: bool
+    weights_from: str | None = None  # where its weights started when not its parent's (flywheel.start_from = base)
+
+    @property
+    def tuned_from(self) -> str | None:
+        """The version whose weights were tuned into this one (a LoRA adapter's base); None for a base model."""
+        return self.weights_from or self.parent_version
 
 
 def _now() -> datetime:
@@ -198,14 +204,17 @@ class ModelStore:
     def get(self, version_id: str) -> ModelVersion:
         row = self._registry(
             lambda con: con.execute(
-                "SELECT version_id, path, parent_version, round, method, promoted FROM versions WHERE version_id = ?",
+                "SELECT version_id, path, parent_version, round, method, promoted, hyperparameters FROM versions "
+                "WHERE version_id = ?",
                 [version_id],
             ).fetchone()
         )
         if row is None:
             raise ModelNotFoundError(f"model version {version_id!r} is not in the registry {self.registry_path}")
-        vid, path, parent, round_id, method, promoted = row
-        return ModelVersion(vid, Path(path) if Path(path).exists() else path, parent, round_id, method, bool(promoted))
+        vid, path, parent, round_id, method, promoted, hyperparameters = row
+        weights_from = json.loads(hyperparameters or "{}").get("weights_from")
+        where = Path(path) if Path(path).exists() else path
+        return ModelVersion(vid, where, parent, round_id, method, bool(promoted), weights_from)
 
     def versions(self) -> pd.DataFrame:
         return self._registry(lambda con: con.execute("SELECT * FROM versions ORDER BY created_at").df())

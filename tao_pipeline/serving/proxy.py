@@ -6,7 +6,8 @@ A swap makes the new champion answer in one of two ways:
 
 - the upstream already serves it under its name (``/v1/models`` lists it): requests are routed there;
 - else, if ``serve.load_lora_adapters`` is on and the champion is a LoRA adapter on the model the
-  upstream serves (its parent is ``serve.upstream_base_version``), it is loaded at run time with
+  upstream serves (tuned from ``serve.upstream_base_version``: the base model's weights, as every round's
+  with ``flywheel.start_from = "base"``, or a first round's), it is loaded at run time with
   vLLM's ``POST /v1/load_lora_adapter`` (vLLM started with ``--enable-lora`` and
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the adapter folder must be readable by the server).
 
@@ -162,10 +163,10 @@ class ProxyEngine:
                 f"{self.base_url} does not serve {name!r}: serve it there (vLLM: --served-model-name, or "
                 "--lora-modules NAME=PATH), map it in serve.upstream_model_names, or set serve.load_lora_adapters"
             )
-        if champion.parent_version != self.upstream_base_version or not adapter.is_dir():
+        if champion.tuned_from != self.upstream_base_version or not adapter.is_dir():
             raise SwapError(
-                f"{champion.version_id} is not a LoRA adapter on {self.upstream_base_version} (its parent is "
-                f"{champion.parent_version}): export its merged weights (tao export) and serve them as {name!r}"
+                f"{champion.version_id} is not a LoRA adapter on {self.upstream_base_version} (it was tuned from "
+                f"{champion.tuned_from}): export its merged weights (tao export) and serve them as {name!r}"
             )
         try:
             await self.client.post(
