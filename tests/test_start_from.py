@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import pandas as pd
 import pytest
 
@@ -233,5 +234,9 @@ def test_with_start_from_base_the_champion_answers_and_training_starts_again_fro
     assert tuned["version_id"] != checkpoint_version_id("round-0002", first_version, pair_ids, training)
     verdict = RoundVerdict.from_frame(lake.read(VERDICTS_TABLE, "round-0002"))
     assert verdict.champion_version == first_version  # gated against the champion whose answers it learned
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    for asset in ("tuned_checkpoint", "control_checkpoint"):
+        materialized = instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization
+        assert materialized.metadata["weights_from"].value == base, asset
     chain = version_lineage(models, lake, tuned["version_id"]).chain.set_index("version_id")
     assert chain.loc[tuned["version_id"], "weights_from"] == base and chain.loc[first_version, "weights_from"] == base

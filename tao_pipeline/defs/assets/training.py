@@ -1,4 +1,5 @@
-"""Stage 5: DPO (or GRPO) from the model that wrote the candidates; and the control arm."""
+"""Stage 5: DPO (or GRPO) on what the model that wrote the candidates answered, from its weights (or the base
+model's: flywheel.start_from); and the control arm."""
 
 import dagster as dg
 import pandas as pd
@@ -32,7 +33,7 @@ def tuned_checkpoint(
     store.write("tuned_checkpoint", round_id, tuned.record)
     cost = stage_cost(store, round_id, "tuned_checkpoint", meter, config.costs)
     grpo = config.training.method == "grpo"
-    metadata = _metadata(tuned, ["version_id", "parent_version", "method"], meter, grpo)
+    metadata = _metadata(tuned, ["version_id", "parent_version", "weights_from", "method"], meter, grpo)
     return dg.MaterializeResult(metadata={**metadata, **cost})
 
 
@@ -55,7 +56,7 @@ def control_checkpoint(
     if control.result is None:
         hint = "set evaluation.control_arm=true to train it"
         return dg.MaterializeResult(metadata={"enabled": False, "hint": hint, **cost})
-    metadata = _metadata(control, ["version_id", "parent_version"], meter, grpo=False)
+    metadata = _metadata(control, ["version_id", "parent_version", "weights_from"], meter, grpo=False)
     return dg.MaterializeResult(metadata={"enabled": True, **metadata, **cost})
 
 
