@@ -153,6 +153,9 @@ def test_checkpoint_version_id_is_deterministic():
     # Threads change how fast, not what is trained; a TRL option changes what is trained.
     assert first == checkpoint_version_id("round-0001", "base-x", ids, settings(threads=1))
     assert first != checkpoint_version_id("round-0001", "base-x", ids, settings(dpo_args={"weight_decay": 0.1}))
+    # Other starting weights (flywheel.start_from = "base") are another checkpoint; the parent's own are not.
+    assert first == checkpoint_version_id("round-0001", "base-x", ids, settings(), weights_from="base-x")
+    assert first != checkpoint_version_id("round-0001", "base-x", ids, settings(), weights_from="base-y")
 
 
 @pytest.mark.parametrize(
