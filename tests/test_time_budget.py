@@ -84,6 +84,37 @@ def test_a_budget_of_zero_turns_the_check_off(pytester):
     run_with_budget(pytester, "0").assert_outcomes(passed=7)
 
 
+BUSY_TESTS = """
+import subprocess, sys, time
+
+BURN = "import time\\nend = time.process_time() + {}\\nwhile time.process_time() < end: pass"
+
+def test_busy_here():
+    exec(BURN.format(0.3))
+
+def test_busy_in_a_subprocess():
+    subprocess.run([sys.executable, "-c", BURN.format(0.6)], check=True)
+
+def test_idle():
+    time.sleep(0.2)
+"""
+
+
+def test_the_summary_says_where_the_cpu_went_subprocesses_included(pytester):
+    pytester.makepyfile(test_busy=BUSY_TESTS)
+    result = pytester.runpytest_inprocess("-p", "tests.time_budget", "-p", "no:randomly", "-o", "fast_test_budget_s=0")
+    result.assert_outcomes(passed=3)
+    lines = result.stdout.lines
+    [header] = [line for line in lines if line.startswith("cpu: ")]
+    total = float(header.split()[1].replace(",", ""))
+    assert total >= 0.8 and "CPU-s in the tests' setup and call" in header, header
+    listed = [
+        line for line in lines if line.strip().endswith(("test_busy_here", "test_busy_in_a_subprocess", "test_idle"))
+    ]
+    assert [line.split("::")[-1] for line in listed] == ["test_busy_in_a_subprocess", "test_busy_here", "test_idle"]
+    assert float(listed[0].split()[0]) >= 0.5 and float(listed[1].split()[0]) >= 0.25  # the child's CPU counts
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="needs Linux's schedstat")
 def test_time_waiting_for_a_busy_cpu_is_not_the_tests_own():
     """Two busy processes share this thread's one CPU: the wall time triples, the own time does not."""

@@ -10,6 +10,10 @@ Time spent sleeping, or waiting on a server or a subprocess, still counts: the d
 A module- or session-scoped fixture is shared work, built for whichever test needs it first: its
 time is not that test's, and each such fixture has the same budget of its own.
 ``-o fast_test_budget_s=0`` turns the check off.
+
+The run's summary also says where the CPU went: the CPU seconds of each test's setup and call (its process and
+the subprocesses it waited on), added up, and the tests that used the most. On 2 cores the suite cannot take
+less wall time than half of that total, however its tests are spread over workers.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ _SCHEDSTAT = Path("/proc/thread-self/schedstat")
 # Set by tests/conftest.py under TAO_FUZZ=full or TAO_FUZZ_SCALE: property tests then run long on purpose.
 FUZZ_SCALED_UP = pytest.StashKey[bool]()
 _SPENT = pytest.StashKey["Spent"]()
+CPU_SECONDS = "cpu_seconds"  # a call report's user property: its test's CPU seconds (setup and call)
+CPU_SUMMARY_TOP = 12
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,10 +80,11 @@ class OwnClock:
 
     def __init__(self) -> None:
         self.wall, self.wait, (self.ours, self.machine) = time.perf_counter(), cpu_wait_s(), cpu_seconds()
+        self.used = 0.0  # CPU seconds of this process and its finished children, as of the last read()
 
     def read(self) -> tuple[float, float]:
         ours, machine = cpu_seconds()
-        used = max(0.0, ours - self.ours)
+        used = self.used = max(0.0, ours - self.ours)
         elsewhere = max(0.0, (machine - self.machine) - used) / usable_cpus()
         lost = max(cpu_wait_s() - self.wait, min(elsewhere, used))
         return max(0.0, time.perf_counter() - self.wall - lost), lost
@@ -87,13 +94,13 @@ class Spent:
     """One test's time: its own and its waits, and the shared fixtures it happened to build first."""
 
     def __init__(self) -> None:
-        self.own = self.waited = 0.0
+        self.own = self.waited = self.cpu = 0.0
         self.shared: dict[str, float] = {}  # fixture name -> own seconds of its setup
         self._building_shared = 0  # shared fixtures being set up right now (one may need another)
 
     def add(self, clock: OwnClock) -> None:
         own, waited = clock.read()
-        self.own, self.waited = self.own + own, self.waited + waited
+        self.own, self.waited, self.cpu = self.own + own, self.waited + waited, self.cpu + clock.used
 
     @property
     def test_own(self) -> float:
@@ -148,6 +155,8 @@ def _exempt(item: pytest.Item) -> bool:
 def pytest_runtest_makereport(item: pytest.Item):
     report: pytest.TestReport = yield
     spent = item.stash.get(_SPENT, None)
+    if report.when == "call" and spent is not None:
+        report.user_properties.append((CPU_SECONDS, round(spent.cpu, 2)))
     if report.when != "call" or not report.passed or spent is None:
         return report
     budget = float(item.config.getini(BUDGET_INI))
@@ -165,3 +174,24 @@ def pytest_runtest_makereport(item: pytest.Item):
             f"time goes."
         )
     return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The CPU seconds of all tests' setup and call, added up over every xdist worker, and the largest."""
+    spent = {
+        report.nodeid: seconds
+        for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+        if getattr(report, "when", None) == "call"
+        for name, seconds in report.user_properties
+        if name == CPU_SECONDS
+    }
+    total = sum(spent.values())
+    if not spent or total <= 0:
+        return
+    largest = sorted(spent.items(), key=lambda item: -item[1])[:CPU_SUMMARY_TOP]
+    terminalreporter.write_line(
+        f"cpu: {total:,.0f} CPU-s in the tests' setup and call (their processes and the subprocesses they waited "
+        f"on), at least {total / usable_cpus():,.0f} s of wall time on {usable_cpus()} CPUs; the most:"
+    )
+    for nodeid, seconds in largest:
+        terminalreporter.write_line(f"  {seconds:8.1f} CPU-s {seconds / total:6.1%}  {nodeid}")
