@@ -132,13 +132,18 @@ def test_the_gate_and_a_rollback_skip_challengers_that_never_served(store):
     assert after.version_id == base
 
 
-@pytest.mark.slow(minutes=2)
-def test_a_round_after_a_refused_one_tunes_its_challenger_and_is_gated_against_the_champion(
-    tmp_path, tiny_model_dir, monkeypatch
-):
+@pytest.fixture
+def round_home(tmp_path, tiny_model_dir, monkeypatch):
+    """A tiny round's config and settings, with DAGSTER_HOME as run_round sets it (restored afterwards)."""
     config = write_tiny_config(tmp_path, tiny_model_dir)
     settings = load_settings(config)
-    monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # run_round sets it; restored afterwards
+    monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))
+    return config, settings
+
+
+@pytest.mark.slow(minutes=2)
+def test_a_round_after_a_refused_one_tunes_its_challenger_and_is_gated_against_the_champion(round_home, tiny_model_dir):
+    config, settings = round_home
     # Refused whatever it answers (no win rate exceeds 1.0), so the champion stays the base model.
     overrides = ["flywheel.start_from='challenger'", "evaluation.min_win_rate=1.0"]
     first = run_round(str(config), overrides, echo=lambda *_: None)
@@ -191,11 +196,9 @@ def test_a_second_generation_promotion_without_labels_warns_and_a_first_does_not
 
 @pytest.mark.slow(minutes=1)
 def test_with_start_from_base_the_champion_answers_and_training_starts_again_from_the_base_weights(
-    tmp_path, tiny_model_dir, monkeypatch
+    round_home, tiny_model_dir, monkeypatch
 ):
-    config = write_tiny_config(tmp_path, tiny_model_dir)
-    settings = load_settings(config)
-    monkeypatch.setenv("DAGSTER_HOME", str(settings.dagster_home))  # run_round sets it; restored afterwards
+    config, settings = round_home
     trained_from: list[tuple[str, str]] = []  # (method, weights' folder) of every training run, which runs for real
 
     def spy(job):

@@ -189,10 +189,10 @@ def _starting_model(settings: TaoSettings, models: ModelStore, round_id: str) ->
     start = round_starting_model(models, lake, round_id, settings.model, settings.flywheel.start_from, log=str)
     champion = models.champion_id()
     built_on = start.version_id if start.version_id == champion else f"{start.version_id} ({champion} serves)"
+    if settings.flywheel.start_from != "base" or start.parent_version is None:
+        return built_on
     base = models.ancestors(start.version_id)[-1].version_id
-    if settings.flywheel.start_from == "base" and base != start.version_id:
-        return f"{base}'s weights on {built_on}'s answers (flywheel.start_from = base)"
-    return built_on
+    return f"{base}'s weights on {built_on}'s answers (flywheel.start_from = base)"
 
 
 def run_round(
