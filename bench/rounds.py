@@ -119,7 +119,7 @@ def round_row(settings, round_id: str, heldout: pd.DataFrame, seconds: float) ->
         "train_prompts": len(train),
         "replayed": int(train["prompt_id"].isin(used_before).sum()),
         "started_from": lake.read("candidate_responses", round_id)["model_version"].iloc[0],
-        "weights_from": lake.read("tuned_checkpoint", round_id).get("weights_from", pd.Series([None])).iloc[0],
+        "weights_from": lake.read("tuned_checkpoint", round_id)["weights_from"].iloc[0],
         "pairs": len(lake.read("preference_pairs", round_id)),
         "all_agree": round(all_agree_share(lake, round_id), 3),
         "gate": verdict.promotion.evidence or ("promoted" if verdict.promote else "kept"),

@@ -25,7 +25,7 @@ from tao_pipeline.definitions import load_definitions
 from tao_pipeline.defs.constants import INGEST_JOB, LOG_BATCHES, MIRROR_JOB, ROUND_JOB, ROUNDS
 from tao_pipeline.defs.jobs import round_run_tags
 from tao_pipeline.evaluation import VERDICTS_TABLE, RoundVerdict, summarize, tuned_vs_sampling_table
-from tao_pipeline.registry.policy import live_status, round_starting_model
+from tao_pipeline.registry.policy import live_status, round_starting_model, starting_weights
 from tao_pipeline.registry.store import ModelStore
 from tao_pipeline.scoring import check_scorers
 from tao_pipeline.settings import SettingsSource, TaoSettings
@@ -191,8 +191,8 @@ def _starting_model(settings: TaoSettings, models: ModelStore, round_id: str) ->
     built_on = start.version_id if start.version_id == champion else f"{start.version_id} ({champion} serves)"
     if settings.flywheel.start_from != "base" or start.parent_version is None:
         return built_on
-    base = models.ancestors(start.version_id)[-1].version_id
-    return f"{base}'s weights on {built_on}'s answers (flywheel.start_from = base)"
+    weights = starting_weights(models, start.version_id, settings.flywheel.start_from)
+    return f"{weights.version_id}'s weights on {built_on}'s answers (flywheel.start_from = base)"
 
 
 def run_round(

@@ -27,7 +27,7 @@ def round_starting_model(
     "challenger"`` (flywheel.start_from) the newest challenger built on that champion that its gate did
     not find worse (:func:`unrefuted_challenger`), if there is one. The champion serves either way.
     With ``start_from = "base"`` the champion writes the candidates and training starts from the base
-    model's weights (training.tune.starting_weights)."""
+    model's weights (:func:`starting_weights`)."""
     if lake.exists(CANDIDATES_TABLE, round_id):
         return models.get(lake.read(CANDIDATES_TABLE, round_id)["model_version"].iloc[0])
     champion = models.champion(model, log=log)
@@ -41,6 +41,16 @@ def round_starting_model(
         "that its gate did not find worse (flywheel.start_from = challenger); the champion goes on serving"
     )
     return challenger
+
+
+def starting_weights(models: ModelStore, parent_version: str, start_from: str = "champion") -> ModelVersion:
+    """The weights a round's training starts from: its parent's (the model that wrote its candidates), or with
+    ``start_from = "base"`` the base model at the root of the parent's lineage, retrained each round on what
+    the parent answered (every prompt so far with flywheel.replay_fraction = 1), so rounds accumulate traffic
+    without stacking one round's drift on the last's."""
+    if start_from == "base":
+        return models.ancestors(parent_version)[-1]
+    return models.get(parent_version)
 
 
 def unrefuted_challenger(models: ModelStore, champion_id: str) -> ModelVersion | None:

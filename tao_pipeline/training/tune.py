@@ -16,6 +16,7 @@ import pandas as pd
 
 from tao_pipeline.common.atomic import atomic_directory
 from tao_pipeline.common.hashing import content_hash
+from tao_pipeline.registry.policy import starting_weights
 from tao_pipeline.registry.store import ModelStore, ModelVersion
 from tao_pipeline.settings import TaoSettings, TrainingSettings
 from tao_pipeline.training.distributed import launch, write_job
@@ -52,16 +53,6 @@ def checkpoint_version_id(
     other_weights = [weights_from] if weights_from not in (None, parent_version) else []
     digest = content_hash(parent_version, *other_weights, ",".join(sorted(pair_ids)), hyperparameters)
     return f"{round_id}-{settings.method}-{digest[:8]}"
-
-
-def starting_weights(models: ModelStore, parent_version: str, settings: TaoSettings) -> ModelVersion:
-    """The weights a round's training starts from: its parent's (the model that wrote its candidates), or with
-    ``flywheel.start_from = "base"`` the base model at the root of the parent's lineage, retrained each round on
-    what the parent answered (every prompt so far with flywheel.replay_fraction = 1), so rounds accumulate
-    traffic without stacking one round's drift on the last's."""
-    if settings.flywheel.start_from == "base":
-        return models.ancestors(parent_version)[-1]
-    return models.get(parent_version)
 
 
 def tune_checkpoint(
@@ -166,7 +157,7 @@ def tune_round(
     DPO learns from the pairs; GRPO from the train prompts directly, with the round's scorer as reward.
     """
     grpo = settings.training.method == "grpo"
-    weights = starting_weights(models, parent_version, settings)
+    weights = starting_weights(models, parent_version, settings.flywheel.start_from)
     version, result = tune_checkpoint(
         models,
         models.get(parent_version),
@@ -207,7 +198,7 @@ def control_round(
             "log_history": "[]",
         }
         return RoundCheckpoint(pd.DataFrame([off], columns=CONTROL_COLUMNS), None, "")
-    weights = starting_weights(models, parent_version, settings)
+    weights = starting_weights(models, parent_version, settings.flywheel.start_from)
     version_id, path, result = train_control(models.get(parent_version), pairs, settings, round_id, weights=weights)
     record = {
         "round": round_id,
